@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medflow-installed
+DEMO_DIR ?= demo
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export DO_NOT_TRACK ?= 1
+
+.PHONY: demo test bench setup clean
+
+setup: $(STAMP)
+
+# torch first, pinned, so that pip takes the CPU build on disk instead of a multi-GB CUDA one.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+# The whole pipeline on embedded defaults, in its own working folder ($(DEMO_DIR)/).
+demo: $(STAMP)
+	mkdir -p $(DEMO_DIR)
+	cd $(DEMO_DIR) && PYTHONUNBUFFERED=1 ../$(BIN)/medflow run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/pipeline.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

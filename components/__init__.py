@@ -1,0 +1,1 @@
+"""medflow's pipeline steps as plain Python: data, validation, training, evaluation, registry."""

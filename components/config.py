@@ -1,0 +1,236 @@
+"""The typed run config: YAML file, then environment, then ``--set`` overrides.
+
+A config is loaded late (by the CLI or a flow), never at import. Overrides use
+dotted keys (``train.epochs=3``); values are parsed as YAML scalars. The
+environment overrides with ``MEDFLOW__SECTION__KEY=value``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import ConfigError
+
+ENV_PREFIX = "MEDFLOW__"
+DEFAULT_CONFIG = "demo-classification.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class SourceFormat(str, Enum):
+    """Where a dataset comes from."""
+
+    SYNTHETIC = "synthetic"
+    DICOM = "dicom"
+
+
+class SplitConfig(_Section):
+    """Patient-level split fractions; the rest is the training split."""
+
+    val: float = Field(0.2, ge=0.0, lt=1.0)
+    test: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leave_training_data(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must be < 1, got {self.val} + {self.test}")
+        return self
+
+
+class DataConfig(_Section):
+    """The dataset: its source, its synthetic knobs and its declared subgroups."""
+
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    format: SourceFormat = SourceFormat.SYNTHETIC
+    source: Path | None = None
+    labels: Path | None = None
+    num_classes: int = Field(2, ge=2)
+    n_patients: int = Field(160, ge=10)
+    image_size: int = Field(64, ge=16)
+    bias: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int = 7
+    attributes: tuple[str, ...] = ("sex", "age_group", "race", "site")
+    age_bins: tuple[int, ...] = (40, 60)
+    splits: SplitConfig = SplitConfig()
+    remote: str | None = None
+
+    @model_validator(mode="after")
+    def _source_for_format(self) -> DataConfig:
+        if self.format is SourceFormat.DICOM and self.source is None:
+            raise ValueError("data.source is required when data.format is 'dicom'")
+        if self.format is SourceFormat.SYNTHETIC and self.num_classes != 2:
+            raise ValueError("the synthetic generator makes binary labels: data.num_classes must be 2")
+        return self
+
+
+class ValidationConfig(_Section):
+    """Thresholds of the dataset expectation suite."""
+
+    min_group_size: int = Field(5, ge=1)
+
+
+class TrainConfig(_Section):
+    """Training of a MONAI classifier."""
+
+    model: str = "densenet"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateConfig(_Section):
+    """Evaluation: decision threshold, bootstrap and subgroup sizes."""
+
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    n_bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+    min_group_size: int = Field(10, ge=1)
+
+
+class Operator(str, Enum):
+    """Comparison of a gate rule."""
+
+    GE = ">="
+    GT = ">"
+    LE = "<="
+    LT = "<"
+
+
+class GateRule(_Section):
+    """An absolute promotion rule over a report.json path, e.g. ``overall.auc >= 0.8``."""
+
+    metric: str
+    op: Operator
+    value: float
+
+
+class PromotionConfig(_Section):
+    """The promotion policy: every rule must pass for the challenger to become champion."""
+
+    rules: tuple[GateRule, ...] = ()
+
+
+class RegistryConfig(_Section):
+    """MLflow names."""
+
+    experiment: str = "medflow"
+    model_name: str = "medflow-classifier"
+
+
+class RunConfig(_Section):
+    """A whole pipeline run."""
+
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    def config_hash(self) -> str:
+        """Short sha256 of the config's canonical JSON: equal configs, equal hashes."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def default_config_path() -> Path:
+    """The demo config shipped inside the installed package."""
+    return Path(str(resources.files("components") / "configs" / DEFAULT_CONFIG))
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Load a run config.
+
+    Args:
+        path: YAML file; the packaged demo config when None.
+        overrides: ``key.path=value`` strings, applied last.
+        environ: environment to read ``MEDFLOW__A__B=value`` overrides from
+            (``os.environ`` when None).
+
+    Raises:
+        ConfigError: the file is missing or malformed, a key is unknown, or a value invalid.
+    """
+    path = path or default_config_path()
+    raw = _read_yaml(path)
+    environ = os.environ if environ is None else environ
+    env_overrides = [
+        f"{key[len(ENV_PREFIX):].lower().replace('__', '.')}={value}"
+        for key, value in sorted(environ.items())
+        if key.startswith(ENV_PREFIX)
+    ]
+    for item in [*env_overrides, *overrides]:
+        _apply_override(raw, item)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``key.path=value`` in ``raw``, refusing keys the schema does not know."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    parts = key.strip().split(".")
+    model: type[BaseModel] | None = RunConfig
+    node = raw
+    for depth, part in enumerate(parts):
+        if model is not None:
+            fields = model.model_fields
+            if part not in fields:
+                hint = difflib.get_close_matches(part, list(fields), n=1)
+                suggestion = f"; did you mean {'.'.join([*parts[:depth], hint[0]])!r}?" if hint else ""
+                raise ConfigError(f"unknown config key {key.strip()!r}{suggestion}")
+            annotation = fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if depth == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {item!r}: value is not valid YAML") from exc
+        else:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child

@@ -1,0 +1,41 @@
+"""The medflow error hierarchy.
+
+Every error a user can cause derives from :class:`MedflowError`; the CLI turns
+one into a single readable line and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class MedflowError(Exception):
+    """Base class of every error medflow reports to a user."""
+
+    exit_code: int = 1
+
+
+class ConfigError(MedflowError):
+    """A run config that is missing, malformed or names an unknown key or choice."""
+
+
+class IngestError(MedflowError):
+    """A source folder, labels file or image that cannot be ingested."""
+
+
+class DataValidationError(MedflowError):
+    """A dataset that failed its expectation suite; training must not start."""
+
+    exit_code = 2
+
+
+class EvaluationError(MedflowError):
+    """Predictions or a manifest that cannot be evaluated."""
+
+
+class RegistryError(MedflowError):
+    """A model, version or tracking server that the registry cannot reach or find."""
+
+
+class PromotionRefused(MedflowError):
+    """A challenger that failed at least one promotion gate."""
+
+    exit_code = 3

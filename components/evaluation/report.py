@@ -1,0 +1,199 @@
+"""``evaluate_predictions``: any predictions table + a manifest -> report.json.
+
+Predictions have ``case_id``, ``y_true`` and ``prob`` (binary) or
+``prob_0..prob_{K-1}`` (multiclass); group columns come from the manifest
+joined on ``case_id``. The report follows shared/DESIGN.md's evaluation contract.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.errors import EvaluationError
+from components.evaluation.bootstrap import bootstrap_ci
+from components.evaluation.fairness import fairness_summary, group_metrics
+from components.evaluation.metrics import classification_metrics
+
+DEFAULT_ATTRIBUTES = ("sex", "age_group", "race", "site")
+MAX_LISTED = 5
+PROB_TOLERANCE = 1e-4
+
+NO_PROB_COLUMNS = "{path}: predictions need a 'prob' column (binary) or prob_0..prob_K-1 (multiclass)"
+MISSING_COLUMN = "{path}: missing column {column!r}"
+DUPLICATE_IDS = "{path}: duplicate case_id(s): {ids}"
+UNKNOWN_IDS = "{path}: case_id(s) not in the manifest: {ids}"
+NAN_VALUES = "{path}: NaN in {column} for case_id(s): {ids}"
+OUT_OF_RANGE = "{path}: probabilities outside [0, 1] for case_id(s): {ids}"
+NOT_NORMALISED = "{path}: class probabilities do not sum to 1 for case_id(s): {ids}"
+BAD_LABELS = "{path}: y_true not in the class set {classes} for case_id(s): {ids}"
+UNKNOWN_ATTRIBUTE = "manifest has no column {attribute!r} for the declared attribute"
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """The evaluation of one set of predictions (see DESIGN.md for each field)."""
+
+    task: str
+    n: int
+    n_patients: int
+    threshold: float
+    overall: dict
+    ci95: dict
+    groups: dict
+    fairness: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet table."""
+    try:
+        return pd.read_parquet(path) if Path(path).suffix == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"cannot read {path}: {exc}") from exc
+
+
+def _ids(values: Sequence) -> str:
+    values = list(values)
+    more = f" (+{len(values) - MAX_LISTED} more)" if len(values) > MAX_LISTED else ""
+    return ", ".join(str(v) for v in values[:MAX_LISTED]) + more
+
+
+def probability_columns(predictions: pd.DataFrame, *, path: str = "predictions") -> list[str]:
+    """``["prob"]`` for a binary table, ``prob_0..prob_{K-1}`` for a multiclass one."""
+    if "prob" in predictions.columns:
+        return ["prob"]
+    numbered = sorted(
+        (int(m.group(1)), c) for c in predictions.columns if (m := re.fullmatch(r"prob_(\d+)", str(c)))
+    )
+    if len(numbered) < 2 or [i for i, _ in numbered] != list(range(len(numbered))):
+        raise EvaluationError(NO_PROB_COLUMNS.format(path=path))
+    return [c for _, c in numbered]
+
+
+def check_predictions(
+    predictions: pd.DataFrame, manifest: pd.DataFrame, *, path: str = "predictions"
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Join predictions with the manifest and check them.
+
+    Returns:
+        The joined table, ``y_true`` (N,) and ``prob`` (N,) or (N, K).
+
+    Raises:
+        EvaluationError: naming the rows (case ids) at fault.
+    """
+    for column in ("case_id", "y_true"):
+        if column not in predictions.columns:
+            raise EvaluationError(MISSING_COLUMN.format(path=path, column=column))
+    if "case_id" not in manifest.columns:
+        raise EvaluationError(MISSING_COLUMN.format(path="manifest", column="case_id"))
+    columns = probability_columns(predictions, path=path)
+    ids = predictions["case_id"].astype(str)
+    if ids.duplicated().any():
+        raise EvaluationError(DUPLICATE_IDS.format(path=path, ids=_ids(ids[ids.duplicated()].unique())))
+    known = set(manifest["case_id"].astype(str))
+    unknown = ids[~ids.isin(known)]
+    if len(unknown):
+        raise EvaluationError(UNKNOWN_IDS.format(path=path, ids=_ids(unknown)))
+    for column in ["y_true", *columns]:
+        nan = ids[predictions[column].isna().to_numpy()]
+        if len(nan):
+            raise EvaluationError(NAN_VALUES.format(path=path, column=column, ids=_ids(nan)))
+    prob = predictions[columns].to_numpy(dtype=np.float64)
+    bad = ids[((prob < 0) | (prob > 1)).any(axis=1)]
+    if len(bad):
+        raise EvaluationError(OUT_OF_RANGE.format(path=path, ids=_ids(bad)))
+    n_classes = 2 if columns == ["prob"] else len(columns)
+    if len(columns) > 1:
+        bad = ids[np.abs(prob.sum(axis=1) - 1) > PROB_TOLERANCE]
+        if len(bad):
+            raise EvaluationError(NOT_NORMALISED.format(path=path, ids=_ids(bad)))
+    y_float = predictions["y_true"].to_numpy(dtype=np.float64)
+    bad = ids[~np.isin(y_float, np.arange(n_classes))]
+    if len(bad):
+        raise EvaluationError(BAD_LABELS.format(path=path, classes=list(range(n_classes)), ids=_ids(bad)))
+    prob = prob[:, 0] if columns == ["prob"] else prob
+    if prob.ndim == 2 and prob.shape[1] == 2:
+        prob = prob[:, 1]
+    extra = manifest.drop(columns=[c for c in manifest.columns if c in predictions.columns and c != "case_id"])
+    extra = extra.assign(case_id=extra["case_id"].astype(str)).drop_duplicates("case_id")
+    joined = predictions.assign(case_id=ids).merge(extra, on="case_id", how="left", validate="one_to_one")
+    return joined, y_float.astype(int), prob
+
+
+def evaluate_predictions(
+    predictions: pd.DataFrame,
+    manifest: pd.DataFrame,
+    *,
+    attributes: Sequence[str] | None = None,
+    threshold: float = 0.5,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    min_group_size: int = 10,
+    source: str = "predictions",
+) -> EvaluationReport:
+    """Evaluate predictions against the evaluation contract.
+
+    Args:
+        predictions: ``case_id``, ``y_true``, ``prob`` or ``prob_0..prob_{K-1}``.
+        manifest: at least ``case_id``; ``patient_id`` for the bootstrap (else each
+            case is its own patient) and the group columns.
+        attributes: group columns to break down by; those of :data:`DEFAULT_ATTRIBUTES`
+            present in the manifest when None.
+        threshold: decision threshold on the positive-class probability (binary).
+        n_bootstrap: patient-level resamples for ``ci95``; 0 skips it.
+        seed: bootstrap seed.
+        min_group_size: groups smaller than this are reported with a warning and
+            left out of the fairness gaps.
+        source: name of the predictions in error messages.
+    """
+    joined, y_true, prob = check_predictions(predictions, manifest, path=source)
+    if attributes is None:
+        attributes = [a for a in DEFAULT_ATTRIBUTES if a in joined.columns]
+    for attribute in attributes:
+        if attribute not in joined.columns:
+            raise EvaluationError(UNKNOWN_ATTRIBUTE.format(attribute=attribute))
+    patients = joined["patient_id"].astype(str).to_numpy() if "patient_id" in joined else joined["case_id"].to_numpy()
+    overall = classification_metrics(y_true, prob, threshold=threshold)
+    ci95 = bootstrap_ci(y_true, prob, patients, threshold=threshold, n_resamples=n_bootstrap, seed=seed)
+    groups, fairness, warnings = {}, {}, []
+    for attribute in attributes:
+        column = joined[attribute]
+        groups[attribute] = group_metrics(y_true, prob, column, threshold=threshold)
+        for group, metrics in groups[attribute].items():
+            if metrics["n"] < min_group_size:
+                warnings.append(
+                    f"{attribute}={group}: {metrics['n']} cases, below min_group_size {min_group_size}; "
+                    "left out of the fairness gaps"
+                )
+        fairness[attribute] = fairness_summary(
+            y_true, prob, column, groups[attribute],
+            overall_auc=overall["auc"], threshold=threshold, min_group_size=min_group_size,
+        )
+    return EvaluationReport(
+        task="binary" if prob.ndim == 1 else "multiclass",
+        n=len(y_true),
+        n_patients=len(np.unique(patients)),
+        threshold=threshold,
+        overall=overall,
+        ci95=ci95,
+        groups=groups,
+        fairness=fairness,
+        warnings=warnings,
+    )

@@ -1,0 +1,7 @@
+"""Model code for MLflow's models-from-code logging; MLflow loads this file, not a pickle."""
+
+from mlflow.models import set_model
+
+from components.registry.model import MedflowClassifier
+
+set_model(MedflowClassifier())

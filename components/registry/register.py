@@ -1,0 +1,104 @@
+"""Register a trained run's model in the MLflow registry as the ``challenger``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import monai
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+from mlflow.tracking import MlflowClient
+
+import components
+from components import lineage
+from components.config import RunConfig
+from components.training.loop import CHECKPOINT_DIR
+from components.tracking import use_experiment
+
+ALIAS_CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"
+TAGGED_METRICS = ("auc", "ece", "brier")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model version."""
+
+    name: str
+    version: str
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _requirements() -> list[str]:
+    import nibabel  # noqa: PLC0415 (only its version is needed)
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"monai=={monai.__version__}",
+        f"numpy=={np.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        f"nibabel=={nibabel.__version__}",
+    ]
+
+
+def register_model(
+    *, run_id: str, data_version: str, temperature: float, report_path: Path, config: RunConfig
+) -> RegisteredModel:
+    """Log the run's checkpoint as a pyfunc, register it, tag it, alias it ``challenger``.
+
+    Args:
+        run_id: the training run (holds ``checkpoint/``).
+        data_version: DVC hash of the training data.
+        temperature: fitted on the validation split; applied by the served model.
+        report_path: report.json of the evaluation, for the key-metric tags.
+        config: the run config (``registry`` section, config hash).
+    """
+    use_experiment(config.registry.experiment)
+    client = MlflowClient()
+    report = json.loads(report_path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_DIR, dst_path=tmp))
+        description = json.loads((checkpoint / "model.json").read_text())
+        description["temperature"] = temperature
+        (checkpoint / "model.json").write_text(json.dumps(description, indent=2))
+        height, width = description["preprocess"]["spatial_size"]
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, height, width))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, description["num_classes"]))]),
+        )
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=str(Path(__file__).with_name("pyfunc_code.py")),
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(Path(components.__file__).parent)],
+                signature=signature,
+                input_example=np.zeros((1, height, width), dtype=np.float32),
+                pip_requirements=_requirements(),
+                registered_model_name=config.registry.model_name,
+            )
+    version = str(info.registered_model_version)
+    name = config.registry.model_name
+    tags = {
+        lineage.TAG_DATA_VERSION: data_version,
+        lineage.TAG_DATASET: config.data.name,
+        lineage.TAG_CONFIG_HASH: config.config_hash(),
+        lineage.TAG_CODE_VERSION: lineage.code_version(),
+        "medflow.temperature": f"{temperature:.4f}",
+        **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in TAGGED_METRICS},
+        **{f"medflow.{a}_auc_gap": str(f["auc_gap"]) for a, f in report["fairness"].items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, ALIAS_CHALLENGER, version)
+    return RegisteredModel(name=name, version=version, run_id=run_id)

@@ -1,0 +1,127 @@
+"""The pipeline's steps as plain functions: typed inputs (config, paths, versions,
+run ids) and frozen results. ``components/tasks.py`` wraps them as Prefect tasks;
+notebooks and tests call them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from components import paths
+from components.config import RunConfig, SourceFormat
+from components.data.ingest import ingest_dicom, load_manifest, load_salt
+from components.data.synthetic import generate_export
+from components.data.versioning import version_dataset
+from components.errors import DataValidationError
+from components.evaluation.evaluate_model import ModelEvaluation, evaluate_run
+from components.registry.promote import PromotionDecision, decide_promotion
+from components.registry.register import RegisteredModel, register_model
+from components.training.loop import TrainResult, train_classifier
+from components.tracking import use_experiment
+from components.validation.expectations import validate_manifest
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    """An ingested, versioned dataset."""
+
+    name: str
+    manifest: Path
+    version: str
+    n_cases: int
+    n_patients: int
+
+
+def _synthetic_export(config: RunConfig) -> tuple[Path, Path]:
+    """The demo's hospital export for these knobs, generated once under ``.medflow/exports``."""
+    d = config.data
+    knobs = json.dumps([d.n_patients, d.image_size, d.bias, d.seed])
+    folder = paths.medflow_home() / "exports" / f"{d.name}-{hashlib.sha256(knobs.encode()).hexdigest()[:10]}"
+    labels = folder / "labels.csv"
+    if not labels.exists():
+        generate_export(folder, n_patients=d.n_patients, image_size=d.image_size, bias=d.bias, seed=d.seed)
+    return folder, labels
+
+
+def ingest_dataset(config: RunConfig) -> DatasetVersion:
+    """Ingest the configured source into ``data/<name>``, version it with DVC and push it."""
+    d = config.data
+    if d.format is SourceFormat.SYNTHETIC:
+        source, labels = _synthetic_export(config)
+    else:
+        source, labels = Path(d.source), Path(d.labels or Path(d.source) / "labels.csv")
+    dataset_dir = paths.data_root() / d.name
+    report = ingest_dicom(
+        source=source,
+        labels_csv=labels,
+        dataset_dir=dataset_dir,
+        num_classes=d.num_classes,
+        age_bins=d.age_bins,
+        split_fractions=(d.splits.val, d.splits.test),
+        split_seed=d.splits.seed,
+        salt=load_salt(paths.medflow_home() / "secrets" / "pseudonym.key"),
+    )
+    version = version_dataset(paths.workspace_root(), dataset_dir, remote=d.remote or str(paths.dvc_remote_default()))
+    return DatasetVersion(
+        name=d.name, manifest=report.manifest, version=version.version,
+        n_cases=report.n_cases, n_patients=report.n_patients,
+    )
+
+
+def validate_dataset(dataset: DatasetVersion, config: RunConfig) -> Path:
+    """Run the expectation suites; write the report; raise when any expectation failed.
+
+    Raises:
+        DataValidationError: naming each failed expectation with example rows.
+    """
+    report = validate_manifest(
+        load_manifest(dataset.manifest),
+        num_classes=config.data.num_classes,
+        attributes=config.data.attributes,
+        min_group_size=config.validation.min_group_size,
+    )
+    path = report.write_json(paths.medflow_home() / "validation" / f"{dataset.name}-{dataset.version}.json")
+    if not report.success:
+        lines = "\n".join(f"  - {f.describe()}" for f in report.failures)
+        raise DataValidationError(
+            f"data validation failed for {dataset.manifest} ({len(report.failures)} expectation(s); report {path}):\n{lines}"
+        )
+    return path
+
+
+def train_model(dataset: DatasetVersion, validation_report: Path, config: RunConfig) -> TrainResult:
+    """Train on the dataset and attach its validation report to the run."""
+    result = train_classifier(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
+    use_experiment(config.registry.experiment)
+    MlflowClient().log_artifact(result.run_id, str(validation_report), "validation")
+    return result
+
+
+def evaluate_model(run_id: str, dataset: DatasetVersion, config: RunConfig) -> ModelEvaluation:
+    """Evaluate the run's checkpoint on the test split (report under ``.medflow/runs/<run_id>``)."""
+    return evaluate_run(
+        run_id=run_id, manifest_path=dataset.manifest, config=config,
+        out_dir=paths.medflow_home() / "runs" / run_id,
+    )
+
+
+def register(evaluation: ModelEvaluation, dataset: DatasetVersion, config: RunConfig) -> RegisteredModel:
+    """Register the evaluated model as the ``challenger``."""
+    return register_model(
+        run_id=evaluation.run_id, data_version=dataset.version, temperature=evaluation.temperature,
+        report_path=evaluation.report, config=config,
+    )
+
+
+def promote(model: RegisteredModel, evaluation: ModelEvaluation, config: RunConfig) -> PromotionDecision:
+    """Apply the promotion policy to the challenger."""
+    use_experiment(config.registry.experiment)
+    return decide_promotion(
+        client=MlflowClient(), model_name=model.name, version=model.version,
+        report=json.loads(evaluation.report.read_text()), rules=config.promotion.rules,
+    )

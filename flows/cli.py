@@ -1,0 +1,184 @@
+"""``medflow``: the command line. Each command only wires arguments to a library function.
+
+Errors a user can cause (:class:`MedflowError`) print one readable line and exit
+non-zero; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from components import paths
+from components.config import load_config
+from components.errors import MedflowError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="MLOps for medical imaging: ingest, validate, train, evaluate, register and promote.",
+)
+console = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set train.epochs=2.")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    """medflow command line."""
+    os.environ["MEDFLOW_DEBUG"] = "1" if debug else os.environ.get("MEDFLOW_DEBUG", "0")
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep the console to medflow's progress, Prefect's run log and real warnings."""
+    import logging  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+    # mlflow.pyfunc warns about its own built-in classes at import
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+    for name in ("monai.data.nvimgcodec_pydicom_plugin", "great_expectations", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def use_embedded_prefect() -> None:
+    """Ephemeral Prefect under ``.medflow/prefect`` unless ``PREFECT_API_URL`` names a server.
+
+    Must run before Prefect is imported: Prefect reads its settings then.
+    """
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(paths.medflow_home() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@app.command()
+def run(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Run the whole retraining pipeline as a Prefect flow."""
+    cfg = load_config(config, overrides=set_ or [])
+    use_embedded_prefect()
+    from flows.pipeline import retrain  # noqa: PLC0415 (Prefect reads its settings at import)
+
+    summary = retrain(cfg)
+    print_summary(summary)
+
+
+def print_summary(summary) -> None:
+    """The end-of-run summary: data version, MLflow run, key metrics, each gate, the champion."""
+    console.print()
+    console.print(f"[bold]Dataset[/]      {summary.dataset}: {summary.n_cases} images of {summary.n_patients} patients")
+    console.print(f"[bold]Data version[/] {summary.data_version} (DVC)")
+    console.print(f"[bold]MLflow run[/]   {summary.run_id}")
+    console.print(f"[bold]Model[/]        {summary.model_name} version {summary.version} (alias challenger)")
+    metrics = "  ".join(f"{k} {v:.3f}" for k, v in summary.metrics.items() if v is not None)
+    console.print(f"[bold]Test metrics[/] {metrics}")
+    table = Table(title="Promotion gates", title_justify="left")
+    for column in ("rule", "value", "verdict"):
+        table.add_column(column)
+    for gate in summary.gates:
+        value = "null" if gate.value is None else f"{gate.value:.4f}"
+        verdict = "[green]pass[/]" if gate.passed else f"[red]fail[/] {gate.reason}"
+        table.add_row(f"{gate.metric} {gate.op} {gate.threshold:g}", value, verdict)
+    console.print(table)
+    if summary.promoted:
+        console.print(f"[bold green]Promoted[/]: {summary.model_name}@champion is version {summary.champion}")
+    else:
+        held = f"version {summary.champion}" if summary.champion else "no version"
+        console.print(f"[bold red]Not promoted[/]: {summary.model_name}@champion stays at {held}")
+    uri = paths.tracking_uri()
+    console.print(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[Path, typer.Option(help="Predictions table (CSV or Parquet): case_id, y_true, prob or prob_0..")],
+    manifest: Annotated[Path, typer.Option(help="Manifest (CSV or Parquet) with case_id and group columns.")],
+    out: Annotated[Path, typer.Option(help="Where to write report.json.")],
+    attribute: Annotated[list[str] | None, typer.Option(help="Group column; repeat. Default: sex, age_group, race, site if present.")] = None,
+    threshold: Annotated[float, typer.Option(help="Decision threshold (binary).")] = 0.5,
+    n_bootstrap: Annotated[int, typer.Option(help="Patient-level bootstrap resamples; 0 skips the CIs.")] = 1000,
+    min_group_size: Annotated[int, typer.Option(help="Smaller groups are warned about and left out of the gaps.")] = 10,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Evaluate any predictions table against a manifest and write report.json."""
+    from components.evaluation.report import evaluate_predictions, read_table  # noqa: PLC0415
+
+    report = evaluate_predictions(
+        read_table(predictions), read_table(manifest), attributes=attribute or None, threshold=threshold,
+        n_bootstrap=n_bootstrap, seed=seed, min_group_size=min_group_size, source=str(predictions),
+    )
+    report.write_json(out)
+    o = report.overall
+    auc = "null" if o["auc"] is None else f"{o['auc']:.3f}"
+    console.print(f"{report.task}: n={report.n}  auc {auc}  ece {o['ece']:.3f}  brier {o['brier']:.3f} -> {out}")
+    for warning in report.warnings:
+        err.print(f"warning: {warning}")
+
+
+@app.command()
+def validate(
+    manifest: Annotated[Path, typer.Option(help="Manifest (Parquet or CSV) to check.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
+) -> None:
+    """Run the dataset expectation suites on a manifest (exit 2 when any fails)."""
+    from components.data.ingest import load_manifest  # noqa: PLC0415
+    from components.errors import DataValidationError  # noqa: PLC0415
+    from components.validation.expectations import validate_manifest  # noqa: PLC0415
+
+    cfg = load_config(config, overrides=set_ or [])
+    report = validate_manifest(
+        load_manifest(manifest), num_classes=cfg.data.num_classes, attributes=cfg.data.attributes,
+        min_group_size=cfg.validation.min_group_size,
+    )
+    if out:
+        report.write_json(out)
+    if not report.success:
+        lines = "\n".join(f"  - {f.describe()}" for f in report.failures)
+        raise DataValidationError(f"{manifest}: {len(report.failures)} expectation(s) failed:\n{lines}")
+    console.print(f"{manifest}: {report.n_expectations} expectations passed on {report.n_rows} rows")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medflow`` console script; returns the exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except MedflowError as exc:
+        if debug:
+            raise
+        err.print(f"medflow: error: {exc}", markup=False, highlight=False)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err.print("medflow: aborted")
+        return 130
+    return 0
+
+
+def entry() -> None:
+    """Console-script wrapper: exit with :func:`main`'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
