@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -47,8 +46,6 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
-    # mlflow.pyfunc warns about its own built-in classes at import
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
     for name in ("monai.data.nvimgcodec_pydicom_plugin", "great_expectations", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -66,13 +63,30 @@ def use_embedded_prefect() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+class _UserErrorsWithoutTraceback:
+    """Logging filter: Prefect logs a failed task with its traceback; for a
+    MedflowError (bad input, failed validation) the message alone says it all."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, MedflowError):
+            record.msg, record.args = f"{type(exc).__name__}: {exc}", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 @app.command()
 def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run the whole retraining pipeline as a Prefect flow."""
+    import logging  # noqa: PLC0415
+
     cfg = load_config(config, overrides=set_ or [])
     use_embedded_prefect()
     from flows.pipeline import retrain  # noqa: PLC0415 (Prefect reads its settings at import)
 
+    if os.environ.get("MEDFLOW_DEBUG") != "1":
+        for name in ("prefect.task_runs", "prefect.flow_runs"):
+            logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     summary = retrain(cfg)
     print_summary(summary)
 
@@ -158,20 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medflow`` console script; returns the exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code
     except MedflowError as exc:
         if debug:
             raise
-        err.print(f"medflow: error: {exc}", markup=False, highlight=False)
+        print(f"medflow: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("medflow: aborted")
         return 130
+    except typer.TyperException as exc:  # usage errors: typer's click raises these
+        exc.show()
+        return getattr(exc, "exit_code", 2)
     return 0
 
 

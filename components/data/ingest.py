@@ -108,7 +108,7 @@ def read_labels(labels_csv: Path, *, num_classes: int) -> pd.DataFrame:
     numeric = pd.to_numeric(labels["label"], errors="coerce")
     bad = labels.index[numeric.isna() | ~numeric.isin(range(num_classes))]
     problems += [
-        f"{labels_csv} row {i + 2}: label {labels.at[i, 'label']!r} not in 0..{num_classes - 1}" for i in bad
+        f"{labels_csv} row {i + 2}: label {str(labels.at[i, 'label'])!r} not in 0..{num_classes - 1}" for i in bad
     ]
     _raise_problems(problems)
     return labels.assign(label=numeric.astype(int))

@@ -58,6 +58,6 @@ class MedflowClassifier(mlflow.pyfunc.PythonModel):
         self.model, self.spec, description = load_checkpoint(folder)
         self.temperature = float(description.get("temperature", 1.0))
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:  # noqa: ARG002 (pyfunc signature)
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002 (pyfunc signature)
         """Calibrated class probabilities (N, K) for images (N, H, W)."""
         return predict_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature)

@@ -73,7 +73,8 @@ def register_model(
         (checkpoint / "model.json").write_text(json.dumps(description, indent=2))
         height, width = description["preprocess"]["spatial_size"]
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, height, width))]),
+            # any image size: the model resizes to (height, width) itself
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, description["num_classes"]))]),
         )
         with mlflow.start_run(run_id=run_id):

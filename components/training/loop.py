@@ -103,7 +103,9 @@ def train_classifier(*, manifest_path: Path, data_version: str, config: RunConfi
     model = build_classifier(
         cfg.model, spatial_dims=2, in_channels=1, num_classes=num_classes, kwargs=cfg.model_kwargs
     ).to(device)
-    train_ds = CacheDataset(_records(train_df, root), training_transforms(spec, augment=True), progress=False)
+    augment = training_transforms(spec, augment=True)
+    augment.set_random_state(seed=cfg.seed)  # MONAI's random transforms keep their own RandomState
+    train_ds = CacheDataset(_records(train_df, root), augment, progress=False)
     val_ds = CacheDataset(_records(val_df, root), training_transforms(spec, augment=False), progress=False)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator)

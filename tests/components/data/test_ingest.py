@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
+
+from components.data.ingest import MANIFEST_COLUMNS, age_group, ingest_dicom, pseudonymise
+from components.errors import IngestError
+
+from tests.conftest import SALT
+
+
+def _ingest(source: Path, labels: Path, target: Path, **overrides):
+    kwargs = dict(
+        source=source, labels_csv=labels, dataset_dir=target, num_classes=2, age_bins=(40, 60),
+        split_fractions=(0.2, 0.2), split_seed=0, salt=SALT,
+    )
+    return ingest_dicom(**(kwargs | overrides))
+
+
+def test_manifest_has_the_contract_columns_and_image_facts(small_dataset):
+    manifest = pd.read_parquet(small_dataset)
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    assert manifest["case_id"].is_unique
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    assert (manifest["shape"] == "32x32").all() and (manifest["spacing"] == "0.5x0.5").all()
+    assert (manifest["nan_count"] == 0).all()
+
+
+def test_pixels_survive_the_modality_lut(small_export, small_dataset):
+    labels = pd.read_csv(small_export.labels_csv)
+    ds = pydicom.dcmread(small_export.folder / labels.loc[0, "path"])
+    expected = apply_modality_lut(ds.pixel_array, ds)
+    case_id = pseudonymise(ds.SOPInstanceUID, salt=SALT, prefix="C")
+    stored = nib.load(small_dataset.parent / "images" / f"{case_id}.nii.gz").get_fdata()
+    np.testing.assert_array_equal(stored, expected)
+    assert stored.min() < 0  # the rescale intercept (-1024) was applied
+
+
+def _all_bytes(folder: Path) -> bytes:
+    blobs = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            blobs.append(gzip.decompress(data) if path.suffix == ".gz" else data)
+    return b"".join(blobs)
+
+
+def test_no_identifier_reaches_the_dataset(small_export, small_dataset):
+    labels = pd.read_csv(small_export.labels_csv)
+    everything = _all_bytes(small_dataset.parent)
+    for path in labels["path"]:
+        ds = pydicom.dcmread(small_export.folder / path)
+        for value in (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber, ds.SOPInstanceUID):
+            assert value.encode() not in everything, f"{value} leaked into the dataset"
+    audit = json.loads((small_dataset.parent / "deid_audit.json").read_text())
+    assert audit["removed_tags"]["PatientName"] == len(labels)
+
+
+def test_patient_pseudonyms_are_stable_and_keyed():
+    assert pseudonymise("MRN1", salt=SALT, prefix="P") == pseudonymise("MRN1", salt=SALT, prefix="P")
+    assert pseudonymise("MRN1", salt=SALT, prefix="P") != pseudonymise("MRN1", salt=b"other", prefix="P")
+
+
+@pytest.mark.parametrize(("age", "group"), [(20, "<40"), (40, "40-59"), (59.5, "40-59"), (60, "60+"), (float("nan"), "unknown")])
+def test_age_groups(age, group):
+    assert age_group(age, (40, 60)) == group
+
+
+@pytest.fixture
+def real_export(tmp_path):
+    """pydicom's own CT and MR files, with a labels CSV."""
+    source = tmp_path / "export"
+    source.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(name), source / name)
+    labels = source / "labels.csv"
+    labels.write_text("path,label,sex,age,site\nCT_small.dcm,1,F,50,a\nMR_small.dcm,0,M,30,b\n")
+    return source, labels
+
+
+def test_real_pydicom_files_ingest_with_values_intact(real_export, tmp_path):
+    source, labels = real_export
+    report = _ingest(source, labels, tmp_path / "data" / "real")
+    manifest = pd.read_parquet(report.manifest)
+    assert sorted(manifest["modality"]) == ["CT", "MR"]
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        ds = pydicom.dcmread(source / name)
+        row = manifest[manifest["case_id"] == pseudonymise(ds.SOPInstanceUID, salt=SALT, prefix="C")].iloc[0]
+        image = nib.load(report.dataset_dir / row["image"])
+        np.testing.assert_array_equal(image.get_fdata(), apply_modality_lut(ds.pixel_array, ds))
+        assert row["spacing"] == "x".join(f"{float(s):g}" for s in ds.PixelSpacing)
+    everything = _all_bytes(report.dataset_dir)
+    assert b"CompressedSamples" not in everything and b"1CT1" not in everything
+
+
+def _bad_input(source: Path, labels: Path, case: str) -> str:
+    """Make one kind of bad input; return the text the error must contain."""
+    if case == "missing file":
+        labels.write_text(labels.read_text() + "gone.dcm,0,F,50,a\n")
+        return f"{labels} row 4: gone.dcm: file not found"
+    if case == "not dicom":
+        (source / "notes.dcm").write_text("not a dicom file")
+        labels.write_text(labels.read_text() + "notes.dcm,0,F,50,a\n")
+        return f"{source / 'notes.dcm'}: not a DICOM file"
+    if case == "no pixel data":
+        shutil.copy(get_testdata_file("rtplan.dcm"), source / "rtplan.dcm")
+        labels.write_text(labels.read_text() + "rtplan.dcm,0,F,50,a\n")
+        return f"{source / 'rtplan.dcm'}: DICOM without pixel data"
+    if case == "truncated":
+        data = (source / "CT_small.dcm").read_bytes()
+        (source / "cut.dcm").write_bytes(data[: len(data) // 2])
+        labels.write_text(labels.read_text() + "cut.dcm,0,F,50,a\n")
+        return f"{source / 'cut.dcm'}:"
+    if case == "unknown label":
+        labels.write_text(labels.read_text().replace("MR_small.dcm,0", "MR_small.dcm,7"))
+        return f"{labels} row 3: label '7' not in 0..1"
+    if case == "duplicate path":
+        labels.write_text(labels.read_text() + "CT_small.dcm,1,F,50,a\n")
+        return f"{labels} row 4: duplicate path CT_small.dcm"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing file", "not dicom", "no pixel data", "truncated", "unknown label", "duplicate path"])
+def test_bad_input_names_the_file_and_writes_nothing(real_export, tmp_path, case):
+    source, labels = real_export
+    expected = _bad_input(source, labels, case)
+    target = tmp_path / "data" / "real"
+    with pytest.raises(IngestError) as info:
+        _ingest(source, labels, target)
+    assert expected in str(info.value)
+    assert not target.exists()
+    assert [p.name for p in target.parent.iterdir()] == [] if target.parent.exists() else True
+
+
+def test_failed_reingest_keeps_the_previous_dataset(real_export, tmp_path):
+    source, labels = real_export
+    target = tmp_path / "data" / "real"
+    first = _ingest(source, labels, target)
+    before = pd.read_parquet(first.manifest)
+    _bad_input(source, labels, "missing file")
+    with pytest.raises(IngestError):
+        _ingest(source, labels, target)
+    pd.testing.assert_frame_equal(pd.read_parquet(target / "manifest.parquet"), before)
+
+
+def test_every_problem_is_reported_at_once(real_export, tmp_path):
+    source, labels = real_export
+    labels.write_text(labels.read_text() + "a.dcm,0,F,50,a\nb.dcm,0,F,50,a\n")
+    with pytest.raises(IngestError) as info:
+        _ingest(source, labels, tmp_path / "data" / "x")
+    message = str(info.value)
+    assert message.startswith("2 problem(s) in the input:")
+    assert "a.dcm: file not found" in message and "b.dcm: file not found" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("file,label\nx.dcm,0\n", "missing column(s) path; expected path,label and optionally patient_id,sex,age,race,site"),
+        ("", "cannot read labels file"),
+    ],
+)
+def test_malformed_labels_files(real_export, tmp_path, content, message):
+    source, labels = real_export
+    labels.write_text(content)
+    with pytest.raises(IngestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _ingest(source, labels, tmp_path / "data" / "x")
+
+
+def test_missing_source_folder(tmp_path):
+    with pytest.raises(IngestError, match=r"source folder .*nowhere does not exist or is not a folder"):
+        _ingest(tmp_path / "nowhere", tmp_path / "labels.csv", tmp_path / "data" / "x")

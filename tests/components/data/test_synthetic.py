@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import filecmp
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.pixels import apply_modality_lut
+
+from components.data.synthetic import LESION_AMPLITUDE, generate_export, make_image
+
+
+def test_export_is_real_dicom_with_identifiers_and_a_labels_csv(small_export):
+    labels = pd.read_csv(small_export.labels_csv)
+    assert list(labels.columns) == ["path", "label", "sex", "age", "race", "site"]
+    assert len(labels) == small_export.n_images > small_export.n_patients  # some patients have several images
+    ds = pydicom.dcmread(small_export.folder / labels.loc[0, "path"])
+    assert str(ds.PatientName) and ds.PatientID.startswith("MRN")
+    assert ds.pixel_array.shape == (32, 32)
+    assert set(labels["label"]) == {0, 1}
+    assert set(labels["sex"]) == {"F", "M"}
+
+
+def test_same_seed_same_export(tmp_path):
+    a = generate_export(tmp_path / "a", n_patients=5, image_size=16, seed=1)
+    b = generate_export(tmp_path / "b", n_patients=5, image_size=16, seed=1)
+    assert filecmp.cmp(a.labels_csv, b.labels_csv, shallow=False)
+    for path in pd.read_csv(a.labels_csv)["path"]:
+        assert filecmp.cmp(a.folder / path, b.folder / path, shallow=False)
+
+
+def _pixels(path):
+    ds = pydicom.dcmread(path)
+    return apply_modality_lut(ds.pixel_array, ds)
+
+
+def test_bias_fades_the_lesions_of_women_only(tmp_path):
+    fair = generate_export(tmp_path / "fair", n_patients=40, image_size=32, bias=0.0, seed=2)
+    biased = generate_export(tmp_path / "biased", n_patients=40, image_size=32, bias=1.0, seed=2)
+    labels = pd.read_csv(fair.labels_csv)
+    pd.testing.assert_frame_equal(labels, pd.read_csv(biased.labels_csv))
+    for row in labels.itertuples():
+        diff = _pixels(fair.folder / row.path) - _pixels(biased.folder / row.path)
+        if row.sex == "F" and row.label == 1:
+            # stored values are 1000 x intensity, so the faded 3/4 of the lesion peak shows up here
+            assert diff.max() == pytest.approx(0.75 * LESION_AMPLITUDE * 1000, rel=0.05)
+        else:
+            assert not diff.any()
+
+
+def test_lesion_adds_its_amplitude():
+    rng = np.random.default_rng(0)
+    plain = make_image(np.random.default_rng(0), size=32, lesion=0.0, contrast=1.0, noise=0.0)
+    with_lesion = make_image(rng, size=32, lesion=LESION_AMPLITUDE, contrast=1.0, noise=0.0)
+    assert (with_lesion - plain).max() == pytest.approx(LESION_AMPLITUDE, rel=0.1)
+
+
+def test_bias_outside_unit_interval_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"bias must be in \[0, 1\], got 1.5"):
+        generate_export(tmp_path, n_patients=2, bias=1.5)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import json
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components import lineage, paths
+from components.config import load_config
+from components.evaluation.evaluate_model import evaluate_run
+from components.registry.model import load_checkpoint, predict_arrays
+from components.registry.register import ALIAS_CHALLENGER, register_model
+from components.training.loop import train_classifier
+
+TINY = ["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=50", "registry.experiment=test-reg",
+        "registry.model_name=tiny", "evaluate.min_group_size=2"]
+
+
+def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset):
+    config = load_config(overrides=TINY, environ={})
+    trained = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    evaluation = evaluate_run(run_id=trained.run_id, manifest_path=small_dataset, config=config, out_dir=workspace / "eval")
+    report = json.loads(evaluation.report.read_text())
+    manifest = pd.read_parquet(small_dataset)
+    assert report["n"] == (manifest["split"] == "test").sum()
+    assert evaluation.temperature > 0
+    calibration = json.loads((workspace / "eval" / "calibration.json").read_text())
+    assert calibration["before"]["auc"] == pytest.approx(calibration["after"]["auc"])  # scaling keeps the ranking
+
+    model = register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
+                           report_path=evaluation.report, config=config)
+    client = MlflowClient(paths.tracking_uri())
+    version = client.get_model_version("tiny", model.version)
+    assert version.tags[lineage.TAG_DATA_VERSION] == "v1"
+    assert version.tags[lineage.TAG_CONFIG_HASH] == config.config_hash()
+    assert version.tags[lineage.TAG_CODE_VERSION]
+    assert str(client.get_model_version_by_alias("tiny", ALIAS_CHALLENGER).version) == model.version
+
+    test = manifest[manifest["split"] == "test"].head(5)
+    images = np.stack([nib.load(small_dataset.parent / p).get_fdata(dtype=np.float32) for p in test["image"]])
+    served = mlflow.pyfunc.load_model(f"models:/tiny@{ALIAS_CHALLENGER}")
+    prob = served.predict(images)
+    assert prob.shape == (5, 2)
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-5)
+    # the served model applies the fitted temperature to the very network that was evaluated
+    predictions = pd.read_parquet(evaluation.predictions).set_index("case_id")
+    np.testing.assert_allclose(prob[:, 1], predictions.loc[test["case_id"], "prob"].to_numpy(), rtol=1e-4, atol=1e-5)
+    assert served.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1)
+    assert served.predict(np.zeros((2, 50, 40), dtype=np.float32)).shape == (2, 2)  # resized to the training size

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from components import lineage, paths
+from components.config import load_config
+from components.errors import ConfigError
+from components.registry.model import load_checkpoint
+from components.training.loop import CHECKPOINT_DIR, train_classifier
+
+TINY = ["train.epochs=2", "train.batch_size=16", "data.image_size=32", "registry.experiment=test-train"]
+
+
+def test_training_logs_every_epoch_and_the_best_checkpoint(workspace, small_dataset):
+    config = load_config(overrides=TINY, environ={})
+    result = train_classifier(manifest_path=small_dataset, data_version="abc123", config=config)
+    mlflow.set_tracking_uri(paths.tracking_uri())
+    client = mlflow.MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.data.tags[lineage.TAG_DATA_VERSION] == "abc123"
+    assert run.data.tags[lineage.TAG_CONFIG_HASH] == config.config_hash()
+    assert run.data.params["train.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(result.run_id, "train_loss")] == [1, 2]
+    assert len(client.get_metric_history(result.run_id, "val_auc")) == 2
+    assert 1 <= result.best_epoch <= 2
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=CHECKPOINT_DIR))
+    model, spec, description = load_checkpoint(folder)
+    assert description["network"] == "densenet" and spec.spatial_size == (32, 32)
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
+    assert json.loads(Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="config.json")).read_text())["train"]["epochs"] == 2
+
+
+def test_training_is_deterministic_for_a_seed(workspace, small_dataset):
+    config = load_config(overrides=[*TINY, "train.epochs=1"], environ={})
+    a = train_classifier(manifest_path=small_dataset, data_version="v", config=config)
+    b = train_classifier(manifest_path=small_dataset, data_version="v", config=config)
+    client = mlflow.MlflowClient()
+    loss = lambda run_id: client.get_metric_history(run_id, "train_loss")[0].value  # noqa: E731
+    assert loss(a.run_id) == pytest.approx(loss(b.run_id), rel=1e-6)
+
+
+def test_a_manifest_without_validation_cases_is_refused(workspace, small_dataset, tmp_path):
+    import pandas as pd
+
+    manifest = pd.read_parquet(small_dataset)
+    manifest["split"] = manifest["split"].replace({"val": "train"})
+    path = small_dataset.parent / "no-val.parquet"
+    manifest.to_parquet(path)
+    config = load_config(overrides=TINY, environ={})
+    with pytest.raises(ConfigError, match=r"no-val.parquet: training needs train and val cases, got \d+ and 0"):
+        train_classifier(manifest_path=path, data_version="v", config=config)

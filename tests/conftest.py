@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated workspace and a small ingested dataset."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+# MONAI warns at import about a GPU decoder medflow does not use
+warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+
+from components.data.ingest import ingest_dicom  # noqa: E402
+from components.data.synthetic import generate_export  # noqa: E402
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+SALT = b"test-salt-0123456789abcdef012345"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working folder: state in ./.medflow, MLflow on SQLite inside it."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("MEDFLOW_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith("MEDFLOW__"):
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory: pytest.TempPathFactory):
+    """A synthetic DICOM export of 60 patients, 32x32 pixels."""
+    return generate_export(tmp_path_factory.mktemp("export"), n_patients=60, image_size=32, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(small_export, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small export ingested; returns the manifest path."""
+    dataset_dir = tmp_path_factory.mktemp("data") / "small"
+    report = ingest_dicom(
+        source=small_export.folder,
+        labels_csv=small_export.labels_csv,
+        dataset_dir=dataset_dir,
+        num_classes=2,
+        age_bins=(40, 60),
+        split_fractions=(0.2, 0.25),
+        split_seed=0,
+        salt=SALT,
+    )
+    return report.manifest

@@ -1,0 +1,89 @@
+"""The CLI's contract: readable one-line errors, exit codes, ``medflow evaluate`` and ``validate``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flows.cli import main
+
+from tests.components.evaluation.references import synthetic_predictions
+
+
+def test_unknown_override_is_one_line_and_exit_1(workspace, capsys):
+    assert main(["run", "--set", "train.epoch=2"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "medflow: error: unknown config key 'train.epoch'; did you mean 'train.epochs'?"
+    assert not (workspace / "data").exists()
+
+
+def test_debug_shows_the_traceback(workspace):
+    from components.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "run", "--set", "train.epoch=2"])
+
+
+def test_missing_config_file(workspace, capsys):
+    assert main(["run", "--config", "nope.yaml"]) == 1
+    assert capsys.readouterr().err.startswith("medflow: error: cannot read config nope.yaml")
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["run", "--bogus"]) == 2
+    assert "No such option: --bogus" in capsys.readouterr().err
+
+
+def _write_tables(folder: Path, fmt: str) -> tuple[Path, Path]:
+    y, prob, groups = synthetic_predictions(300)
+    ids = [f"C{i}" for i in range(300)]
+    predictions = pd.DataFrame({"case_id": ids, "y_true": y, "prob": prob})
+    manifest = pd.DataFrame({"case_id": ids, "patient_id": [f"P{i // 3}" for i in range(300)], **groups})
+    paths = folder / f"predictions.{fmt}", folder / f"manifest.{fmt}"
+    for table, path in zip((predictions, manifest), paths):
+        table.to_csv(path, index=False) if fmt == "csv" else table.to_parquet(path)
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_evaluate_writes_the_report(tmp_path, capsys, fmt):
+    predictions, manifest = _write_tables(tmp_path, fmt)
+    out = tmp_path / "out" / "report.json"
+    code = main(["evaluate", "--predictions", str(predictions), "--manifest", str(manifest), "--out", str(out), "--n-bootstrap", "100"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == 300 and report["n_patients"] == 100 and set(report["fairness"]) == {"sex", "site", "race"}
+    assert "binary: n=300" in capsys.readouterr().out
+
+
+def test_evaluate_bad_input_is_one_line_and_no_report(tmp_path, capsys):
+    predictions, manifest = _write_tables(tmp_path, "csv")
+    table = pd.read_csv(predictions)
+    table.loc[7, "prob"] = -0.5
+    table.to_csv(predictions, index=False)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--predictions", str(predictions), "--manifest", str(manifest), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == f"medflow: error: {predictions}: probabilities outside [0, 1] for case_id(s): C7"
+    assert not out.exists()
+
+
+def test_validate_exits_2_and_names_the_failures(small_dataset, tmp_path, capsys):
+    manifest = pd.read_parquet(small_dataset)
+    manifest.loc[0, "label"] = 9
+    path = tmp_path / "manifest.parquet"
+    manifest.to_parquet(path)
+    assert main(["validate", "--manifest", str(small_dataset), "--set", "validation.min_group_size=1"]) == 0
+    assert main(["validate", "--manifest", str(path), "--set", "validation.min_group_size=1"]) == 2
+    err = capsys.readouterr().err
+    assert "1 expectation(s) failed" in err and "expect_column_values_to_be_in_set on manifest.label" in err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("medflow")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "evaluate" in result.stdout and "run" in result.stdout

@@ -1,0 +1,66 @@
+"""End-to-end: ``medflow run`` as a user runs it, on Prefect's ephemeral server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+MEDFLOW = str(Path(sys.executable).with_name("medflow"))
+SMALL = [
+    "data.n_patients=200", "data.image_size=32", "train.epochs=6", "evaluate.n_bootstrap=200",
+    'promotion.rules=[{metric: overall.auc, op: ">=", value: 0.75}, {metric: fairness.sex.auc_gap, op: "<=", value: 0.15}]',
+]
+
+
+def _run(workspace: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = [MEDFLOW, "run"]
+    for item in (*SMALL, *overrides):
+        args += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFLOW", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
+    env["PREFECT_HOME"] = str(workspace / ".medflow" / "prefect")
+    return subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(tmp_path):
+    first = _run(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Promoted: medflow-demo-classifier@champion is version 1" in first.stdout
+    assert "Data version" in first.stdout and "MLflow run" in first.stdout
+    assert (tmp_path / "data" / "demo.dvc").is_file() and (tmp_path / ".git").is_dir()
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
+    champion = mlflow.pyfunc.load_model("models:/medflow-demo-classifier@champion")
+    prob = champion.predict(np.random.default_rng(0).normal(size=(3, 48, 48)).astype(np.float32))
+    assert prob.shape == (3, 2) and np.allclose(prob.sum(axis=1), 1, atol=1e-5)
+
+    second = _run(tmp_path, "data.bias=1.0")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Not promoted: medflow-demo-classifier@champion stays at version 1" in second.stdout
+    client = MlflowClient()
+    v2 = client.get_model_version("medflow-demo-classifier", "2")
+    decision = json.loads(v2.tags["medflow.promotion"])
+    failed = [g["metric"] for g in decision["gates"] if not g["passed"]]
+    assert "fairness.sex.auc_gap" in failed, (decision, second.stdout)
+    assert str(client.get_model_version_by_alias("medflow-demo-classifier", "champion").version) == "1"
+    v1 = client.get_model_version("medflow-demo-classifier", "1")
+    assert v1.tags["medflow.data_version"] != v2.tags["medflow.data_version"]
+
+
+def test_failed_validation_stops_before_training_with_exit_2(tmp_path):
+    result = _run(tmp_path, "validation.min_group_size=100000")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "medflow: error: data validation failed" in result.stderr
+    assert "expect_column_values_to_be_between on groups.n" in result.stderr
+    assert "Traceback" not in result.stderr
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
+    assert mlflow.search_runs(search_all_experiments=True).empty
