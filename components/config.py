@@ -122,10 +122,33 @@ class GateRule(_Section):
     value: float
 
 
+class Metric(str, Enum):
+    """A metric of the evaluation contract's ``overall`` section."""
+
+    AUC = "auc"
+    ACCURACY = "accuracy"
+    SENSITIVITY = "sensitivity"
+    SPECIFICITY = "specificity"
+    F1 = "f1"
+    ECE = "ece"
+    MCE = "mce"
+    BRIER = "brier"
+    NLL = "nll"
+
+
+class NonInferiorityRule(_Section):
+    """The challenger may lose at most ``margin`` of ``metric`` against the champion, at ``level``."""
+
+    metric: Metric
+    margin: float = Field(ge=0.0)
+    level: float = Field(0.95, gt=0.5, lt=1.0)
+
+
 class PromotionConfig(_Section):
     """The promotion policy: every rule must pass for the challenger to become champion."""
 
     rules: tuple[GateRule, ...] = ()
+    non_inferiority: tuple[NonInferiorityRule, ...] = ()
 
 
 class RegistryConfig(_Section):

@@ -100,19 +100,13 @@ def print_summary(summary) -> None:
     console.print(f"[bold]Model[/]        {summary.model_name} version {summary.version} (alias challenger)")
     metrics = "  ".join(f"{k} {v:.3f}" for k, v in summary.metrics.items() if v is not None)
     console.print(f"[bold]Test metrics[/] {metrics}")
-    table = Table(title="Promotion gates", title_justify="left")
-    for column in ("rule", "value", "verdict"):
-        table.add_column(column)
-    for gate in summary.gates:
-        value = "null" if gate.value is None else f"{gate.value:.4f}"
-        verdict = "[green]pass[/]" if gate.passed else f"[red]fail[/] {gate.reason}"
-        table.add_row(f"{gate.metric} {gate.op} {gate.threshold:g}", value, verdict)
-    console.print(table)
+    console.print(_gate_table(summary.gates))
     if summary.promoted:
         console.print(f"[bold green]Promoted[/]: {summary.model_name}@champion is version {summary.champion}")
     else:
         held = f"version {summary.champion}" if summary.champion else "no version"
         console.print(f"[bold red]Not promoted[/]: {summary.model_name}@champion stays at {held}")
+        console.print(f"Reason: {summary.reason}", markup=False, soft_wrap=True)
     uri = paths.tracking_uri()
     console.print(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
 
@@ -168,6 +162,85 @@ def validate(
     console.print(f"{manifest}: {report.n_expectations} expectations passed on {report.n_rows} rows")
 
 
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Registered model name.")]
+
+
+def _client():
+    """MLflow client of the configured registry, failing fast when a server does not answer."""
+    import mlflow  # noqa: PLC0415
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    mlflow.set_tracking_uri(paths.tracking_uri())
+    return mlflow.tracking.MlflowClient()
+
+
+def _gate_table(gates) -> Table:
+    table = Table(title="Promotion gates", title_justify="left")
+    for column in ("rule", "value", "verdict"):
+        table.add_column(column)
+    for gate in gates:
+        value = "null" if gate.value is None else f"{gate.value:.4f}"
+        verdict = "[green]pass[/]" if gate.passed else f"[red]fail[/] {gate.reason}"
+        table.add_row(f"{gate.metric} {gate.op} {gate.threshold:g}", value, verdict)
+    return table
+
+
+@app.command()
+def promote(
+    model: ModelOption,
+    version: Annotated[str, typer.Option("--version", "-v", help="The version to promote.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Apply the config's promotion policy to a registered version (exit 3 when refused)."""
+    from components.errors import PromotionRefused  # noqa: PLC0415
+    from components.steps import promote_registered  # noqa: PLC0415
+
+    cfg = load_config(config, overrides=set_ or [])
+    _client()
+    decision = promote_registered(model_name=model, version=version, config=cfg)
+    console.print(_gate_table(decision.gates))
+    if not decision.promoted:
+        raise PromotionRefused(f"version {version} of {model} was not promoted: {decision.reason}")
+    console.print(f"[bold green]Promoted[/]: {model}@champion is version {version}"
+                  + (f" (previous-champion: {decision.champion_before})" if decision.champion_before else ""))
+
+
+@app.command()
+def rollback(model: ModelOption) -> None:
+    """Give ``champion`` back to ``previous-champion``; the rollback is recorded."""
+    from components.registry.promote import rollback as roll_back  # noqa: PLC0415
+
+    event = roll_back(_client(), model)
+    console.print(f"Rolled back: {model}@champion is version {event.champion_after} (was {event.champion_before})")
+
+
+@app.command()
+def history(model: ModelOption) -> None:
+    """Every promotion decision and rollback of a model, oldest first."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    from components.errors import RegistryError  # noqa: PLC0415
+    from components.registry.history import read_history  # noqa: PLC0415
+
+    try:
+        events = read_history(_client(), model)
+    except MlflowException as exc:
+        raise RegistryError(f"no registered model {model!r} at {paths.tracking_uri()}") from exc
+    if not events:
+        console.print(f"{model}: no decisions recorded")
+    for e in events:
+        console.print(f"{e.at[:19].replace('T', ' ')}  {e.kind:<9} version {e.version:<4} {e.verdict:<11} "
+                      f"champion {e.champion_before or '-'} -> {e.champion_after or '-'}", markup=False, soft_wrap=True)
+        for g in e.gates:
+            value = "null" if g["value"] is None else format(g["value"], ".4f")
+            console.print(f"    {'pass' if g['passed'] else 'FAIL'}  {g['metric']} {g['op']} {g['threshold']:g}  "
+                          f"(value {value})", markup=False, soft_wrap=True)
+        if e.reason and (e.kind != "promotion" or e.verdict == "refused" and all(g["passed"] for g in e.gates)):
+            console.print(f"    {e.reason}", markup=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medflow`` console script; returns the exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -188,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as exc:  # usage errors: typer's click raises these
         exc.show()
         return getattr(exc, "exit_code", 2)
+    except Exception as exc:  # a server that does not answer, or a registry refusal
+        from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+        if debug or not isinstance(exc, MlflowException):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"medflow: error: MLflow at {paths.tracking_uri()}: {first}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,7 @@ class PipelineSummary:
     gates: tuple[GateResult, ...]
     promoted: bool
     champion: str | None
+    reason: str = ""
 
 
 @flow(name="medflow-retrain")
@@ -37,7 +38,7 @@ def retrain(config: RunConfig) -> PipelineSummary:
     trained = tasks.train(dataset, report, config)
     evaluation = tasks.evaluate(trained.run_id, dataset, config)
     model = tasks.register(evaluation, dataset, config)
-    decision = tasks.promote(model, evaluation, config)
+    decision = tasks.promote(model, evaluation, dataset, config)
     overall = json.loads(evaluation.report.read_text())["overall"]
     return PipelineSummary(
         dataset=dataset.name,
@@ -51,4 +52,5 @@ def retrain(config: RunConfig) -> PipelineSummary:
         gates=decision.gates,
         promoted=decision.promoted,
         champion=decision.champion_after,
+        reason=decision.reason,
     )

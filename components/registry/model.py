@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import mlflow.pyfunc
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -48,6 +49,16 @@ def predict_arrays(
             batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
             out.append(torch.softmax(model(batch).double() / temperature, dim=1))
     return torch.cat(out).numpy().astype(np.float32)
+
+
+def predict_images(model_uri: str, paths: list[Path]) -> np.ndarray:
+    """Probabilities (N, K) of a logged model for NIfTI images, read as raw arrays."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    images = [nib.load(p).get_fdata(dtype=np.float32) for p in paths]
+    shapes = {i.shape for i in images}
+    if len(shapes) == 1:
+        return np.asarray(model.predict(np.stack(images)))
+    return np.concatenate([np.asarray(model.predict(i[None])) for i in images])
 
 
 class MedflowClassifier(mlflow.pyfunc.PythonModel):

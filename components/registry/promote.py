@@ -1,7 +1,10 @@
-"""Move the ``champion`` alias when every gate passes, and record every decision.
+"""Move the ``champion`` alias when every gate passes; roll back; record every decision.
 
-The decision (pass or refuse, each rule with its value) is kept as a tag on the
-model version, so it survives with the registry.
+Aliases move only inside the model's promotion lock, and only if the champion
+is still the one the challenger was compared with, so two racing promotions
+never both win and the aliases are never left half-moved. Every decision (pass
+or refuse, each rule with its value) is kept on the version (tag
+``medflow.promotion``) and in the model's history.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.config import GateRule
+from components.errors import PromotionRefused, RegistryError
 from components.registry.gates import GateResult, evaluate_gates
+from components.registry.history import HistoryEvent, read_history, record_event
+from components.registry.lock import promotion_lock
 
 ALIAS_CHAMPION = "champion"
 ALIAS_PREVIOUS = "previous-champion"
@@ -32,6 +38,7 @@ class PromotionDecision:
     gates: tuple[GateResult, ...]
     champion_before: str | None
     champion_after: str | None
+    reason: str = ""
     decided_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -43,6 +50,7 @@ class PromotionDecision:
             "model_name": self.model_name,
             "version": self.version,
             "promoted": self.promoted,
+            "reason": self.reason,
             "champion_before": self.champion_before,
             "champion_after": self.champion_after,
             "decided_at": self.decided_at,
@@ -50,35 +58,118 @@ class PromotionDecision:
         }
 
 
-def current_champion(client: MlflowClient, model_name: str) -> str | None:
-    """Version that holds ``champion``, or None."""
+def _alias(client: MlflowClient, model_name: str, alias: str) -> str | None:
     try:
-        return str(client.get_model_version_by_alias(model_name, ALIAS_CHAMPION).version)
+        return str(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
         return None
 
 
-def decide_promotion(
-    *, client: MlflowClient, model_name: str, version: str, report: Mapping, rules: Sequence[GateRule]
-) -> PromotionDecision:
-    """Evaluate the policy for ``version``; move the aliases only when every rule passes.
+def current_champion(client: MlflowClient, model_name: str) -> str | None:
+    """Version that holds ``champion``, or None."""
+    return _alias(client, model_name, ALIAS_CHAMPION)
 
-    The old champion keeps ``previous-champion``. The decision is recorded on the version.
+
+def check_version(client: MlflowClient, model_name: str, version: str) -> None:
+    """Raise a readable RegistryError when the model or version does not exist."""
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException as exc:
+        raise RegistryError(f"no registered model {model_name!r} at {client.tracking_uri}") from exc
+    try:
+        client.get_model_version(model_name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"model {model_name!r} has no version {version!r}") from exc
+
+
+def decide_promotion(
+    *,
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    report: Mapping,
+    rules: Sequence[GateRule],
+    compared_with: str | None = None,
+    comparisons: Sequence[GateResult] = (),
+) -> PromotionDecision:
+    """Evaluate the policy for ``version`` and move the aliases only when every rule passes.
+
+    Args:
+        client: MLflow client of the registry.
+        model_name: registered model.
+        version: the challenger.
+        report: its report.json.
+        rules: absolute rules over the report.
+        compared_with: the champion the ``comparisons`` were made against (None: there was none).
+        comparisons: non-inferiority results against ``compared_with``.
+
+    The old champion keeps ``previous-champion``. The decision is recorded on the
+    version and in the model's history, also when another promotion held the lock.
     """
-    gates = tuple(evaluate_gates(report, rules))
+    check_version(client, model_name, version)
+    gates = (*evaluate_gates(report, rules), *comparisons)
+    passed = all(g.passed for g in gates)
+    reason = "" if passed else "failed: " + "; ".join(g.reason for g in gates if not g.passed)
     before = current_champion(client, model_name)
-    promoted = all(g.passed for g in gates)
-    if promoted and before != version:
-        if before is not None:
-            client.set_registered_model_alias(model_name, ALIAS_PREVIOUS, before)
-        client.set_registered_model_alias(model_name, ALIAS_CHAMPION, version)
+    promoted = False
+    try:
+        with promotion_lock(client, model_name, holder=f"version {version}"):
+            before = current_champion(client, model_name)
+            if passed and before != compared_with:
+                reason = (
+                    f"the champion changed from {compared_with or 'none'} to {before} while version {version} "
+                    "was being compared; promote it again to compare with the new champion"
+                )
+            elif passed:
+                if before != version:
+                    if before is not None:
+                        client.set_registered_model_alias(model_name, ALIAS_PREVIOUS, before)
+                    client.set_registered_model_alias(model_name, ALIAS_CHAMPION, version)
+                promoted = True
+    except PromotionRefused as exc:
+        reason = str(exc)
     decision = PromotionDecision(
-        model_name=model_name,
-        version=version,
-        promoted=promoted,
-        gates=gates,
-        champion_before=before,
-        champion_after=version if promoted else before,
+        model_name=model_name, version=version, promoted=promoted, gates=tuple(gates),
+        champion_before=before, champion_after=version if promoted else before, reason=reason,
     )
     client.set_model_version_tag(model_name, version, TAG_DECISION, json.dumps(decision.to_dict()))
+    record_event(
+        client, model_name,
+        HistoryEvent(kind="promotion", version=version, verdict="promoted" if promoted else "refused",
+                     champion_before=before, champion_after=decision.champion_after,
+                     gates=[g.to_dict() for g in gates], reason=reason),
+    )
     return decision
+
+
+def rollback(client: MlflowClient, model_name: str) -> HistoryEvent:
+    """Give ``champion`` back to ``previous-champion``; the one before it becomes the new previous.
+
+    Raises:
+        RegistryError: unknown model, or no previous champion to return to.
+        PromotionRefused: a promotion holds the lock.
+    """
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException as exc:
+        raise RegistryError(f"no registered model {model_name!r} at {client.tracking_uri}") from exc
+    with promotion_lock(client, model_name, holder="rollback"):
+        champion = current_champion(client, model_name)
+        previous = _alias(client, model_name, ALIAS_PREVIOUS)
+        if previous is None:
+            raise RegistryError(f"{model_name} has no {ALIAS_PREVIOUS} to roll back to")
+        client.set_registered_model_alias(model_name, ALIAS_CHAMPION, previous)
+        # the champion before `previous`, as the history tells, becomes the next fallback
+        earlier = next(
+            (e.champion_before for e in reversed(read_history(client, model_name))
+             if e.champion_after == previous and e.champion_before not in (None, previous, champion)),
+            None,
+        )
+        if earlier is not None:
+            client.set_registered_model_alias(model_name, ALIAS_PREVIOUS, earlier)
+        else:
+            client.delete_registered_model_alias(model_name, ALIAS_PREVIOUS)
+        event = HistoryEvent(kind="rollback", version=previous, verdict="rolled back", champion_before=champion,
+                             champion_after=previous, reason=f"version {champion} rolled back to {previous}")
+        record_event(client, model_name, event)
+    return event

@@ -41,7 +41,7 @@ def test_first_passing_model_becomes_champion(client):
 
 def test_unfair_challenger_is_refused_and_the_champion_stays(client):
     decide_promotion(client=client, model_name="m", version="1", report=GOOD, rules=RULES)
-    decision = decide_promotion(client=client, model_name="m", version="2", report=UNFAIR, rules=RULES)
+    decision = decide_promotion(client=client, model_name="m", version="2", report=UNFAIR, rules=RULES, compared_with="1")
     assert not decision.promoted
     assert [g.metric for g in decision.failed] == ["fairness.sex.auc_gap"]
     assert current_champion(client, "m") == "1" and _alias(client, ALIAS_PREVIOUS) is None
@@ -51,6 +51,6 @@ def test_unfair_challenger_is_refused_and_the_champion_stays(client):
 
 def test_a_new_champion_moves_the_old_one_to_previous(client):
     decide_promotion(client=client, model_name="m", version="1", report=GOOD, rules=RULES)
-    decide_promotion(client=client, model_name="m", version="3", report=GOOD, rules=RULES)
+    decide_promotion(client=client, model_name="m", version="3", report=GOOD, rules=RULES, compared_with="1")
     assert (_alias(client, ALIAS_CHAMPION), _alias(client, ALIAS_PREVIOUS)) == ("3", "1")
     assert json.loads(client.get_model_version("m", "3").tags[TAG_DECISION])["champion_before"] == "1"

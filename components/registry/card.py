@@ -1,0 +1,105 @@
+"""The model card of a registered version: Markdown, and the same as a static HTML page."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import markdown
+import pandas as pd
+
+from components.registry.promote import PromotionDecision
+
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;margin:0.5rem 0 1rem}td,th{border:1px solid #bbb;padding:0.25rem 0.6rem;text-align:left}"
+    "th{background:#f0f0f0}code{background:#f4f4f4;padding:0 0.2rem}"
+)
+
+
+def _num(value: object) -> str:
+    return "null" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_num(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _composition(manifest: pd.DataFrame, attributes: list[str]) -> str:
+    parts = [_table(["split", "images", "patients", "positive share"], [
+        [split, len(g), g["patient_id"].nunique(), float((g["label"] > 0).mean())]
+        for split, g in manifest.groupby("split")
+    ])]
+    for attribute in attributes:
+        if attribute in manifest.columns:
+            counts = manifest.groupby([attribute, "split"]).size().unstack(fill_value=0)
+            rows = [[str(g), *[int(counts.at[g, s]) if s in counts.columns else 0 for s in ("train", "val", "test")]]
+                    for g in counts.index]
+            parts.append(f"**{attribute}**\n\n" + _table([attribute, "train", "val", "test"], rows))
+    return "\n\n".join(parts)
+
+
+def model_card_markdown(
+    *,
+    model_name: str,
+    version: str,
+    lineage: Mapping[str, str],
+    report: Mapping,
+    calibration: Mapping | None,
+    manifest: pd.DataFrame | None,
+    attributes: list[str],
+    decision: PromotionDecision,
+) -> str:
+    """The card as Markdown: intended use, data, metrics with CIs, calibration, fairness, decision."""
+    overall, ci = report["overall"], report.get("ci95", {})
+    metric_rows = [[m, overall.get(m), *(ci.get(m) or [None, None])] for m in overall if m != "notes"]
+    sections = [
+        f"# Model card: {model_name} version {version}",
+        "## Intended use",
+        f"{report['task'].capitalize()} image classification, trained by medflow for research and for "
+        "retraining studies. Not a medical device: a clinician decides. The model takes raw single-channel "
+        "images (N, H, W), resizes and normalises them as in training, and returns calibrated class probabilities.",
+        "## Lineage",
+        _table(["fact", "value"], [[k, f"`{v}`"] for k, v in lineage.items()]),
+        "## Data",
+        _composition(manifest, attributes) if manifest is not None else "The manifest was not available when this card was written.",
+        f"## Performance on the test split (n = {report['n']} images, {report['n_patients']} patients)",
+        _table(["metric", "value", "95% CI low", "95% CI high"], metric_rows),
+        "Intervals: patient-level bootstrap.",
+        "## Calibration",
+        (_table(["", "ECE", "MCE", "Brier", "NLL"], [
+            ["before temperature scaling", *(calibration["before"][k] for k in ("ece", "mce", "brier", "nll"))],
+            ["after (T = " + f"{calibration['temperature']:.3f})", *(calibration["after"][k] for k in ("ece", "mce", "brier", "nll"))],
+        ]) if calibration else "No calibration record."),
+        "## Fairness",
+    ]
+    for attribute, summary in report.get("fairness", {}).items():
+        groups = report["groups"][attribute]
+        sections.append(f"**{attribute}**: AUC gap {_num(summary.get('auc_gap'))}, ES-AUC {_num(summary.get('es_auc'))}, "
+                        f"equalized-odds difference {_num(summary.get('equalized_odds_difference'))}, "
+                        f"demographic-parity difference {_num(summary.get('demographic_parity_difference'))}")
+        sections.append(_table([attribute, "n", "AUC", "sensitivity", "specificity", "ECE"],
+                               [[g, m["n"], m["auc"], m["sensitivity"], m["specificity"], m["ece"]] for g, m in groups.items()]))
+    verdict = "promoted to champion" if decision.promoted else "refused"
+    sections += [
+        "## Promotion decision",
+        f"Version {version} was **{verdict}** on {decision.decided_at}"
+        + (f" ({decision.reason})." if decision.reason else "."),
+        _table(["rule", "value", "passed", "reason"],
+               [[f"{g.metric} {g.op} {g.threshold:g}", g.value, "yes" if g.passed else "no", g.reason] for g in decision.gates]),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def write_model_card(markdown_text: str, folder: Path) -> tuple[Path, Path]:
+    """Write ``model_card.md`` and a self-contained ``model_card.html`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = folder / "model_card.md", folder / "model_card.html"
+    md_path.write_text(markdown_text)
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    title = markdown_text.splitlines()[0].lstrip("# ")
+    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+                         f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+    return md_path, html_path
