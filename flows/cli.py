@@ -219,15 +219,12 @@ def rollback(model: ModelOption) -> None:
 @app.command()
 def history(model: ModelOption) -> None:
     """Every promotion decision and rollback of a model, oldest first."""
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415
-
-    from components.errors import RegistryError  # noqa: PLC0415
     from components.registry.history import read_history  # noqa: PLC0415
+    from components.registry.promote import check_model  # noqa: PLC0415
 
-    try:
-        events = read_history(_client(), model)
-    except MlflowException as exc:
-        raise RegistryError(f"no registered model {model!r} at {paths.tracking_uri()}") from exc
+    client = _client()
+    check_model(client, model)
+    events = read_history(client, model)
     if not events:
         console.print(f"{model}: no decisions recorded")
     for e in events:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from components.config import GateRule
@@ -70,16 +71,29 @@ def current_champion(client: MlflowClient, model_name: str) -> str | None:
     return _alias(client, model_name, ALIAS_CHAMPION)
 
 
-def check_version(client: MlflowClient, model_name: str, version: str) -> None:
-    """Raise a readable RegistryError when the model or version does not exist."""
+def _missing(exc: MlflowException) -> bool:
+    return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def check_model(client: MlflowClient, model_name: str) -> None:
+    """Raise a readable RegistryError when the model does not exist (other failures pass through)."""
     try:
         client.get_registered_model(model_name)
     except MlflowException as exc:
-        raise RegistryError(f"no registered model {model_name!r} at {client.tracking_uri}") from exc
+        if _missing(exc):
+            raise RegistryError(f"no registered model {model_name!r} at {client.tracking_uri}") from exc
+        raise
+
+
+def check_version(client: MlflowClient, model_name: str, version: str) -> None:
+    """Raise a readable RegistryError when the model or version does not exist."""
+    check_model(client, model_name)
     try:
         client.get_model_version(model_name, version)
     except MlflowException as exc:
-        raise RegistryError(f"model {model_name!r} has no version {version!r}") from exc
+        if _missing(exc):
+            raise RegistryError(f"model {model_name!r} has no version {version!r}") from exc
+        raise
 
 
 def decide_promotion(
@@ -149,10 +163,7 @@ def rollback(client: MlflowClient, model_name: str) -> HistoryEvent:
         RegistryError: unknown model, or no previous champion to return to.
         PromotionRefused: a promotion holds the lock.
     """
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException as exc:
-        raise RegistryError(f"no registered model {model_name!r} at {client.tracking_uri}") from exc
+    check_model(client, model_name)
     with promotion_lock(client, model_name, holder="rollback"):
         champion = current_champion(client, model_name)
         previous = _alias(client, model_name, ALIAS_PREVIOUS)

@@ -87,3 +87,24 @@ def test_console_script_is_installed():
     script = Path(sys.executable).with_name("medflow")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "evaluate" in result.stdout and "run" in result.stdout
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line(workspace, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert main(["history", "--model", "m"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"medflow: error: MLflow at http://127.0.0.1:{port}:") and "\n" not in err
+
+
+def test_registry_commands_on_an_unknown_model(workspace, capsys):
+    assert main(["history", "--model", "nope"]) == 1
+    assert main(["rollback", "--model", "nope"]) == 1
+    assert main(["promote", "--model", "nope", "--version", "1"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("medflow: error: no registered model 'nope'") for line in lines)

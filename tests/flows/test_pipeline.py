@@ -22,13 +22,17 @@ SMALL = [
 ]
 
 
-def _run(workspace: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = [MEDFLOW, "run"]
-    for item in (*SMALL, *overrides):
-        args += ["--set", item]
+SET_RULES = [arg for item in SMALL if item.startswith("promotion") for arg in ("--set", item)]
+
+
+def _cli(workspace: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFLOW", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
     env["PREFECT_HOME"] = str(workspace / ".medflow" / "prefect")
-    return subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run([MEDFLOW, *args], cwd=workspace, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def _run(workspace: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return _cli(workspace, "run", *[arg for item in (*SMALL, *overrides) for arg in ("--set", item)])
 
 
 def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(tmp_path):
@@ -54,6 +58,24 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert str(client.get_model_version_by_alias("medflow-demo-classifier", "champion").version) == "1"
     v1 = client.get_model_version("medflow-demo-classifier", "1")
     assert v1.tags["medflow.data_version"] != v2.tags["medflow.data_version"]
+
+    history = _cli(tmp_path, "history", "--model", "medflow-demo-classifier")
+    assert history.returncode == 0
+    lines = [line for line in history.stdout.splitlines() if "version" in line]
+    assert "version 1    promoted" in lines[0] and "version 2    refused" in lines[1]
+    assert "FAIL  fairness.sex.auc_gap <= 0.15" in history.stdout
+
+    refused = _cli(tmp_path, "promote", "--model", "medflow-demo-classifier", "--version", "2", *SET_RULES)
+    assert refused.returncode == 3, refused.stderr
+    assert refused.stderr.startswith("medflow: error: version 2 of medflow-demo-classifier was not promoted")
+    forced = _cli(tmp_path, "promote", "--model", "medflow-demo-classifier", "--version", "2", "--set", "promotion.rules=[]",
+                  "--set", "promotion.non_inferiority=[]")
+    assert forced.returncode == 0, forced.stderr
+    back = _cli(tmp_path, "rollback", "--model", "medflow-demo-classifier")
+    assert back.returncode == 0 and "champion is version 1 (was 2)" in back.stdout
+    assert str(client.get_model_version_by_alias("medflow-demo-classifier", "champion").version) == "1"
+    kinds = _cli(tmp_path, "history", "--model", "medflow-demo-classifier").stdout
+    assert kinds.count("rollback") == 1 and kinds.count("promoted") == 2
 
 
 def test_failed_validation_stops_before_training_with_exit_2(tmp_path):

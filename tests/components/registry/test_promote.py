@@ -54,3 +54,53 @@ def test_a_new_champion_moves_the_old_one_to_previous(client):
     decide_promotion(client=client, model_name="m", version="3", report=GOOD, rules=RULES, compared_with="1")
     assert (_alias(client, ALIAS_CHAMPION), _alias(client, ALIAS_PREVIOUS)) == ("3", "1")
     assert json.loads(client.get_model_version("m", "3").tags[TAG_DECISION])["champion_before"] == "1"
+
+
+def test_a_champion_that_changed_during_the_comparison_refuses(client):
+    decide_promotion(client=client, model_name="m", version="1", report=GOOD, rules=RULES)
+    decision = decide_promotion(client=client, model_name="m", version="2", report=GOOD, rules=RULES, compared_with=None)
+    assert not decision.promoted
+    assert decision.reason.startswith("the champion changed from none to 1 while version 2 was being compared")
+    assert current_champion(client, "m") == "1"
+
+
+def test_refused_by_the_lock_is_recorded(client):
+    from components.registry.history import read_history
+    from components.registry.lock import promotion_lock
+
+    with promotion_lock(client, "m", holder="someone else"):
+        decision = decide_promotion(client=client, model_name="m", version="1", report=GOOD, rules=RULES)
+    assert not decision.promoted and "another promotion of m is in progress" in decision.reason
+    assert current_champion(client, "m") is None
+    assert read_history(client, "m")[-1].verdict == "refused"
+
+
+def test_rollback_walks_back_through_the_champions(client):
+    from components.registry.history import read_history
+    from components.registry.promote import rollback
+
+    decide_promotion(client=client, model_name="m", version="1", report=GOOD, rules=RULES)
+    decide_promotion(client=client, model_name="m", version="2", report=GOOD, rules=RULES, compared_with="1")
+    decide_promotion(client=client, model_name="m", version="3", report=GOOD, rules=RULES, compared_with="2")
+    assert (_alias(client, ALIAS_CHAMPION), _alias(client, ALIAS_PREVIOUS)) == ("3", "2")
+    event = rollback(client, "m")
+    assert (event.champion_before, event.champion_after) == ("3", "2")
+    assert (_alias(client, ALIAS_CHAMPION), _alias(client, ALIAS_PREVIOUS)) == ("2", "1")
+    rollback(client, "m")
+    assert (_alias(client, ALIAS_CHAMPION), _alias(client, ALIAS_PREVIOUS)) == ("1", None)
+    from components.errors import RegistryError
+
+    with pytest.raises(RegistryError) as info:
+        rollback(client, "m")
+    assert str(info.value) == "m has no previous-champion to roll back to"
+    assert [e.kind for e in read_history(client, "m")] == ["promotion"] * 3 + ["rollback"] * 2
+
+
+def test_unknown_model_or_version_is_a_clear_error_and_changes_nothing(client):
+    from components.errors import RegistryError
+
+    with pytest.raises(RegistryError, match=r"model 'm' has no version '9'"):
+        decide_promotion(client=client, model_name="m", version="9", report=GOOD, rules=RULES)
+    with pytest.raises(RegistryError, match=r"no registered model 'nope' at sqlite:"):
+        decide_promotion(client=client, model_name="nope", version="1", report=GOOD, rules=RULES)
+    assert current_champion(client, "m") is None

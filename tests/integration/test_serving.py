@@ -1,0 +1,81 @@
+"""The whole registry path against a tracking server on PostgreSQL, then the champion
+served by MLflow's own ``mlflow models serve``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import sqlalchemy
+from mlflow.tracking import MlflowClient
+
+from components.config import load_config
+from components.evaluation.evaluate_model import evaluate_run
+from components.registry.register import register_model
+from components.steps import promote_version
+from components.training.loop import train_classifier
+
+from .conftest import MLFLOW, MlflowServer, free_port, wait_for
+
+TINY = ["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=50", "registry.model_name=tiny",
+        "evaluate.min_group_size=2", "promotion.rules=[]", "registry.experiment=serving"]
+
+
+def test_register_promote_and_serve_the_champion(workspace, small_dataset, postgres_url, monkeypatch, tmp_path):
+    database = f"mlflow_{free_port()}"
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
+    engine.dispose()
+    server = MlflowServer(f"{postgres_url.rsplit('/', 1)[0]}/{database}", tmp_path / "artifacts").start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        config = load_config(overrides=TINY, environ={})
+        trained = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+        evaluation = evaluate_run(run_id=trained.run_id, manifest_path=small_dataset, config=config,
+                                  out_dir=workspace / "eval")
+        model = register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
+                               report_path=evaluation.report, config=config)
+        decision = promote_version(model_name="tiny", version=model.version, config=config,
+                                   evaluation_dir=evaluation.report.parent, manifest=small_dataset)
+        assert decision.promoted
+        client = MlflowClient(server.url)
+        card = client.list_artifacts(trained.run_id, "model_card")
+        assert sorted(a.path for a in card) == ["model_card/model_card.html", "model_card/model_card.md"]
+
+        manifest = pd.read_parquet(small_dataset)
+        test = manifest[manifest["split"] == "test"].head(3)
+        images = np.stack([nib.load(small_dataset.parent / p).get_fdata(dtype=np.float32) for p in test["image"]])
+        expected = mlflow.pyfunc.load_model("models:/tiny@champion").predict(images)
+
+        port = free_port()
+        # mlflow runs `uvicorn` from PATH, as in an activated virtual environment
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url,
+               "PATH": f"{os.path.dirname(MLFLOW)}:{os.environ.get('PATH', '')}"}
+        serving = subprocess.Popen(
+            [MLFLOW, "models", "serve", "-m", "models:/tiny@champion", "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port)],
+            env=env, stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(f"http://127.0.0.1:{port}/ping", timeout=120, process=serving)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps({"inputs": images.tolist()}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                served = np.asarray(json.loads(response.read())["predictions"])
+        finally:
+            serving.terminate()
+            serving.wait(timeout=30)
+        np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+        assert served.shape == (3, 2)
+    finally:
+        server.stop()
