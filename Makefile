@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup clean postgres
 
 setup: $(STAMP)
 
@@ -26,11 +26,19 @@ demo: $(STAMP)
 	mkdir -p $(DEMO_DIR)
 	cd $(DEMO_DIR) && PYTHONUNBUFFERED=1 ../$(BIN)/medflow run
 
-test: $(STAMP)
+# The integration tests start a throwaway PostgreSQL cluster from Debian's package.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "the integration tests need PostgreSQL: sudo apt-get install postgresql" >&2; exit 1; fi; }
+
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/pipeline.py --write
+	$(BIN)/python benchmarks/registry.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
