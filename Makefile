@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test bench setup clean postgres
+.PHONY: demo test bench setup clean test-services
 
 setup: $(STAMP)
 
@@ -26,19 +26,26 @@ demo: $(STAMP)
 	mkdir -p $(DEMO_DIR)
 	cd $(DEMO_DIR) && PYTHONUNBUFFERED=1 ../$(BIN)/medflow run
 
-# The integration tests start a throwaway PostgreSQL cluster from Debian's package.
-postgres:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+# The integration tests start a throwaway PostgreSQL cluster, and the HTML report is
+# rendered in headless Chromium: both from Debian's packages, installed when missing.
+test-services:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	  else echo "the integration tests need PostgreSQL: sudo apt-get install postgresql" >&2; exit 1; fi; }
+	    echo "installing$$missing (Debian packages) for the tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "the tests need:$$missing; install them with: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	fi
 
-test: $(STAMP) postgres
+test: $(STAMP) test-services
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py --write
 	$(BIN)/python benchmarks/registry.py --write
+	$(BIN)/python benchmarks/evaluation.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -116,6 +116,7 @@ def evaluate(
     predictions: Annotated[Path, typer.Option(help="Predictions table (CSV or Parquet): case_id, y_true, prob or prob_0..")],
     manifest: Annotated[Path, typer.Option(help="Manifest (CSV or Parquet) with case_id and group columns.")],
     out: Annotated[Path, typer.Option(help="Where to write report.json.")],
+    html: Annotated[Path | None, typer.Option(help="Also write the HTML report (plots inline) here.")] = None,
     attribute: Annotated[list[str] | None, typer.Option(help="Group column; repeat. Default: sex, age_group, race, site if present.")] = None,
     threshold: Annotated[float, typer.Option(help="Decision threshold (binary).")] = 0.5,
     n_bootstrap: Annotated[int, typer.Option(help="Patient-level bootstrap resamples; 0 skips the CIs.")] = 1000,
@@ -125,11 +126,17 @@ def evaluate(
     """Evaluate any predictions table against a manifest and write report.json."""
     from components.evaluation.report import evaluate_predictions, read_table  # noqa: PLC0415
 
+    predictions_table, manifest_table = read_table(predictions), read_table(manifest)
     report = evaluate_predictions(
-        read_table(predictions), read_table(manifest), attributes=attribute or None, threshold=threshold,
+        predictions_table, manifest_table, attributes=attribute or None, threshold=threshold,
         n_bootstrap=n_bootstrap, seed=seed, min_group_size=min_group_size, source=str(predictions),
     )
     report.write_json(out)
+    if html:
+        from components.evaluation.html_report import write_html_report  # noqa: PLC0415
+
+        write_html_report(report.to_dict(), predictions_table, manifest_table, html,
+                          title=f"Evaluation of {predictions.name}")
     o = report.overall
     auc = "null" if o["auc"] is None else f"{o['auc']:.3f}"
     console.print(f"{report.task}: n={report.n}  auc {auc}  ece {o['ece']:.3f}  brier {o['brier']:.3f} -> {out}")

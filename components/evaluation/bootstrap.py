@@ -10,13 +10,16 @@ against scikit-learn's ``sample_weight`` versions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 from components.evaluation.metrics import ECE_BINS
 
-CHUNK = 64
+CHUNK = 32
 EPS = np.finfo(np.float64).eps
 
 
@@ -35,42 +38,97 @@ def resample_weights(
     done = 0
     while done < n_resamples:
         b = min(chunk, n_resamples - done)
-        counts = rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=b)
+        # n_patients uniform draws per row, counted: the multinomial, an order of magnitude
+        # faster than Generator.multinomial with this many categories
+        draws = rng.integers(0, n_patients, size=(b, n_patients)) + (np.arange(b) * n_patients)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * n_patients).reshape(b, n_patients)
         yield counts[:, patient_codes].astype(np.float64)
         done += b
 
 
-def weighted_auc(positive: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC of each weight row: (B,) values, NaN where a class has zero weight.
+class WeightedMetrics:
+    """Every contract metric of one set of predictions, for many weight rows at once.
 
-    Mann-Whitney with ties counted half, from per-score-level weighted class totals.
+    The constructor prepares, once, a dense matrix of the per-case terms of every
+    linear metric (bin counts and sums for ECE, confusion counts, Brier, NLL) and a
+    sparse indicator of score levels for each AUC; a call then costs one dense and
+    one sparse product with the (B, N) weights.
     """
-    order = np.argsort(score, kind="mergesort")
-    s, pos = score[order], positive[order].astype(bool)
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    w = weights[:, order]
-    pos_w = np.add.reduceat(w * pos, starts, axis=1)
-    neg_w = np.add.reduceat(w * ~pos, starts, axis=1)
-    below = np.cumsum(neg_w, axis=1) - neg_w
-    num = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
-    denom = pos_w.sum(axis=1) * neg_w.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, num / denom, np.nan)
 
+    def __init__(self, y_true: np.ndarray, prob: np.ndarray, *, threshold: float, n_bins: int = ECE_BINS) -> None:
+        y = np.asarray(y_true).astype(int)
+        prob = np.asarray(prob, dtype=np.float64)
+        self.binary = prob.ndim == 1
+        k = 2 if self.binary else prob.shape[1]
+        if self.binary:
+            pred = (prob >= threshold).astype(int)
+            confidence, accuracy = prob, (y == 1).astype(float)
+            p_true = np.where(y == 1, prob, 1 - prob)
+            brier = (prob - y) ** 2
+            scores = {1: prob}
+        else:
+            pred = prob.argmax(axis=1)
+            confidence, accuracy = prob.max(axis=1), (pred == y).astype(float)
+            p_true = prob[np.arange(len(y)), y]
+            brier = np.sum((prob - np.eye(k)[y]) ** 2, axis=1)
+            scores = {c: prob[:, c] for c in range(k)}
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        # as torchmetrics bins: [edge_i, edge_i+1), and a confidence of exactly 1 in a bin of its own
+        onehot = np.eye(n_bins + 1)[np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins)]
+        confusion = [((pred == c) & (y == c), (pred == c) & (y != c), (pred != c) & (y == c)) for c in range(k)]
+        self.k, self.n_levels = k, n_bins + 1
+        self.features = np.column_stack([
+            onehot, onehot * accuracy[:, None], onehot * confidence[:, None],
+            *[np.column_stack(parts) for parts in confusion],
+            brier, -np.log(np.clip(p_true, EPS, 1 - EPS)), np.ones(len(y)),
+        ])
+        self.levels = [self._level_indicator(scores[c], y == c) for c in sorted(scores)]
 
-def weighted_calibration_error(
-    confidence: np.ndarray, accuracy: np.ndarray, weights: np.ndarray, *, n_bins: int = ECE_BINS
-) -> tuple[np.ndarray, np.ndarray]:
-    """ECE and MCE of each weight row over equal-width bins, binned as torchmetrics does."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
-    onehot = np.eye(n_bins)[bins]
-    count = weights @ onehot
-    gap = np.abs(weights @ (onehot * accuracy[:, None]) - weights @ (onehot * confidence[:, None]))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ece = gap.sum(axis=1) / count.sum(axis=1)
-        mce = np.where(count > 0, gap / np.where(count > 0, count, 1), 0.0).max(axis=1)
-    return ece, mce
+    @staticmethod
+    def _level_indicator(score: np.ndarray, positive: np.ndarray) -> sparse.csr_matrix:
+        """(2U, N) sparse: row u marks the positives at score level u, row U + u every case at it."""
+        levels, index = np.unique(score, return_inverse=True)
+        u, n = len(levels), len(score)
+        rows = np.concatenate([index[positive], u + index])
+        cols = np.concatenate([np.flatnonzero(positive), np.arange(n)])
+        return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(2 * u, n))
+
+    @staticmethod
+    def _auc(indicator: sparse.csr_matrix, weights: np.ndarray) -> np.ndarray:
+        counts = (indicator @ weights.T).T  # (B, 2U), rows by ascending score level
+        u = counts.shape[1] // 2
+        pos_w, neg_w = counts[:, :u], counts[:, u:] - counts[:, :u]
+        below = np.cumsum(neg_w, axis=1) - neg_w
+        num = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
+        denom = pos_w.sum(axis=1) * neg_w.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denom > 0, num / denom, np.nan)
+
+    def __call__(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """``{metric: (B,) values}`` for (B, N) case weights."""
+        z = weights @ self.features
+        nb, k = self.n_levels, self.k
+        count, acc_sum, conf_sum = z[:, :nb], z[:, nb:2 * nb], z[:, 2 * nb:3 * nb]
+        conf = z[:, 3 * nb:3 * nb + 3 * k].reshape(len(z), k, 3)
+        tp, fp, fn = conf[:, :, 0], conf[:, :, 1], conf[:, :, 2]
+        brier, nll, total = z[:, -3], z[:, -2], z[:, -1]
+        tn = total[:, None] - tp - fp - fn
+        gap = np.abs(acc_sum - conf_sum)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+            spec = np.where(tn + fp > 0, tn / (tn + fp), 0.0)
+            f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+            return {
+                "auc": np.mean([self._auc(ind, weights) for ind in self.levels], axis=0),
+                "accuracy": tp.sum(axis=1) / total,
+                "sensitivity": recall[:, 1] if self.binary else recall.mean(axis=1),
+                "specificity": spec[:, 1] if self.binary else spec.mean(axis=1),
+                "f1": f1[:, 1] if self.binary else f1.mean(axis=1),
+                "ece": gap.sum(axis=1) / total,
+                "mce": np.where(count > 0, gap / np.where(count > 0, count, 1), 0.0).max(axis=1),
+                "brier": brier / total,
+                "nll": nll / total,
+            }
 
 
 def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, *, threshold: float) -> dict:
@@ -82,43 +140,26 @@ def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, 
         weights: (B, N) non-negative case weights.
         threshold: decision threshold (binary).
     """
-    y_true = np.asarray(y_true).astype(int)
-    total = weights.sum(axis=1)
-    if prob.ndim == 1:
-        k = 2
-        pred = (prob >= threshold).astype(int)
-        auc = weighted_auc(y_true == 1, prob, weights)
-        ece, mce = weighted_calibration_error(prob, (y_true == 1).astype(float), weights)
-        p_true = np.where(y_true == 1, prob, 1 - prob)
-        brier_case = (prob - y_true) ** 2
-    else:
-        k = prob.shape[1]
-        pred = prob.argmax(axis=1)
-        auc = np.mean([weighted_auc(y_true == c, prob[:, c], weights) for c in range(k)], axis=0)
-        ece, mce = weighted_calibration_error(prob.max(axis=1), (pred == y_true).astype(float), weights)
-        p_true = prob[np.arange(len(y_true)), y_true]
-        brier_case = np.sum((prob - np.eye(k)[y_true]) ** 2, axis=1)
-    nll_case = -np.log(np.clip(p_true, EPS, 1 - EPS))
-    tp = np.stack([weights @ ((pred == c) & (y_true == c)) for c in range(k)], axis=1)
-    fp = np.stack([weights @ ((pred == c) & (y_true != c)) for c in range(k)], axis=1)
-    fn = np.stack([weights @ ((pred != c) & (y_true == c)) for c in range(k)], axis=1)
-    tn = total[:, None] - tp - fp - fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
-        spec = np.where(tn + fp > 0, tn / (tn + fp), 0.0)
-        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-        pick = (lambda a: a[:, 1]) if k == 2 else (lambda a: a.mean(axis=1))
-        return {
-            "auc": auc,
-            "accuracy": tp.sum(axis=1) / total,
-            "sensitivity": pick(recall),
-            "specificity": spec[:, 1] if k == 2 else spec.mean(axis=1),
-            "f1": pick(f1),
-            "ece": ece,
-            "mce": mce,
-            "brier": weights @ brier_case / total,
-            "nll": weights @ nll_case / total,
-        }
+    return WeightedMetrics(y_true, prob, threshold=threshold)(weights)
+
+
+def _percentile_ci(chunks: list[np.ndarray], level: float) -> list[float] | None:
+    values = np.concatenate(chunks)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return None
+    alpha = (1 - level) / 2 * 100
+    return [float(np.percentile(values, alpha)), float(np.percentile(values, 100 - alpha))]
+
+
+@dataclass(frozen=True)
+class BootstrapIntervals:
+    """Percentile intervals: ``overall[metric]``, ``groups[attribute][group][metric]`` and
+    ``gaps[attribute]`` (``auc_gap``, ``es_auc``); None where undefined in every resample."""
+
+    overall: dict
+    groups: dict
+    gaps: dict
 
 
 def bootstrap_ci(
@@ -130,24 +171,63 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-) -> dict[str, list[float] | None]:
+    groups: Mapping[str, np.ndarray] | None = None,
+    compared: Mapping[str, Sequence[str]] | None = None,
+) -> BootstrapIntervals:
     """Percentile confidence intervals of every metric, resampling patients.
 
-    Returns:
-        ``{metric: [low, high]}``; None for a metric undefined in every resample.
+    Args:
+        y_true: (N,) classes.
+        prob: (N,) or (N, K) probabilities.
+        patient_ids: (N,) patient of each case.
+        threshold: decision threshold (binary).
+        n_resamples: number of resamples B.
+        seed: random seed.
+        level: two-sided confidence level.
+        groups: attribute -> (N,) group label of each case, for group intervals.
+        compared: attribute -> the groups the fairness gaps compare (default: all).
+
+    The same resamples serve the overall, group and gap intervals, so a gap's
+    interval reflects the groups' joint variation.
     """
+    groups = dict(groups or {})
     if n_resamples == 0:
-        return {}
+        return BootstrapIntervals({}, {}, {})
     codes = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {}
+    labels = {a: np.asarray(v).astype(str) for a, v in groups.items()}
+    members = {a: {g: lab == g for g in np.unique(lab)} for a, lab in labels.items()}
+    overall: dict[str, list] = {}
+    by_group: dict[str, dict[str, dict[str, list]]] = {a: {g: {} for g in m} for a, m in members.items()}
+    gaps: dict[str, dict[str, list]] = {a: {"auc_gap": [], "es_auc": []} for a in members}
+    evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold)
+    evaluate_group = {
+        a: {g: WeightedMetrics(np.asarray(y_true)[mask], prob[mask], threshold=threshold) for g, mask in masks.items()}
+        for a, masks in members.items()
+    }
     for weights in resample_weights(codes, n_resamples=n_resamples, rng=rng):
-        for name, values in weighted_metrics(y_true, prob, weights, threshold=threshold).items():
-            parts.setdefault(name, []).append(values)
-    alpha = (1 - level) / 2 * 100
-    out: dict[str, list[float] | None] = {}
-    for name, chunks in parts.items():
-        values = np.concatenate(chunks)
-        values = values[~np.isnan(values)]
-        out[name] = [float(np.percentile(values, alpha)), float(np.percentile(values, 100 - alpha))] if len(values) else None
-    return out
+        metrics = evaluate_all(weights)
+        for name, values in metrics.items():
+            overall.setdefault(name, []).append(values)
+        for attribute, masks in members.items():
+            aucs = []
+            for group, mask in masks.items():
+                group_metrics = evaluate_group[attribute][group](weights[:, mask])
+                for name, values in group_metrics.items():
+                    by_group[attribute][group].setdefault(name, []).append(values)
+                if compared is None or group in compared.get(attribute, masks):
+                    aucs.append(group_metrics["auc"])
+            stacked = np.stack(aucs) if aucs else np.full((1, len(weights)), np.nan)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples are dropped below
+                defined = (~np.isnan(stacked)).sum(axis=0)
+                gap = np.where(defined >= 2, np.nanmax(stacked, axis=0) - np.nanmin(stacked, axis=0), np.nan)
+                spread = np.nansum(np.abs(stacked - metrics["auc"]), axis=0)
+                es = np.where(defined >= 1, metrics["auc"] / (1 + spread), np.nan)
+            gaps[attribute]["auc_gap"].append(gap)
+            gaps[attribute]["es_auc"].append(es)
+    return BootstrapIntervals(
+        overall={name: _percentile_ci(chunks, level) for name, chunks in overall.items()},
+        groups={a: {g: {n: _percentile_ci(c, level) for n, c in m.items()} for g, m in gm.items()} for a, gm in by_group.items()},
+        gaps={a: {n: _percentile_ci(c, level) for n, c in gm.items()} for a, gm in gaps.items()},
+    )

@@ -19,6 +19,7 @@ from rich.progress import track
 from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.evaluation.calibration import fit_temperature, softmax
+from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
 from components.registry.model import load_checkpoint
@@ -97,6 +98,8 @@ def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = report.write_json(out_dir / "report.json")
+    write_html_report(report.to_dict(), calibrated, manifest, out_dir / "report.html",
+                      title=f"Evaluation of run {run_id} on {len(test)} test images")
     predictions_path = out_dir / "predictions.parquet"
     calibrated.to_parquet(predictions_path, index=False)
     calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}

@@ -171,7 +171,6 @@ def evaluate_predictions(
             raise EvaluationError(UNKNOWN_ATTRIBUTE.format(attribute=attribute))
     patients = joined["patient_id"].astype(str).to_numpy() if "patient_id" in joined else joined["case_id"].to_numpy()
     overall = classification_metrics(y_true, prob, threshold=threshold)
-    ci95 = bootstrap_ci(y_true, prob, patients, threshold=threshold, n_resamples=n_bootstrap, seed=seed)
     groups, fairness, warnings = {}, {}, []
     for attribute in attributes:
         column = joined[attribute]
@@ -186,6 +185,17 @@ def evaluate_predictions(
             y_true, prob, column, groups[attribute],
             overall_auc=overall["auc"], threshold=threshold, min_group_size=min_group_size,
         )
+    intervals = bootstrap_ci(
+        y_true, prob, patients, threshold=threshold, n_resamples=n_bootstrap, seed=seed,
+        groups={a: joined[a].fillna("unknown").astype(str).to_numpy() for a in attributes},
+        compared={a: fairness[a]["groups_compared"] for a in attributes},
+    )
+    if n_bootstrap:
+        for attribute in attributes:
+            for group, metrics in groups[attribute].items():
+                metrics["ci95"] = intervals.groups[attribute][group]
+            fairness[attribute]["ci95"] = intervals.gaps[attribute]
+    ci95 = intervals.overall
     return EvaluationReport(
         task="binary" if prob.ndim == 1 else "multiclass",
         n=len(y_true),

@@ -6,13 +6,16 @@ import numpy as np
 
 
 def ece_reference(confidence, accuracy, weights=None, n_bins=15):
-    """Expected and maximum calibration error, straight from the definition (loops over bins)."""
+    """Expected and maximum calibration error, straight from the definition (loops over bins).
+
+    Bins are [lo, hi) as torchmetrics makes them, which gives a confidence of exactly 1 a bin of its own.
+    """
     weights = np.ones(len(confidence)) if weights is None else np.asarray(weights, dtype=float)
     edges = np.linspace(0, 1, n_bins + 1)
     ece, mce, total = 0.0, 0.0, weights.sum()
-    for i in range(n_bins):
-        lo, hi = edges[i], edges[i + 1]
-        inside = (confidence >= lo) & ((confidence < hi) if i < n_bins - 1 else (confidence <= hi))
+    for i in range(n_bins + 1):
+        lo, hi = edges[i], edges[i + 1] if i < n_bins else np.inf
+        inside = (confidence >= lo) & (confidence < hi)
         w = weights[inside]
         if w.sum() == 0:
             continue

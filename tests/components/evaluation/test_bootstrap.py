@@ -62,18 +62,43 @@ def test_resamples_draw_patients_not_images():
 def test_intervals_cover_the_estimate_and_are_seeded():
     y, prob, groups = synthetic_predictions(600)
     patients = np.arange(600) // 2
-    ci = bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=300, seed=3)
+    ci = bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=300, seed=3).overall
     point = classification_metrics(y, prob)
     for name, (low, high) in ci.items():
         assert low <= point[name] <= high, name
-    assert ci == bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=300, seed=3)
-    assert ci != bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=300, seed=4)
+    assert ci == bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=300, seed=3).overall
+    assert ci != bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=300, seed=4).overall
 
 
 def test_patient_clusters_widen_the_interval():
     """Cases of one patient are not independent: resampling patients must see that."""
     y, prob, _ = synthetic_predictions(200)
     y, prob = np.repeat(y, 5), np.repeat(prob, 5)  # each patient imaged five times, identically
-    by_patient = bootstrap_ci(y, prob, np.repeat(np.arange(200), 5), threshold=0.5, n_resamples=400)["auc"]
-    by_image = bootstrap_ci(y, prob, np.arange(1000), threshold=0.5, n_resamples=400)["auc"]
+    by_patient = bootstrap_ci(y, prob, np.repeat(np.arange(200), 5), threshold=0.5, n_resamples=400).overall["auc"]
+    by_image = bootstrap_ci(y, prob, np.arange(1000), threshold=0.5, n_resamples=400).overall["auc"]
     assert (by_patient[1] - by_patient[0]) > 1.5 * (by_image[1] - by_image[0])
+
+
+def test_group_and_gap_intervals_cover_their_estimates():
+    from sklearn.metrics import roc_auc_score
+
+    y, prob, groups = synthetic_predictions(1500, seed=7)
+    patients = np.arange(1500) // 3
+    ci = bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=300, groups={"sex": groups["sex"]})
+    aucs = {g: roc_auc_score(y[groups["sex"] == g], prob[groups["sex"] == g]) for g in ("F", "M")}
+    for g, auc in aucs.items():
+        low, high = ci.groups["sex"][g]["auc"]
+        assert low <= auc <= high
+    low, high = ci.gaps["sex"]["auc_gap"]
+    assert low <= aucs["M"] - aucs["F"] <= high
+    assert low > 0  # the built-in difference is significant at this size
+    overall = roc_auc_score(y, prob)
+    es = overall / (1 + sum(abs(a - overall) for a in aucs.values()))
+    assert ci.gaps["sex"]["es_auc"][0] <= es <= ci.gaps["sex"]["es_auc"][1]
+
+
+def test_gaps_only_compare_the_groups_asked_for():
+    y, prob, groups = synthetic_predictions(600, seed=8)
+    ci = bootstrap_ci(y, prob, np.arange(600), threshold=0.5, n_resamples=50, groups={"sex": groups["sex"]},
+                      compared={"sex": ["F"]})
+    assert ci.gaps["sex"]["auc_gap"] is None  # one group cannot have a gap

@@ -67,3 +67,13 @@ def test_ece_is_binned_as_torchmetrics_bins_it():
     y, prob, _ = synthetic_predictions(300, seed=4)
     expected = binary_calibration_error(torch.tensor(prob), torch.tensor(y), n_bins=15).item()
     assert classification_metrics(y, prob)["ece"] == pytest.approx(expected)
+
+
+def test_a_confidence_of_exactly_one_has_its_own_bin_as_in_torchmetrics():
+    from components.evaluation.bootstrap import weighted_metrics
+
+    y, prob = np.array([0, 0]), np.array([0.95, 1.0])
+    m = classification_metrics(y, prob)
+    assert (m["ece"], m["mce"]) == (pytest.approx(0.975), pytest.approx(1.0))
+    w = weighted_metrics(y, prob, np.ones((1, 2)), threshold=0.5)
+    assert (w["ece"][0], w["mce"][0]) == (pytest.approx(0.975), pytest.approx(1.0))

@@ -1,0 +1,165 @@
+"""report.html: the evaluation for people. One static file with its images inline:
+the overall table with CIs, a table per attribute, ROC curves and reliability
+diagrams per group, and a chart of the subgroup gaps.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from components.evaluation.metrics import ECE_BINS, METRICS  # noqa: E402
+from components.evaluation.report import check_predictions  # noqa: E402
+
+CSS = """
+body{font-family:system-ui,-apple-system,sans-serif;max-width:72rem;margin:1.5rem auto;padding:0 1rem;color:#1d1d1f}
+h1{font-size:1.6rem}h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.92rem}
+th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+.warn{color:#9a5b00}.figs{display:flex;flex-wrap:wrap;gap:1rem}.figs img{max-width:34rem;width:100%;border:1px solid #eee}
+.muted{color:#666;font-size:.9rem}
+"""
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _ci(interval: object) -> str:
+    return f"{interval[0]:.3f} – {interval[1]:.3f}" if isinstance(interval, list) else "–"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def roc_figure(y_true: np.ndarray, prob: np.ndarray, labels: np.ndarray, attribute: str) -> str:
+    """ROC curves, overall and per group (binary: the positive class)."""
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    curves = [("overall", np.ones(len(y_true), dtype=bool))] + [(g, labels == g) for g in sorted(set(labels))]
+    for name, mask in curves:
+        if len(np.unique(y_true[mask])) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y_true[mask], prob[mask])
+        ax.plot(fpr, tpr, lw=2.2 if name == "overall" else 1.4, color="black" if name == "overall" else None,
+                label=f"{name} (n={int(mask.sum())})")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC by {attribute}")
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def reliability_figure(y_true: np.ndarray, prob: np.ndarray, labels: np.ndarray, attribute: str) -> str:
+    """Reliability diagram per group: observed frequency against predicted probability."""
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    if prob.ndim == 2:  # multiclass: top-label confidence against accuracy
+        confidence, hit = prob.max(axis=1), (prob.argmax(axis=1) == y_true).astype(int)
+        xlabel, ylabel = "top-label confidence", "accuracy"
+    else:
+        confidence, hit = prob, y_true
+        xlabel, ylabel = "predicted probability", "observed frequency"
+    for name in ["overall", *sorted(set(labels))]:
+        mask = np.ones(len(y_true), dtype=bool) if name == "overall" else labels == name
+        if mask.sum() < 2:
+            continue
+        observed, predicted = calibration_curve(hit[mask], confidence[mask], n_bins=ECE_BINS, strategy="uniform")
+        ax.plot(predicted, observed, marker="o", ms=3, lw=2.2 if name == "overall" else 1.2,
+                color="black" if name == "overall" else None, label=name)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1), title=f"Reliability by {attribute}")
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(fig)
+
+
+def gap_figure(report: Mapping) -> str:
+    """Group AUCs with 95% CIs per attribute, against the overall AUC."""
+    rows = [(a, g, m["auc"], (m.get("ci95") or {}).get("auc"))
+            for a, groups in report["groups"].items() for g, m in groups.items() if m["auc"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(rows), 4) + 1))
+    for i, (a, g, auc, ci) in enumerate(rows):
+        err = [[auc - ci[0]], [ci[1] - auc]] if ci else None
+        ax.errorbar(auc, i, xerr=err, fmt="o", color=f"C{list(report['groups']).index(a)}", capsize=3)
+    ax.set_yticks(range(len(rows)), [f"{a} = {g}" for a, g, _, _ in rows])
+    if report["overall"]["auc"] is not None:
+        ax.axvline(report["overall"]["auc"], color="black", ls="--", lw=1, label="overall AUC")
+        ax.legend(fontsize=8, loc="lower left")
+    ax.invert_yaxis()
+    ax.set(xlabel="AUC (95% CI, patient-level bootstrap)", title="Subgroup AUC")
+    return _png(fig)
+
+
+def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFrame, *, title: str = "Evaluation report") -> str:
+    """The whole page as a string."""
+    joined, y_true, prob = check_predictions(predictions, manifest)
+    overall, ci = report["overall"], report.get("ci95", {})
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='muted'>{report['task']} task, {report['n']} cases of {report['n_patients']} patients, "
+        f"decision threshold {report['threshold']:g}. Intervals: 95%, patient-level bootstrap.</p>",
+        "<h2>Overall</h2>",
+        _table(["metric", "value", "95% CI"], [[m, _fmt(overall.get(m)), _ci(ci.get(m))] for m in METRICS]),
+    ]
+    if report.get("warnings"):
+        parts.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
+    parts.append("<h2>Subgroup gaps</h2>")
+    parts.append(_table(
+        ["attribute", "AUC gap", "95% CI", "ES-AUC", "95% CI", "equalized odds diff.", "demographic parity diff."],
+        [[a, _fmt(f["auc_gap"]), _ci((f.get("ci95") or {}).get("auc_gap")), _fmt(f["es_auc"]),
+          _ci((f.get("ci95") or {}).get("es_auc")), _fmt(f["equalized_odds_difference"]),
+          _fmt(f["demographic_parity_difference"])] for a, f in report["fairness"].items()],
+    ))
+    if report["groups"]:
+        parts.append(f"<div class='figs'><img alt='subgroup AUC chart' src='{gap_figure(report)}'></div>")
+    for attribute, groups in report["groups"].items():
+        labels = joined[attribute].fillna("unknown").astype(str).to_numpy()
+        parts.append(f"<h2>By {html.escape(attribute)}</h2>")
+        parts.append(_table(
+            [attribute, "n", "AUC", "95% CI", "sensitivity", "specificity", "ECE", "Brier"],
+            [[html.escape(g), str(m["n"]), _fmt(m["auc"]) + (f" <span class='muted'>({html.escape(m['notes']['auc'])})</span>"
+              if m.get("notes", {}).get("auc") else ""), _ci((m.get("ci95") or {}).get("auc")), _fmt(m["sensitivity"]),
+              _fmt(m["specificity"]), _fmt(m["ece"]), _fmt(m["brier"])] for g, m in groups.items()],
+        ))
+        figures = [reliability_figure(y_true, prob, labels, attribute)]
+        if prob.ndim == 1:
+            figures.insert(0, roc_figure(y_true, prob, labels, attribute))
+        parts.append("<div class='figs'>" + "".join(f"<img alt='{attribute} figure' src='{f}'>" for f in figures) + "</div>")
+    body = "\n".join(parts)
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def write_html_report(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFrame, path: Path, *,
+                      title: str = "Evaluation report") -> Path:
+    """Write the page to ``path`` (through a temporary file, so no half-written page remains)."""
+    page = render_html(report, predictions, manifest, title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
