@@ -58,6 +58,11 @@ class WeightedMetrics:
     def __init__(self, y_true: np.ndarray, prob: np.ndarray, *, threshold: float, n_bins: int = ECE_BINS) -> None:
         y = np.asarray(y_true).astype(int)
         prob = np.asarray(prob, dtype=np.float64)
+        # multi-label: one binary evaluator per label, macro-averaged in __call__
+        self.labels = [WeightedMetrics(y[:, j], prob[:, j], threshold=threshold, n_bins=n_bins)
+                       for j in range(y.shape[1])] if y.ndim == 2 else []
+        if self.labels:
+            return
         self.binary = prob.ndim == 1
         k = 2 if self.binary else prob.shape[1]
         if self.binary:
@@ -106,6 +111,12 @@ class WeightedMetrics:
 
     def __call__(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """``{metric: (B,) values}`` for (B, N) case weights."""
+        if self.labels:
+            per_label = [evaluate(weights) for evaluate in self.labels]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no label's AUC gives NaN
+                return {name: np.nanmean([m[name] for m in per_label], axis=0) if name == "auc"
+                        else np.mean([m[name] for m in per_label], axis=0) for name in per_label[0]}
         z = weights @ self.features
         nb, k = self.n_levels, self.k
         count, acc_sum, conf_sum = z[:, :nb], z[:, nb:2 * nb], z[:, 2 * nb:3 * nb]
@@ -135,8 +146,8 @@ def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, 
     """Every contract metric for each weight row: ``{metric: (B,) array}``.
 
     Args:
-        y_true: (N,) integer classes.
-        prob: (N,) positive-class probability or (N, K) class probabilities.
+        y_true: (N,) integer classes, or (N, L) 0/1 labels (multi-label).
+        prob: (N,) positive-class probability, (N, K) class probabilities or (N, L) label probabilities.
         weights: (B, N) non-negative case weights.
         threshold: decision threshold (binary).
     """

@@ -117,6 +117,9 @@ def gap_figure(report: Mapping) -> str:
 def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFrame, *, title: str = "Evaluation report") -> str:
     """The whole page as a string."""
     joined, y_true, prob = check_predictions(predictions, manifest)
+    n_labels = y_true.shape[1] if y_true.ndim == 2 else 1
+    if n_labels > 1 or y_true.ndim == 2:  # multi-label: the figures pool every (case, label) pair
+        y_true, prob = y_true.ravel(), prob.ravel()
     overall, ci = report["overall"], report.get("ci95", {})
     parts = [
         f"<h1>{html.escape(title)}</h1>",
@@ -137,8 +140,10 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
     if report["groups"]:
         parts.append(f"<div class='figs'><img alt='subgroup AUC chart' src='{gap_figure(report)}'></div>")
     for attribute, groups in report["groups"].items():
-        labels = joined[attribute].fillna("unknown").astype(str).to_numpy()
+        labels = np.repeat(joined[attribute].fillna("unknown").astype(str).to_numpy(), n_labels)
         parts.append(f"<h2>By {html.escape(attribute)}</h2>")
+        if n_labels > 1:
+            parts.append(f"<p class='muted'>Figures pool the {n_labels} labels of every case (micro average).</p>")
         parts.append(_table(
             [attribute, "n", "AUC", "95% CI", "sensitivity", "specificity", "ECE", "Brier"],
             [[html.escape(g), str(m["n"]), _fmt(m["auc"]) + (f" <span class='muted'>({html.escape(m['notes']['auc'])})</span>"

@@ -1,7 +1,9 @@
 """Classification metrics of one set of predictions, from scikit-learn and torchmetrics.
 
 Layouts: ``y_true`` is (N,) integer classes; ``prob`` is (N,) positive-class
-probability for a binary task or (N, K) class probabilities for K >= 3.
+probability for a binary task or (N, K) class probabilities for K >= 3. A
+multi-label task has ``y_true`` (N, L) of 0/1 and ``prob`` (N, L) independent
+per-label probabilities; each metric is the macro mean over labels.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray, *, threshold: f
     """
     y_true = np.asarray(y_true).astype(int)
     prob = np.asarray(prob, dtype=np.float64)
+    if y_true.ndim == 2:
+        return multilabel_metrics(y_true, prob, threshold=threshold)
     auc, why = auc_or_reason(y_true, prob)
     target = torch.tensor(y_true)
     if prob.ndim == 1:
@@ -97,3 +101,21 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray, *, threshold: f
     if why:
         result["notes"] = {"auc": why}
     return result
+
+
+def multilabel_metrics(y_true: np.ndarray, prob: np.ndarray, *, threshold: float = 0.5) -> dict:
+    """Macro means over labels of the binary metrics; labels with one class are left out of the AUC.
+
+    Args:
+        y_true: (N, L) 0/1 per label.
+        prob: (N, L) probability of each label.
+        threshold: decision threshold of every label.
+    """
+    per_label = [classification_metrics(y_true[:, j], prob[:, j], threshold=threshold) for j in range(y_true.shape[1])]
+    result = {name: float(np.mean([m[name] for m in per_label])) for name in METRICS if name != "auc"}
+    aucs = [m["auc"] for m in per_label if m["auc"] is not None]
+    result["auc"] = float(np.mean(aucs)) if aucs else None
+    undefined = [j for j, m in enumerate(per_label) if m["auc"] is None]
+    if undefined:
+        result["notes"] = {"auc": f"label(s) {undefined} have one class: left out of the macro AUC"}
+    return {name: result[name] for name in (*METRICS, "notes") if name in result}

@@ -1,8 +1,9 @@
 """``evaluate_predictions``: any predictions table + a manifest -> report.json.
 
 Predictions have ``case_id``, ``y_true`` and ``prob`` (binary) or
-``prob_0..prob_{K-1}`` (multiclass); group columns come from the manifest
-joined on ``case_id``. The report follows shared/DESIGN.md's evaluation contract.
+``prob_0..prob_{K-1}`` (multiclass); a multi-label table has
+``y_true_0..y_true_{L-1}`` (0/1) and ``prob_0..prob_{L-1}`` instead. Group
+columns come from the manifest joined on ``case_id``. The report follows shared/DESIGN.md's evaluation contract.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ NAN_VALUES = "{path}: NaN in {column} for case_id(s): {ids}"
 OUT_OF_RANGE = "{path}: probabilities outside [0, 1] for case_id(s): {ids}"
 NOT_NORMALISED = "{path}: class probabilities do not sum to 1 for case_id(s): {ids}"
 BAD_LABELS = "{path}: y_true not in the class set {classes} for case_id(s): {ids}"
+LABEL_COLUMNS = "{path}: multi-label tables need y_true_j and prob_j for the same labels, got {y} and {prob}"
 UNKNOWN_ATTRIBUTE = "manifest has no column {attribute!r} for the declared attribute"
 
 
@@ -75,16 +77,24 @@ def _ids(values: Sequence) -> str:
     return ", ".join(str(v) for v in values[:MAX_LISTED]) + more
 
 
+def _numbered(predictions: pd.DataFrame, prefix: str) -> list[str]:
+    found = sorted((int(m.group(1)), c) for c in predictions.columns if (m := re.fullmatch(prefix + r"_(\d+)", str(c))))
+    return [c for i, (j, c) in enumerate(found) if i == j]
+
+
 def probability_columns(predictions: pd.DataFrame, *, path: str = "predictions") -> list[str]:
-    """``["prob"]`` for a binary table, ``prob_0..prob_{K-1}`` for a multiclass one."""
+    """``["prob"]`` for a binary table, ``prob_0..prob_{K-1}`` for a multiclass or multi-label one."""
     if "prob" in predictions.columns:
         return ["prob"]
-    numbered = sorted(
-        (int(m.group(1)), c) for c in predictions.columns if (m := re.fullmatch(r"prob_(\d+)", str(c)))
-    )
-    if len(numbered) < 2 or [i for i, _ in numbered] != list(range(len(numbered))):
+    numbered = _numbered(predictions, "prob")
+    if len(numbered) < 2 and not (numbered and "y_true_0" in predictions.columns):
         raise EvaluationError(NO_PROB_COLUMNS.format(path=path))
-    return [c for _, c in numbered]
+    return numbered
+
+
+def label_columns(predictions: pd.DataFrame) -> list[str]:
+    """``["y_true"]``, or ``y_true_0..y_true_{L-1}`` for a multi-label table."""
+    return ["y_true"] if "y_true" in predictions.columns else _numbered(predictions, "y_true")
 
 
 def check_predictions(
@@ -98,12 +108,16 @@ def check_predictions(
     Raises:
         EvaluationError: naming the rows (case ids) at fault.
     """
-    for column in ("case_id", "y_true"):
+    targets = label_columns(predictions)
+    for column in ["case_id", *([] if targets else ["y_true"])]:
         if column not in predictions.columns:
             raise EvaluationError(MISSING_COLUMN.format(path=path, column=column))
     if "case_id" not in manifest.columns:
         raise EvaluationError(MISSING_COLUMN.format(path="manifest", column="case_id"))
     columns = probability_columns(predictions, path=path)
+    multilabel = targets != ["y_true"]
+    if multilabel and len(targets) != len(columns):
+        raise EvaluationError(LABEL_COLUMNS.format(path=path, y=targets, prob=columns))
     ids = predictions["case_id"].astype(str)
     if ids.duplicated().any():
         raise EvaluationError(DUPLICATE_IDS.format(path=path, ids=_ids(ids[ids.duplicated()].unique())))
@@ -111,7 +125,7 @@ def check_predictions(
     unknown = ids[~ids.isin(known)]
     if len(unknown):
         raise EvaluationError(UNKNOWN_IDS.format(path=path, ids=_ids(unknown)))
-    for column in ["y_true", *columns]:
+    for column in [*targets, *columns]:
         nan = ids[predictions[column].isna().to_numpy()]
         if len(nan):
             raise EvaluationError(NAN_VALUES.format(path=path, column=column, ids=_ids(nan)))
@@ -119,15 +133,21 @@ def check_predictions(
     bad = ids[((prob < 0) | (prob > 1)).any(axis=1)]
     if len(bad):
         raise EvaluationError(OUT_OF_RANGE.format(path=path, ids=_ids(bad)))
-    n_classes = 2 if columns == ["prob"] else len(columns)
-    if len(columns) > 1:
+    n_classes = 2 if columns == ["prob"] or multilabel else len(columns)
+    if len(columns) > 1 and not multilabel:
         bad = ids[np.abs(prob.sum(axis=1) - 1) > PROB_TOLERANCE]
         if len(bad):
             raise EvaluationError(NOT_NORMALISED.format(path=path, ids=_ids(bad)))
-    y_float = predictions["y_true"].to_numpy(dtype=np.float64)
-    bad = ids[~np.isin(y_float, np.arange(n_classes))]
+    y_float = predictions[targets].to_numpy(dtype=np.float64)
+    bad = ids[~np.isin(y_float, np.arange(n_classes)).all(axis=1)]
     if len(bad):
         raise EvaluationError(BAD_LABELS.format(path=path, classes=list(range(n_classes)), ids=_ids(bad)))
+    y_float = y_float if multilabel else y_float[:, 0]
+    if multilabel:
+        extra = manifest.drop(columns=[c for c in manifest.columns if c in predictions.columns and c != "case_id"])
+        extra = extra.assign(case_id=extra["case_id"].astype(str)).drop_duplicates("case_id")
+        joined = predictions.assign(case_id=ids).merge(extra, on="case_id", how="left", validate="one_to_one")
+        return joined, y_float.astype(int), prob
     prob = prob[:, 0] if columns == ["prob"] else prob
     if prob.ndim == 2 and prob.shape[1] == 2:
         prob = prob[:, 1]
@@ -197,7 +217,7 @@ def evaluate_predictions(
             fairness[attribute]["ci95"] = intervals.gaps[attribute]
     ci95 = intervals.overall
     return EvaluationReport(
-        task="binary" if prob.ndim == 1 else "multiclass",
+        task="multilabel" if y_true.ndim == 2 else "binary" if prob.ndim == 1 else "multiclass",
         n=len(y_true),
         n_patients=len(np.unique(patients)),
         threshold=threshold,
