@@ -91,6 +91,10 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     print_summary(summary)
 
 
+def _num(value: float | None) -> str:
+    return "null" if value is None else f"{value:.3f}"
+
+
 def print_summary(summary) -> None:
     """The end-of-run summary: data version, MLflow run, key metrics, each gate, the champion."""
     console.print()
@@ -124,22 +128,17 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
 ) -> None:
     """Evaluate any predictions table against a manifest and write report.json."""
-    from components.evaluation.report import evaluate_predictions, read_table  # noqa: PLC0415
+    from components.evaluation.files import evaluate_files  # noqa: PLC0415
 
-    predictions_table, manifest_table = read_table(predictions), read_table(manifest)
-    report = evaluate_predictions(
-        predictions_table, manifest_table, attributes=attribute or None, threshold=threshold,
-        n_bootstrap=n_bootstrap, seed=seed, min_group_size=min_group_size, source=str(predictions),
+    report = evaluate_files(
+        predictions, manifest, out=out, html=html, attributes=attribute or None, threshold=threshold,
+        n_bootstrap=n_bootstrap, seed=seed, min_group_size=min_group_size,
     )
-    report.write_json(out)
-    if html:
-        from components.evaluation.html_report import write_html_report  # noqa: PLC0415
-
-        write_html_report(report.to_dict(), predictions_table, manifest_table, html,
-                          title=f"Evaluation of {predictions.name}")
     o = report.overall
-    auc = "null" if o["auc"] is None else f"{o['auc']:.3f}"
-    console.print(f"{report.task}: n={report.n}  auc {auc}  ece {o['ece']:.3f}  brier {o['brier']:.3f} -> {out}")
+    if report.task == "segmentation":
+        console.print(f"segmentation: n={report.n}  dice {_num(o['dice'])}  hd95 {_num(o['hd95'])} mm -> {out}")
+    else:
+        console.print(f"{report.task}: n={report.n}  auc {_num(o['auc'])}  ece {o['ece']:.3f}  brier {o['brier']:.3f} -> {out}")
     for warning in report.warnings:
         err.print(f"warning: {warning}")
 

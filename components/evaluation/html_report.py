@@ -168,3 +168,37 @@ def write_html_report(report: Mapping, predictions: pd.DataFrame, manifest: pd.D
     tmp.write_text(page)
     tmp.replace(path)
     return path
+
+
+def render_segmentation_html(report: Mapping, *, title: str = "Segmentation evaluation") -> str:
+    """The page of a segmentation report: overall Dice/HD95 with CIs, gaps, groups, a chart of group Dice."""
+    overall, ci = report["overall"], report.get("ci95", {})
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='muted'>{report['n']} cases of {report['n_patients']} patients. Dice: mean over foreground "
+        "classes per case; HD95 in mm. Intervals: 95%, patient-level bootstrap.</p>",
+        "<h2>Overall</h2>",
+        _table(["metric", "value", "95% CI"], [[m, _fmt(v), _ci(ci.get(m))] for m, v in overall.items()]),
+        "<h2>Subgroup gaps</h2>",
+        _table(["attribute", "Dice gap", "ES-Dice"],
+               [[a, _fmt(f["dice_gap"]), _fmt(f["es_dice"])] for a, f in report["fairness"].items()]),
+    ]
+    if report.get("warnings"):
+        parts.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
+    bars = [(f"{a} = {g}", m["dice"]) for a, groups in report["groups"].items() for g, m in groups.items() if m["dice"] is not None]
+    if bars:
+        fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(bars), 4) + 1))
+        ax.barh([b[0] for b in bars], [b[1] for b in bars], color="C0")
+        if overall.get("dice") is not None:
+            ax.axvline(overall["dice"], color="black", ls="--", lw=1, label="overall Dice")
+            ax.legend(fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel="mean Dice", xlim=(0, 1), title="Subgroup Dice")
+        parts.append(f"<div class='figs'><img alt='subgroup Dice chart' src='{_png(fig)}'></div>")
+    for attribute, groups in report["groups"].items():
+        parts.append(f"<h2>By {html.escape(attribute)}</h2>")
+        parts.append(_table([attribute, "n", "Dice", "HD95 (mm)"],
+                            [[html.escape(g), str(m["n"]), _fmt(m["dice"]), _fmt(m["hd95"])] for g, m in groups.items()]))
+    body = "\n".join(parts)
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")

@@ -108,3 +108,19 @@ def test_registry_commands_on_an_unknown_model(workspace, capsys):
     assert main(["promote", "--model", "nope", "--version", "1"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("medflow: error: no registered model 'nope'") for line in lines)
+
+
+def test_evaluate_segmentation_tables_from_the_command_line(tmp_path, capsys):
+    from tests.components.evaluation.test_segmentation import _dataset
+
+    predictions, manifest = _dataset(tmp_path, n=12)
+    predictions.to_csv(tmp_path / "pred" / "predictions.csv", index=False)
+    manifest.to_parquet(tmp_path / "data" / "manifest.parquet")
+    out, page = tmp_path / "report.json", tmp_path / "report.html"
+    code = main(["evaluate", "--predictions", str(tmp_path / "pred" / "predictions.csv"),
+                 "--manifest", str(tmp_path / "data" / "manifest.parquet"), "--out", str(out), "--html", str(page),
+                 "--min-group-size", "3", "--n-bootstrap", "100"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["task"] == "segmentation" and report["fairness"]["sex"]["dice_gap"] > 0
+    assert "alt='subgroup Dice chart'" in page.read_text() and "segmentation: n=12" in capsys.readouterr().out

@@ -1,0 +1,165 @@
+"""Segmentation evaluation: Dice and HD95 per case (MONAI), the group breakdown
+with ES-Dice, voxel-level calibration, and patient-level bootstrap intervals.
+
+Predictions: ``case_id``, ``mask`` (predicted label map, NIfTI) and optionally
+``prob_map`` (foreground probability, NIfTI, binary tasks) with paths relative
+to the predictions file; the manifest's ``label`` column holds the true mask
+path relative to the manifest's folder. Layout of every volume: (H, W[, D]).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.utils import one_hot
+
+from components.errors import EvaluationError
+from components.evaluation.bootstrap import resample_weights
+from components.evaluation.fairness import equity_scaled
+from components.evaluation.metrics import ECE_BINS
+from components.evaluation.report import DEFAULT_ATTRIBUTES, DUPLICATE_IDS, MISSING_COLUMN, UNKNOWN_IDS, EvaluationReport, _ids
+
+SEG_METRICS = ("dice", "hd95")
+BAD_VOLUME = "{case}: {what} {path} {problem}"
+
+
+def _load(path: Path, *, case: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel array and voxel spacing (mm) of a NIfTI file."""
+    try:
+        image = nib.load(path)
+        return np.asarray(image.dataobj), np.asarray(image.header.get_zooms()[: len(image.shape)], dtype=float)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise EvaluationError(BAD_VOLUME.format(case=case, what=what, path=path, problem=f"cannot be read ({exc})")) from exc
+
+
+def case_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing: Sequence[float], num_classes: int) -> dict:
+    """Dice (mean over foreground classes) and HD95 in mm of one case; None where undefined.
+
+    Args:
+        pred: (H, W[, D]) predicted label map.
+        truth: (H, W[, D]) true label map, same shape.
+        spacing: voxel size in mm per axis.
+        num_classes: label values are 0 (background) .. num_classes - 1.
+    """
+    p = one_hot(torch.as_tensor(pred, dtype=torch.long)[None, None], num_classes=num_classes)
+    t = one_hot(torch.as_tensor(truth, dtype=torch.long)[None, None], num_classes=num_classes)
+    dice = compute_dice(p, t, include_background=False, ignore_empty=True)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an empty class gives inf/nan, reported as None below
+        hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=list(spacing))[0]
+    finite = lambda v: [float(x) for x in v if math.isfinite(float(x))]  # noqa: E731
+    dices, hds = finite(dice), finite(hd)
+    return {"dice": float(np.mean(dices)) if dices else None, "hd95": float(np.mean(hds)) if hds else None}
+
+
+def calibration_bins(prob: np.ndarray, truth: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """(3, n_bins + 1) voxel counts, summed truths and summed probabilities per bin, binned as torchmetrics."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, prob.ravel(), side="right") - 1, 0, n_bins)
+    return np.stack([np.bincount(bins, weights=w, minlength=n_bins + 1)
+                     for w in (np.ones(prob.size), (truth.ravel() > 0).astype(float), prob.ravel().astype(float))])
+
+
+def _ece(bins: np.ndarray) -> tuple[float, float]:
+    count, hits, conf = bins
+    gap = np.abs(hits - conf)
+    return float(gap.sum() / count.sum()), float(np.max(np.where(count > 0, gap / np.maximum(count, 1), 0.0)))
+
+
+def _mean_ci(values: np.ndarray, patients: np.ndarray, *, n_resamples: int, seed: int) -> list[float] | None:
+    known = ~np.isnan(values)
+    if not known.any() or n_resamples == 0:
+        return None
+    codes = np.unique(patients[known], return_inverse=True)[1]
+    means = []
+    for w in resample_weights(codes, n_resamples=n_resamples, rng=np.random.default_rng(seed)):
+        means.append(w @ values[known] / w.sum(axis=1))
+    means = np.concatenate(means)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def evaluate_segmentation(
+    predictions: pd.DataFrame,
+    manifest: pd.DataFrame,
+    *,
+    predictions_root: Path,
+    manifest_root: Path,
+    num_classes: int = 2,
+    attributes: Sequence[str] | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    min_group_size: int = 10,
+    source: str = "predictions",
+) -> EvaluationReport:
+    """Evaluate predicted masks against the manifest's masks (see the module docstring)."""
+    for column in ("case_id", "mask"):
+        if column not in predictions.columns:
+            raise EvaluationError(MISSING_COLUMN.format(path=source, column=column))
+    if "label" not in manifest.columns:
+        raise EvaluationError(MISSING_COLUMN.format(path="manifest", column="label"))
+    ids = predictions["case_id"].astype(str)
+    if ids.duplicated().any():
+        raise EvaluationError(DUPLICATE_IDS.format(path=source, ids=_ids(ids[ids.duplicated()].unique())))
+    cases = manifest.assign(case_id=manifest["case_id"].astype(str)).drop_duplicates("case_id").set_index("case_id")
+    unknown = ids[~ids.isin(cases.index)]
+    if len(unknown):
+        raise EvaluationError(UNKNOWN_IDS.format(path=source, ids=_ids(unknown)))
+    rows, bins = [], np.zeros((3, ECE_BINS + 1))
+    for record in predictions.assign(case_id=ids).itertuples(index=False):
+        case = record.case_id
+        pred, _ = _load(predictions_root / record.mask, case=case, what="predicted mask")
+        truth, spacing = _load(manifest_root / cases.at[case, "label"], case=case, what="true mask")
+        if pred.shape != truth.shape:
+            raise EvaluationError(BAD_VOLUME.format(case=case, what="predicted mask", path=record.mask,
+                                                    problem=f"has shape {pred.shape}, its true mask {truth.shape}"))
+        if pred.min() < 0 or pred.max() >= num_classes:
+            raise EvaluationError(BAD_VOLUME.format(case=case, what="predicted mask", path=record.mask,
+                                                    problem=f"has labels outside 0..{num_classes - 1}"))
+        rows.append({"case_id": case, **case_metrics(pred, truth, spacing=spacing, num_classes=num_classes)})
+        if "prob_map" in predictions.columns and isinstance(record.prob_map, str):
+            prob, _ = _load(predictions_root / record.prob_map, case=case, what="probability map")
+            if prob.shape != truth.shape or np.nanmin(prob) < 0 or np.nanmax(prob) > 1 or np.isnan(prob).any():
+                raise EvaluationError(BAD_VOLUME.format(case=case, what="probability map", path=record.prob_map,
+                                                        problem="must match its mask's shape and lie in [0, 1]"))
+            bins += calibration_bins(prob, truth)
+    per_case = pd.DataFrame(rows).join(cases, on="case_id")
+    patients = per_case["patient_id"].astype(str).to_numpy() if "patient_id" in per_case else per_case["case_id"].to_numpy()
+    values = {m: per_case[m].astype(float).to_numpy() for m in SEG_METRICS}
+    overall = {m: (float(np.nanmean(v)) if (~np.isnan(v)).any() else None) for m, v in values.items()}
+    if bins[0].sum():
+        overall["voxel_ece"], overall["voxel_mce"] = _ece(bins)
+    ci95 = {m: _mean_ci(v, patients, n_resamples=n_bootstrap, seed=seed) for m, v in values.items()}
+    if attributes is None:
+        attributes = [a for a in DEFAULT_ATTRIBUTES if a in per_case.columns]
+    groups, fairness, notices = {}, {}, []
+    for attribute in attributes:
+        if attribute not in per_case.columns:
+            raise EvaluationError(f"manifest has no column {attribute!r} for the declared attribute")
+        labels = per_case[attribute].fillna("unknown").astype(str)
+        groups[attribute] = {}
+        for group, frame in per_case.groupby(labels, sort=True):
+            dice = frame["dice"].astype(float)
+            groups[attribute][group] = {"n": len(frame), "dice": float(dice.mean()) if dice.notna().any() else None,
+                                        "hd95": float(frame["hd95"].astype(float).mean()) if frame["hd95"].notna().any() else None}
+            if len(frame) < min_group_size:
+                notices.append(f"{attribute}={group}: {len(frame)} cases, below min_group_size {min_group_size}; "
+                                "left out of the fairness gaps")
+        compared = {g: m["dice"] for g, m in groups[attribute].items() if m["n"] >= min_group_size}
+        known = [d for d in compared.values() if d is not None]
+        fairness[attribute] = {
+            "groups_compared": list(compared),
+            "dice_gap": max(known) - min(known) if len(known) >= 2 else None,
+            "es_dice": equity_scaled(overall["dice"], compared),
+        }
+    return EvaluationReport(
+        task="segmentation", n=len(per_case), n_patients=len(np.unique(patients)), threshold=0.5,
+        overall=overall, ci95=ci95, groups=groups, fairness=fairness, warnings=notices,
+    )

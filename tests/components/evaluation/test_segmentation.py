@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import ndimage
+from torchmetrics.functional.classification import binary_calibration_error
+
+from components.errors import EvaluationError
+from components.evaluation.segmentation import case_metrics, evaluate_segmentation
+
+SPACING = (1.0, 0.8, 2.0)
+
+
+def _sphere(shape, centre, radius):
+    grid = np.indices(shape).astype(float)
+    return (sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2).astype(np.uint8)
+
+
+def _surface_distances(a, b, spacing):
+    """Distances (mm) from each surface voxel of a to the surface of b (scipy's exact EDT)."""
+    surface = lambda m: m & ~ndimage.binary_erosion(m)  # noqa: E731
+    sa, sb = surface(a.astype(bool)), surface(b.astype(bool))
+    return ndimage.distance_transform_edt(~sb, sampling=spacing)[sa]
+
+
+def test_dice_and_hd95_match_numpy_and_scipy():
+    truth = _sphere((40, 40, 20), (20, 20, 10), 8)
+    pred = _sphere((40, 40, 20), (22, 19, 10), 7)
+    m = case_metrics(pred, truth, spacing=SPACING, num_classes=2)
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    hd95 = max(np.percentile(_surface_distances(pred, truth, SPACING), 95),
+               np.percentile(_surface_distances(truth, pred, SPACING), 95))
+    assert m["dice"] == pytest.approx(dice)
+    assert m["hd95"] == pytest.approx(hd95, rel=1e-5)
+
+
+def test_an_empty_truth_has_no_dice():
+    empty = np.zeros((10, 10), dtype=np.uint8)
+    assert case_metrics(empty, empty, spacing=(1, 1), num_classes=2) == {"dice": None, "hd95": None}
+
+
+def _dataset(tmp: Path, n=24):
+    rng = np.random.default_rng(0)
+    rows, preds = [], []
+    (tmp / "data" / "labels").mkdir(parents=True)
+    (tmp / "pred").mkdir()
+    for i in range(n):
+        sex = "F" if i % 2 else "M"
+        truth = _sphere((24, 24, 12), (12, 12, 6), 5)
+        shift = 3 if sex == "F" else 1  # the model is worse for F
+        pred = _sphere((24, 24, 12), (12 + shift, 12, 6), 5)
+        prob = np.clip(0.8 * pred + rng.random(pred.shape) * 0.2, 0, 1).astype(np.float32)
+        affine = np.diag([*SPACING, 1.0])
+        nib.save(nib.Nifti1Image(truth, affine), tmp / "data" / "labels" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(pred, affine), tmp / "pred" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(prob, affine), tmp / "pred" / f"c{i}-prob.nii.gz")
+        rows.append({"case_id": f"c{i}", "patient_id": f"p{i // 2}", "label": f"labels/c{i}.nii.gz", "sex": sex})
+        preds.append({"case_id": f"c{i}", "mask": f"c{i}.nii.gz", "prob_map": f"c{i}-prob.nii.gz"})
+    return pd.DataFrame(preds), pd.DataFrame(rows)
+
+
+def _evaluate(tmp, predictions, manifest, **kwargs):
+    return evaluate_segmentation(predictions, manifest, predictions_root=tmp / "pred", manifest_root=tmp / "data",
+                                 n_bootstrap=200, min_group_size=5, **kwargs)
+
+
+def test_report_has_groups_es_dice_and_voxel_calibration(tmp_path):
+    predictions, manifest = _dataset(tmp_path)
+    report = _evaluate(tmp_path, predictions, manifest)
+    assert report.task == "segmentation" and report.n == 24 and report.n_patients == 12
+    f, m = report.groups["sex"]["F"]["dice"], report.groups["sex"]["M"]["dice"]
+    assert f < m
+    assert report.fairness["sex"]["dice_gap"] == pytest.approx(m - f)
+    dice = report.overall["dice"]
+    assert report.fairness["sex"]["es_dice"] == pytest.approx(dice / (1 + abs(f - dice) + abs(m - dice)))
+    low, high = report.ci95["dice"]
+    assert low <= dice <= high
+    probs = np.concatenate([nib.load(tmp_path / "pred" / p).get_fdata().ravel() for p in predictions["prob_map"]])
+    truths = np.concatenate([nib.load(tmp_path / "data" / p).get_fdata().ravel() for p in manifest["label"]])
+    expected = binary_calibration_error(torch.tensor(probs), torch.tensor(truths.astype(int)), n_bins=15).item()
+    assert report.overall["voxel_ece"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["shape", "labels", "missing", "prob"])
+def test_bad_volumes_name_the_case(tmp_path, case):
+    predictions, manifest = _dataset(tmp_path, n=4)
+    affine = np.diag([*SPACING, 1.0])
+    if case == "shape":
+        nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), affine), tmp_path / "pred" / "c1.nii.gz")
+        expected = "c1: predicted mask c1.nii.gz has shape (5, 5, 5), its true mask (24, 24, 12)"
+    elif case == "labels":
+        nib.save(nib.Nifti1Image(np.full((24, 24, 12), 3, np.uint8), affine), tmp_path / "pred" / "c1.nii.gz")
+        expected = "c1: predicted mask c1.nii.gz has labels outside 0..1"
+    elif case == "missing":
+        predictions.loc[2, "mask"] = "gone.nii.gz"
+        expected = f"c2: predicted mask {tmp_path / 'pred' / 'gone.nii.gz'} cannot be read"
+    else:
+        nib.save(nib.Nifti1Image(np.full((24, 24, 12), 1.5, np.float32), affine), tmp_path / "pred" / "c3-prob.nii.gz")
+        expected = "c3: probability map c3-prob.nii.gz must match its mask's shape and lie in [0, 1]"
+    with pytest.raises(EvaluationError) as info:
+        _evaluate(tmp_path, predictions, manifest)
+    assert str(info.value).startswith(expected)
