@@ -5,6 +5,7 @@ and log report.json and the predictions to the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,13 +97,14 @@ def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir
     before = classification_metrics(
         test["label"].to_numpy(), contract_probabilities(softmax(test_logits)), threshold=ev.threshold
     )
+    calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}
+    report = dataclasses.replace(report, calibration=calibration)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = report.write_json(out_dir / "report.json")
     write_html_report(report.to_dict(), calibrated, manifest, out_dir / "report.html",
                       title=f"Evaluation of run {run_id} on {len(test)} test images")
     predictions_path = out_dir / "predictions.parquet"
     calibrated.to_parquet(predictions_path, index=False)
-    calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}
     (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifacts(str(out_dir), REPORT_DIR)

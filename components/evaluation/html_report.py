@@ -130,6 +130,15 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
     ]
     if report.get("warnings"):
         parts.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
+    if report.get("calibration"):
+        cal = report["calibration"]
+        parts.append("<h2>Calibration</h2>")
+        parts.append(f"<p class='muted'>Temperature scaling fitted on the {html.escape(str(cal.get('fitted_on', 'validation')))} "
+                     f"split: T = {cal['temperature']:.3f}.</p>")
+        parts.append(_table(["", "ECE", "MCE", "Brier", "NLL"], [
+            [label, *(_fmt(cal[key][m]) for m in ("ece", "mce", "brier", "nll"))]
+            for label, key in (("before scaling", "before"), ("after scaling", "after"))
+        ]))
     parts.append("<h2>Subgroup gaps</h2>")
     parts.append(_table(
         ["attribute", "AUC gap", "95% CI", "ES-AUC", "95% CI", "equalized odds diff.", "demographic parity diff."],

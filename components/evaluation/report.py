@@ -51,6 +51,7 @@ class EvaluationReport:
     groups: dict
     fairness: dict
     warnings: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # temperature scaling: the temperature and the metrics before/after
 
     def to_dict(self) -> dict:
         return asdict(self)

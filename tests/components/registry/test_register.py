@@ -30,6 +30,11 @@ def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset)
     assert evaluation.temperature > 0
     calibration = json.loads((workspace / "eval" / "calibration.json").read_text())
     assert calibration["before"]["auc"] == pytest.approx(calibration["after"]["auc"])  # scaling keeps the ranking
+    assert report["calibration"]["temperature"] == pytest.approx(evaluation.temperature)
+    page = (workspace / "eval" / "report.html").read_text()
+    assert "<h2>Calibration</h2>" in page and f"T = {evaluation.temperature:.3f}" in page
+    logged = {a.path for a in MlflowClient(paths.tracking_uri()).list_artifacts(trained.run_id, "evaluation")}
+    assert {"evaluation/report.json", "evaluation/report.html", "evaluation/predictions.parquet"} <= logged
 
     model = register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
                            report_path=evaluation.report, config=config)
