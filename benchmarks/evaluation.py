@@ -12,18 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from report import write_section
 
 import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SECTION = "## Evaluation: bootstrap and report"
+SECTION = "Evaluation: bootstrap and report"
 
 
 def _data(n: int):
@@ -91,15 +92,11 @@ def main() -> int:
         target = "under 3 s for 1,000 resamples of 100,000 predictions with 3 attributes"
         met = "met" if rows[-1][2] < 3 else "not met yet"
         section = (
-            f"{SECTION}\n\n`make bench` (`benchmarks/evaluation.py`) on {date.today().isoformat()}, {os.cpu_count()} CPU cores, "
+            f"`make bench` (`benchmarks/evaluation.py`) on {date.today().isoformat()}, {os.cpu_count()} CPU cores, "
             f"Python {platform.python_version()}; {args.resamples} patient-level resamples, two images per patient, "
             f"attributes sex, race, site (2, 4 and 3 groups).\n\n{table}\n\nTarget ({target}): {met}.\n"
         )
-        bench = REPO / "BENCHMARKS.md"
-        text = bench.read_text()
-        pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=\n## |\Z)", re.S)
-        text = pattern.sub(section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-        bench.write_text(text)
+        write_section(SECTION, section)
     return 0
 
 

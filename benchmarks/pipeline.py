@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from report import write_section
+
 STEPS = ("ingest", "validate", "train", "evaluate", "register", "promote")
 
 
@@ -102,7 +102,6 @@ def main() -> int:
     if args.write:
         command = "make bench" if not args.overrides else "python benchmarks/pipeline.py " + " ".join(f"--set {o}" for o in args.overrides)
         section = (
-            f"## Pipeline steps: plain calls vs Prefect flow\n\n"
             f"`{command}` on {date.today().isoformat()}, {os.cpu_count()} CPU cores, {platform.machine()}, "
             f"Python {platform.python_version()}, demo config (config hash {config.config_hash()}).\n\n"
             f"{table}\n\n"
@@ -110,11 +109,7 @@ def main() -> int:
             "the synthetic export and creates its stores); the flow's whole-run figure includes starting "
             "Prefect's ephemeral server, which a real deployment pays once.\n"
         )
-        bench = REPO / "BENCHMARKS.md"
-        text = bench.read_text() if bench.exists() else "# Benchmarks\n\nLatest figures; each section names the command that produced it.\n\n"
-        pattern = re.compile(r"## Pipeline steps: plain calls vs Prefect flow\n.*?(?=\n## |\Z)", re.S)
-        text = pattern.sub(section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-        bench.write_text(text)
+        write_section("Pipeline steps: plain calls vs Prefect flow", section)
     for folder in (plain_ws, flow_ws):
         print(f"workspace kept for inspection: {folder}", file=sys.stderr)
     return 0

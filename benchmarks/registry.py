@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import socket
 import statistics
 import subprocess
@@ -23,8 +22,9 @@ import urllib.request
 from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SECTION = "## Registry and logging latency (local tracking server)"
+from report import write_section
+
+SECTION = "Registry and logging latency (local tracking server)"
 
 
 def _port() -> int:
@@ -148,15 +148,11 @@ def main() -> int:
     print(note)
     if args.write:
         section = (
-            f"{SECTION}\n\n`make bench` (`benchmarks/registry.py --repeat {args.repeat}`) on {date.today().isoformat()}, "
+            f"`make bench` (`benchmarks/registry.py --repeat {args.repeat}`) on {date.today().isoformat()}, "
             f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, mlflow {mlflow.__version__}, "
             f"`mlflow server` with SQLite on 127.0.0.1 started by the script.\n\n{table}\n\n{note}\n"
         )
-        bench = REPO / "BENCHMARKS.md"
-        text = bench.read_text()
-        pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=\n## |\Z)", re.S)
-        text = pattern.sub(section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-        bench.write_text(text)
+        write_section(SECTION, section)
     return 0
 
 

@@ -40,3 +40,19 @@ def synthetic_predictions(n: int, *, seed: int = 0, k: int = 2):
     logits = rng.normal(size=(n, k)) + strength[:, None] * np.eye(k)[y]
     prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return y, prob, {"sex": sex, "site": site, "race": race}
+
+
+def prediction_tables(n: int, *, k: int = 2, seed: int = 0):
+    """A predictions table of the evaluation contract and its manifest (two images per patient)."""
+    import pandas as pd
+
+    y, prob, groups = synthetic_predictions(n, seed=seed, k=k)
+    ids = [f"C{i:05d}" for i in range(n)]
+    manifest = pd.DataFrame({"case_id": ids, "patient_id": [f"P{i // 2}" for i in range(n)], **groups})
+    predictions = pd.DataFrame({"case_id": ids, "y_true": y})
+    if k == 2:
+        predictions["prob"] = prob
+    else:
+        for c in range(k):
+            predictions[f"prob_{c}"] = prob[:, c]
+    return predictions, manifest

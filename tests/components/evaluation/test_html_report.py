@@ -11,20 +11,11 @@ import pytest
 from components.evaluation.html_report import render_html, write_html_report
 from components.evaluation.report import evaluate_predictions
 
-from .references import synthetic_predictions
+from .references import prediction_tables
 
 
 def _tables(n=400, k=2):
-    y, prob, groups = synthetic_predictions(n, k=k, seed=2)
-    ids = [f"C{i}" for i in range(n)]
-    predictions = pd.DataFrame({"case_id": ids, "y_true": y})
-    if k == 2:
-        predictions["prob"] = prob
-    else:
-        for c in range(k):
-            predictions[f"prob_{c}"] = prob[:, c]
-    manifest = pd.DataFrame({"case_id": ids, "patient_id": [f"P{i // 2}" for i in range(n)], **groups})
-    return predictions, manifest
+    return prediction_tables(n, k=k, seed=2)
 
 
 def test_page_has_every_table_and_figure_inline():

@@ -21,20 +21,11 @@ from components.evaluation.report import (
     evaluate_predictions,
 )
 
-from .references import synthetic_predictions
+from .references import prediction_tables
 
 
 def _tables(n=600, k=2, seed=0):
-    y, prob, groups = synthetic_predictions(n, seed=seed, k=k)
-    ids = [f"C{i:05d}" for i in range(n)]
-    manifest = pd.DataFrame({"case_id": ids, "patient_id": [f"P{i // 2}" for i in range(n)], **groups})
-    predictions = pd.DataFrame({"case_id": ids, "y_true": y})
-    if k == 2:
-        predictions["prob"] = prob
-    else:
-        for c in range(k):
-            predictions[f"prob_{c}"] = prob[:, c]
-    return predictions, manifest
+    return prediction_tables(n, k=k, seed=seed)
 
 
 def test_binary_report_follows_the_contract():
