@@ -176,7 +176,7 @@ def ingest_dicom(
     staging = dataset_dir.parent / f".{dataset_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "images").mkdir(parents=True)
-    rows, problems, removed = [], [], Counter()
+    rows, problems, removed, source_patients = [], [], Counter(), []
     try:
         for i, rec in track(list(labels.iterrows()), description="Ingesting DICOM", transient=True):
             path = source / rec["path"]
@@ -218,12 +218,17 @@ def ingest_dicom(
                 sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
             )
             rows.append(row)
+            source_patients.append(raw_patient)
         _raise_problems(problems)
         if not rows:
             raise IngestError(f"{labels_csv}: no rows to ingest")
-        manifest = pd.DataFrame(rows).sort_values("case_id", ignore_index=True)
+        # keep the export's order, and split on the source patient IDs (used here, never stored), so
+        # that the same export and seed give the same dataset in any workspace, whatever its key
+        manifest = pd.DataFrame(rows)
         val, test = split_fractions
-        manifest["split"] = assign_splits(manifest, val=val, test=test, seed=split_seed)
+        manifest["split"] = assign_splits(
+            manifest.assign(patient_id=source_patients), val=val, test=test, seed=split_seed
+        )
         manifest = manifest[[c for c in MANIFEST_COLUMNS if c in manifest.columns]]
         manifest.to_parquet(staging / "manifest.parquet", index=False)
         audit = {"profile": "DICOM PS3.15 basic confidentiality (subset)", "removed_tags": dict(sorted(removed.items()))}

@@ -180,3 +180,11 @@ def test_malformed_labels_files(real_export, tmp_path, content, message):
 def test_missing_source_folder(tmp_path):
     with pytest.raises(IngestError, match=r"source folder .*nowhere does not exist or is not a folder"):
         _ingest(tmp_path / "nowhere", tmp_path / "labels.csv", tmp_path / "data" / "x")
+
+
+def test_the_same_export_gives_the_same_dataset_under_any_key(small_export, tmp_path):
+    a = _ingest(small_export.folder, small_export.labels_csv, tmp_path / "a" / "d", salt=b"one")
+    b = _ingest(small_export.folder, small_export.labels_csv, tmp_path / "b" / "d", salt=b"two")
+    ma, mb = pd.read_parquet(a.manifest), pd.read_parquet(b.manifest)
+    assert not set(ma["patient_id"]) & set(mb["patient_id"])  # different keys, different pseudonyms
+    assert ma["split"].tolist() == mb["split"].tolist() and ma["sha256"].tolist() == mb["sha256"].tolist()
