@@ -23,6 +23,20 @@ CHUNK = 32
 EPS = np.finfo(np.float64).eps
 
 
+def resample_patients(
+    n_patients: int, *, n_resamples: int, rng: np.random.Generator, chunk: int = CHUNK
+) -> Iterator[np.ndarray]:
+    """How often each patient is drawn in each resample: (chunk, P) float arrays, ``chunk`` rows at a time."""
+    done = 0
+    while done < n_resamples:
+        b = min(chunk, n_resamples - done)
+        # n_patients uniform draws per row, counted: the multinomial, an order of magnitude
+        # faster than Generator.multinomial with this many categories
+        draws = rng.integers(0, n_patients, size=(b, n_patients)) + (np.arange(b) * n_patients)[:, None]
+        yield np.bincount(draws.ravel(), minlength=b * n_patients).reshape(b, n_patients).astype(np.float64)
+        done += b
+
+
 def resample_weights(
     patient_codes: np.ndarray, *, n_resamples: int, rng: np.random.Generator, chunk: int = CHUNK
 ) -> Iterator[np.ndarray]:
@@ -35,15 +49,8 @@ def resample_weights(
         chunk: rows per yielded (chunk, N) array, to bound memory.
     """
     n_patients = int(patient_codes.max()) + 1
-    done = 0
-    while done < n_resamples:
-        b = min(chunk, n_resamples - done)
-        # n_patients uniform draws per row, counted: the multinomial, an order of magnitude
-        # faster than Generator.multinomial with this many categories
-        draws = rng.integers(0, n_patients, size=(b, n_patients)) + (np.arange(b) * n_patients)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=b * n_patients).reshape(b, n_patients)
-        yield counts[:, patient_codes].astype(np.float64)
-        done += b
+    for counts in resample_patients(n_patients, n_resamples=n_resamples, rng=rng, chunk=chunk):
+        yield counts[:, patient_codes]
 
 
 class WeightedMetrics:
@@ -55,14 +62,23 @@ class WeightedMetrics:
     one sparse product with the (B, N) weights.
     """
 
-    def __init__(self, y_true: np.ndarray, prob: np.ndarray, *, threshold: float, n_bins: int = ECE_BINS) -> None:
+    def __init__(
+        self, y_true: np.ndarray, prob: np.ndarray, *, threshold: float, n_bins: int = ECE_BINS,
+        units: np.ndarray | None = None,
+    ) -> None:
         y = np.asarray(y_true).astype(int)
         prob = np.asarray(prob, dtype=np.float64)
         # multi-label: one binary evaluator per label, macro-averaged in __call__
-        self.labels = [WeightedMetrics(y[:, j], prob[:, j], threshold=threshold, n_bins=n_bins)
+        self.labels = [WeightedMetrics(y[:, j], prob[:, j], threshold=threshold, n_bins=n_bins, units=units)
                        for j in range(y.shape[1])] if y.ndim == 2 else []
         if self.labels:
             return
+        # weights are given per unit (a patient: all its cases share the weight) or, by default, per case;
+        # summing each case's terms into its unit once makes every call smaller
+        n = len(y)
+        units = np.arange(n) if units is None else np.asarray(units)
+        n_units = int(units.max()) + 1 if n else 0
+        to_units = sparse.csr_matrix((np.ones(n), (units, np.arange(n))), shape=(n_units, n))
         self.binary = prob.ndim == 1
         k = 2 if self.binary else prob.shape[1]
         if self.binary:
@@ -82,12 +98,13 @@ class WeightedMetrics:
         onehot = np.eye(n_bins + 1)[np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins)]
         confusion = [((pred == c) & (y == c), (pred == c) & (y != c), (pred != c) & (y == c)) for c in range(k)]
         self.k, self.n_levels = k, n_bins + 1
-        self.features = np.column_stack([
+        features = np.column_stack([
             onehot, onehot * accuracy[:, None], onehot * confidence[:, None],
             *[np.column_stack(parts) for parts in confusion],
-            brier, -np.log(np.clip(p_true, EPS, 1 - EPS)), np.ones(len(y)),
+            brier, -np.log(np.clip(p_true, EPS, 1 - EPS)), np.ones(n),
         ])
-        self.levels = [self._level_indicator(scores[c], y == c) for c in sorted(scores)]
+        self.features = to_units @ features
+        self.levels = [(self._level_indicator(scores[c], y == c) @ to_units.T).tocsr() for c in sorted(scores)]
 
     @staticmethod
     def _level_indicator(score: np.ndarray, positive: np.ndarray) -> sparse.csr_matrix:
@@ -110,7 +127,7 @@ class WeightedMetrics:
             return np.where(denom > 0, num / denom, np.nan)
 
     def __call__(self, weights: np.ndarray) -> dict[str, np.ndarray]:
-        """``{metric: (B,) values}`` for (B, N) case weights."""
+        """``{metric: (B,) values}`` for (B, N) case weights, or (B, P) unit weights when built with ``units``."""
         if self.labels:
             per_label = [evaluate(weights) for evaluate in self.labels]
             with warnings.catch_warnings():
@@ -211,19 +228,25 @@ def bootstrap_ci(
     overall: dict[str, list] = {}
     by_group: dict[str, dict[str, dict[str, list]]] = {a: {g: {} for g in m} for a, m in members.items()}
     gaps: dict[str, dict[str, list]] = {a: {"auc_gap": [], "es_auc": []} for a in members}
-    evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold)
-    evaluate_group = {
-        a: {g: WeightedMetrics(np.asarray(y_true)[mask], prob[mask], threshold=threshold) for g, mask in masks.items()}
-        for a, masks in members.items()
-    }
-    for weights in resample_weights(codes, n_resamples=n_resamples, rng=rng):
+    evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold, units=codes)
+    evaluate_group, group_patients = {}, {}
+    for attribute, masks in members.items():
+        evaluate_group[attribute] = {}
+        for group, mask in masks.items():
+            # the group's own patients, renumbered 0..P_g-1; a call takes their columns of the counts
+            present, local = np.unique(codes[mask], return_inverse=True)
+            group_patients[attribute, group] = present
+            evaluate_group[attribute][group] = WeightedMetrics(
+                np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=local
+            )
+    for weights in resample_patients(int(codes.max()) + 1, n_resamples=n_resamples, rng=rng):
         metrics = evaluate_all(weights)
         for name, values in metrics.items():
             overall.setdefault(name, []).append(values)
         for attribute, masks in members.items():
             aucs = []
             for group, mask in masks.items():
-                group_metrics = evaluate_group[attribute][group](weights[:, mask])
+                group_metrics = evaluate_group[attribute][group](weights[:, group_patients[attribute, group]])
                 for name, values in group_metrics.items():
                     by_group[attribute][group].setdefault(name, []).append(values)
                 if compared is None or group in compared.get(attribute, masks):

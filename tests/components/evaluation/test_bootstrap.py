@@ -102,3 +102,17 @@ def test_gaps_only_compare_the_groups_asked_for():
     ci = bootstrap_ci(y, prob, np.arange(600), threshold=0.5, n_resamples=50, groups={"sex": groups["sex"]},
                       compared={"sex": ["F"]})
     assert ci.gaps["sex"]["auc_gap"] is None  # one group cannot have a gap
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_patient_weights_equal_the_same_weights_on_every_case_of_the_patient(k):
+    from components.evaluation.bootstrap import WeightedMetrics
+
+    y, prob, _ = synthetic_predictions(500, k=k, seed=9)
+    patients = np.random.default_rng(0).integers(0, 150, size=500)
+    codes = np.unique(patients, return_inverse=True)[1]
+    counts = np.random.default_rng(1).integers(0, 3, size=(4, codes.max() + 1)).astype(float)
+    by_patient = WeightedMetrics(y, prob, threshold=0.5, units=codes)(counts)
+    by_case = WeightedMetrics(y, prob, threshold=0.5)(counts[:, codes])
+    for name in by_case:
+        np.testing.assert_allclose(by_patient[name], by_case[name], rtol=1e-10, err_msg=name)
