@@ -81,8 +81,8 @@ def main() -> int:
         sk = _sklearn_per_resample(y, prob, patients)
         rows.append((n, overall_s, grouped_s, report_s, sk, sk * args.resamples / overall_s))
     lines = [
-        f"| predictions | bootstrap, overall only (s) | bootstrap, overall + 3 attributes (s) | whole report.json (s) "
-        f"| scikit-learn, per resample (ms) | speed-up over scikit-learn, overall |",
+        "| predictions | bootstrap, overall only (s) | bootstrap, overall + 3 attributes (s) | whole report.json (s) "
+        "| scikit-learn, per resample (ms) | speed-up over scikit-learn, overall |",
         "|---:|---:|---:|---:|---:|---:|",
         *[f"| {n:,} | {o:.2f} | {g:.2f} | {r:.2f} | {sk * 1000:.1f} | {x:.0f}x |" for n, o, g, r, sk, x in rows],
     ]

@@ -245,7 +245,7 @@ def bootstrap_ci(
             overall.setdefault(name, []).append(values)
         for attribute, masks in members.items():
             aucs = []
-            for group, mask in masks.items():
+            for group in masks:
                 group_metrics = evaluate_group[attribute][group](weights[:, group_patients[attribute, group]])
                 for name, values in group_metrics.items():
                     by_group[attribute][group].setdefault(name, []).append(values)

@@ -102,7 +102,7 @@ def gap_figure(report: Mapping) -> str:
     rows = [(a, g, m["auc"], (m.get("ci95") or {}).get("auc"))
             for a, groups in report["groups"].items() for g, m in groups.items() if m["auc"] is not None]
     fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(rows), 4) + 1))
-    for i, (a, g, auc, ci) in enumerate(rows):
+    for i, (a, _, auc, ci) in enumerate(rows):
         err = [[auc - ci[0]], [ci[1] - auc]] if ci else None
         ax.errorbar(auc, i, xerr=err, fmt="o", color=f"C{list(report['groups']).index(a)}", capsize=3)
     ax.set_yticks(range(len(rows)), [f"{a} = {g}" for a, g, _, _ in rows])

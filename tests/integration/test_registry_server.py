@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.config import GateRule, Operator
@@ -76,7 +77,7 @@ def test_history_and_aliases_survive_a_server_restart(mlflow_server):
     assert [e.version for e in read_history(client, "m")] == ["1", "2"]
     rollback(client, "m")
     assert current_champion(client, "m") == "1"
-    with pytest.raises(Exception):
+    with pytest.raises(MlflowException):
         client.get_model_version_by_alias("m", ALIAS_PREVIOUS)
     assert [e.kind for e in read_history(client, "m")] == ["promotion", "promotion", "rollback"]
     assert str(client.get_model_version_by_alias("m", ALIAS_CHAMPION).version) == "1"

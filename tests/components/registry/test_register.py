@@ -12,7 +12,6 @@ from mlflow.tracking import MlflowClient
 from components import lineage, paths
 from components.config import load_config
 from components.evaluation.evaluate_model import evaluate_run
-from components.registry.model import load_checkpoint, predict_arrays
 from components.registry.register import ALIAS_CHALLENGER, register_model
 from components.training.loop import train_classifier
 
