@@ -76,7 +76,11 @@ class _UserErrorsWithoutTraceback:
 
 
 @app.command()
-def run(config: ConfigOption = None, set_: SetOption = None) -> None:
+def run(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even when data, config and code are unchanged.")] = False,
+) -> None:
     """Run the whole retraining pipeline as a Prefect flow."""
     import logging  # noqa: PLC0415
 
@@ -87,7 +91,7 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     if os.environ.get("MEDFLOW_DEBUG") != "1":
         for name in ("prefect.task_runs", "prefect.flow_runs"):
             logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
-    summary = retrain(cfg)
+    summary = retrain(cfg, force=force)
     print_summary(summary)
 
 
@@ -102,6 +106,9 @@ def print_summary(summary) -> None:
     console.print(f"[bold]Data version[/] {summary.data_version} (DVC)")
     console.print(f"[bold]MLflow run[/]   {summary.run_id}")
     console.print(f"[bold]Model[/]        {summary.model_name} version {summary.version} (alias challenger)")
+    if summary.reused:
+        console.print("[bold]Reused[/]       data, config and code are unchanged: training, evaluation, registration "
+                      "and promotion come from the cache (--force retrains)")
     metrics = "  ".join(f"{k} {v:.3f}" for k, v in summary.metrics.items() if v is not None)
     console.print(f"[bold]Test metrics[/] {metrics}")
     console.print(_gate_table(summary.gates))

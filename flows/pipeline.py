@@ -28,17 +28,24 @@ class PipelineSummary:
     promoted: bool
     champion: str | None
     reason: str = ""
+    reused: bool = False
 
 
 @flow(name="medflow-retrain")
-def retrain(config: RunConfig) -> PipelineSummary:
-    """Retrain, evaluate and (if every gate passes) promote a model on the configured data."""
+def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
+    """Retrain, evaluate and (if every gate passes) promote a model on the configured data.
+
+    With unchanged data, config and code the cached training, evaluation, registration
+    and promotion are reused; ``force`` runs them again.
+    """
+    fresh = {"refresh_cache": True} if force else {}
     dataset = tasks.ingest(config)
     report = tasks.validate(dataset, config)
-    trained = tasks.train(dataset, report, config)
-    evaluation = tasks.evaluate(trained.run_id, dataset, config)
-    model = tasks.register(evaluation, dataset, config)
-    decision = tasks.promote(model, evaluation, dataset, config)
+    trained_state = tasks.train.with_options(**fresh)(dataset, report, config, return_state=True)
+    trained = trained_state.result()
+    evaluation = tasks.evaluate.with_options(**fresh)(trained.run_id, dataset, config)
+    model = tasks.register.with_options(**fresh)(evaluation, dataset, config)
+    decision = tasks.promote.with_options(**fresh)(model, evaluation, dataset, config)
     overall = json.loads(evaluation.report.read_text())["overall"]
     return PipelineSummary(
         dataset=dataset.name,
@@ -53,4 +60,5 @@ def retrain(config: RunConfig) -> PipelineSummary:
         promoted=decision.promoted,
         champion=decision.champion_after,
         reason=decision.reason,
+        reused=trained_state.is_completed() and trained_state.name == "Cached",
     )

@@ -32,7 +32,9 @@ def _cli(workspace: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _run(workspace: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return _cli(workspace, "run", *[arg for item in (*SMALL, *overrides) for arg in ("--set", item)])
+    flags = [o for o in overrides if o.startswith("--")]
+    settings = [o for o in (*SMALL, *overrides) if not o.startswith("--")]
+    return _cli(workspace, "run", *flags, *[arg for item in settings for arg in ("--set", item)])
 
 
 def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(tmp_path):
@@ -41,6 +43,10 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert "Promoted: medflow-demo-classifier@champion is version 1" in first.stdout
     assert "Data version" in first.stdout and "MLflow run" in first.stdout
     assert (tmp_path / "data" / "demo.dvc").is_file() and (tmp_path / ".git").is_dir()
+
+    again = _run(tmp_path)  # nothing changed: every cached step is reused, nothing is registered
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Reused" in again.stdout and "version 1 (alias challenger)" in again.stdout
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
     champion = mlflow.pyfunc.load_model("models:/medflow-demo-classifier@champion")
@@ -76,6 +82,10 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert str(client.get_model_version_by_alias("medflow-demo-classifier", "champion").version) == "1"
     kinds = _cli(tmp_path, "history", "--model", "medflow-demo-classifier").stdout
     assert kinds.count("rollback") == 1 and kinds.count("promoted") == 2
+
+    forced = _run(tmp_path, "--force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "Reused" not in forced.stdout and "version 3 (alias challenger)" in forced.stdout
 
 
 def test_failed_validation_stops_before_training_with_exit_2(tmp_path):
