@@ -251,6 +251,24 @@ def history(model: ModelOption) -> None:
             console.print(f"    {e.reason}", markup=False, soft_wrap=True)
 
 
+@app.command()
+def status(limit: Annotated[int, typer.Option(help="How many of the latest runs to list.")] = 10) -> None:
+    """The latest runs with their data versions, and each model's champion."""
+    from components.registry.status import latest_runs, registered_models  # noqa: PLC0415
+
+    client = _client()
+    console.print(f"Tracking store: {paths.tracking_uri()}", markup=False, soft_wrap=True)
+    runs = latest_runs(client, limit=limit)
+    if not runs:
+        console.print("No runs yet: medflow run starts one.")
+    for r in runs:
+        console.print(f"{r.started}  run {r.run_id[:8]}  {r.status:<9} {r.experiment}  data {r.data_version[:8]}  "
+                      f"test AUC {_num(r.test_auc)}", markup=False, soft_wrap=True)
+    for m in registered_models(client):
+        console.print(f"{m.name}: latest version {m.latest_version or '-'}, champion {m.champion or '-'}, "
+                      f"previous-champion {m.previous_champion or '-'}", markup=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medflow`` console script; returns the exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

@@ -124,3 +124,26 @@ def test_evaluate_segmentation_tables_from_the_command_line(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["task"] == "segmentation" and report["fairness"]["sex"]["dice_gap"] > 0
     assert "alt='subgroup Dice chart'" in page.read_text() and "segmentation: n=12" in capsys.readouterr().out
+
+
+def test_status_lists_runs_data_versions_and_champions(workspace, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from components import paths
+
+    mlflow.set_tracking_uri(paths.tracking_uri())
+    client = MlflowClient()
+    assert main(["status"]) == 0
+    assert "No runs yet" in capsys.readouterr().out
+    experiment = client.create_experiment("e")
+    run = client.create_run(experiment, tags={"medflow.data_version": "abcdef0123456789"})
+    client.log_metric(run.info.run_id, "test_auc", 0.91)
+    client.create_registered_model("m")
+    client.create_model_version("m", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("m", "champion", "1")
+    client.create_registered_model("m.medflow-lock")
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert run.info.run_id[:8] in out and "abcdef01" in out and "0.910" in out
+    assert "m: latest version 1, champion 1, previous-champion -" in out and "medflow-lock" not in out
