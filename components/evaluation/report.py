@@ -143,15 +143,10 @@ def check_predictions(
     bad = ids[~np.isin(y_float, np.arange(n_classes)).all(axis=1)]
     if len(bad):
         raise EvaluationError(BAD_LABELS.format(path=path, classes=list(range(n_classes)), ids=_ids(bad)))
-    y_float = y_float if multilabel else y_float[:, 0]
-    if multilabel:
-        extra = manifest.drop(columns=[c for c in manifest.columns if c in predictions.columns and c != "case_id"])
-        extra = extra.assign(case_id=extra["case_id"].astype(str)).drop_duplicates("case_id")
-        joined = predictions.assign(case_id=ids).merge(extra, on="case_id", how="left", validate="one_to_one")
-        return joined, y_float.astype(int), prob
-    prob = prob[:, 0] if columns == ["prob"] else prob
-    if prob.ndim == 2 and prob.shape[1] == 2:
-        prob = prob[:, 1]
+    if not multilabel:
+        y_float = y_float[:, 0]
+        # contract layout: (N,) positive-class probability for binary tables, given either way
+        prob = prob[:, 0] if columns == ["prob"] else prob[:, 1] if prob.shape[1] == 2 else prob
     extra = manifest.drop(columns=[c for c in manifest.columns if c in predictions.columns and c != "case_id"])
     extra = extra.assign(case_id=extra["case_id"].astype(str)).drop_duplicates("case_id")
     joined = predictions.assign(case_id=ids).merge(extra, on="case_id", how="left", validate="one_to_one")

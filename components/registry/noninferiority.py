@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from components.config import NonInferiorityRule
-from components.evaluation.bootstrap import resample_weights, weighted_metrics
+from components.evaluation.bootstrap import WeightedMetrics, resample_patients
 from components.registry.gates import GateResult
 
 LOWER_IS_BETTER = frozenset({"ece", "mce", "brier", "nll"})
@@ -64,15 +64,15 @@ def paired_noninferiority(
         level: one-sided confidence level of the lower bound.
     """
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    ones = np.ones((1, len(y_true)))
-    challenger = weighted_metrics(y_true, prob_challenger, ones, threshold=threshold)[metric][0]
-    champion = weighted_metrics(y_true, prob_champion, ones, threshold=threshold)[metric][0]
     codes = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
+    evaluate_challenger = WeightedMetrics(y_true, prob_challenger, threshold=threshold, units=codes)
+    evaluate_champion = WeightedMetrics(y_true, prob_champion, threshold=threshold, units=codes)
+    ones = np.ones((1, int(codes.max()) + 1))
+    challenger = evaluate_challenger(ones)[metric][0]
+    champion = evaluate_champion(ones)[metric][0]
     diffs = []
-    for weights in resample_weights(codes, n_resamples=n_resamples, rng=np.random.default_rng(seed)):
-        a = weighted_metrics(y_true, prob_challenger, weights, threshold=threshold)[metric]
-        b = weighted_metrics(y_true, prob_champion, weights, threshold=threshold)[metric]
-        diffs.append(sign * (a - b))
+    for counts in resample_patients(int(codes.max()) + 1, n_resamples=n_resamples, rng=np.random.default_rng(seed)):
+        diffs.append(sign * (evaluate_challenger(counts)[metric] - evaluate_champion(counts)[metric]))
     diffs = np.concatenate(diffs)
     diffs = diffs[~np.isnan(diffs)]
     lower = float(np.percentile(diffs, (1 - level) * 100)) if len(diffs) else float("nan")

@@ -59,7 +59,7 @@ class PromotionDecision:
         }
 
 
-def _alias(client: MlflowClient, model_name: str, alias: str) -> str | None:
+def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
@@ -68,7 +68,7 @@ def _alias(client: MlflowClient, model_name: str, alias: str) -> str | None:
 
 def current_champion(client: MlflowClient, model_name: str) -> str | None:
     """Version that holds ``champion``, or None."""
-    return _alias(client, model_name, ALIAS_CHAMPION)
+    return alias_version(client, model_name, ALIAS_CHAMPION)
 
 
 def _missing(exc: MlflowException) -> bool:
@@ -166,7 +166,7 @@ def rollback(client: MlflowClient, model_name: str) -> HistoryEvent:
     check_model(client, model_name)
     with promotion_lock(client, model_name, holder="rollback"):
         champion = current_champion(client, model_name)
-        previous = _alias(client, model_name, ALIAS_PREVIOUS)
+        previous = alias_version(client, model_name, ALIAS_PREVIOUS)
         if previous is None:
             raise RegistryError(f"{model_name} has no {ALIAS_PREVIOUS} to roll back to")
         client.set_registered_model_alias(model_name, ALIAS_CHAMPION, previous)

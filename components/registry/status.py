@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from mlflow.tracking import MlflowClient
 
 from components import lineage
-from components.registry.promote import ALIAS_CHAMPION, ALIAS_PREVIOUS, _alias
+from components.registry.promote import ALIAS_CHAMPION, ALIAS_PREVIOUS, alias_version
 from components.registry.lock import LOCK_SUFFIX
 
 
@@ -63,7 +63,7 @@ def registered_models(client: MlflowClient) -> list[ModelLine]:
         lines.append(ModelLine(
             name=model.name,
             latest_version=str(max(versions)) if versions else None,
-            champion=_alias(client, model.name, ALIAS_CHAMPION),
-            previous_champion=_alias(client, model.name, ALIAS_PREVIOUS),
+            champion=alias_version(client, model.name, ALIAS_CHAMPION),
+            previous_champion=alias_version(client, model.name, ALIAS_PREVIOUS),
         ))
     return lines
