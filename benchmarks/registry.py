@@ -78,7 +78,7 @@ def main() -> int:
     from mlflow.tracking import MlflowClient
 
     from components.config import GateRule, Operator, load_config
-    from components.data.ingest import ingest_dicom
+    from components.data.ingest import IngestSettings, ingest_export
     from components.data.synthetic import generate_export
     from components.evaluation.evaluate_model import evaluate_run
     from components.registry.promote import decide_promotion
@@ -92,8 +92,8 @@ def main() -> int:
         os.environ["MLFLOW_TRACKING_URI"] = url
         mlflow.set_tracking_uri(url)
         export = generate_export(folder / "export", n_patients=60, image_size=32, seed=3)
-        report = ingest_dicom(source=export.folder, labels_csv=export.labels_csv, dataset_dir=folder / "data" / "b",
-                              num_classes=2, age_bins=(40, 60), split_fractions=(0.2, 0.25), split_seed=0, salt=b"s" * 32)
+        report, _ = ingest_export(source=export.folder, labels_csv=export.labels_csv, dataset_dir=folder / "data" / "b",
+                                  settings=IngestSettings(val=0.2, test=0.25), salt=b"s" * 32)
         config = load_config(overrides=["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=100",
                                         "registry.experiment=bench", "registry.model_name=bench"], environ={})
         trained = train_classifier(manifest_path=report.manifest, data_version="v", config=config)

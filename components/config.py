@@ -35,6 +35,15 @@ class SourceFormat(str, Enum):
 
     SYNTHETIC = "synthetic"
     DICOM = "dicom"
+    NIFTI = "nifti"
+    PNG = "png"
+
+
+class Task(str, Enum):
+    """What the labels are: classes, or mask paths."""
+
+    CLASSIFICATION = "classification"
+    SEGMENTATION = "segmentation"
 
 
 class SplitConfig(_Section):
@@ -56,8 +65,11 @@ class DataConfig(_Section):
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     format: SourceFormat = SourceFormat.SYNTHETIC
+    task: Task = Task.CLASSIFICATION
     source: Path | None = None
     labels: Path | None = None
+    skip_bad: bool = False
+    workers: int = Field(0, ge=0, description="conversion processes; 0 = one per core (at most 8)")
     num_classes: int = Field(2, ge=2)
     n_patients: int = Field(160, ge=10)
     image_size: int = Field(64, ge=16)
@@ -70,8 +82,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _source_for_format(self) -> DataConfig:
-        if self.format is SourceFormat.DICOM and self.source is None:
-            raise ValueError("data.source is required when data.format is 'dicom'")
+        if self.format is not SourceFormat.SYNTHETIC and self.source is None:
+            raise ValueError(f"data.source is required when data.format is '{self.format.value}'")
         if self.format is SourceFormat.SYNTHETIC and self.num_classes != 2:
             raise ValueError("the synthetic generator makes binary labels: data.num_classes must be 2")
         return self
@@ -167,6 +179,18 @@ class RunConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig = RegistryConfig()
+
+    def check_trainable(self) -> None:
+        """Refuse, before any work, a run the training step cannot do.
+
+        Raises:
+            ConfigError: for a segmentation task (ingest and validation support it; training does not yet).
+        """
+        if self.data.task is Task.SEGMENTATION:
+            raise ConfigError(
+                "data.task is 'segmentation': medflow ingest and medflow validate handle segmentation datasets, "
+                "but medflow run trains classifiers only; set data.task=classification"
+            )
 
     def config_hash(self) -> str:
         """Short sha256 of the config's canonical JSON: equal configs, equal hashes."""

@@ -17,7 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from components import lineage, paths
 from components.config import RunConfig, SourceFormat
-from components.data.ingest import ingest_dicom, load_manifest, load_salt
+from components.data.ingest import (
+    IngestSettings, default_workers, ingest_export, load_manifest, save_state, write_ingest_report,
+)
+from components.data.sources import load_salt
 from components.data.synthetic import generate_export
 from components.data.versioning import read_version, version_dataset
 from components.errors import DataValidationError, RegistryError
@@ -41,6 +44,8 @@ class DatasetVersion:
     version: str
     n_cases: int
     n_patients: int
+    previous_version: str | None = None
+    unchanged: bool = False
 
 
 def _synthetic_export(config: RunConfig) -> tuple[Path, Path]:
@@ -54,28 +59,64 @@ def _synthetic_export(config: RunConfig) -> tuple[Path, Path]:
     return folder, labels
 
 
+def ingest_settings(config: RunConfig) -> IngestSettings:
+    """The ingest settings a run config implies (the synthetic generator writes DICOM)."""
+    d = config.data
+    return IngestSettings(
+        fmt="dicom" if d.format is SourceFormat.SYNTHETIC else d.format.value,
+        task=d.task.value,
+        num_classes=d.num_classes,
+        age_bins=tuple(d.age_bins),
+        val=d.splits.val,
+        test=d.splits.test,
+        split_seed=d.splits.seed,
+    )
+
+
 def ingest_dataset(config: RunConfig) -> DatasetVersion:
-    """Ingest the configured source into ``data/<name>``, version it with DVC and push it."""
+    """Ingest the configured source into ``data/<name>``, version it with DVC, push and commit it.
+
+    Unchanged inputs do no work and keep the current data version.
+    """
     d = config.data
     if d.format is SourceFormat.SYNTHETIC:
         source, labels = _synthetic_export(config)
     else:
         source, labels = Path(d.source), Path(d.labels or Path(d.source) / "labels.csv")
     dataset_dir = paths.data_root() / d.name
-    report = ingest_dicom(
+    dvc_file = dataset_dir.with_name(d.name + ".dvc")
+    before = read_version(dvc_file) if dvc_file.exists() else None
+    state_file = paths.medflow_home() / "ingest" / f"{d.name}.json"
+    report, state = ingest_export(
         source=source,
         labels_csv=labels,
         dataset_dir=dataset_dir,
-        num_classes=d.num_classes,
-        age_bins=d.age_bins,
-        split_fractions=(d.splits.val, d.splits.test),
-        split_seed=d.splits.seed,
+        settings=ingest_settings(config),
         salt=load_salt(paths.medflow_home() / "secrets" / "pseudonym.key"),
+        skip_bad=d.skip_bad,
+        workers=d.workers or default_workers(),
+        state_file=state_file,
     )
-    version = version_dataset(paths.workspace_root(), dataset_dir, remote=d.remote or str(paths.dvc_remote_default()))
+    write_ingest_report(report, paths.medflow_home() / "ingest" / f"{d.name}-report.json")
+    if report.unchanged and before is not None and state.get("data_version") == before:
+        return DatasetVersion(
+            name=d.name, manifest=report.manifest, version=before, n_cases=report.n_cases,
+            n_patients=report.n_patients, previous_version=before, unchanged=True,
+        )
+    manifest = load_manifest(report.manifest)
+    meta = {
+        "cases": int(len(manifest)), "patients": int(manifest["patient_id"].nunique()),
+        **{f"{split}_cases": int(n) for split, n in manifest["split"].value_counts().sort_index().items()},
+        "skipped": len(report.skipped),
+    }
+    version = version_dataset(
+        paths.workspace_root(), dataset_dir, remote=d.remote or str(paths.dvc_remote_default()), meta=meta
+    )
+    save_state(state_file, state, data_version=version.version)
     return DatasetVersion(
         name=d.name, manifest=report.manifest, version=version.version,
-        n_cases=report.n_cases, n_patients=report.n_patients,
+        n_cases=report.n_cases, n_patients=report.n_patients, previous_version=before,
+        unchanged=version.version == before,
     )
 
 

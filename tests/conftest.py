@@ -11,7 +11,7 @@ import pytest
 # MONAI warns at import about a GPU decoder medflow does not use
 warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
 
-from components.data.ingest import ingest_dicom  # noqa: E402
+from components.data.ingest import IngestSettings, ingest_export  # noqa: E402
 from components.data.synthetic import generate_export  # noqa: E402
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -44,14 +44,11 @@ def small_export(tmp_path_factory: pytest.TempPathFactory):
 def small_dataset(small_export, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The small export ingested; returns the manifest path."""
     dataset_dir = tmp_path_factory.mktemp("data") / "small"
-    report = ingest_dicom(
+    report, _ = ingest_export(
         source=small_export.folder,
         labels_csv=small_export.labels_csv,
         dataset_dir=dataset_dir,
-        num_classes=2,
-        age_bins=(40, 60),
-        split_fractions=(0.2, 0.25),
-        split_seed=0,
+        settings=IngestSettings(val=0.2, test=0.25),
         salt=SALT,
     )
     return report.manifest

@@ -1,80 +1,93 @@
-"""Ingest a DICOM export: convert to NIfTI, pseudonymise, write the manifest.
+"""Ingest an export (DICOM, NIfTI or PNG + a labels CSV) into a dataset folder.
 
-The dataset is written to a temporary folder beside its target and moved into
-place only when every case converted, so a failed ingest leaves nothing
-half-written. Images become NIfTI files whose voxel array keeps the DICOM
-layout (rows, cols); headers are not carried over, so no identifier reaches
-the dataset. An audit lists which identifying attributes were removed (names
-of tags and counts, never values).
+The dataset is built in a staging folder beside its target and moved into place
+only when every case converted (or, with ``skip_bad``, every bad case was
+recorded), so a failed ingest leaves nothing half-written. Images become NIfTI
+files whose voxel array keeps the image layout (rows, cols[, slices]); headers
+are not carried over, so no identifier reaches the dataset. An audit lists which
+identifying attributes were removed (names of tags and counts, never values).
+
+Ingest is incremental. Each input file's content hash is kept in a state file
+outside the dataset (it names source paths); a re-run whose inputs and settings
+are unchanged does nothing, and a grown export converts only its new files.
+Patients already in the dataset keep their split.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-import secrets
+import multiprocessing
+import os
 import shutil
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
-import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
 from rich.progress import track
 
+from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, pseudonymise
 from components.data.splits import assign_splits
 from components.errors import IngestError
 
-# Attributes of the DICOM basic confidentiality profile (PS3.15 table E.1-1) that
-# matter for these exports; none of them is carried into the dataset.
-PHI_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "PatientTelephoneNumbers",
-    "OtherPatientIDs", "OtherPatientNames", "PatientMotherBirthName", "MedicalRecordLocator",
-    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
-    "OperatorsName", "AccessionNumber", "StudyID", "StudyInstanceUID", "SeriesInstanceUID",
-    "SOPInstanceUID", "FrameOfReferenceUID", "DeviceSerialNumber", "StationName",
-)
 REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("patient_id", "sex", "age", "race", "site")
 MAX_LISTED_PROBLEMS = 20
 MANIFEST_COLUMNS = (
     "case_id", "patient_id", "split", "image", "label", "modality", "site", "sex", "age", "age_group",
-    "race", "shape", "spacing", "dtype", "min", "max", "nan_count", "sha256",
+    "race", "shape", "spacing", "dtype", "min", "max", "mean", "std", "nan_count", "inf_count", "sha256",
+    "mask_shape", "mask_spacing", "foreground",
 )
+TASKS = ("classification", "segmentation")
+STATE_VERSION = 1
+PARALLEL_MIN_CASES = 64
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """What an ingest makes of its inputs; any change makes a new dataset.
+
+    Attributes:
+        fmt: source format, ``dicom``, ``nifti`` or ``png``.
+        task: ``classification`` (labels are classes) or ``segmentation`` (labels are mask paths).
+        num_classes: classes, or mask values ``0..num_classes-1``.
+        age_bins: cut points of the age groups, years.
+        val: fraction of patients in the validation split, per stratum.
+        test: fraction of patients in the test split, per stratum.
+        split_seed: seed of the patient-level split.
+    """
+
+    fmt: str = "dicom"
+    task: str = "classification"
+    num_classes: int = 2
+    age_bins: tuple[int, ...] = (40, 60)
+    val: float = 0.2
+    test: float = 0.2
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise IngestError(f"unknown source format {self.fmt!r}; expected one of {', '.join(FORMATS)}")
+        if self.task not in TASKS:
+            raise IngestError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
 
 
 @dataclass(frozen=True)
 class IngestReport:
-    """What an ingest wrote."""
+    """What an ingest did."""
 
     dataset_dir: Path
     manifest: Path
     n_cases: int
     n_patients: int
     removed_tags: dict[str, int]
-
-
-def load_salt(path: Path) -> bytes:
-    """The pseudonymisation key at ``path``, created (mode 600) on first use.
-
-    It lives outside the dataset: whoever holds it can link pseudonyms to IDs.
-    """
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(secrets.token_bytes(32))
-        path.chmod(0o600)
-    return path.read_bytes()
-
-
-def pseudonymise(value: str, *, salt: bytes, prefix: str) -> str:
-    """A stable salted pseudonym: ``prefix`` + 12 hex digits of HMAC-SHA256."""
-    return prefix + hmac.new(salt, value.encode(), hashlib.sha256).hexdigest()[:12]
+    unchanged: bool = False
+    converted: int = 0
+    reused: int = 0
+    skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
 def age_group(age: float, bins: Sequence[int]) -> str:
@@ -90,30 +103,6 @@ def age_group(age: float, bins: Sequence[int]) -> str:
     return f"{edges[-1]}+"
 
 
-def read_labels(labels_csv: Path, *, num_classes: int) -> pd.DataFrame:
-    """Read and check the labels CSV; every problem is reported at once."""
-    try:
-        labels = pd.read_csv(labels_csv, dtype={"path": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise IngestError(f"cannot read labels file {labels_csv}: {exc}") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in labels.columns]
-    if missing:
-        raise IngestError(
-            f"{labels_csv}: missing column(s) {', '.join(missing)}; "
-            f"expected {','.join(REQUIRED_COLUMNS)} and optionally {','.join(OPTIONAL_COLUMNS)}"
-        )
-    problems = []
-    duplicated = labels["path"][labels["path"].duplicated()]
-    problems += [f"{labels_csv} row {i + 2}: duplicate path {p}" for i, p in duplicated.items()]
-    numeric = pd.to_numeric(labels["label"], errors="coerce")
-    bad = labels.index[numeric.isna() | ~numeric.isin(range(num_classes))]
-    problems += [
-        f"{labels_csv} row {i + 2}: label {str(labels.at[i, 'label'])!r} not in 0..{num_classes - 1}" for i in bad
-    ]
-    _raise_problems(problems)
-    return labels.assign(label=numeric.astype(int))
-
-
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         shown = problems[:MAX_LISTED_PROBLEMS]
@@ -121,129 +110,303 @@ def _raise_problems(problems: list[str]) -> None:
         raise IngestError(f"{len(problems)} problem(s) in the input:\n" + "\n".join(shown) + more)
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
-    """Pixel array after the modality LUT (float32, rows x cols) and the dataset."""
+def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataFrame, list[tuple[int, str]]]:
+    """Read the labels CSV and check its rows.
+
+    Returns:
+        The table (``label`` as int for classification) and the problems of single
+        rows as (row index, message); rows with problems are still in the table.
+
+    Raises:
+        IngestError: when the file cannot be read or lacks a required column.
+    """
     try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise IngestError(f"{path}: not a DICOM file") from exc
-    except (OSError, EOFError, ValueError) as exc:
-        raise IngestError(f"{path}: unreadable DICOM ({exc})") from exc
-    if "PixelData" not in ds:
-        raise IngestError(f"{path}: DICOM without pixel data")
+        labels = pd.read_csv(labels_csv, dtype={"path": str, "patient_id": str, "label": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise IngestError(f"cannot read labels file {labels_csv}: {exc}") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in labels.columns]
+    if settings.fmt != "dicom" and "patient_id" not in labels.columns:
+        missing.append("patient_id")
+    if missing:
+        raise IngestError(
+            f"{labels_csv}: missing column(s) {', '.join(missing)}; "
+            f"expected {','.join(REQUIRED_COLUMNS)} and optionally {','.join(OPTIONAL_COLUMNS)}"
+            + ("" if settings.fmt == "dicom" else f" (patient_id is required for {settings.fmt} sources)")
+        )
+    problems = [(i, f"{labels_csv} row {i + 2}: duplicate path {p}") for i, p in labels["path"][labels["path"].duplicated()].items()]
+    problems += [(i, f"{labels_csv} row {i + 2}: empty path") for i in labels.index[labels["path"].isna()]]
+    if settings.task == "classification":
+        numeric = pd.to_numeric(labels["label"], errors="coerce")
+        bad = labels.index[numeric.isna() | ~numeric.isin(range(settings.num_classes))]
+        problems += [
+            (i, f"{labels_csv} row {i + 2}: label {str(labels.at[i, 'label'])!r} not in 0..{settings.num_classes - 1}")
+            for i in bad
+        ]
+        labels["label"] = numeric.fillna(-1).astype(int)
+    else:
+        problems += [(i, f"{labels_csv} row {i + 2}: no mask path in column label") for i in labels.index[labels["label"].isna()]]
+    if "patient_id" in labels.columns and settings.fmt != "dicom":
+        problems += [(i, f"{labels_csv} row {i + 2}: empty patient_id") for i in labels.index[labels["patient_id"].isna()]]
+    if "age" in labels.columns:
+        age = pd.to_numeric(labels["age"], errors="coerce")
+        bad = labels.index[age.isna() & labels["age"].notna()]
+        problems += [(i, f"{labels_csv} row {i + 2}: age {labels.at[i, 'age']!r} is not a number") for i in bad]
+        labels["age"] = age
+    return labels, problems
+
+
+def _file_hash(path: Path, cache: dict, hashes: dict) -> str:
+    """sha256 of a file, reused from ``cache`` when its size and mtime are unchanged (as DVC's state does)."""
+    stat = path.stat()
+    key = str(path)
+    known = cache.get(key)
+    if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
+        digest = known[2]
+    else:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    hashes[key] = [stat.st_size, stat.st_mtime_ns, digest]
+    return digest
+
+
+def content_hash(path: Path, cache: dict, hashes: dict) -> str:
+    """Content hash of an input: a file's sha256, or a folder's over its files' names and hashes."""
+    if path.is_dir():
+        parts = [f"{p.relative_to(path)}:{_file_hash(p, cache, hashes)}" for p in sorted(path.rglob("*")) if p.is_file()]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return _file_hash(path, cache, hashes)
+
+
+def _load_state(state_file: Path | None) -> dict:
+    if state_file is None or not state_file.exists():
+        return {}
     try:
-        pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    except Exception as exc:  # pydicom raises many types for broken pixel data
-        raise IngestError(f"{path}: cannot decode pixel data ({exc})") from exc
-    return pixels, ds
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if state.get("version") == STATE_VERSION else {}
 
 
-def _nifti_affine(ds: pydicom.Dataset) -> np.ndarray:
-    """Affine for a voxel array kept in DICOM layout: axis 0 = rows (y), axis 1 = cols (x), mm."""
-    row_mm, col_mm = (float(v) for v in ds.get("PixelSpacing", [1.0, 1.0]))
-    return np.array([[0, col_mm, 0, 0], [row_mm, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+def save_state(state_file: Path, state: dict, *, data_version: str) -> None:
+    """Record a finished ingest (and the data version it became) for the next incremental run."""
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state | {"data_version": data_version}))
+    tmp.replace(state_file)
 
 
-def ingest_dicom(
+def _fingerprint(settings: IngestSettings, salt: bytes, labels_csv: Path, inputs: dict[str, str]) -> str:
+    payload = json.dumps(
+        [asdict(settings), hashlib.sha256(salt).hexdigest(), hashlib.sha256(labels_csv.read_bytes()).hexdigest(), sorted(inputs.items())]
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _run_jobs(jobs: list[CaseJob], workers: int) -> list[ConvertedCase | list[str]]:
+    """Convert every job, in worker processes when there are enough of them; with a progress bar."""
+    description = f"Converting {len(jobs)} case(s)"
+    if workers <= 1 or len(jobs) < PARALLEL_MIN_CASES:
+        return [convert_case(j) for j in track(jobs, description=description, transient=True)]
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        chunk = max(1, min(64, len(jobs) // (workers * 8)))
+        return list(track(pool.map(convert_case, jobs, chunksize=chunk), total=len(jobs), description=description, transient=True))
+
+
+def default_workers() -> int:
+    """Conversion processes: every core this process may use, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def ingest_export(
     *,
     source: Path,
     labels_csv: Path,
     dataset_dir: Path,
-    num_classes: int,
-    age_bins: Sequence[int],
-    split_fractions: tuple[float, float],
-    split_seed: int,
+    settings: IngestSettings,
     salt: bytes,
-) -> IngestReport:
-    """Convert a DICOM export into a dataset folder with ``images/`` and ``manifest.parquet``.
+    skip_bad: bool = False,
+    workers: int = 1,
+    state_file: Path | None = None,
+) -> tuple[IngestReport, dict]:
+    """Convert an export into ``dataset_dir`` (``images/``, ``labels/``, ``manifest.parquet``).
 
     Args:
         source: export folder; labels paths are relative to it.
         labels_csv: ``path,label`` plus optional ``patient_id,sex,age,race,site``.
         dataset_dir: target ``data/<name>``; replaced only when the whole ingest succeeded.
-        num_classes: labels must be integers in ``0..num_classes-1``.
-        age_bins: cut points of the age groups, years.
-        split_fractions: (val, test) fractions of patients.
-        split_seed: seed of the patient-level split.
+        settings: format, task, classes and split settings.
         salt: key of the pseudonyms.
+        skip_bad: ingest the good cases and record the bad ones instead of failing.
+        workers: conversion processes.
+        state_file: where the incremental state lives (outside the dataset); None disables reuse.
+
+    Returns:
+        The report, and the new state to record with :func:`save_state` once the dataset is versioned.
 
     Raises:
         IngestError: naming every file or row that could not be ingested.
     """
     if not source.is_dir():
         raise IngestError(f"source folder {source} does not exist or is not a folder")
-    labels = read_labels(labels_csv, num_classes=num_classes)
+    labels, row_problems = read_labels(labels_csv, settings=settings)
+    state = _load_state(state_file)
+    cache, hashes, inputs = state.get("hashes", {}), {}, {}
+    problems: dict[int, list[str]] = {}
+    for i, message in row_problems:
+        problems.setdefault(i, []).append(message)
+    for i, rec in labels.iterrows():
+        if i in problems:
+            continue
+        paths = [("path", rec["path"])] + ([("label", rec["label"])] if settings.task == "segmentation" else [])
+        for column, rel in paths:
+            full = source / rel
+            if not full.exists():
+                problems.setdefault(i, []).append(f"{labels_csv} row {i + 2}: {rel}: file not found")
+            elif column == "path":
+                inputs[rel] = content_hash(full, cache, hashes)
+            else:
+                inputs[rel] = inputs.get(rec["path"], "") + ":" + content_hash(full, cache, hashes)
+    fingerprint = _fingerprint(settings, salt, labels_csv, inputs)
+    manifest_path = dataset_dir / "manifest.parquet"
+    if not problems and state.get("fingerprint") == fingerprint and manifest_path.exists():
+        manifest = load_manifest(manifest_path)
+        if hashlib.sha256(manifest_path.read_bytes()).hexdigest() == state.get("manifest_sha256"):
+            audit = json.loads((dataset_dir / "deid_audit.json").read_text()) if (dataset_dir / "deid_audit.json").exists() else {}
+            report = IngestReport(
+                dataset_dir=dataset_dir, manifest=manifest_path, n_cases=len(manifest),
+                n_patients=manifest["patient_id"].nunique(), removed_tags=audit.get("removed_tags", {}),
+                unchanged=True, reused=len(manifest),
+            )
+            return report, state
+    previous = load_manifest(manifest_path) if manifest_path.exists() else None
     staging = dataset_dir.parent / f".{dataset_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "images").mkdir(parents=True)
-    rows, problems, removed, source_patients = [], [], Counter(), []
+    if settings.task == "segmentation":
+        (staging / "labels").mkdir()
     try:
-        for i, rec in track(list(labels.iterrows()), description="Ingesting DICOM", transient=True):
-            path = source / rec["path"]
-            if not path.is_file():
-                problems.append(f"{labels_csv} row {i + 2}: {rec['path']}: file not found")
-                continue
-            try:
-                pixels, ds = _read_dicom(path)
-            except IngestError as exc:
-                problems.append(str(exc))
-                continue
-            removed.update(k for k in PHI_KEYWORDS if k in ds)
-            raw_patient = str(ds.get("PatientID", "") or rec.get("patient_id", "") or "")
-            if not raw_patient:
-                problems.append(f"{path}: no PatientID in the header and no patient_id in the labels")
-                continue
-            case_id = pseudonymise(str(ds.get("SOPInstanceUID", rec["path"])), salt=salt, prefix="C")
-            image_rel = f"images/{case_id}.nii.gz"
-            nib.save(nib.Nifti1Image(pixels, _nifti_affine(ds)), staging / image_rel)
-            spacing = nib.affines.voxel_sizes(_nifti_affine(ds))[:2]
-            row = {
-                "case_id": case_id,
-                "patient_id": pseudonymise(raw_patient, salt=salt, prefix="P"),
-                "image": image_rel,
-                "label": int(rec["label"]),
-                "modality": str(ds.get("Modality", "OT")),
-                **{c: rec[c] for c in ("site", "sex", "race") if c in labels.columns},
-            }
-            if "age" in labels.columns:
-                row["age"] = float(rec["age"])
-                row["age_group"] = age_group(rec["age"], age_bins)
-            row.update(
-                shape="x".join(str(s) for s in pixels.shape),
-                spacing="x".join(f"{s:g}" for s in spacing),
-                dtype=str(pixels.dtype),
-                min=float(np.nanmin(pixels)),
-                max=float(np.nanmax(pixels)),
-                nan_count=int(np.isnan(pixels).sum()),
-                sha256=hashlib.sha256(pixels.tobytes()).hexdigest(),
-            )
-            rows.append(row)
-            source_patients.append(raw_patient)
-        _raise_problems(problems)
-        if not rows:
-            raise IngestError(f"{labels_csv}: no rows to ingest")
-        # keep the export's order, and split on the source patient IDs (used here, never stored), so
-        # that the same export and seed give the same dataset in any workspace, whatever its key
-        manifest = pd.DataFrame(rows)
-        val, test = split_fractions
-        manifest["split"] = assign_splits(
-            manifest.assign(patient_id=source_patients), val=val, test=test, seed=split_seed
+        report, new_state = _build(
+            labels=labels, source=source, labels_csv=labels_csv, staging=staging, dataset_dir=dataset_dir,
+            settings=settings, salt=salt, skip_bad=skip_bad, workers=workers, problems=problems,
+            inputs=inputs, previous=previous, state=state,
         )
-        manifest = manifest[[c for c in MANIFEST_COLUMNS if c in manifest.columns]]
-        manifest.to_parquet(staging / "manifest.parquet", index=False)
-        audit = {"profile": "DICOM PS3.15 basic confidentiality (subset)", "removed_tags": dict(sorted(removed.items()))}
-        (staging / "deid_audit.json").write_text(json.dumps(audit, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _move_into_place(staging, dataset_dir)
-    return IngestReport(
-        dataset_dir=dataset_dir,
-        manifest=dataset_dir / "manifest.parquet",
-        n_cases=len(manifest),
-        n_patients=manifest["patient_id"].nunique(),
-        removed_tags=dict(removed),
+    new_state |= {"version": STATE_VERSION, "fingerprint": fingerprint, "hashes": hashes,
+                  "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest()}
+    return report, new_state
+
+
+def _build(
+    *, labels, source, labels_csv, staging, dataset_dir, settings, salt, skip_bad, workers, problems, inputs, previous, state
+) -> tuple[IngestReport, dict]:
+    """Convert or reuse every good row into ``staging``; write manifest and audit there."""
+    known = state.get("cases", {}) if previous is not None else {}
+    previous_rows = previous.set_index("case_id") if previous is not None else None
+    jobs, reused = [], {}
+    for i, rec in labels.iterrows():
+        if i in problems:
+            continue
+        rel = rec["path"]
+        entry = known.get(rel)
+        if entry and entry["input"] == inputs.get(rel) and entry["mask_input"] == inputs.get(rec["label"]) \
+                and entry["case_id"] in previous_rows.index:
+            reused[i] = entry
+            _link(dataset_dir / previous_rows.at[entry["case_id"], "image"], staging / previous_rows.at[entry["case_id"], "image"])
+            if settings.task == "segmentation":
+                _link(dataset_dir / previous_rows.at[entry["case_id"], "label"], staging / previous_rows.at[entry["case_id"], "label"])
+            continue
+        mask = source / rec["label"] if settings.task == "segmentation" else None
+        jobs.append(CaseJob(i, source / rel, rel, settings.fmt, mask, settings.num_classes, staging, salt))
+    converted = {}
+    for job, result in zip(jobs, _run_jobs(jobs, workers)):
+        if isinstance(result, list):
+            problems.setdefault(job.row, []).extend(result)
+        else:
+            converted[job.row] = result
+    for i, c in converted.items():
+        if not c.raw_patient_id and pd.isna(labels.at[i, "patient_id"] if "patient_id" in labels.columns else None):
+            problems.setdefault(i, []).append(f"{source / labels.at[i, 'path']}: no PatientID in the header and no patient_id in the labels")
+    if problems and not skip_bad:
+        _raise_problems([m for i in sorted(problems) for m in problems[i]])
+    for i in problems:
+        converted.pop(i, None)
+        reused.pop(i, None)
+    if not converted and not reused:
+        raise IngestError(f"{labels_csv}: no rows to ingest" + (f" ({len(problems)} skipped as bad)" if problems else ""))
+    rows, raw_patients, removed, cases_state = [], [], Counter(), {}
+    for i, rec in labels.iterrows():
+        if i in converted:
+            c = converted[i]
+            listed = rec.get("patient_id")
+            raw = c.raw_patient_id or ("" if pd.isna(listed) else str(listed))
+            row = {"case_id": c.case_id, "patient_id": pseudonymise(raw, salt=salt, prefix="P"), "modality": c.modality, **c.facts}
+            removed.update(c.removed_tags)
+            entry = {"case_id": c.case_id, "removed_tags": list(c.removed_tags)}
+        elif i in reused:
+            entry = reused[i]
+            row = previous_rows.loc[entry["case_id"]].to_dict() | {"case_id": entry["case_id"]}
+            raw = None
+            removed.update(entry["removed_tags"])
+        else:
+            continue
+        entry |= {"input": inputs.get(rec["path"]), "mask_input": inputs.get(rec["label"])}
+        cases_state[rec["path"]] = entry
+        if settings.task == "classification":
+            row["label"] = int(rec["label"])
+        for c in ("site", "sex", "race"):
+            if c in labels.columns:
+                row[c] = rec[c]
+        if "age" in labels.columns:
+            row["age"] = float(rec["age"])
+            row["age_group"] = age_group(rec["age"], settings.age_bins)
+        rows.append(row)
+        raw_patients.append(raw)
+    manifest = pd.DataFrame(rows)
+    manifest["split"] = _splits(manifest, raw_patients, previous, settings)
+    manifest = manifest[[c for c in MANIFEST_COLUMNS if c in manifest.columns]]
+    manifest.to_parquet(staging / "manifest.parquet", index=False)
+    audit = {"profile": "DICOM PS3.15 basic confidentiality (subset)", "removed_tags": dict(sorted(removed.items()))}
+    (staging / "deid_audit.json").write_text(json.dumps(audit, indent=2) + "\n")
+    skipped = tuple((str(labels.at[i, "path"]), "; ".join(problems[i])) for i in sorted(problems))
+    report = IngestReport(
+        dataset_dir=dataset_dir, manifest=dataset_dir / "manifest.parquet", n_cases=len(manifest),
+        n_patients=manifest["patient_id"].nunique(), removed_tags=dict(removed),
+        converted=len(converted), reused=len(reused), skipped=skipped,
     )
+    return report, {"cases": cases_state}
+
+
+def _splits(manifest: pd.DataFrame, raw_patients: list, previous: pd.DataFrame | None, settings: IngestSettings) -> pd.Series:
+    """Patients already in the dataset keep their split; new ones are ranked by their source IDs.
+
+    The source IDs are used here and never stored, so the same export and seed give the
+    same splits in any workspace, whatever its pseudonym key.
+    """
+    kept = {}
+    if previous is not None and "split" in previous.columns:
+        kept = previous.groupby("patient_id")["split"].first().to_dict()
+    rank_ids = pd.Series([r if r is not None else p for r, p in zip(raw_patients, manifest["patient_id"])], index=manifest.index)
+    stratify = manifest[["patient_id"] + (["label"] if settings.task == "classification" else []) + (["site"] if "site" in manifest.columns else [])]
+    if settings.task != "classification":
+        stratify = stratify.assign(label=0)
+    return assign_splits(
+        stratify, val=settings.val, test=settings.test, seed=settings.split_seed, previous=kept, rank_ids=rank_ids
+    )
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Reuse an unchanged converted file: a hard link where the file system allows, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
@@ -254,6 +417,18 @@ def _move_into_place(staging: Path, target: Path) -> None:
         target.rename(old)
     staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_ingest_report(report: IngestReport, path: Path) -> Path:
+    """The ingest report (counts, reuse, skipped inputs and why) as JSON; it names source paths, so it stays outside the dataset."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "dataset": str(report.dataset_dir), "n_cases": report.n_cases, "n_patients": report.n_patients,
+        "unchanged": report.unchanged, "converted": report.converted, "reused": report.reused,
+        "skipped": [{"path": p, "reason": r} for p, r in report.skipped], "removed_tags": report.removed_tags,
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
 
 
 def load_manifest(path: Path) -> pd.DataFrame:

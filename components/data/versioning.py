@@ -29,6 +29,7 @@ class DataVersion:
     version: str
     dvc_file: Path
     remote: str
+    commit: str | None = None
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -82,22 +83,25 @@ def _quiet_dvc():
             os.environ.pop("DVC_NO_ANALYTICS", None)
 
 
-def version_dataset(root: Path, dataset_dir: Path, *, remote: str) -> DataVersion:
-    """``dvc add`` the dataset folder as one directory and ``dvc push`` it.
+def version_dataset(root: Path, dataset_dir: Path, *, remote: str, meta: dict | None = None) -> DataVersion:
+    """``dvc add`` the dataset folder as one directory, ``dvc push`` it and commit its ``.dvc`` file.
 
     Args:
         root: the DVC project (see :func:`ensure_repository`).
         dataset_dir: ``data/<name>`` inside ``root``.
         remote: DVC remote URL or local path; configured as remote ``medflow`` in
             the project's local config unless the project already has a default remote.
+        meta: counts to keep in the ``.dvc`` file's ``meta`` (DVC ignores it when hashing).
 
     Returns:
-        The data version: DVC's directory hash.
+        The data version: DVC's directory hash, and the git commit that records it
+        (None without git). An unchanged dataset makes no new commit.
     """
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     ensure_repository(root)
+    dvc_file = dataset_dir.with_name(dataset_dir.name + ".dvc")
     with _quiet_dvc(), Repo(str(root)) as repo:
         if remote and not repo.config["core"].get("remote"):
             with repo.config.edit("local") as conf:
@@ -105,14 +109,103 @@ def version_dataset(root: Path, dataset_dir: Path, *, remote: str) -> DataVersio
                 conf["core"]["remote"] = REMOTE_NAME
         try:
             repo.add([str(dataset_dir)])
-            dvc_file = dataset_dir.with_name(dataset_dir.name + ".dvc")
+            if meta is not None:
+                _write_meta(dvc_file, meta)
             repo.push(targets=[str(dvc_file)])
         except DvcException as exc:
             raise IngestError(f"DVC could not version {dataset_dir}: {exc}") from exc
         remote_url = repo.config["remote"][repo.config["core"]["remote"]]["url"]
-    return DataVersion(
-        name=dataset_dir.name, version=read_version(dvc_file), dvc_file=dvc_file, remote=remote_url
-    )
+    version = read_version(dvc_file)
+    commit = _commit(root, dvc_file, f"medflow: data {dataset_dir.name} version {version[:12]}")
+    return DataVersion(name=dataset_dir.name, version=version, dvc_file=dvc_file, remote=remote_url, commit=commit)
+
+
+def _write_meta(dvc_file: Path, meta: dict) -> None:
+    content = yaml.safe_load(dvc_file.read_text())
+    content["meta"] = meta
+    dvc_file.write_text(yaml.safe_dump(content, sort_keys=False))
+
+
+def _commit(root: Path, dvc_file: Path, message: str) -> str | None:
+    """Commit the ``.dvc`` file (and DVC's ``.gitignore`` beside it) alone; the commit's sha, or None without git."""
+    if _git(root, "rev-parse", "--git-dir").returncode != 0:
+        return None
+    paths = [str(dvc_file.relative_to(root))]
+    if (dvc_file.parent / ".gitignore").exists():
+        paths.append(str((dvc_file.parent / ".gitignore").relative_to(root)))
+    _git(root, "add", "--", *paths)
+    if _git(root, "diff", "--cached", "--quiet", "--", *paths).returncode != 0:
+        identity = [] if _git(root, "config", "user.email").stdout.strip() else [
+            "-c", "user.name=medflow", "-c", "user.email=medflow@localhost"
+        ]
+        done = subprocess.run(
+            ["git", *identity, "commit", "-q", "-m", message, "--", *paths], cwd=root, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise IngestError(f"cannot commit {dvc_file}: {done.stderr.strip() or done.stdout.strip()}")
+    last = _git(root, "log", "-n", "1", "--format=%H", "--", paths[0])
+    return last.stdout.strip() or None
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """One data version in git history."""
+
+    version: str
+    commit: str
+    date: str
+    meta: dict
+
+
+def list_versions(root: Path, dvc_file: Path) -> list[VersionEntry]:
+    """Every version of a dataset recorded in git, newest first (one entry per version change)."""
+    rel = str(dvc_file.resolve().relative_to(root.resolve()))
+    log = _git(root, "log", "--format=%H %cI", "--", rel)
+    if log.returncode != 0:
+        raise IngestError(f"cannot read the git history of {dvc_file}: {log.stderr.strip()}")
+    entries, seen = [], set()
+    for line in log.stdout.split("\n"):
+        if not line.strip():
+            continue
+        commit, date = line.split(" ", 1)
+        shown = _git(root, "show", f"{commit}:./{rel}")
+        if shown.returncode != 0:
+            continue
+        content = yaml.safe_load(shown.stdout) or {}
+        outs = content.get("outs") or [{}]
+        version = str(outs[0].get("md5", "")).removesuffix(".dir")
+        if version and version not in seen:
+            seen.add(version)
+            entries.append(VersionEntry(version=version, commit=commit, date=date, meta=content.get("meta") or {}))
+    return entries
+
+
+def checkout_version(root: Path, dvc_file: Path, rev: str) -> VersionEntry:
+    """Restore the dataset to a version: ``rev`` is a git revision or a prefix of a data version.
+
+    The ``.dvc`` file is taken from that commit and the folder checked out by DVC
+    (pulled from the remote when the local cache lacks it).
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    versions = list_versions(root, dvc_file)
+    resolved = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").stdout.strip()
+    match = [v for v in versions if v.commit == resolved] or [v for v in versions if v.version.startswith(rev)]
+    if not match:
+        known = ", ".join(v.version[:12] for v in versions[:10]) or "none"
+        raise IngestError(f"{dvc_file.name}: no data version {rev!r}; known versions: {known}")
+    entry = match[0]
+    rel = str(dvc_file.resolve().relative_to(root.resolve()))
+    done = _git(root, "checkout", entry.commit, "--", rel)
+    if done.returncode != 0:
+        raise IngestError(f"cannot restore {dvc_file} from commit {entry.commit[:12]}: {done.stderr.strip()}")
+    with _quiet_dvc(), Repo(str(root)) as repo:
+        try:
+            repo.pull(targets=[str(dvc_file)], force=True)
+        except DvcException as exc:
+            raise IngestError(f"DVC could not restore {dvc_file.name} at {entry.version[:12]}: {exc}") from exc
+    return entry
 
 
 def read_version(dvc_file: Path) -> str:

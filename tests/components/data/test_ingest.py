@@ -13,23 +13,23 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from components.data.ingest import MANIFEST_COLUMNS, age_group, ingest_dicom, pseudonymise
+from components.data.ingest import MANIFEST_COLUMNS, IngestSettings, age_group, ingest_export
+from components.data.sources import pseudonymise
 from components.errors import IngestError
 
 from tests.conftest import SALT
 
 
 def _ingest(source: Path, labels: Path, target: Path, **overrides):
-    kwargs = dict(
-        source=source, labels_csv=labels, dataset_dir=target, num_classes=2, age_bins=(40, 60),
-        split_fractions=(0.2, 0.2), split_seed=0, salt=SALT,
-    )
-    return ingest_dicom(**(kwargs | overrides))
+    kwargs = dict(source=source, labels_csv=labels, dataset_dir=target, settings=IngestSettings(), salt=SALT)
+    report, _ = ingest_export(**(kwargs | overrides))
+    return report
 
 
 def test_manifest_has_the_contract_columns_and_image_facts(small_dataset):
     manifest = pd.read_parquet(small_dataset)
-    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    segmentation_only = {"mask_shape", "mask_spacing", "foreground"}
+    assert list(manifest.columns) == [c for c in MANIFEST_COLUMNS if c not in segmentation_only]
     assert manifest["case_id"].is_unique
     assert set(manifest["split"]) == {"train", "val", "test"}
     assert (manifest["shape"] == "32x32").all() and (manifest["spacing"] == "0.5x0.5").all()

@@ -1,0 +1,207 @@
+"""Read one case of a source (DICOM, NIfTI, PNG/JPEG) and convert it to NIfTI with its image facts.
+
+Every format ends as a float32 voxel array in image layout (rows, cols[, slices])
+with a 4x4 RAS affine in millimetres: DICOM through :mod:`components.data.dicom`,
+NIfTI as nibabel loads it (array and affine, no header fields carried over),
+PNG/JPEG through Pillow with 1 mm pixels (colour becomes Pillow's ITU-R 601 luma).
+
+:func:`convert_case` is the unit of work of an ingest: it runs in worker
+processes, so it takes and returns plain picklable values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from components.data.dicom import read_dicom_case
+from components.errors import IngestError
+
+FORMATS = ("dicom", "nifti", "png")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
+GEOMETRY_ATOL_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """A case as read from its source. ``patient_id`` and ``case_key`` are raw and never stored."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str
+    patient_id: str
+    case_key: str
+    removed_tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """One row of the labels file to convert; paths are absolute, ``out_dir`` is the staging dataset."""
+
+    row: int
+    path: Path
+    rel_path: str
+    fmt: str
+    mask: Path | None
+    num_classes: int
+    out_dir: Path
+    salt: bytes
+
+
+@dataclass(frozen=True)
+class ConvertedCase:
+    """What :func:`convert_case` wrote: the case's files and facts, plus its raw patient ID (kept in memory)."""
+
+    row: int
+    case_id: str
+    raw_patient_id: str
+    modality: str
+    removed_tags: tuple[str, ...]
+    facts: dict
+
+
+def load_salt(path: Path) -> bytes:
+    """The pseudonymisation key at ``path``, created (mode 600) on first use.
+
+    It lives outside the dataset: whoever holds it can link pseudonyms to IDs.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+def pseudonymise(value: str, *, salt: bytes, prefix: str) -> str:
+    """A stable salted pseudonym: ``prefix`` + 12 hex digits of HMAC-SHA256."""
+    return prefix + hmac.new(salt, value.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        image = nib.load(path)
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as exc:
+        raise IngestError(f"{path}: not a readable NIfTI file ({exc})") from exc
+    return array, np.asarray(image.affine, dtype=float)
+
+
+def _read_png(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 (only PNG sources need it)
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("L", "I", "I;16", "F"):
+                image = image.convert("L")
+            array = np.asarray(image, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise IngestError(f"{path}: not a readable PNG/JPEG image ({exc})") from exc
+    affine = np.array([[0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    return array, affine
+
+
+def read_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Array and affine of a NIfTI, PNG/JPEG or DICOM file (or DICOM series folder), chosen by suffix."""
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return _read_nifti(path)
+    if name.endswith(PNG_SUFFIXES):
+        return _read_png(path)
+    case = read_dicom_case(path)
+    return case.array, case.affine
+
+
+def read_source(path: Path, *, fmt: str, rel_path: str) -> SourceImage:
+    """Read one case of a ``dicom``, ``nifti`` or ``png`` source.
+
+    Args:
+        path: the file (or, for DICOM, a folder holding one series).
+        fmt: the source format.
+        rel_path: the path as the labels file gives it; the case key of non-DICOM sources.
+    """
+    if fmt == "dicom":
+        case = read_dicom_case(path)
+        return SourceImage(
+            case.array, case.affine, case.modality, case.patient_id, case.case_uid or rel_path, case.removed_tags
+        )
+    if path.is_dir():
+        raise IngestError(f"{path}: a folder; {fmt} sources name one file per labels row")
+    array, affine = _read_nifti(path) if fmt == "nifti" else _read_png(path)
+    return SourceImage(array, affine, "OT", "", rel_path)
+
+
+def describe_geometry(array: np.ndarray, affine: np.ndarray) -> tuple[str, str]:
+    """``shape`` and ``spacing`` facts: ``64x64x32`` and ``0.5x0.5x2`` (mm)."""
+    spacing = nib.affines.voxel_sizes(affine)[: array.ndim]
+    return "x".join(str(s) for s in array.shape), "x".join(f"{s:g}" for s in spacing)
+
+
+def image_facts(array: np.ndarray, affine: np.ndarray) -> dict:
+    """The manifest's image facts: geometry, dtype, range, non-finite counts, moments and content hash."""
+    shape, spacing = describe_geometry(array, affine)
+    finite = array[np.isfinite(array)]
+    return {
+        "shape": shape,
+        "spacing": spacing,
+        "dtype": str(array.dtype),
+        "min": float(finite.min()) if finite.size else float("nan"),
+        "max": float(finite.max()) if finite.size else float("nan"),
+        "mean": float(finite.mean()) if finite.size else float("nan"),
+        "std": float(finite.std()) if finite.size else float("nan"),
+        "nan_count": int(np.isnan(array).sum()),
+        "inf_count": int(np.isinf(array).sum()),
+        "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest(),
+    }
+
+
+def _mask(job: CaseJob, image: SourceImage) -> tuple[np.ndarray, list[str]]:
+    """The case's mask as uint8 on the image's grid, or the problems that prevent it."""
+    mask, affine = read_array(job.mask)
+    problems = []
+    if mask.shape != image.array.shape or not np.allclose(affine, image.affine, atol=GEOMETRY_ATOL_MM):
+        shape_i, spacing_i = describe_geometry(image.array, image.affine)
+        shape_m, spacing_m = describe_geometry(mask, affine)
+        problems.append(
+            f"{job.mask}: mask geometry differs from its image {job.rel_path}: "
+            f"image {shape_i} at {spacing_i} mm, mask {shape_m} at {spacing_m} mm"
+            + ("" if mask.shape != image.array.shape else " (same shape, different affine)")
+        )
+    values = np.unique(mask)
+    bad = [v for v in values if not (float(v).is_integer() and 0 <= v < job.num_classes)]
+    if bad:
+        problems.append(f"{job.mask}: mask values {[float(v) for v in bad[:5]]} not in 0..{job.num_classes - 1}")
+    return mask.astype(np.uint8), problems
+
+
+def convert_case(job: CaseJob) -> ConvertedCase | list[str]:
+    """Read, check and write one case (image, and mask for segmentation) under ``job.out_dir``.
+
+    Returns:
+        The converted case, or the problems found (each names the file).
+    """
+    try:
+        image = read_source(job.path, fmt=job.fmt, rel_path=job.rel_path)
+        mask, problems = _mask(job, image) if job.mask is not None else (None, [])
+    except IngestError as exc:
+        return [str(exc)]
+    if problems:
+        return problems
+    case_id = pseudonymise(image.case_key, salt=job.salt, prefix="C")
+    image_rel = f"images/{case_id}.nii.gz"
+    nib.save(nib.Nifti1Image(image.array, image.affine), job.out_dir / image_rel)
+    facts = {"image": image_rel, **image_facts(image.array, image.affine)}
+    if mask is not None:
+        mask_rel = f"labels/{case_id}.nii.gz"
+        nib.save(nib.Nifti1Image(mask, image.affine), job.out_dir / mask_rel)
+        facts["label"] = mask_rel
+        facts["mask_shape"], facts["mask_spacing"] = describe_geometry(mask, image.affine)
+        facts["foreground"] = float((mask > 0).mean())
+    return ConvertedCase(job.row, case_id, image.patient_id, image.modality, image.removed_tags, facts)

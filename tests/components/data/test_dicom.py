@@ -1,0 +1,135 @@
+"""The DICOM reader on pydicom's own files: transfer syntaxes, multi-frame, series, geometry."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+with warnings.catch_warnings():  # nibabel calls its DICOM readers experimental; only their affine is used
+    warnings.simplefilter("ignore")
+    from nibabel.nicom import dicomwrappers
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
+
+from components.data.dicom import LPS_TO_RAS, read_dicom_case
+from components.errors import IngestError
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def _file(name: str) -> Path:
+    return Path(get_testdata_file(name))
+
+
+def _reference(name: str) -> np.ndarray:
+    """Pixels of an uncompressed file after the modality LUT, frames last (independent of medflow)."""
+    ds = pydicom.dcmread(_file(name))
+    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+    return np.moveaxis(values, 0, -1) if int(ds.get("NumberOfFrames", 1) or 1) > 1 else values
+
+
+@pytest.mark.parametrize(
+    ("compressed", "uncompressed"),
+    [
+        ("MR_small_RLE.dcm", "MR_small.dcm"),
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+        ("MR_small_bigendian.dcm", "MR_small.dcm"),
+        ("emri_small_RLE.dcm", "emri_small.dcm"),
+        ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),
+        ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm"),
+        ("693_J2KR.dcm", "693_UNCR.dcm"),
+        ("RG1_J2KR.dcm", "RG1_UNCR.dcm"),
+        ("SC_rgb_rle.dcm", "SC_rgb.dcm"),
+        ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb.dcm"),
+        ("OBXXXX1A_rle_2frame.dcm", "OBXXXX1A_2frame.dcm"),
+    ],
+)
+def test_lossless_transfer_syntaxes_decode_to_the_uncompressed_values(compressed, uncompressed):
+    case = read_dicom_case(_file(compressed))
+    reference = _reference(uncompressed)
+    if reference.shape[-1] == 3 and case.array.shape[-1] != 3:  # colour: medflow keeps the ITU-R 601 luma
+        reference = reference @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    np.testing.assert_allclose(case.array, reference, rtol=0, atol=1e-3)
+
+
+def test_the_modality_lut_is_applied():
+    case = read_dicom_case(_file("693_UNCR.dcm"))
+    ds = pydicom.dcmread(_file("693_UNCR.dcm"))
+    assert float(ds.RescaleIntercept) == -1024
+    np.testing.assert_array_equal(case.array, ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "693_UNCR.dcm"])
+def test_in_plane_geometry_agrees_with_nibabel(name):
+    ours = read_dicom_case(_file(name)).affine
+    theirs = LPS_TO_RAS @ dicomwrappers.wrapper_from_file(_file(name)).affine
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_multi_frame_file_keeps_every_frame():
+    case = read_dicom_case(_file("emri_small.dcm"))
+    assert case.array.shape == (64, 64, 10)
+    np.testing.assert_array_equal(case.array, _reference("emri_small.dcm"))
+
+
+def test_legacy_multi_frame_frames_lie_at_their_grid_offsets():
+    ds = pydicom.dcmread(_file("rtdose.dcm"))
+    case = read_dicom_case(_file("rtdose.dcm"))
+    assert case.array.shape == (10, 10, 15)
+    offsets = np.asarray(ds.GridFrameOffsetVector, dtype=float)
+    assert case.affine[2, 2] == pytest.approx(offsets[1] - offsets[0])
+
+
+@pytest.fixture
+def ct_series(tmp_path):
+    """pydicom's five-slice CT series, files renamed so that their names do not follow their positions."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i, path in enumerate(sorted((TEST_FILES / "dicomdirtests" / "98892001" / "CT5N").iterdir(), reverse=True)):
+        shutil.copy(path, folder / f"slice{i}")
+    return folder
+
+
+def test_a_series_folder_becomes_one_volume_sorted_by_position(ct_series):
+    case = read_dicom_case(ct_series)
+    datasets = [pydicom.dcmread(p) for p in ct_series.iterdir()]
+    datasets.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    assert case.array.shape == (16, 16, len(datasets))
+    for k, ds in enumerate(datasets):
+        np.testing.assert_array_equal(case.array[..., k], apply_modality_lut(ds.pixel_array, ds))
+        # voxel (0, 0, k) lies at slice k's ImagePositionPatient (LPS -> RAS)
+        lps = np.asarray(ds.ImagePositionPatient, dtype=float)
+        np.testing.assert_allclose(case.affine @ [0, 0, k, 1], [-lps[0], -lps[1], lps[2], 1], atol=1e-3)
+    assert case.case_uid == datasets[0].SeriesInstanceUID
+
+
+def test_a_series_with_uneven_slices_is_refused():
+    folder = TEST_FILES / "dicomdirtests" / "77654033" / "CT2"
+    with pytest.raises(IngestError, match=r"CT2: uneven slice spacing \(1\.25 to 202\.5 mm\)"):
+        read_dicom_case(folder)
+
+
+def test_a_folder_of_several_series_is_refused():
+    folder = TEST_FILES / "dicomdirtests" / "98892003" / "MR2"
+    with pytest.raises(IngestError, match=r"MR2: folder holds 3 series; a labels row must name one series"):
+        read_dicom_case(folder)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("rtplan.dcm", "DICOM without pixel data"),
+        ("MR_truncated.dcm", "cannot decode pixel data"),
+        ("no_meta.dcm", "not a DICOM file"),
+    ],
+)
+def test_unusable_files_are_named(name, message):
+    with pytest.raises(IngestError) as info:
+        read_dicom_case(_file(name))
+    assert str(info.value).startswith(f"{_file(name)}: {message}")

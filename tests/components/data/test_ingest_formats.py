@@ -1,0 +1,126 @@
+"""Ingest of NIfTI, PNG and DICOM-series sources, and segmentation masks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from nibabel.testing import data_path as NIBABEL_DATA
+from PIL import Image
+
+from components.data.ingest import IngestSettings, ingest_export
+from components.errors import IngestError
+
+from tests.conftest import SALT
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def _ingest(source: Path, labels: Path, target: Path, settings: IngestSettings, **kwargs):
+    report, _ = ingest_export(source=source, labels_csv=labels, dataset_dir=target, settings=settings, salt=SALT, **kwargs)
+    return report
+
+
+def test_nifti_files_keep_their_voxels_and_affine(tmp_path):
+    source = tmp_path / "export"
+    source.mkdir()
+    names = ["anatomical.nii", "standard.nii.gz"]
+    for name in names:
+        shutil.copy(Path(NIBABEL_DATA) / name, source / name)
+    labels = source / "labels.csv"
+    labels.write_text("path,label,patient_id\nanatomical.nii,1,p1\nstandard.nii.gz,0,p2\n")
+    report = _ingest(source, labels, tmp_path / "data" / "n", IngestSettings(fmt="nifti"))
+    manifest = pd.read_parquet(report.manifest)
+    for name, (_, row) in zip(names, manifest.iterrows()):
+        original = nib.load(source / name)
+        stored = nib.load(report.dataset_dir / row["image"])
+        np.testing.assert_array_equal(stored.get_fdata(), original.get_fdata())
+        np.testing.assert_allclose(stored.affine, original.affine, atol=1e-5)
+        assert row["shape"] == "x".join(str(s) for s in original.shape)
+
+
+def test_png_and_jpeg_become_single_channel_images(tmp_path):
+    source = tmp_path / "export"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (20, 30), dtype=np.uint8)
+    colour = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(grey).save(source / "grey.png")
+    Image.fromarray(colour).save(source / "colour.png")
+    labels = source / "labels.csv"
+    labels.write_text("path,label,patient_id\ngrey.png,0,p1\ncolour.png,1,p2\n")
+    report = _ingest(source, labels, tmp_path / "data" / "p", IngestSettings(fmt="png"))
+    manifest = pd.read_parquet(report.manifest).set_index("label")
+    stored = {k: nib.load(report.dataset_dir / manifest.at[k, "image"]).get_fdata() for k in (0, 1)}
+    np.testing.assert_array_equal(stored[0], grey)  # rows x cols, as the picture is stored
+    np.testing.assert_array_equal(stored[1], np.asarray(Image.fromarray(colour).convert("L")))
+
+
+def test_non_dicom_sources_need_patient_ids(tmp_path):
+    source = tmp_path / "export"
+    source.mkdir()
+    labels = source / "labels.csv"
+    labels.write_text("path,label\na.png,0\n")
+    with pytest.raises(IngestError, match=r"missing column\(s\) patient_id; .*patient_id is required for png sources"):
+        _ingest(source, labels, tmp_path / "data" / "p", IngestSettings(fmt="png"))
+
+
+def test_a_series_folder_is_one_case(tmp_path):
+    source = tmp_path / "export"
+    shutil.copytree(TEST_FILES / "dicomdirtests" / "98892001" / "CT5N", source / "patient1" / "ct")
+    shutil.copy(TEST_FILES / "CT_small.dcm", source / "ct_small.dcm")
+    labels = source / "labels.csv"
+    labels.write_text("path,label\npatient1/ct,1\nct_small.dcm,0\n")
+    report = _ingest(source, labels, tmp_path / "data" / "s", IngestSettings())
+    manifest = pd.read_parquet(report.manifest)
+    assert manifest["shape"].tolist() == ["16x16x5", "128x128"]
+    assert manifest["spacing"].iloc[0].endswith("x2.5")
+
+
+def _volume_pair(folder: Path, name: str, *, mask_shape=(8, 8, 4), mask_affine=None) -> None:
+    rng = np.random.default_rng(len(name))
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(rng.normal(size=(8, 8, 4)).astype(np.float32), affine), folder / f"{name}.nii.gz")
+    mask = (rng.random(mask_shape) > 0.7).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, affine if mask_affine is None else mask_affine), folder / f"{name}_seg.nii.gz")
+
+
+def test_segmentation_masks_are_stored_on_their_images_grid(tmp_path):
+    source = tmp_path / "export"
+    source.mkdir()
+    for name in ("a", "b", "c"):
+        _volume_pair(source, name)
+    labels = source / "labels.csv"
+    labels.write_text("path,label,patient_id\n" + "".join(f"{n}.nii.gz,{n}_seg.nii.gz,p{n}\n" for n in "abc"))
+    report = _ingest(source, labels, tmp_path / "data" / "seg", IngestSettings(fmt="nifti", task="segmentation"))
+    manifest = pd.read_parquet(report.manifest)
+    assert (manifest["label"].str.startswith("labels/")).all()
+    assert (manifest["mask_shape"] == manifest["shape"]).all()
+    for _, row in manifest.iterrows():
+        stored = nib.load(report.dataset_dir / row["label"])
+        assert stored.get_data_dtype() == np.uint8
+        assert row["foreground"] == pytest.approx(float((stored.get_fdata() > 0).mean()))
+
+
+@pytest.mark.parametrize(
+    ("mask_shape", "mask_affine", "message"),
+    [
+        ((8, 8, 3), None, "image 8x8x4 at 0.8x0.8x2 mm, mask 8x8x3 at 0.8x0.8x2 mm"),
+        ((8, 8, 4), np.diag([1.0, 1.0, 2.0, 1.0]), "image 8x8x4 at 0.8x0.8x2 mm, mask 8x8x4 at 1x1x2 mm (same shape, different affine)"),
+    ],
+)
+def test_a_mask_with_other_geometry_is_named(tmp_path, mask_shape, mask_affine, message):
+    source = tmp_path / "export"
+    source.mkdir()
+    _volume_pair(source, "a", mask_shape=mask_shape, mask_affine=mask_affine)
+    labels = source / "labels.csv"
+    labels.write_text("path,label,patient_id\na.nii.gz,a_seg.nii.gz,p1\n")
+    with pytest.raises(IngestError) as info:
+        _ingest(source, labels, tmp_path / "data" / "seg", IngestSettings(fmt="nifti", task="segmentation"))
+    assert f"{source / 'a_seg.nii.gz'}: mask geometry differs from its image a.nii.gz: {message}" in str(info.value)
+    assert not (tmp_path / "data" / "seg").exists()
