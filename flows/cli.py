@@ -18,6 +18,7 @@ from rich.table import Table
 from components import paths
 from components.config import load_config
 from components.errors import MedflowError
+from flows.cli_data import data_app, ingest
 
 app = typer.Typer(
     add_completion=False,
@@ -27,6 +28,8 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
+app.add_typer(data_app, name="data")
+app.command()(ingest)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set train.epochs=2.")]
@@ -85,6 +88,7 @@ def run(
     import logging  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])
+    cfg.check_trainable()
     use_embedded_prefect()
     from flows.pipeline import retrain  # noqa: PLC0415 (Prefect reads its settings at import)
 

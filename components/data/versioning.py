@@ -48,7 +48,7 @@ def ensure_repository(root: Path) -> None:
     from dvc.repo import Repo
 
     no_scm = shutil.which("git") is None
-    subdir = False
+    subdir = own_git = False
     if not no_scm:
         top = _git(root, "rev-parse", "--show-toplevel")
         own_repo = (root / ".git").exists()
@@ -57,6 +57,7 @@ def ensure_repository(root: Path) -> None:
                 raise IngestError(f"cannot initialise a git repository in {root}")
             with (root / ".gitignore").open("a") as ignore:
                 ignore.write(".medflow/\n")
+            own_git = True
         elif Path(top.stdout.strip()).resolve() != root.resolve():
             subdir = True
     with _quiet_dvc():
@@ -65,6 +66,8 @@ def ensure_repository(root: Path) -> None:
             conf["core"]["analytics"] = False
             conf["core"]["check_update"] = False
         repo.close()
+    if own_git:  # medflow made this repository: record the project set-up as its first commit
+        _commit_paths(root, [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"], "medflow: initialise the DVC project")
 
 
 @contextmanager
@@ -133,18 +136,25 @@ def _commit(root: Path, dvc_file: Path, message: str) -> str | None:
     paths = [str(dvc_file.relative_to(root))]
     if (dvc_file.parent / ".gitignore").exists():
         paths.append(str((dvc_file.parent / ".gitignore").relative_to(root)))
-    _git(root, "add", "--", *paths)
-    if _git(root, "diff", "--cached", "--quiet", "--", *paths).returncode != 0:
-        identity = [] if _git(root, "config", "user.email").stdout.strip() else [
-            "-c", "user.name=medflow", "-c", "user.email=medflow@localhost"
-        ]
-        done = subprocess.run(
-            ["git", *identity, "commit", "-q", "-m", message, "--", *paths], cwd=root, capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise IngestError(f"cannot commit {dvc_file}: {done.stderr.strip() or done.stdout.strip()}")
+    _commit_paths(root, paths, message)
     last = _git(root, "log", "-n", "1", "--format=%H", "--", paths[0])
     return last.stdout.strip() or None
+
+
+def _commit_paths(root: Path, paths: list[str], message: str) -> None:
+    """Commit these paths only (the user's other staged changes stay staged); nothing when unchanged."""
+    paths = [p for p in paths if (root / p).exists()]
+    _git(root, "add", "--", *paths)
+    if _git(root, "diff", "--cached", "--quiet", "--", *paths).returncode == 0:
+        return
+    identity = [] if _git(root, "config", "user.email").stdout.strip() else [
+        "-c", "user.name=medflow", "-c", "user.email=medflow@localhost"
+    ]
+    done = subprocess.run(
+        ["git", *identity, "commit", "-q", "-m", message, "--", *paths], cwd=root, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise IngestError(f"cannot commit {', '.join(paths)} in {root}: {done.stderr.strip() or done.stdout.strip()}")
 
 
 @dataclass(frozen=True)

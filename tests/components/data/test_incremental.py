@@ -19,9 +19,9 @@ def grown_export(tmp_path):
     """An export of 80 patients, and its first 50 patients as the 'earlier' export."""
     full = generate_export(tmp_path / "full", n_patients=80, image_size=16, seed=5)
     labels = pd.read_csv(full.labels_csv)
-    early_patients = labels["path"].str.split("/").str[0].drop_duplicates().iloc[:50]
+    early_patients = labels["path"].str.extract(r"(p\d+)_", expand=False).drop_duplicates().iloc[:50]
     early = full.folder / "labels-early.csv"
-    labels[labels["path"].str.split("/").str[0].isin(early_patients)].to_csv(early, index=False)
+    labels[labels["path"].str.extract(r"(p\d+)_", expand=False).isin(early_patients)].to_csv(early, index=False)
     return full.folder, early, full.labels_csv
 
 
@@ -52,7 +52,8 @@ def test_a_grown_export_converts_only_new_files_and_keeps_every_split(grown_expo
     splits_before = pd.read_parquet(first.manifest).set_index("case_id")["split"]
     grown = _run(source, full, target, state)
     manifest = pd.read_parquet(grown.manifest).set_index("case_id")
-    assert grown.reused == first.n_cases and grown.converted == len(manifest) - first.n_cases
+    assert first.n_patients == 50 and grown.n_patients == 80
+    assert grown.reused == first.n_cases and grown.converted == len(manifest) - first.n_cases > 0
     pd.testing.assert_series_equal(manifest.loc[splits_before.index, "split"], splits_before)
     assert set(manifest["split"]) == {"train", "val", "test"}
     per_patient = manifest.groupby("patient_id")["split"].nunique()

@@ -1,0 +1,92 @@
+"""``medflow ingest`` and ``medflow data versions|checkout``: the data commands of the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from components import paths
+from components.config import load_config
+
+console = Console()
+data_app = typer.Typer(no_args_is_help=True, help="Data versions: list them, restore one.")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set data.workers=2.")]
+DatasetOption = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name (default: the config's data.name).")]
+
+
+def ingest(
+    source: Annotated[Path | None, typer.Option(help="Export folder (default: the config's data.source or the demo generator).")] = None,
+    format_: Annotated[str | None, typer.Option("--format", help="dicom, nifti or png.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels CSV: path,label[,patient_id,sex,age,race,site] (default SOURCE/labels.csv).")] = None,
+    dataset: DatasetOption = None,
+    task: Annotated[str | None, typer.Option(help="classification (labels are classes) or segmentation (labels are mask paths).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Ingest the good cases; record the bad ones in the ingest report.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Ingest an export into data/NAME, version it with DVC (one directory), push and commit it."""
+    from components.steps import ingest_dataset  # noqa: PLC0415
+
+    flags = {"data.source": source, "data.format": format_, "data.labels": labels, "data.name": dataset,
+             "data.task": task, "data.skip_bad": True if skip_bad else None}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(config, overrides=[*overrides, *(set_ or [])])
+    result = ingest_dataset(cfg)
+    report_path = paths.medflow_home() / "ingest" / f"{cfg.data.name}-report.json"
+    import json  # noqa: PLC0415
+
+    report = json.loads(report_path.read_text())
+    state = "unchanged, no new version" if result.unchanged else (
+        f"new version (previous {result.previous_version[:12]})" if result.previous_version else "first version")
+    console.print(f"[bold]Dataset[/]      {cfg.data.name}: {result.n_cases} cases of {result.n_patients} patients -> {result.manifest}",
+                  soft_wrap=True)
+    console.print(f"[bold]Data version[/] {result.version} ({state})", soft_wrap=True)
+    console.print(f"[bold]Work[/]         converted {report['converted']}, reused {report['reused']}, "
+                  f"skipped {len(report['skipped'])} (report {report_path})", soft_wrap=True)
+    for item in report["skipped"][:20]:
+        console.print(f"  skipped {item['path']}: {item['reason']}", markup=False, soft_wrap=True)
+
+
+def _dvc_file(config: Path | None, dataset: str | None) -> Path:
+    name = dataset or load_config(config).data.name
+    return paths.data_root() / f"{name}.dvc"
+
+
+@data_app.command("versions")
+def versions(dataset: DatasetOption = None, config: ConfigOption = None) -> None:
+    """List a dataset's versions, newest first: DVC hash, git commit, date and counts."""
+    from components.data.versioning import list_versions, read_version  # noqa: PLC0415
+    from components.errors import IngestError  # noqa: PLC0415
+
+    dvc_file = _dvc_file(config, dataset)
+    if not dvc_file.exists():
+        raise IngestError(f"{dvc_file} does not exist: ingest the dataset first (medflow ingest)")
+    current = read_version(dvc_file)
+    console.print(f"Versions of {dvc_file.stem}, newest first (* = checked out):", markup=False)
+    for v in list_versions(paths.workspace_root(), dvc_file):
+        m = v.meta
+        splits = "/".join(str(m.get(f"{s}_cases", "-")) for s in ("train", "val", "test"))
+        console.print(
+            f"{'*' if v.version == current else ' '} {v.version}  commit {v.commit[:12]}  {v.date[:19].replace('T', ' ')}  "
+            f"cases {m.get('cases', '-')}  patients {m.get('patients', '-')}  train/val/test {splits}",
+            markup=False, soft_wrap=True,
+        )
+
+
+@data_app.command("checkout")
+def checkout(
+    rev: Annotated[str, typer.Argument(help="A git revision, or the start of a data version.")],
+    dataset: DatasetOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Restore data/NAME to a version (its .dvc file from git, its files from the DVC cache or remote)."""
+    from components.data.versioning import checkout_version  # noqa: PLC0415
+
+    dvc_file = _dvc_file(config, dataset)
+    entry = checkout_version(paths.workspace_root(), dvc_file, rev)
+    console.print(f"{dvc_file.stem} is at data version {entry.version} (commit {entry.commit[:12]})")
