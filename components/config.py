@@ -90,9 +90,20 @@ class DataConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    """Thresholds of the dataset expectation suite."""
+    """Thresholds of the dataset expectation suites.
+
+    ``intensity_ranges`` gives the plausible voxel values per modality after the
+    modality LUT, as ``[min, max]`` (null for no bound). Drift against the previous
+    data version is a warning, never a failure.
+    """
 
     min_group_size: int = Field(5, ge=1)
+    consistent_geometry: bool = True
+    intensity_ranges: dict[str, tuple[float | None, float | None]] = Field(
+        default_factory=lambda: {"CT": (-3100.0, 40000.0), "MR": (0.0, None), "PT": (0.0, None)}
+    )
+    drift_prevalence: float = Field(0.05, gt=0.0, le=1.0)
+    drift_intensity_sd: float = Field(0.5, gt=0.0)
 
 
 class TrainConfig(_Section):

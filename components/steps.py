@@ -6,12 +6,15 @@ notebooks and tests call them directly.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -22,7 +25,7 @@ from components.data.ingest import (
 )
 from components.data.sources import load_salt
 from components.data.synthetic import generate_export
-from components.data.versioning import read_version, version_dataset
+from components.data.versioning import list_versions, read_file_at, read_version, version_dataset
 from components.errors import DataValidationError, RegistryError
 from components.evaluation.evaluate_model import ModelEvaluation, evaluate_run
 from components.evaluation.evaluate_model import REPORT_DIR
@@ -32,7 +35,10 @@ from components.registry.promote import PromotionDecision, check_version, curren
 from components.registry.register import RegisteredModel, register_model
 from components.training.loop import TrainResult, train_classifier
 from components.tracking import use_experiment
-from components.validation.expectations import validate_manifest
+from components.validation.expectations import ValidationReport, validate_manifest
+
+
+logger = logging.getLogger("medflow.steps")
 
 
 @dataclass(frozen=True)
@@ -120,32 +126,70 @@ def ingest_dataset(config: RunConfig) -> DatasetVersion:
     )
 
 
+def previous_manifest(dataset: DatasetVersion) -> pd.DataFrame | None:
+    """The manifest of the data version before ``dataset.version`` in git history, or None for the first."""
+    dvc_file = paths.data_root() / f"{dataset.name}.dvc"
+    if not dvc_file.exists():
+        return None
+    history = [v for v in list_versions(paths.workspace_root(), dvc_file)]
+    versions = [v.version for v in history]
+    if dataset.version not in versions or versions.index(dataset.version) + 1 >= len(versions):
+        return None
+    before = history[versions.index(dataset.version) + 1]
+    return pd.read_parquet(io.BytesIO(read_file_at(paths.workspace_root(), dvc_file, before.commit, "manifest.parquet")))
+
+
+def run_validation(manifest: pd.DataFrame, config: RunConfig, *, previous: pd.DataFrame | None = None,
+                   docs_dir: Path | None = None) -> ValidationReport:
+    """The config's suites on a manifest (drift against ``previous`` when given)."""
+    v = config.validation
+    return validate_manifest(
+        manifest, num_classes=config.data.num_classes, attributes=config.data.attributes,
+        min_group_size=v.min_group_size, task=config.data.task.value, consistent_geometry=v.consistent_geometry,
+        intensity_ranges=v.intensity_ranges, previous=previous, drift_prevalence=v.drift_prevalence,
+        drift_intensity_sd=v.drift_intensity_sd, docs_dir=docs_dir,
+    )
+
+
 def validate_dataset(dataset: DatasetVersion, config: RunConfig) -> Path:
-    """Run the expectation suites; write the report; raise when any expectation failed.
+    """Run the expectation suites; keep the report and Data Docs with the data version; raise when any failed.
+
+    The JSON report is ``.medflow/validation/<name>-<version>.json`` and the Data Docs
+    site sits beside it in ``<name>-<version>/data_docs/``.
 
     Raises:
         DataValidationError: naming each failed expectation with example rows.
     """
-    report = validate_manifest(
-        load_manifest(dataset.manifest),
-        num_classes=config.data.num_classes,
-        attributes=config.data.attributes,
-        min_group_size=config.validation.min_group_size,
+    path = paths.medflow_home() / "validation" / f"{dataset.name}-{dataset.version}.json"
+    report = run_validation(
+        load_manifest(dataset.manifest), config, previous=previous_manifest(dataset),
+        docs_dir=path.with_suffix("") / "data_docs",
     )
-    path = report.write_json(paths.medflow_home() / "validation" / f"{dataset.name}-{dataset.version}.json")
+    report.write_json(path)
+    for warning in report.warnings:
+        logger.warning("data drift against the previous version: %s", warning.describe())
     if not report.success:
-        lines = "\n".join(f"  - {f.describe()}" for f in report.failures)
-        raise DataValidationError(
-            f"data validation failed for {dataset.manifest} ({len(report.failures)} expectation(s); report {path}):\n{lines}"
-        )
+        raise DataValidationError(describe_failures(f"data validation failed for {dataset.manifest}", report, path))
     return path
+
+
+def describe_failures(title: str, report: ValidationReport, path: Path | None) -> str:
+    """The failed expectations, one per line, with example rows."""
+    lines = "\n".join(f"  - {f.describe()}" for f in report.failures)
+    where = f"; report {path}" if path else ""
+    docs = f"; Data Docs {report.data_docs}" if report.data_docs else ""
+    return f"{title} ({len(report.failures)} expectation(s){where}{docs}):\n{lines}"
 
 
 def train_model(dataset: DatasetVersion, validation_report: Path, config: RunConfig) -> TrainResult:
     """Train on the dataset and attach its validation report to the run."""
     result = train_classifier(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
     use_experiment(config.registry.experiment)
-    MlflowClient().log_artifact(result.run_id, str(validation_report), "validation")
+    client = MlflowClient()
+    client.log_artifact(result.run_id, str(validation_report), "validation")
+    docs = validation_report.with_suffix("") / "data_docs"
+    if docs.is_dir():
+        client.log_artifacts(result.run_id, str(docs), "validation/data_docs")
     return result
 
 

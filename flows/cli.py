@@ -51,6 +51,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
     for name in ("monai.data.nvimgcodec_pydicom_plugin", "great_expectations", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    medflow_logger = logging.getLogger("medflow")
+    if not medflow_logger.handlers:  # medflow's own warnings (data drift) reach the console
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        medflow_logger.addHandler(handler)
+        medflow_logger.setLevel(logging.INFO)
 
 
 def use_embedded_prefect() -> None:
@@ -159,24 +165,28 @@ def validate(
     manifest: Annotated[Path, typer.Option(help="Manifest (Parquet or CSV) to check.")],
     config: ConfigOption = None,
     set_: SetOption = None,
+    previous: Annotated[Path | None, typer.Option(help="Manifest of the previous data version: drift is reported as warnings.")] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
+    data_docs: Annotated[Path | None, typer.Option(help="Write the great-expectations Data Docs site (HTML) into this folder.")] = None,
 ) -> None:
-    """Run the dataset expectation suites on a manifest (exit 2 when any fails)."""
+    """Run the config's dataset expectation suites on a manifest (exit 2 when any fails)."""
     from components.data.ingest import load_manifest  # noqa: PLC0415
     from components.errors import DataValidationError  # noqa: PLC0415
-    from components.validation.expectations import validate_manifest  # noqa: PLC0415
+    from components.steps import describe_failures, run_validation  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])
-    report = validate_manifest(
-        load_manifest(manifest), num_classes=cfg.data.num_classes, attributes=cfg.data.attributes,
-        min_group_size=cfg.validation.min_group_size,
+    report = run_validation(
+        load_manifest(manifest), cfg, previous=load_manifest(previous) if previous else None, docs_dir=data_docs,
     )
     if out:
         report.write_json(out)
+    for warning in report.warnings:
+        err.print(f"warning: drift: {warning.describe()}", markup=False, soft_wrap=True)
     if not report.success:
-        lines = "\n".join(f"  - {f.describe()}" for f in report.failures)
-        raise DataValidationError(f"{manifest}: {len(report.failures)} expectation(s) failed:\n{lines}")
-    console.print(f"{manifest}: {report.n_expectations} expectations passed on {report.n_rows} rows")
+        raise DataValidationError(describe_failures(f"{manifest}: validation failed", report, out))
+    docs = f"; Data Docs {report.data_docs}" if report.data_docs else ""
+    console.print(f"{manifest}: {report.n_expectations} expectations passed on {report.n_rows} rows{docs}",
+                  markup=False, soft_wrap=True)
 
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Registered model name.")]

@@ -218,6 +218,19 @@ def checkout_version(root: Path, dvc_file: Path, rev: str) -> VersionEntry:
     return entry
 
 
+def read_file_at(root: Path, dvc_file: Path, commit: str, relpath: str) -> bytes:
+    """A file of the dataset as it was at ``commit`` (from the DVC cache, or the remote)."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    target = f"{dvc_file.resolve().relative_to(root.resolve()).with_suffix('')}/{relpath}"
+    try:
+        with _quiet_dvc():
+            return dvc.api.read(target, repo=str(root), rev=commit, mode="rb")
+    except (DvcException, OSError) as exc:
+        raise IngestError(f"cannot read {target} at commit {commit[:12]}: {exc}") from exc
+
+
 def read_version(dvc_file: Path) -> str:
     """The directory hash recorded in a ``.dvc`` file (md5 without the ``.dir`` suffix)."""
     try:

@@ -80,7 +80,7 @@ def test_validate_exits_2_and_names_the_failures(small_dataset, tmp_path, capsys
     assert main(["validate", "--manifest", str(small_dataset), "--set", "validation.min_group_size=1"]) == 0
     assert main(["validate", "--manifest", str(path), "--set", "validation.min_group_size=1"]) == 2
     err = capsys.readouterr().err
-    assert "1 expectation(s) failed" in err and "expect_column_values_to_be_in_set on manifest.label" in err
+    assert "validation failed (1 expectation(s)" in err and "expect_column_values_to_be_in_set on manifest.label" in err
 
 
 def test_console_script_is_installed():
