@@ -18,7 +18,7 @@ from rich.table import Table
 from components import paths
 from components.config import load_config
 from components.errors import MedflowError
-from flows.cli_data import data_app, ingest
+from flows.cli_data import data_app, ingest, init
 
 app = typer.Typer(
     add_completion=False,
@@ -30,6 +30,7 @@ console = Console()
 err = Console(stderr=True)
 app.add_typer(data_app, name="data")
 app.command()(ingest)
+app.command()(init)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set train.epochs=2.")]
@@ -89,6 +90,7 @@ def run(
     config: ConfigOption = None,
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when data, config and code are unchanged.")] = False,
+    summary: Annotated[Path | None, typer.Option(help="Write the run's summary (versions, metrics, gates) as JSON here.")] = None,
 ) -> None:
     """Run the whole retraining pipeline as a Prefect flow."""
     import logging  # noqa: PLC0415
@@ -101,8 +103,14 @@ def run(
     if os.environ.get("MEDFLOW_DEBUG") != "1":
         for name in ("prefect.task_runs", "prefect.flow_runs"):
             logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
-    summary = retrain(cfg, force=force)
-    print_summary(summary)
+    result = retrain(cfg, force=force)
+    print_summary(result)
+    if summary:
+        import dataclasses  # noqa: PLC0415
+        import json  # noqa: PLC0415
+
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
 
 
 def _num(value: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,7 @@ def ingest(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Ingest the good cases; record the bad ones in the ingest report.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
+    summary: Annotated[Path | None, typer.Option(help="Write the data version and counts as JSON here (a DVC stage output).")] = None,
 ) -> None:
     """Ingest an export into data/NAME, version it with DVC (one directory), push and commit it."""
     from components.steps import ingest_dataset  # noqa: PLC0415
@@ -38,8 +40,6 @@ def ingest(
     cfg = load_config(config, overrides=[*overrides, *(set_ or [])])
     result = ingest_dataset(cfg)
     report_path = paths.medflow_home() / "ingest" / f"{cfg.data.name}-report.json"
-    import json  # noqa: PLC0415
-
     report = json.loads(report_path.read_text())
     state = "unchanged, no new version" if result.unchanged else (
         f"new version (previous {result.previous_version[:12]})" if result.previous_version else "first version")
@@ -50,6 +50,39 @@ def ingest(
                   f"skipped {len(report['skipped'])} (report {report_path})", soft_wrap=True)
     for item in report["skipped"][:20]:
         console.print(f"  skipped {item['path']}: {item['reason']}", markup=False, soft_wrap=True)
+    if summary:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"dataset": result.name, "data_version": result.version, "cases": result.n_cases,
+                                       "patients": result.n_patients}, indent=2) + "\n")
+
+
+TEMPLATE = "dvc.yaml"
+WORKSPACE_CONFIG = "medflow.yaml"
+
+
+def init(config: ConfigOption = None, set_: SetOption = None,
+         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing medflow.yaml and dvc.yaml.")] = False) -> None:
+    """Make this folder a medflow workspace: git + DVC, medflow.yaml (the run config) and dvc.yaml (the stages)."""
+    from importlib import resources  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from components.data.versioning import commit_paths, ensure_repository  # noqa: PLC0415
+    from components.errors import ConfigError  # noqa: PLC0415
+
+    root = paths.workspace_root()
+    cfg = load_config(config, overrides=set_ or [])
+    targets = [root / WORKSPACE_CONFIG, root / TEMPLATE]
+    existing = [t.name for t in targets if t.exists()]
+    if existing and not force:
+        raise ConfigError(f"{', '.join(existing)} already in {root}; --force overwrites")
+    ensure_repository(root)
+    targets[0].write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    targets[1].write_text((resources.files("components") / "templates" / TEMPLATE).read_text())
+    if (root / ".git").exists():
+        commit_paths(root, [WORKSPACE_CONFIG, TEMPLATE], "medflow: workspace config and DVC stages")
+    console.print(f"Workspace ready in {root}: edit {WORKSPACE_CONFIG}, then `dvc repro` (or `medflow run --config {WORKSPACE_CONFIG}`)",
+                  markup=False, soft_wrap=True)
 
 
 def _dvc_file(config: Path | None, dataset: str | None) -> Path:

@@ -67,7 +67,7 @@ def ensure_repository(root: Path) -> None:
             conf["core"]["check_update"] = False
         repo.close()
     if own_git:  # medflow made this repository: record the project set-up as its first commit
-        _commit_paths(root, [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"], "medflow: initialise the DVC project")
+        commit_paths(root, [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"], "medflow: initialise the DVC project")
 
 
 @contextmanager
@@ -136,13 +136,13 @@ def _commit(root: Path, dvc_file: Path, message: str) -> str | None:
     paths = [str(dvc_file.relative_to(root))]
     if (dvc_file.parent / ".gitignore").exists():
         paths.append(str((dvc_file.parent / ".gitignore").relative_to(root)))
-    _commit_paths(root, paths, message)
+    commit_paths(root, paths, message)
     last = _git(root, "log", "-n", "1", "--format=%H", "--", paths[0])
     return last.stdout.strip() or None
 
 
-def _commit_paths(root: Path, paths: list[str], message: str) -> None:
-    """Commit these paths only (the user's other staged changes stay staged); nothing when unchanged."""
+def commit_paths(root: Path, paths: list[str], message: str) -> None:
+    """Commit these paths (relative to ``root``) only (the user's other staged changes stay staged); nothing when unchanged."""
     paths = [p for p in paths if (root / p).exists()]
     _git(root, "add", "--", *paths)
     if _git(root, "diff", "--cached", "--quiet", "--", *paths).returncode == 0:

@@ -147,3 +147,9 @@ def test_status_lists_runs_data_versions_and_champions(workspace, capsys):
     out = capsys.readouterr().out
     assert run.info.run_id[:8] in out and "abcdef01" in out and "0.910" in out
     assert "m: latest version 1, champion 1, previous-champion -" in out and "medflow-lock" not in out
+
+
+def test_a_segmentation_run_is_refused_before_any_work(workspace, capsys):
+    assert main(["run", "--set", "data.task=segmentation"]) == 1
+    assert "medflow run trains classifiers only; set data.task=classification" in capsys.readouterr().err
+    assert not (workspace / "data").exists()
