@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py --write
 	$(BIN)/python benchmarks/registry.py --write
 	$(BIN)/python benchmarks/evaluation.py --write
+	$(BIN)/python benchmarks/ingest.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
