@@ -181,8 +181,16 @@ class RegistryConfig(_Section):
     model_name: str = "medflow-classifier"
 
 
+STEPS = ("ingest", "validate", "train", "evaluate", "register", "promote")
+
+
 class RunConfig(_Section):
-    """A whole pipeline run."""
+    """A whole pipeline run.
+
+    ``placement`` sends steps to Prefect work pools (``{train: medflow-k8s}``): the
+    pipeline then runs that step's deployment ``medflow-<step>/<pool>`` and waits
+    for it. Unplaced steps run in the pipeline's own process.
+    """
 
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()
@@ -190,6 +198,16 @@ class RunConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig = RegistryConfig()
+    placement: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_steps(self) -> RunConfig:
+        for step in self.placement:
+            if step not in STEPS:
+                hint = difflib.get_close_matches(step, STEPS, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ValueError(f"unknown step {step!r} in placement; steps are {', '.join(STEPS)}{suggestion}")
+        return self
 
     def check_trainable(self) -> None:
         """Refuse, before any work, a run the training step cannot do.

@@ -121,7 +121,7 @@ def print_summary(summary) -> None:
     """The end-of-run summary: data version, MLflow run, key metrics, each gate, the champion."""
     console.print()
     console.print(f"[bold]Dataset[/]      {summary.dataset}: {summary.n_cases} images of {summary.n_patients} patients")
-    console.print(f"[bold]Data version[/] {summary.data_version} (DVC)")
+    console.print(f"[bold]Data version[/] {summary.data_version} (DVC{'; unchanged' if summary.data_unchanged else ''})")
     console.print(f"[bold]MLflow run[/]   {summary.run_id}")
     console.print(f"[bold]Model[/]        {summary.model_name} version {summary.version} (alias challenger)")
     if summary.reused:

@@ -1,14 +1,21 @@
-"""The retraining flow: ingest -> validate -> train -> evaluate -> register -> promote."""
+"""The retraining flow: ingest -> validate -> train -> evaluate -> register -> promote.
+
+Each step runs as a task in this flow's process unless the config places it on a
+work pool (``placement``); a placed step runs as its own flow's deployment
+(``medflow-<step>/<pool>``, see ``flows/steps.py`` and ``infra/prefect.yaml``).
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import flow
 
-from components import tasks
-from components.config import RunConfig
+from components import paths, tasks
+from components.config import RunConfig, load_config
+from components.errors import MedflowError
 from components.registry.gates import GateResult
 
 
@@ -29,6 +36,44 @@ class PipelineSummary:
     champion: str | None
     reason: str = ""
     reused: bool = False
+    data_unchanged: bool = False
+
+
+class PlacedStepFailed(MedflowError):
+    """A step placed on a work pool did not complete."""
+
+
+def run_placed(step: str, pool: str, parameters: dict):
+    """Run step ``step`` as deployment ``medflow-<step>/<pool>``, wait for it, return its result.
+
+    Raises:
+        PlacedStepFailed: the deployment does not exist, or its run did not complete.
+    """
+    from prefect.deployments import run_deployment  # noqa: PLC0415
+    from prefect.exceptions import ObjectNotFound  # noqa: PLC0415
+
+    name = f"medflow-{step}/{pool}"
+    try:
+        flow_run = run_deployment(name=name, parameters=parameters, timeout=None)
+    except ObjectNotFound as exc:
+        raise PlacedStepFailed(
+            f"step {step} is placed on work pool {pool}, but there is no deployment {name}: "
+            "register them with `prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml`"
+        ) from exc
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        status = state.name if state else "unknown"
+        raise PlacedStepFailed(f"step {step} on work pool {pool} ended {status}: {state.message if state else ''}".rstrip(": "))
+    return state.result()
+
+
+def _step(run_config: RunConfig, step: str, task, /, *, force: bool = False, **parameters):
+    """Run one step: in this process (cached task) or on its placed work pool."""
+    pool = run_config.placement.get(step)
+    if pool is None:
+        return task.with_options(**({"refresh_cache": True} if force else {}))(**parameters)
+    extra = {"force": force} if step in ("train", "evaluate", "register", "promote") else {}
+    return run_placed(step, pool, {"workspace": str(paths.workspace_root()), **parameters, **extra})
 
 
 @flow(name="medflow-retrain")
@@ -38,15 +83,17 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     With unchanged data, config and code the cached training, evaluation, registration
     and promotion are reused; ``force`` runs them again.
     """
-    fresh = {"refresh_cache": True} if force else {}
-    dataset = tasks.ingest(config)
-    report = tasks.validate(dataset, config)
-    trained_state = tasks.train.with_options(**fresh)(dataset, report, config, return_state=True)
-    trained = trained_state.result()
-    evaluation = tasks.evaluate.with_options(**fresh)(trained.run_id, dataset, config)
-    model = tasks.register.with_options(**fresh)(evaluation, dataset, config)
-    decision = tasks.promote.with_options(**fresh)(model, evaluation, dataset, config)
-    overall = json.loads(evaluation.report.read_text())["overall"]
+    dataset = _step(config, "ingest", tasks.ingest, config=config)
+    report = _step(config, "validate", tasks.validate, dataset=dataset, config=config)
+    if config.placement.get("train"):
+        trained, reused = _step(config, "train", tasks.train, force=force, dataset=dataset, validation_report=report, config=config), False
+    else:
+        state = tasks.train.with_options(**({"refresh_cache": True} if force else {}))(dataset, report, config, return_state=True)
+        trained, reused = state.result(), state.is_completed() and state.name == "Cached"
+    evaluation = _step(config, "evaluate", tasks.evaluate, force=force, run_id=trained.run_id, dataset=dataset, config=config)
+    model = _step(config, "register", tasks.register, force=force, evaluation=evaluation, dataset=dataset, config=config)
+    decision = _step(config, "promote", tasks.promote, force=force, model=model, evaluation=evaluation, dataset=dataset, config=config)
+    overall = json.loads(Path(evaluation.report).read_text())["overall"]
     return PipelineSummary(
         dataset=dataset.name,
         data_version=dataset.version,
@@ -60,5 +107,26 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
         promoted=decision.promoted,
         champion=decision.champion_after,
         reason=decision.reason,
-        reused=trained_state.is_completed() and trained_state.name == "Cached",
+        reused=reused,
+        data_unchanged=dataset.unchanged,
     )
+
+
+@flow(name="medflow-retrain-workspace")
+def retrain_workspace(
+    workspace: str = ".", config: str = "medflow.yaml", overrides: list[str] | None = None, force: bool = False
+) -> PipelineSummary:
+    """The deployments' entry point: retrain in ``workspace`` with its run config file.
+
+    Args:
+        workspace: folder holding ``medflow.yaml``, ``data/`` and ``.medflow/`` (shared storage for workers).
+        config: run config, relative to the workspace.
+        overrides: ``key=value`` overrides, as ``--set`` takes them.
+        force: retrain even when data, config and code are unchanged.
+    """
+    from flows.steps import enter_workspace  # noqa: PLC0415
+
+    enter_workspace(workspace)
+    cfg = load_config(Path(config), overrides=overrides or [])
+    cfg.check_trainable()
+    return retrain(cfg, force=force)
