@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -50,6 +51,8 @@ def ingest(
                   f"skipped {len(report['skipped'])} (report {report_path})", soft_wrap=True)
     for item in report["skipped"][:20]:
         console.print(f"  skipped {item['path']}: {item['reason']}", markup=False, soft_wrap=True)
+    if not result.unchanged and os.environ.get("PREFECT_API_URL"):
+        announce_data_version(result)
     if summary:
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps({"dataset": result.name, "data_version": result.version, "cases": result.n_cases,
@@ -83,6 +86,30 @@ def init(config: ConfigOption = None, set_: SetOption = None,
         commit_paths(root, [WORKSPACE_CONFIG, TEMPLATE], "medflow: workspace config and DVC stages")
     console.print(f"Workspace ready in {root}: edit {WORKSPACE_CONFIG}, then `dvc repro` (or `medflow run --config {WORKSPACE_CONFIG}`)",
                   markup=False, soft_wrap=True)
+
+
+DATA_VERSION_EVENT = "medflow.data.version.created"
+
+
+def announce_data_version(dataset) -> None:
+    """Emit the Prefect event ``medflow.data.version.created`` for a new data version.
+
+    The ``on-new-data`` deployment of ``infra/prefect.yaml`` has a trigger on it, so a
+    Prefect automation starts a retraining run in this workspace. Only ``medflow
+    ingest`` announces: a pipeline run trains on the version it ingested anyway.
+    """
+    from prefect.events import emit_event  # noqa: PLC0415
+
+    emit_event(
+        event=DATA_VERSION_EVENT,
+        resource={
+            "prefect.resource.id": f"medflow.dataset.{dataset.name}",
+            "medflow.workspace": str(paths.workspace_root()),
+            "medflow.data_version": dataset.version,
+        },
+        payload={"cases": dataset.n_cases, "patients": dataset.n_patients},
+    )
+    console.print(f"Announced {DATA_VERSION_EVENT} to the Prefect server", markup=False)
 
 
 def _dvc_file(config: Path | None, dataset: str | None) -> Path:

@@ -1,0 +1,179 @@
+"""A real ``prefect server start`` on 127.0.0.1: both work pools, infra/prefect.yaml deployed, a process worker.
+
+One module-scoped server and worker serve every test here; each test starts runs
+and waits for their final state through the Prefect client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SMALL = [
+    "data.n_patients=60", "data.image_size=32", "train.epochs=1", "evaluate.n_bootstrap=50",
+    "validation.min_group_size=1", "promotion.rules=[]", "promotion.non_inferiority=[]",
+]
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """Server, pools, deployments and a process worker; yields (environment, workspace)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    workspace = tmp_path_factory.mktemp("workspace")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "MEDFLOW"))}
+    env |= {
+        "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PATH": f"{BIN}:{env['PATH']}",
+        "MEDFLOW_SOURCE": str(REPO), "MEDFLOW_WORKSPACE": str(workspace),
+    }
+    logs = home / "logs"
+    logs.mkdir()
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/health", timeout=120, process=server)
+        run = lambda *args, cwd=REPO: subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)  # noqa: E731
+        for pool in (["medflow-local", "--type", "process"],
+                     ["medflow-k8s", "--type", "kubernetes", "--base-job-template",
+                      str(REPO / "infra" / "prefect" / "k8s-base-job-template.json")]):
+            done = run(str(BIN / "prefect"), "work-pool", "create", *pool)
+            assert done.returncode == 0, done.stdout + done.stderr
+        deployed = run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml")
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        init = run(str(BIN / "medflow"), "init", *[a for s in SMALL for a in ("--set", s)], cwd=workspace)
+        assert init.returncode == 0, init.stdout + init.stderr
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "medflow-local", "--type", "process"],
+                                  env=env, cwd=workspace, stdout=(logs / "worker.log").open("w"), stderr=subprocess.STDOUT)
+        yield env, workspace, run
+    finally:
+        for process in (worker, server):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def _client_call(env: dict, fn):
+    """Run ``fn(client)`` against the test server (the client reads PREFECT_API_URL from the settings)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def go():
+        async with get_client() as client:
+            return await fn(client)
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return asyncio.run(go())
+
+
+def _wait(env: dict, flow_run_id, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = _client_call(env, lambda c: c.read_flow_run(flow_run_id))
+        if run.state and run.state.type.value in FINAL:
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout} s")
+
+
+def _start(env: dict, deployment: str, parameters: dict | None = None):
+    async def go(client):
+        found = await client.read_deployment_by_name(deployment)
+        return await client.create_flow_run_from_deployment(found.id, parameters=parameters or {})
+
+    return _client_call(env, go)
+
+
+def _registered_versions(workspace: Path) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / '.medflow' / 'mlflow.db'}")
+    return sorted(str(v.version) for v in client.search_model_versions("name='medflow-demo-classifier'"))
+
+
+def test_pools_and_every_deployment_are_registered(prefect):
+    env, _, _ = prefect
+
+    async def read(client):
+        pools = {p.name: p.type for p in await client.read_work_pools()}
+        deployments = await client.read_deployments()
+        flows = {f.id: f.name for f in await client.read_flows()}
+        return pools, {f"{flows[d.flow_id]}/{d.name}": d for d in deployments}
+
+    pools, deployments = _client_call(env, read)
+    assert pools == {"medflow-local": "process", "medflow-k8s": "kubernetes"}
+    for step in ("ingest", "validate", "train", "evaluate", "register", "promote"):
+        assert deployments[f"medflow-{step}/medflow-local"].work_pool_name == "medflow-local"
+    assert deployments["medflow-train/medflow-k8s"].work_pool_name == "medflow-k8s"
+    weekly = deployments["medflow-retrain-workspace/weekly"]
+    assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"] and weekly.schedules[0].active
+    template = _client_call(env, lambda c: c.read_work_pool("medflow-k8s")).base_job_template
+    resources = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+
+
+def test_a_process_worker_runs_the_weekly_deployment_with_training_placed_on_its_pool(prefect):
+    env, workspace, _ = prefect
+    flow_run = _start(env, "medflow-retrain-workspace/weekly", {"overrides": ["placement.train=medflow-local"]})
+    finished = _wait(env, flow_run.id)
+    assert finished.state.type.value == "COMPLETED", finished.state.message
+    async def placed_runs(client):
+        deployment = await client.read_deployment_by_name("medflow-train/medflow-local")
+        return [r for r in await client.read_flow_runs() if r.deployment_id == deployment.id]
+
+    (placed,) = _client_call(env, placed_runs)  # the training step ran as its own deployment's flow run
+    assert placed.state.type.value == "COMPLETED" and placed.parameters["workspace"] == str(workspace)
+    assert _registered_versions(workspace) == ["1"]
+
+
+def test_a_placed_step_without_deployment_fails_the_run_cleanly(prefect):
+    env, workspace, _ = prefect
+    before = _registered_versions(workspace)
+    flow_run = _start(env, "medflow-retrain-workspace/weekly",
+                      {"overrides": ["placement.train=medflow-gpu-pool", "train.epochs=2"]})
+    finished = _wait(env, flow_run.id)
+    assert finished.state.type.value == "FAILED"
+    assert "no deployment medflow-train/medflow-gpu-pool" in finished.state.message
+    assert _registered_versions(workspace) == before  # nothing half-registered
+
+
+def test_a_new_data_version_triggers_a_retraining_run(prefect):
+    env, workspace, run = prefect
+    config = workspace / "medflow.yaml"
+    config.write_text(config.read_text().replace("n_patients: 60", "n_patients: 75"))
+    before = _registered_versions(workspace)
+    ingested = run(str(BIN / "medflow"), "ingest", "--config", "medflow.yaml", cwd=workspace)
+    assert ingested.returncode == 0 and "Announced medflow.data.version.created" in ingested.stdout, ingested.stderr
+
+    async def triggered(client):
+        found = await client.read_deployment_by_name("medflow-retrain-workspace/on-new-data")
+        return [r for r in await client.read_flow_runs() if r.deployment_id == found.id]
+
+    deadline = time.monotonic() + 120
+    while not (runs := _client_call(env, triggered)) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert runs, "the automation started no run"
+    finished = _wait(env, runs[0].id)
+    assert finished.state.type.value == "COMPLETED", finished.state.message
+    assert finished.parameters["workspace"] == str(workspace)
+    assert len(_registered_versions(workspace)) == len(before) + 1
+    summary = json.loads((workspace / ".medflow" / "ingest" / "demo-report.json").read_text())
+    assert summary["unchanged"]  # the triggered run found the version medflow ingest had made
