@@ -103,7 +103,7 @@ def main() -> int:
         versions = []
         register = _times(lambda i: versions.append(register_model(
             run_id=trained.run_id, data_version="v", temperature=evaluation.temperature,
-            report_path=evaluation.report, config=config).version), n)
+            report_path=evaluation.report, config=config, reuse_existing=False).version), n)
         model_uri = f"runs:/{trained.run_id}/model"
         bare_register = _times(lambda i: mlflow.register_model(model_uri, "bench-bare"), n)
 

@@ -79,10 +79,24 @@ def ingest_settings(config: RunConfig) -> IngestSettings:
     )
 
 
-def ingest_dataset(config: RunConfig) -> DatasetVersion:
-    """Ingest the configured source into ``data/<name>``, version it with DVC, push and commit it.
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A dataset folder written (or found unchanged) by ingestion, not yet versioned."""
 
-    Unchanged inputs do no work and keep the current data version.
+    name: str
+    manifest: Path
+    n_cases: int
+    n_patients: int
+    skipped: int
+    previous_version: str | None
+    pending_state: Path | None
+
+
+def prepare_dataset(config: RunConfig) -> PreparedDataset:
+    """Convert the configured source into ``data/<name>`` (incremental; no DVC, no network).
+
+    Unchanged inputs do no work: ``pending_state`` is then None and the current
+    data version stands.
     """
     d = config.data
     if d.format is SourceFormat.SYNTHETIC:
@@ -104,26 +118,50 @@ def ingest_dataset(config: RunConfig) -> DatasetVersion:
         state_file=state_file,
     )
     write_ingest_report(report, paths.medflow_home() / "ingest" / f"{d.name}-report.json")
-    if report.unchanged and before is not None and state.get("data_version") == before:
+    pending = None
+    if not (report.unchanged and before is not None and state.get("data_version") == before):
+        pending = state_file.with_name(f"{d.name}.pending.json")
+        save_state(pending, state, data_version="")
+    return PreparedDataset(
+        name=d.name, manifest=report.manifest, n_cases=report.n_cases, n_patients=report.n_patients,
+        skipped=len(report.skipped), previous_version=before, pending_state=pending,
+    )
+
+
+def version_prepared(prepared: PreparedDataset, config: RunConfig) -> DatasetVersion:
+    """``dvc add`` + push + commit a prepared dataset (the I/O half of ingestion; safe to retry)."""
+    if prepared.pending_state is None:
         return DatasetVersion(
-            name=d.name, manifest=report.manifest, version=before, n_cases=report.n_cases,
-            n_patients=report.n_patients, previous_version=before, unchanged=True,
+            name=prepared.name, manifest=prepared.manifest, version=str(prepared.previous_version),
+            n_cases=prepared.n_cases, n_patients=prepared.n_patients,
+            previous_version=prepared.previous_version, unchanged=True,
         )
-    manifest = load_manifest(report.manifest)
+    manifest = load_manifest(prepared.manifest)
     meta = {
         "cases": int(len(manifest)), "patients": int(manifest["patient_id"].nunique()),
         **{f"{split}_cases": int(n) for split, n in manifest["split"].value_counts().sort_index().items()},
-        "skipped": len(report.skipped),
+        "skipped": prepared.skipped,
     }
     version = version_dataset(
-        paths.workspace_root(), dataset_dir, remote=d.remote or str(paths.dvc_remote_default()), meta=meta
+        paths.workspace_root(), prepared.manifest.parent,
+        remote=config.data.remote or str(paths.dvc_remote_default()), meta=meta,
     )
-    save_state(state_file, state, data_version=version.version)
+    state = json.loads(prepared.pending_state.read_text())
+    save_state(prepared.pending_state.with_name(f"{prepared.name}.json"), state, data_version=version.version)
+    prepared.pending_state.unlink()
     return DatasetVersion(
-        name=d.name, manifest=report.manifest, version=version.version,
-        n_cases=report.n_cases, n_patients=report.n_patients, previous_version=before,
-        unchanged=version.version == before,
+        name=prepared.name, manifest=prepared.manifest, version=version.version,
+        n_cases=prepared.n_cases, n_patients=prepared.n_patients, previous_version=prepared.previous_version,
+        unchanged=version.version == prepared.previous_version,
     )
+
+
+def ingest_dataset(config: RunConfig) -> DatasetVersion:
+    """Ingest the configured source into ``data/<name>``, version it with DVC, push and commit it.
+
+    Unchanged inputs do no work and keep the current data version.
+    """
+    return version_prepared(prepare_dataset(config), config)
 
 
 def previous_manifest(dataset: DatasetVersion) -> pd.DataFrame | None:

@@ -71,6 +71,8 @@ def _step(run_config: RunConfig, step: str, task, /, *, force: bool = False, **p
     """Run one step: in this process (cached task) or on its placed work pool."""
     pool = run_config.placement.get(step)
     if pool is None:
+        if not hasattr(task, "with_options"):  # ingestion: a function of two tasks
+            return task(**parameters)
         return task.with_options(**({"refresh_cache": True} if force else {}))(**parameters)
     extra = {"force": force} if step in ("train", "evaluate", "register", "promote") else {}
     return run_placed(step, pool, {"workspace": str(paths.workspace_root()), **parameters, **extra})

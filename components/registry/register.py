@@ -52,9 +52,14 @@ def _requirements() -> list[str]:
 
 
 def register_model(
-    *, run_id: str, data_version: str, temperature: float, report_path: Path, config: RunConfig
+    *, run_id: str, data_version: str, temperature: float, report_path: Path, config: RunConfig,
+    reuse_existing: bool = True,
 ) -> RegisteredModel:
     """Log the run's checkpoint as a pyfunc, register it, tag it, alias it ``challenger``.
+
+    Registration is idempotent per training run: when a version of the model already
+    comes from ``run_id`` (a retried or repeated call), that version is tagged and
+    aliased again instead of registering a duplicate.
 
     Args:
         run_id: the training run (holds ``checkpoint/``).
@@ -62,10 +67,34 @@ def register_model(
         temperature: fitted on the validation split; applied by the served model.
         report_path: report.json of the evaluation, for the key-metric tags.
         config: the run config (``registry`` section, config hash).
+        reuse_existing: reuse a version registered earlier from the same run.
     """
     use_experiment(config.registry.experiment)
     client = MlflowClient()
     report = json.loads(report_path.read_text())
+    name = config.registry.model_name
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if reuse_existing else []
+    if existing:
+        version = str(min(int(v.version) for v in existing))
+    else:
+        version = _log_and_register(client, run_id=run_id, temperature=temperature, config=config)
+    tags = {
+        lineage.TAG_DATA_VERSION: data_version,
+        lineage.TAG_DATASET: config.data.name,
+        lineage.TAG_CONFIG_HASH: config.config_hash(),
+        lineage.TAG_CODE_VERSION: lineage.code_version(),
+        "medflow.temperature": f"{temperature:.4f}",
+        **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in TAGGED_METRICS},
+        **{f"medflow.{a}_auc_gap": str(f["auc_gap"]) for a, f in report["fairness"].items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, ALIAS_CHALLENGER, version)
+    return RegisteredModel(name=name, version=version, run_id=run_id)
+
+
+def _log_and_register(client: MlflowClient, *, run_id: str, temperature: float, config: RunConfig) -> str:
+    """Log the run's checkpoint as the pyfunc model and register it; the new version."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_DIR, dst_path=tmp))
         description = json.loads((checkpoint / "model.json").read_text())
@@ -88,18 +117,4 @@ def register_model(
                 pip_requirements=_requirements(),
                 registered_model_name=config.registry.model_name,
             )
-    version = str(info.registered_model_version)
-    name = config.registry.model_name
-    tags = {
-        lineage.TAG_DATA_VERSION: data_version,
-        lineage.TAG_DATASET: config.data.name,
-        lineage.TAG_CONFIG_HASH: config.config_hash(),
-        lineage.TAG_CODE_VERSION: lineage.code_version(),
-        "medflow.temperature": f"{temperature:.4f}",
-        **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in TAGGED_METRICS},
-        **{f"medflow.{a}_auc_gap": str(f["auc_gap"]) for a, f in report["fairness"].items()},
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, ALIAS_CHALLENGER, version)
-    return RegisteredModel(name=name, version=version, run_id=run_id)
+    return str(info.registered_model_version)

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from components import tasks
 from components.config import load_config
+from components.errors import IngestError
 from components.steps import DatasetVersion
-from components.tasks import step_cache_key
+from components.tasks import is_transient, step_cache_key
 
 
 def _key(task: str, version: str, *overrides: str) -> str:
@@ -20,3 +25,45 @@ def test_cache_keys_are_explicit_values(workspace):
     assert _key("train", "v1") != _key("train", "v1", "train.epochs=1")  # new config
     assert _key("train", "v1") != _key("evaluate", "v1")  # another step
     assert _key("train", "v1").startswith("train-v1-")
+
+
+class _HttpError(Exception):
+    """Stands for an exception of an HTTP client library."""
+
+
+_HttpError.__module__ = "requests.exceptions"
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), True),
+        (TimeoutError("read timed out"), True),
+        (OSError(errno.ECONNRESET, "reset"), True),
+        (_HttpError("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded"), True),
+        (_HttpError("404 Client Error: Not Found"), False),
+        (ValueError("shapes do not match"), False),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (IngestError("DVC could not version data/demo: push failed"), False),
+    ],
+)
+def test_only_transient_io_failures_are_retried(exc, transient):
+    assert is_transient(exc) is transient
+
+
+def test_transient_causes_are_found_through_wrappers():
+    try:
+        try:
+            raise ConnectionResetError(errno.ECONNRESET, "reset by peer")
+        except ConnectionResetError as inner:
+            raise IngestError("DVC could not version data/demo") from inner
+    except IngestError as outer:
+        assert is_transient(outer)
+
+
+def test_io_steps_retry_with_backoff_and_computation_never():
+    for io_task in (tasks.version, tasks.register):
+        assert io_task.retries == tasks.RETRIES and io_task.retry_condition_fn is tasks.retry_transient
+        assert io_task.retry_delay_seconds == [2, 4, 8]
+    for compute in (tasks.prepare, tasks.validate, tasks.train, tasks.evaluate, tasks.promote):
+        assert not compute.retries

@@ -43,6 +43,11 @@ def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset)
     assert version.tags[lineage.TAG_CONFIG_HASH] == config.config_hash()
     assert version.tags[lineage.TAG_CODE_VERSION]
     assert str(client.get_model_version_by_alias("tiny", ALIAS_CHALLENGER).version) == model.version
+    # a retried registration of the same run reuses its version: no duplicate
+    again = register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
+                           report_path=evaluation.report, config=config)
+    assert again.version == model.version
+    assert [str(v.version) for v in client.search_model_versions("name='tiny'")] == [model.version]
 
     test = manifest[manifest["split"] == "test"].head(5)
     images = np.stack([nib.load(small_dataset.parent / p).get_fdata(dtype=np.float32) for p in test["image"]])
