@@ -19,6 +19,7 @@ from components import paths
 from components.config import load_config
 from components.errors import MedflowError
 from flows.cli_data import data_app, ingest, init
+from flows.cli_ui import ui
 
 app = typer.Typer(
     add_completion=False,
@@ -31,6 +32,7 @@ err = Console(stderr=True)
 app.add_typer(data_app, name="data")
 app.command()(ingest)
 app.command()(init)
+app.command()(ui)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set train.epochs=2.")]
@@ -136,8 +138,7 @@ def print_summary(summary) -> None:
         held = f"version {summary.champion}" if summary.champion else "no version"
         console.print(f"[bold red]Not promoted[/]: {summary.model_name}@champion stays at {held}")
         console.print(f"Reason: {summary.reason}", markup=False, soft_wrap=True)
-    uri = paths.tracking_uri()
-    console.print(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    console.print("Dashboards: medflow ui (MLflow and Prefect, this workspace's runs)")
 
 
 @app.command()
