@@ -13,29 +13,26 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
+from typing import TYPE_CHECKING
+
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from components import lineage, paths
 from components.config import RunConfig, SourceFormat
 from components.data.ingest import (
-    IngestSettings, default_workers, ingest_export, load_manifest, save_state, write_ingest_report,
+    IngestSettings, default_workers, ingest_export, load_manifest, save_state, unchanged_version, write_ingest_report,
 )
 from components.data.sources import load_salt
 from components.data.synthetic import generate_export
 from components.data.versioning import list_versions, read_file_at, read_version, version_dataset
 from components.errors import DataValidationError, RegistryError
-from components.evaluation.evaluate_model import ModelEvaluation, evaluate_run
-from components.evaluation.evaluate_model import REPORT_DIR
-from components.registry.card import model_card_markdown, write_model_card
-from components.registry.noninferiority import comparison_gates
-from components.registry.promote import PromotionDecision, check_version, current_champion, decide_promotion
-from components.registry.register import RegisteredModel, register_model
-from components.training.loop import TrainResult, train_classifier
-from components.tracking import use_experiment
 from components.validation.expectations import ValidationReport, validate_manifest
+
+if TYPE_CHECKING:  # the model steps import torch, MONAI and MLflow only when they run
+    from components.evaluation.evaluate_model import ModelEvaluation
+    from components.registry.promote import PromotionDecision
+    from components.registry.register import RegisteredModel
+    from components.training.loop import TrainResult
 
 
 logger = logging.getLogger("medflow.steps")
@@ -54,15 +51,32 @@ class DatasetVersion:
     unchanged: bool = False
 
 
-def _synthetic_export(config: RunConfig) -> tuple[Path, Path]:
-    """The demo's hospital export for these knobs, generated once under ``.medflow/exports``."""
+def _source(config: RunConfig, *, generate: bool = True) -> tuple[Path, Path]:
+    """Export folder and labels CSV of the configured source; the synthetic demo export is generated
+    once under ``.medflow/exports`` (when ``generate``)."""
     d = config.data
+    if d.format is not SourceFormat.SYNTHETIC:
+        return Path(d.source), Path(d.labels or Path(d.source) / "labels.csv")
     knobs = json.dumps([d.n_patients, d.image_size, d.bias, d.seed])
     folder = paths.medflow_home() / "exports" / f"{d.name}-{hashlib.sha256(knobs.encode()).hexdigest()[:10]}"
     labels = folder / "labels.csv"
-    if not labels.exists():
+    if generate and not labels.exists():
         generate_export(folder, n_patients=d.n_patients, image_size=d.image_size, bias=d.bias, seed=d.seed)
     return folder, labels
+
+
+def unchanged_data_version(config: RunConfig) -> str | None:
+    """The current data version when the configured inputs are unchanged since it was made (hashing only), else None."""
+    source, labels = _source(config, generate=False)
+    dvc_file = paths.data_root() / f"{config.data.name}.dvc"
+    if not dvc_file.exists():
+        return None
+    version = unchanged_version(
+        source=source, labels_csv=labels, dataset_dir=paths.data_root() / config.data.name,
+        settings=ingest_settings(config), salt=load_salt(paths.medflow_home() / "secrets" / "pseudonym.key"),
+        state_file=paths.medflow_home() / "ingest" / f"{config.data.name}.json",
+    )
+    return version if version is not None and version == read_version(dvc_file) else None
 
 
 def ingest_settings(config: RunConfig) -> IngestSettings:
@@ -99,10 +113,7 @@ def prepare_dataset(config: RunConfig) -> PreparedDataset:
     data version stands.
     """
     d = config.data
-    if d.format is SourceFormat.SYNTHETIC:
-        source, labels = _synthetic_export(config)
-    else:
-        source, labels = Path(d.source), Path(d.labels or Path(d.source) / "labels.csv")
+    source, labels = _source(config)
     dataset_dir = paths.data_root() / d.name
     dvc_file = dataset_dir.with_name(d.name + ".dvc")
     before = read_version(dvc_file) if dvc_file.exists() else None
@@ -221,6 +232,9 @@ def describe_failures(title: str, report: ValidationReport, path: Path | None) -
 
 def train_model(dataset: DatasetVersion, validation_report: Path, config: RunConfig) -> TrainResult:
     """Train on the dataset and attach its validation report to the run."""
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from components.training.loop import train_classifier  # noqa: PLC0415
+    from components.tracking import use_experiment  # noqa: PLC0415
     result = train_classifier(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
     use_experiment(config.registry.experiment)
     client = MlflowClient()
@@ -233,6 +247,7 @@ def train_model(dataset: DatasetVersion, validation_report: Path, config: RunCon
 
 def evaluate_model(run_id: str, dataset: DatasetVersion, config: RunConfig) -> ModelEvaluation:
     """Evaluate the run's checkpoint on the test split (report under ``.medflow/runs/<run_id>``)."""
+    from components.evaluation.evaluate_model import evaluate_run  # noqa: PLC0415
     return evaluate_run(
         run_id=run_id, manifest_path=dataset.manifest, config=config,
         out_dir=paths.medflow_home() / "runs" / run_id,
@@ -241,6 +256,7 @@ def evaluate_model(run_id: str, dataset: DatasetVersion, config: RunConfig) -> M
 
 def register(evaluation: ModelEvaluation, dataset: DatasetVersion, config: RunConfig) -> RegisteredModel:
     """Register the evaluated model as the ``challenger``."""
+    from components.registry.register import register_model  # noqa: PLC0415
     return register_model(
         run_id=evaluation.run_id, data_version=dataset.version, temperature=evaluation.temperature,
         report_path=evaluation.report, config=config,
@@ -264,6 +280,10 @@ def promote_version(
         evaluation_dir: the version's ``report.json``, ``predictions.parquet`` and ``calibration.json``.
         manifest: the test set's manifest, for the champion to predict the same cases (None: unavailable).
     """
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from components.registry.card import model_card_markdown, write_model_card  # noqa: PLC0415
+    from components.registry.noninferiority import comparison_gates  # noqa: PLC0415
+    from components.registry.promote import check_version, current_champion, decide_promotion  # noqa: PLC0415
     client = MlflowClient()
     check_version(client, model_name, version)
     champion = current_champion(client, model_name)
@@ -304,6 +324,7 @@ def promote_version(
 
 def promote(model: RegisteredModel, evaluation: ModelEvaluation, dataset: DatasetVersion, config: RunConfig) -> PromotionDecision:
     """Apply the promotion policy to the challenger the pipeline just registered."""
+    from components.tracking import use_experiment  # noqa: PLC0415
     use_experiment(config.registry.experiment)
     return promote_version(
         model_name=model.name, version=model.version, config=config,
@@ -314,6 +335,11 @@ def promote(model: RegisteredModel, evaluation: ModelEvaluation, dataset: Datase
 def promote_registered(*, model_name: str, version: str, config: RunConfig) -> PromotionDecision:
     """Promote a version registered earlier: its evaluation comes from its run's artifacts,
     its test set from ``data/<dataset>`` when the workspace holds that data version."""
+    import mlflow  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from components.evaluation.evaluate_model import REPORT_DIR  # noqa: PLC0415
+    from components.registry.promote import check_version  # noqa: PLC0415
     mlflow.set_tracking_uri(paths.tracking_uri())
     client = MlflowClient()
     check_version(client, model_name, version)

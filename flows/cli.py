@@ -94,25 +94,32 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Retrain even when data, config and code are unchanged.")] = False,
     summary: Annotated[Path | None, typer.Option(help="Write the run's summary (versions, metrics, gates) as JSON here.")] = None,
 ) -> None:
-    """Run the whole retraining pipeline as a Prefect flow."""
+    """Run the whole retraining pipeline as a Prefect flow.
+
+    With the same data, config and code as a completed run (and its model still
+    registered), nothing needs doing: the run's summary is shown and no flow starts.
+    """
+    import json  # noqa: PLC0415
     import logging  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])
     cfg.check_trainable()
-    use_embedded_prefect()
-    from flows.pipeline import retrain  # noqa: PLC0415 (Prefect reads its settings at import)
+    from flows.summary import reusable_summary, save_summary  # noqa: PLC0415
 
-    if os.environ.get("MEDFLOW_DEBUG") != "1":
-        for name in ("prefect.task_runs", "prefect.flow_runs"):
-            logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
-    result = retrain(cfg, force=force)
+    result = None if force or cfg.placement else reusable_summary(cfg)
+    if result is None:
+        use_embedded_prefect()
+        from flows.pipeline import retrain  # noqa: PLC0415 (Prefect reads its settings at import)
+
+        if os.environ.get("MEDFLOW_DEBUG") != "1":
+            for name in ("prefect.task_runs", "prefect.flow_runs"):
+                logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+        result = retrain(cfg, force=force)
+        save_summary(cfg, result)
     print_summary(result)
     if summary:
-        import dataclasses  # noqa: PLC0415
-        import json  # noqa: PLC0415
-
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
+        summary.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
 
 
 def _num(value: float | None) -> str:
@@ -126,7 +133,10 @@ def print_summary(summary) -> None:
     console.print(f"[bold]Data version[/] {summary.data_version} (DVC{'; unchanged' if summary.data_unchanged else ''})")
     console.print(f"[bold]MLflow run[/]   {summary.run_id}")
     console.print(f"[bold]Model[/]        {summary.model_name} version {summary.version} (alias challenger)")
-    if summary.reused:
+    if summary.reused and summary.finished:
+        console.print(f"[bold]Nothing changed[/] since the run that finished {summary.finished}: same data version, "
+                      "config and code, so no flow was started and nothing was registered (--force retrains)")
+    elif summary.reused:
         console.print("[bold]Reused[/]       data, config and code are unchanged: training, evaluation, registration "
                       "and promotion come from the cache (--force retrains)")
     metrics = "  ".join(f"{k} {v:.3f}" for k, v in summary.metrics.items() if v is not None)

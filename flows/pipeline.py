@@ -8,7 +8,6 @@ work pool (``placement``); a placed step runs as its own flow's deployment
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow
@@ -16,27 +15,7 @@ from prefect import flow
 from components import paths, tasks
 from components.config import RunConfig, load_config
 from components.errors import MedflowError
-from components.registry.gates import GateResult
-
-
-@dataclass(frozen=True)
-class PipelineSummary:
-    """What a retraining run produced."""
-
-    dataset: str
-    data_version: str
-    n_cases: int
-    n_patients: int
-    run_id: str
-    model_name: str
-    version: str
-    metrics: dict
-    gates: tuple[GateResult, ...]
-    promoted: bool
-    champion: str | None
-    reason: str = ""
-    reused: bool = False
-    data_unchanged: bool = False
+from flows.summary import PipelineSummary
 
 
 class PlacedStepFailed(MedflowError):

@@ -221,6 +221,54 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def _hash_inputs(source: Path, labels_csv: Path, settings: IngestSettings, salt: bytes, state: dict):
+    """Labels, row problems, content hash per input, refreshed hash cache, and the fingerprint of it all."""
+    if not source.is_dir():
+        raise IngestError(f"source folder {source} does not exist or is not a folder")
+    labels, row_problems = read_labels(labels_csv, settings=settings)
+    cache, hashes, inputs = state.get("hashes", {}), {}, {}
+    problems: dict[int, list[str]] = {}
+    for i, message in row_problems:
+        problems.setdefault(i, []).append(message)
+    for i, rec in labels.iterrows():
+        if i in problems:
+            continue
+        paths = [("path", rec["path"])] + ([("label", rec["label"])] if settings.task == "segmentation" else [])
+        for column, rel in paths:
+            full = source / rel
+            if not full.exists():
+                problems.setdefault(i, []).append(f"{labels_csv} row {i + 2}: {rel}: file not found")
+            elif column == "path":
+                inputs[rel] = content_hash(full, cache, hashes)
+            else:
+                inputs[rel] = inputs.get(rec["path"], "") + ":" + content_hash(full, cache, hashes)
+    return labels, problems, inputs, hashes, _fingerprint(settings, salt, labels_csv, inputs)
+
+
+def _matches_state(state: dict, fingerprint: str, manifest_path: Path) -> bool:
+    return (state.get("fingerprint") == fingerprint and manifest_path.exists()
+            and hashlib.sha256(manifest_path.read_bytes()).hexdigest() == state.get("manifest_sha256"))
+
+
+def unchanged_version(
+    *, source: Path, labels_csv: Path, dataset_dir: Path, settings: IngestSettings, salt: bytes, state_file: Path
+) -> str | None:
+    """The data version an ingest would keep, when the inputs are unchanged since it was made; else None.
+
+    Hashing only (sizes and mtimes spare re-reading unchanged files): nothing is converted or written.
+    """
+    state = _load_state(state_file)
+    if not state.get("data_version") or not labels_csv.exists():
+        return None
+    try:
+        _, problems, _, _, fingerprint = _hash_inputs(source, labels_csv, settings, salt, state)
+    except IngestError:
+        return None
+    if problems or not _matches_state(state, fingerprint, dataset_dir / "manifest.parquet"):
+        return None
+    return str(state["data_version"])
+
+
 def ingest_export(
     *,
     source: Path,
@@ -250,38 +298,18 @@ def ingest_export(
     Raises:
         IngestError: naming every file or row that could not be ingested.
     """
-    if not source.is_dir():
-        raise IngestError(f"source folder {source} does not exist or is not a folder")
-    labels, row_problems = read_labels(labels_csv, settings=settings)
     state = _load_state(state_file)
-    cache, hashes, inputs = state.get("hashes", {}), {}, {}
-    problems: dict[int, list[str]] = {}
-    for i, message in row_problems:
-        problems.setdefault(i, []).append(message)
-    for i, rec in labels.iterrows():
-        if i in problems:
-            continue
-        paths = [("path", rec["path"])] + ([("label", rec["label"])] if settings.task == "segmentation" else [])
-        for column, rel in paths:
-            full = source / rel
-            if not full.exists():
-                problems.setdefault(i, []).append(f"{labels_csv} row {i + 2}: {rel}: file not found")
-            elif column == "path":
-                inputs[rel] = content_hash(full, cache, hashes)
-            else:
-                inputs[rel] = inputs.get(rec["path"], "") + ":" + content_hash(full, cache, hashes)
-    fingerprint = _fingerprint(settings, salt, labels_csv, inputs)
+    labels, problems, inputs, hashes, fingerprint = _hash_inputs(source, labels_csv, settings, salt, state)
     manifest_path = dataset_dir / "manifest.parquet"
-    if not problems and state.get("fingerprint") == fingerprint and manifest_path.exists():
+    if not problems and _matches_state(state, fingerprint, manifest_path):
         manifest = load_manifest(manifest_path)
-        if hashlib.sha256(manifest_path.read_bytes()).hexdigest() == state.get("manifest_sha256"):
-            audit = json.loads((dataset_dir / "deid_audit.json").read_text()) if (dataset_dir / "deid_audit.json").exists() else {}
-            report = IngestReport(
-                dataset_dir=dataset_dir, manifest=manifest_path, n_cases=len(manifest),
-                n_patients=manifest["patient_id"].nunique(), removed_tags=audit.get("removed_tags", {}),
-                unchanged=True, reused=len(manifest),
-            )
-            return report, state
+        audit = json.loads((dataset_dir / "deid_audit.json").read_text()) if (dataset_dir / "deid_audit.json").exists() else {}
+        report = IngestReport(
+            dataset_dir=dataset_dir, manifest=manifest_path, n_cases=len(manifest),
+            n_patients=manifest["patient_id"].nunique(), removed_tags=audit.get("removed_tags", {}),
+            unchanged=True, reused=len(manifest),
+        )
+        return report, state
     previous = load_manifest(manifest_path) if manifest_path.exists() else None
     staging = dataset_dir.parent / f".{dataset_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)

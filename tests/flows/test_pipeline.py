@@ -44,9 +44,15 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert "Data version" in first.stdout and "MLflow run" in first.stdout
     assert (tmp_path / "data" / "demo.dvc").is_file() and (tmp_path / ".git").is_dir()
 
-    again = _run(tmp_path)  # nothing changed: every cached step is reused, nothing is registered
+    again = _run(tmp_path)  # nothing changed: the completed run's summary answers, no flow starts
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Reused" in again.stdout and "version 1 (alias challenger)" in again.stdout
+    assert "Nothing changed since the run that finished" in again.stdout and "version 1 (alias challenger)" in again.stdout
+    assert "Starting temporary server" not in again.stdout + again.stderr
+    for record in (tmp_path / ".medflow" / "runs").glob("summary-*.json"):
+        record.unlink()  # without the record the flow runs, and every cached step is reused
+    cached = _run(tmp_path)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert "Reused" in cached.stdout and "version 1 (alias challenger)" in cached.stdout
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
     champion = mlflow.pyfunc.load_model("models:/medflow-demo-classifier@champion")

@@ -1,0 +1,87 @@
+"""What a retraining run produced, kept per (data version, config, code, tracking store).
+
+``medflow run`` with nothing changed since a completed run answers from this record
+instead of starting a flow: the same work would be reused from the cache anyway.
+Plain Python (no Prefect), so that the check costs a few file reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from components import lineage, paths
+from components.config import RunConfig
+from components.registry.gates import GateResult
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    """What a retraining run produced."""
+
+    dataset: str
+    data_version: str
+    n_cases: int
+    n_patients: int
+    run_id: str
+    model_name: str
+    version: str
+    metrics: dict
+    gates: tuple[GateResult, ...]
+    promoted: bool
+    champion: str | None
+    reason: str = ""
+    reused: bool = False
+    data_unchanged: bool = False
+    finished: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PipelineSummary:
+        return cls(**{**data, "gates": tuple(GateResult(**g) for g in data["gates"])})
+
+
+def _record(config: RunConfig, data_version: str) -> Path:
+    key = "-".join([data_version, config.config_hash(), lineage.code_version(), paths.tracking_uri()])
+    return paths.medflow_home() / "runs" / f"summary-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def save_summary(config: RunConfig, summary: PipelineSummary) -> Path:
+    """Keep a completed run's summary under ``.medflow/runs/``."""
+    path = _record(config, summary.data_version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamped = dataclasses.replace(summary, finished=summary.finished or datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    path.write_text(json.dumps(stamped.to_dict(), indent=2, default=str) + "\n")
+    return path
+
+
+def reusable_summary(config: RunConfig) -> PipelineSummary | None:
+    """The summary of a completed run with the same data version, config, code and tracking store, if
+    the data is unchanged and its model version is still registered; else None (run the flow)."""
+    from components.steps import unchanged_data_version  # noqa: PLC0415
+
+    version = unchanged_data_version(config)
+    if version is None:
+        return None
+    path = _record(config, version)
+    if not path.exists():
+        return None
+    summary = PipelineSummary.from_dict(json.loads(path.read_text()))
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(paths.tracking_uri())
+    try:
+        registered = client.get_model_version(summary.model_name, summary.version)
+        champion = client.get_model_version_by_alias(summary.model_name, "champion").version
+    except MlflowException:
+        return None
+    if registered.tags.get(lineage.TAG_DATA_VERSION) != version:
+        return None
+    return dataclasses.replace(summary, reused=True, data_unchanged=True, champion=str(champion))
