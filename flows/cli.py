@@ -75,6 +75,33 @@ def use_embedded_prefect() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+class ServerUnavailable(MedflowError):
+    """A server named by the environment does not answer."""
+
+
+def check_prefect_server(timeout_s: float = 10.0) -> None:
+    """With ``PREFECT_API_URL`` set, fail at once, in one line, when that server does not answer."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        return
+    try:
+        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=timeout_s) as answer:
+            if answer.status == 200:
+                return
+            reason = f"HTTP {answer.status}"
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # it answers; authentication is Prefect's to report
+            return
+        reason = f"HTTP {exc.code}"
+    except OSError as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise ServerUnavailable(f"the Prefect server at {api} does not answer ({reason}); start it, or unset "
+                            "PREFECT_API_URL to run on the embedded server")
+
+
 class _UserErrorsWithoutTraceback:
     """Logging filter: Prefect logs a failed task with its traceback; for a
     MedflowError (bad input, failed validation) the message alone says it all."""
@@ -108,6 +135,7 @@ def run(
 
     result = None if force or cfg.placement else reusable_summary(cfg)
     if result is None:
+        check_prefect_server()
         use_embedded_prefect()
         from flows.pipeline import retrain  # noqa: PLC0415 (Prefect reads its settings at import)
 

@@ -153,3 +153,14 @@ def test_a_segmentation_run_is_refused_before_any_work(workspace, capsys):
     assert main(["run", "--set", "data.task=segmentation"]) == 1
     assert "medflow run trains classifiers only; set data.task=classification" in capsys.readouterr().err
     assert not (workspace / "data").exists()
+
+
+def test_a_prefect_server_that_does_not_answer_is_one_line(workspace, monkeypatch, capsys):
+    from tests.integration.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    assert main(["run", "--set", "data.n_patients=20"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"medflow: error: the Prefect server at {url} does not answer (")
+    assert len(err.splitlines()) == 1 and not (workspace / "data").exists()

@@ -177,3 +177,31 @@ def test_a_new_data_version_triggers_a_retraining_run(prefect):
     assert len(_registered_versions(workspace)) == len(before) + 1
     summary = json.loads((workspace / ".medflow" / "ingest" / "demo-report.json").read_text())
     assert summary["unchanged"]  # the triggered run found the version medflow ingest had made
+
+
+def test_a_run_cancelled_mid_training_registers_nothing_and_the_next_run_is_clean(prefect):
+    from mlflow.tracking import MlflowClient
+    from prefect.states import Cancelling
+
+    env, workspace, _ = prefect
+    before = _registered_versions(workspace)
+    flow_run = _start(env, "medflow-retrain-workspace/weekly", {"overrides": ["train.epochs=300"]})
+
+    async def training(client):
+        return [t for t in await client.read_task_runs() if t.name.startswith("train") and t.state and t.state.is_running()]
+
+    deadline = time.monotonic() + 180
+    while not _client_call(env, training) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _client_call(env, training), "training never started"
+    _client_call(env, lambda c: c.set_flow_run_state(flow_run.id, Cancelling(), force=True))
+    finished = _wait(env, flow_run.id)
+    assert finished.state.type.value == "CANCELLED"
+    assert _registered_versions(workspace) == before  # nothing half-registered
+    tracking = MlflowClient(f"sqlite:///{workspace / '.medflow' / 'mlflow.db'}")
+    experiment = tracking.get_experiment_by_name("medflow-demo")
+    assert not tracking.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+
+    later = _start(env, "medflow-retrain-workspace/weekly", {"overrides": ["train.epochs=2"]})
+    assert _wait(env, later.id).state.type.value == "COMPLETED"
+    assert len(_registered_versions(workspace)) == len(before) + 1
