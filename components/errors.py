@@ -21,6 +21,12 @@ class IngestError(MedflowError):
     """A source folder, labels file or image that cannot be ingested."""
 
 
+class BadInputData(IngestError):
+    """Rows or files of an export that cannot be ingested, all listed; no data version is written."""
+
+    exit_code = 2
+
+
 class DataValidationError(MedflowError):
     """A dataset that failed its expectation suite; training must not start."""
 

@@ -31,7 +31,7 @@ from rich.progress import track
 
 from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, pseudonymise
 from components.data.splits import assign_splits
-from components.errors import IngestError
+from components.errors import BadInputData, IngestError
 
 REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("patient_id", "sex", "age", "race", "site")
@@ -107,7 +107,7 @@ def _raise_problems(problems: list[str]) -> None:
     if problems:
         shown = problems[:MAX_LISTED_PROBLEMS]
         more = f"\n... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise IngestError(f"{len(problems)} problem(s) in the input:\n" + "\n".join(shown) + more)
+        raise BadInputData(f"{len(problems)} problem(s) in the input:\n" + "\n".join(shown) + more)
 
 
 def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataFrame, list[tuple[int, str]]]:
@@ -358,6 +358,15 @@ def _build(
             problems.setdefault(job.row, []).extend(result)
         else:
             converted[job.row] = result
+    first_row_of: dict[str, int] = {}
+    for i, c in sorted(converted.items()):
+        if c.case_id in first_row_of:  # the same DICOM instance (or series) listed twice, maybe in two syntaxes
+            problems.setdefault(i, []).append(
+                f"{labels_csv} row {i + 2}: {labels.at[i, 'path']} is the same image as row "
+                f"{first_row_of[c.case_id] + 2} ({labels.at[first_row_of[c.case_id], 'path']}): same SOP/Series Instance UID"
+            )
+        else:
+            first_row_of[c.case_id] = i
     for i, c in converted.items():
         if not c.raw_patient_id and pd.isna(labels.at[i, "patient_id"] if "patient_id" in labels.columns else None):
             problems.setdefault(i, []).append(f"{source / labels.at[i, 'path']}: no PatientID in the header and no patient_id in the labels")

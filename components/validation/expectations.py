@@ -26,6 +26,10 @@ from components.validation import checks
 REQUIRED_COLUMNS = ("case_id", "patient_id", "split", "image", "label", "sha256", "nan_count")
 NOT_NULL = ("case_id", "patient_id", "split", "image", "label")
 MAX_EXAMPLES = 10
+INTEGER_TYPES = ["int64", "int32", "int16", "int8", "Int64", "Int32"]
+FLOAT_TYPES = ["float64", "float32", "Float64", "Float32", *INTEGER_TYPES]
+NUMERIC_COLUMNS = {"label": INTEGER_TYPES, "nan_count": INTEGER_TYPES, "inf_count": INTEGER_TYPES, "age": FLOAT_TYPES,
+                   "min": FLOAT_TYPES, "max": FLOAT_TYPES, "mean": FLOAT_TYPES, "std": FLOAT_TYPES}
 DEFAULT_INTENSITY_RANGES = {"CT": (-3100.0, 40000.0), "MR": (0.0, None), "PT": (0.0, None)}
 
 
@@ -82,6 +86,8 @@ def _manifest_checks(manifest, e, *, task, num_classes, attributes, consistent_g
     present = set(manifest.columns)
     out = [e.ExpectColumnToExist(column=c) for c in (*REQUIRED_COLUMNS, *attributes)]
     out += [e.ExpectColumnValuesToNotBeNull(column=c) for c in NOT_NULL if c in present]
+    out += [e.ExpectColumnValuesToBeInTypeList(column=c, type_list=types) for c, types in NUMERIC_COLUMNS.items()
+            if c in present and not (c == "label" and task == "segmentation")]
     if "case_id" in present:
         out.append(e.ExpectColumnValuesToBeUnique(column="case_id"))
     if "label" in present and task == "classification":

@@ -67,10 +67,10 @@ def test_versions_list_and_checkout_restores_one(workspace, export, capsys):
     assert f"ward.dvc: no data version 'nope'; known versions: {second[:12]}, {first[:12]}" in capsys.readouterr().err
 
 
-def test_bad_rows_exit_1_naming_each_and_skip_bad_records_them(workspace, export, capsys):
+def test_bad_rows_exit_2_naming_each_and_skip_bad_records_them(workspace, export, capsys):
     with (export.folder / "early.csv").open("a") as f:
         f.write("nowhere.dcm,0,F,50,W,a\n")
-    assert _ingest(export, "early.csv") == 1
+    assert _ingest(export, "early.csv") == 2  # bad input data: every problem listed, no version written
     assert "nowhere.dcm: file not found" in capsys.readouterr().err
     assert not (workspace / "data" / "ward").exists()
     assert _ingest(export, "early.csv", "--skip-bad") == 0

@@ -124,3 +124,50 @@ def test_a_mask_with_other_geometry_is_named(tmp_path, mask_shape, mask_affine, 
         _ingest(source, labels, tmp_path / "data" / "seg", IngestSettings(fmt="nifti", task="segmentation"))
     assert f"{source / 'a_seg.nii.gz'}: mask geometry differs from its image a.nii.gz: {message}" in str(info.value)
     assert not (tmp_path / "data" / "seg").exists()
+
+
+REAL_FILES = [
+    "CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "emri_small_jpeg_2k_lossless.dcm", "693_J2KR.dcm", "JPEG-LL.dcm",
+    "SC_rgb_rle.dcm", "OBXXXX1A_rle_2frame.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "gdcm-US-ALOKA-16.dcm",
+]
+
+
+def test_real_files_in_many_syntaxes_ingest_and_no_name_or_id_reaches_data(tmp_path):
+    import gzip
+
+    from pydicom.data import get_testdata_file
+
+    source = tmp_path / "export"
+    source.mkdir()
+    for name in REAL_FILES:
+        shutil.copy(get_testdata_file(name), source / name)
+    shutil.copytree(TEST_FILES / "dicomdirtests" / "98892001" / "CT5N", source / "series")
+    rows = [f"{name},{i % 2},fallback{i}" for i, name in enumerate([*REAL_FILES, "series"])]
+    labels = source / "labels.csv"
+    labels.write_text("path,label,patient_id\n" + "\n".join(rows) + "\n")
+    report = _ingest(source, labels, tmp_path / "data" / "real", IngestSettings())
+    assert report.n_cases == len(REAL_FILES) + 1
+    everything = b"".join(
+        gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+        for p in (tmp_path / "data").rglob("*") if p.is_file()
+    )
+    identifiers = set()
+    for path in [*(source / n for n in REAL_FILES), *(source / "series").iterdir()]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        identifiers |= {str(ds.get("PatientName", "")), str(ds.get("PatientID", "")), str(ds.get("SOPInstanceUID", ""))}
+    identifiers = {i for i in identifiers if len(i) >= 4}
+    assert identifiers and not [i for i in identifiers if i.encode() in everything]
+
+
+def test_the_same_instance_listed_twice_is_named(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    source = tmp_path / "export"
+    source.mkdir()
+    for name in ("MR_small.dcm", "MR_small_RLE.dcm"):
+        shutil.copy(get_testdata_file(name), source / name)
+    labels = source / "labels.csv"
+    labels.write_text("path,label\nMR_small.dcm,0\nMR_small_RLE.dcm,0\n")
+    with pytest.raises(IngestError) as info:
+        _ingest(source, labels, tmp_path / "data" / "d", IngestSettings())
+    assert f"{labels} row 3: MR_small_RLE.dcm is the same image as row 2 (MR_small.dcm)" in str(info.value)

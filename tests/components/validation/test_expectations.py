@@ -141,3 +141,10 @@ def test_data_docs_site_lists_every_suite(manifest, tmp_path):
     for suite in ("manifest", "patients", "duplicates", "groups", "drift_labels"):
         assert suite in index
     assert list((tmp_path / "docs" / "validations").rglob("*.html"))
+
+
+def test_numeric_columns_must_hold_numbers(manifest):
+    assert validate_manifest(manifest, num_classes=2).success
+    manifest["age"] = manifest["age"].astype(str)
+    failure = _failures(validate_manifest(manifest, num_classes=2))[("manifest", "expect_column_values_to_be_in_type_list", "age")]
+    assert failure.examples == [{"observed": "str"}]
