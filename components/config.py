@@ -117,6 +117,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc_per_node: int = Field(1, ge=1, description="ranks per node; > 1 runs the training step under torchrun")
+    nnodes: int = Field(1, ge=1, description="nodes of a multi-node torchrun (each runs the same step)")
+    rdzv_endpoint: str | None = Field(None, description="host:port of torchrun's c10d rendezvous, for nnodes > 1")
 
 
 class EvaluateConfig(_Section):

@@ -235,7 +235,12 @@ def train_model(dataset: DatasetVersion, validation_report: Path, config: RunCon
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
     from components.training.loop import train_classifier  # noqa: PLC0415
     from components.tracking import use_experiment  # noqa: PLC0415
-    result = train_classifier(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
+    if config.train.nproc_per_node > 1 or config.train.nnodes > 1:
+        from components.training.distributed import launch_training  # noqa: PLC0415
+
+        result = launch_training(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
+    else:
+        result = train_classifier(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
     use_experiment(config.registry.experiment)
     client = MlflowClient()
     client.log_artifact(result.run_id, str(validation_report), "validation")

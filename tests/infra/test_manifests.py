@@ -15,14 +15,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
 KUBERNETES = "1.30.0"
-MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+JOBS = sorted((K8S / "jobs").glob("*.yaml"))
 
 
 def _documents(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=[p.name for p in MANIFESTS])
+@pytest.mark.parametrize("path", MANIFESTS, ids=[str(p.relative_to(K8S)) for p in MANIFESTS])
 def test_every_manifest_is_valid_kubernetes_1_30(path):
     for document in _documents(path):
         kubernetes_validate.validate(document, KUBERNETES, strict=True)
@@ -37,7 +38,7 @@ def test_a_misspelt_field_is_caught():
 
 def test_kustomization_lists_every_manifest():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == [p.name for p in MANIFESTS]
+    assert sorted(kustomization["resources"]) == [p.name for p in MANIFESTS if p.parent == K8S]
 
 
 def _containers(document: dict) -> list[dict]:
@@ -45,7 +46,7 @@ def _containers(document: dict) -> list[dict]:
     return spec.get("template", {}).get("spec", {}).get("containers", [])
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=[p.name for p in MANIFESTS])
+@pytest.mark.parametrize("path", MANIFESTS, ids=[str(p.relative_to(K8S)) for p in MANIFESTS])
 def test_workloads_run_as_non_root_with_limits_probes_and_secrets_by_reference(path):
     for document in _documents(path):
         if document["kind"] not in ("Deployment", "StatefulSet"):
@@ -132,3 +133,12 @@ def test_dockerfile_installs_torch_first_runs_as_non_root_and_copies_what_exists
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     wanted = re.search(r'"\.\[([\w,]+)\]"', "\n".join(lines)).group(1).split(",")
     assert set(wanted) <= set(extras)
+
+
+def test_the_multi_gpu_job_runs_torchrun_ranks_one_per_requested_gpu():
+    (job,) = _documents(K8S / "jobs" / "train-multi-gpu.yaml")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    ranks = [a for a in container["args"] if a.startswith("--set=train.nproc_per_node=")]
+    assert ranks == [f"--set=train.nproc_per_node={container['resources']['limits']['nvidia.com/gpu']}"]
+    assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert any(v["name"] == "dshm" and v["emptyDir"]["medium"] == "Memory" for v in job["spec"]["template"]["spec"]["volumes"])

@@ -1,0 +1,52 @@
+"""Training under torchrun: two gloo ranks on CPU, one MLflow run, the same parameters on both ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from components import paths
+from components.config import load_config
+from components.errors import ConfigError
+from components.training.distributed import DistributedTrainingError, check_world, launch_training
+
+TINY = ["train.epochs=2", "train.batch_size=16", "data.image_size=32", "registry.experiment=test-ddp", "train.device=cpu"]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_end_with_the_same_parameters_and_one_mlflow_run(workspace, small_dataset):
+    config = load_config(overrides=[*TINY, "train.nproc_per_node=2"], environ={})
+    result = launch_training(manifest_path=small_dataset, data_version="v1", config=config, params_out=workspace / "params")
+    rank0, rank1 = (torch.load(workspace / "params" / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    client = MlflowClient(paths.tracking_uri())
+    experiment = client.get_experiment_by_name("test-ddp")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(result.run_id, "train_loss")] == [1, 2]  # logged once per epoch
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "checkpoint")}
+    assert artifacts == {"checkpoint/model.pt", "checkpoint/model.json"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "devices", "message"),
+    [
+        (["train.nproc_per_node=4", "train.device=cuda"], 2,
+         "train.nproc_per_node is 4 but this node has 2 CUDA device(s); use at most one rank per GPU"),
+        (["train.nproc_per_node=2", "train.nnodes=2"], 0, "train.nnodes > 1 needs train.rdzv_endpoint"),
+    ],
+)
+def test_a_layout_that_cannot_run_is_refused_before_launch(overrides, devices, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_world(load_config(overrides=overrides, environ={}), cuda_devices=devices)
+
+
+def test_a_failing_rank_is_one_error_with_the_tail_of_its_output(workspace, tmp_path):
+    missing = tmp_path / "nowhere" / "manifest.parquet"
+    config = load_config(overrides=[*TINY, "train.nproc_per_node=2"], environ={})
+    with pytest.raises(DistributedTrainingError, match=r"distributed training failed \(torchrun exit 1\)"):
+        launch_training(manifest_path=missing, data_version="v1", config=config)
