@@ -22,6 +22,19 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 SALT = b"test-salt-0123456789abcdef012345"
 
 
+def pydicom_export(folder: Path, names: list[str], labels: str) -> tuple[Path, Path]:
+    """An export folder holding copies of pydicom's own test files and a labels CSV with ``labels``."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True)
+    for name in names:
+        shutil.copy(get_testdata_file(name), folder / name)
+    (folder / "labels.csv").write_text(labels)
+    return folder, folder / "labels.csv"
+
+
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh working folder: state in ./.medflow, MLflow on SQLite inside it."""

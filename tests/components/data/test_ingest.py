@@ -17,7 +17,7 @@ from components.data.ingest import MANIFEST_COLUMNS, IngestSettings, age_group, 
 from components.data.sources import pseudonymise
 from components.errors import IngestError
 
-from tests.conftest import SALT
+from tests.conftest import SALT, pydicom_export
 
 
 def _ingest(source: Path, labels: Path, target: Path, **overrides):
@@ -79,13 +79,8 @@ def test_age_groups(age, group):
 @pytest.fixture
 def real_export(tmp_path):
     """pydicom's own CT and MR files, with a labels CSV."""
-    source = tmp_path / "export"
-    source.mkdir()
-    for name in ("CT_small.dcm", "MR_small.dcm"):
-        shutil.copy(get_testdata_file(name), source / name)
-    labels = source / "labels.csv"
-    labels.write_text("path,label,sex,age,site\nCT_small.dcm,1,F,50,a\nMR_small.dcm,0,M,30,b\n")
-    return source, labels
+    return pydicom_export(tmp_path / "export", ["CT_small.dcm", "MR_small.dcm"],
+                          "path,label,sex,age,site\nCT_small.dcm,1,F,50,a\nMR_small.dcm,0,M,30,b\n")
 
 
 def test_real_pydicom_files_ingest_with_values_intact(real_export, tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image
 from components.data.ingest import IngestSettings, ingest_export
 from components.errors import IngestError
 
-from tests.conftest import SALT
+from tests.conftest import SALT, pydicom_export
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -135,16 +135,9 @@ REAL_FILES = [
 def test_real_files_in_many_syntaxes_ingest_and_no_name_or_id_reaches_data(tmp_path):
     import gzip
 
-    from pydicom.data import get_testdata_file
-
-    source = tmp_path / "export"
-    source.mkdir()
-    for name in REAL_FILES:
-        shutil.copy(get_testdata_file(name), source / name)
-    shutil.copytree(TEST_FILES / "dicomdirtests" / "98892001" / "CT5N", source / "series")
     rows = [f"{name},{i % 2},fallback{i}" for i, name in enumerate([*REAL_FILES, "series"])]
-    labels = source / "labels.csv"
-    labels.write_text("path,label,patient_id\n" + "\n".join(rows) + "\n")
+    source, labels = pydicom_export(tmp_path / "export", REAL_FILES, "path,label,patient_id\n" + "\n".join(rows) + "\n")
+    shutil.copytree(TEST_FILES / "dicomdirtests" / "98892001" / "CT5N", source / "series")
     report = _ingest(source, labels, tmp_path / "data" / "real", IngestSettings())
     assert report.n_cases == len(REAL_FILES) + 1
     everything = b"".join(
@@ -160,14 +153,8 @@ def test_real_files_in_many_syntaxes_ingest_and_no_name_or_id_reaches_data(tmp_p
 
 
 def test_the_same_instance_listed_twice_is_named(tmp_path):
-    from pydicom.data import get_testdata_file
-
-    source = tmp_path / "export"
-    source.mkdir()
-    for name in ("MR_small.dcm", "MR_small_RLE.dcm"):
-        shutil.copy(get_testdata_file(name), source / name)
-    labels = source / "labels.csv"
-    labels.write_text("path,label\nMR_small.dcm,0\nMR_small_RLE.dcm,0\n")
+    source, labels = pydicom_export(tmp_path / "export", ["MR_small.dcm", "MR_small_RLE.dcm"],
+                                    "path,label\nMR_small.dcm,0\nMR_small_RLE.dcm,0\n")
     with pytest.raises(IngestError) as info:
         _ingest(source, labels, tmp_path / "data" / "d", IngestSettings())
     assert f"{labels} row 3: MR_small_RLE.dcm is the same image as row 2 (MR_small.dcm)" in str(info.value)
