@@ -117,6 +117,11 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val score")
+    amp: bool = Field(True, description="mixed precision (autocast + GradScaler) on CUDA; CPU trains in float32")
+    resume: bool = Field(True, description="resume from the last epoch checkpoint of the same data, config and code")
     nproc_per_node: int = Field(1, ge=1, description="ranks per node; > 1 runs the training step under torchrun")
     nnodes: int = Field(1, ge=1, description="nodes of a multi-node torchrun (each runs the same step)")
     rdzv_endpoint: str | None = Field(None, description="host:port of torchrun's c10d rendezvous, for nnodes > 1")

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, DataLoader
+from monai.losses import FocalLoss
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from monai.utils import set_determinism
@@ -38,6 +40,9 @@ from components import lineage
 from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
+from components.training.checkpoint import (
+    TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint,
+)
 from components.training.models import build_classifier
 from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms
 from components.tracking import use_experiment
@@ -54,6 +59,7 @@ class TrainResult:
     best_epoch: int
     best_val_auc: float | None
     epochs: int
+    resumed_from_epoch: int = 0
 
 
 def select_device(choice: str) -> torch.device:
@@ -96,10 +102,39 @@ def _auc(logits: np.ndarray, labels: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, prob, multi_class="ovr", labels=range(prob.shape[1])))
 
 
+def class_weights(choice: str | list[float], labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
+    """Loss weights per class: none, ``balanced`` (n / (K * count), as scikit-learn's) or given."""
+    if choice == "none":
+        return None
+    if choice == "balanced":
+        counts = np.bincount(labels, minlength=num_classes).astype(float)
+        if (counts == 0).any():
+            missing = [k for k in range(num_classes) if counts[k] == 0]
+            raise ConfigError(f"train.class_weights=balanced: class(es) {missing} have no training cases")
+        return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
+    if len(choice) != num_classes:
+        raise ConfigError(f"train.class_weights has {len(choice)} values; data.num_classes is {num_classes}")
+    return torch.tensor(choice, dtype=torch.float32)
+
+
+def build_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy (torch) or focal loss (MONAI) of logits (B, K) against class indices (B,)."""
+    if name == "focal":
+        focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=weights)
+        return lambda logits, target: focal(logits, target[:, None])
+    return torch.nn.CrossEntropyLoss(weight=weights)
+
+
 def train_classifier(
     *, manifest_path: Path, data_version: str, config: RunConfig, params_out: Path | None = None
 ) -> TrainResult:
     """Train on the manifest's ``train`` split, select the epoch by ``val`` AUC.
+
+    After every epoch the whole training state is checkpointed under
+    ``.medflow/checkpoints/``; started again with the same data, config and code
+    (after a crash or a kill), training resumes from the last checkpoint and logs
+    into the same MLflow run. With ``train.early_stopping_patience`` it stops when
+    the validation score has not improved for that many epochs.
 
     Args:
         manifest_path: ``data/<name>/manifest.parquet``; image paths are relative to its folder.
@@ -141,9 +176,25 @@ def train_classifier(
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    weights = class_weights(cfg.class_weights, train_df["label"].to_numpy(dtype=int), num_classes)
+    loss_fn = build_loss(cfg.loss, None if weights is None else weights.to(device))
+    val_loss_fn = build_loss(cfg.loss, weights)
+    amp = cfg.amp and device.type == "cuda"  # autocast + GradScaler on CUDA; CPU trains in float32
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    lead = rank == 0  # only rank 0 talks to MLflow and shows progress
+    lead = rank == 0  # only rank 0 talks to MLflow, shows progress and writes checkpoints
+    saved_at = checkpoint_path(config, data_version)
+    resumed = load_checkpoint(saved_at) if cfg.resume else None
+    best_state, best_score, best_auc, best_epoch, stale, first_epoch = None, None, None, 0, 0, 1
+    if resumed is not None:
+        network.load_state_dict(resumed.model)
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+        if resumed.scaler:
+            scaler.load_state_dict(resumed.scaler)
+        restore_rng(resumed.rng, generator=generator, transforms=augment)
+        best_state, best_score, best_auc = resumed.best_state, resumed.best_score, resumed.best_auc
+        best_epoch, stale, first_epoch = resumed.best_epoch, resumed.stale_epochs, resumed.epoch + 1
     experiment_id = use_experiment(config.registry.experiment) if lead else None
     tags = {
         lineage.TAG_DATA_VERSION: data_version,
@@ -151,18 +202,25 @@ def train_classifier(
         lineage.TAG_CONFIG_HASH: config.config_hash(),
         lineage.TAG_CODE_VERSION: lineage.code_version(),
     }
-    best_state, best_score, best_auc, best_epoch = None, None, None, 0
-    run_context = mlflow.start_run(experiment_id=experiment_id, tags=tags) if lead else contextlib.nullcontext()
+    if not lead:
+        run_context = contextlib.nullcontext()
+    elif resumed is not None:
+        run_context = mlflow.start_run(run_id=resumed.run_id)
+    else:
+        run_context = mlflow.start_run(experiment_id=experiment_id, tags=tags)
+    last_epoch = first_epoch - 1
     with run_context as run:
-        if lead:
+        if lead and resumed is None:
             mlflow.log_params(lineage.flatten(config.model_dump(mode="json")))
             mlflow.log_params({"n_train": len(train_df), "n_val": len(val_df), "device": str(device), "world_size": world})
             mlflow.log_dict(config.model_dump(mode="json"), "config.json")
+        elif lead:
+            mlflow.set_tag("medflow.resumed_from_epoch", str(resumed.epoch))
         columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
         with Progress(*columns, transient=True, disable=not lead) as progress:
-            task = progress.add_task("train", total=cfg.epochs, status="")
-            for epoch in range(1, cfg.epochs + 1):
+            task = progress.add_task("train", total=cfg.epochs, completed=first_epoch - 1, status="")
+            for epoch in range(first_epoch, cfg.epochs + 1):
                 if sampler is not None:
                     sampler.set_epoch(epoch)
                 model.train()
@@ -170,9 +228,11 @@ def train_classifier(
                 for batch in train_loader:
                     images, labels = batch["image"].to(device), batch["label"].to(device)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(images), labels)
-                    loss.backward()
-                    optimizer.step()
+                    with torch.autocast(device_type=device.type, enabled=amp):
+                        loss = loss_fn(model(images), labels)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     total += loss.item() * len(labels)
                     seen += len(labels)
                 if world > 1:  # the mean training loss over every rank's shard
@@ -186,7 +246,7 @@ def train_classifier(
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 logits, labels = _predict(network, val_loader, device)
-                val_loss = float(loss_fn(torch.tensor(logits), torch.tensor(labels)))
+                val_loss = float(val_loss_fn(torch.tensor(logits), torch.tensor(labels)))
                 val_auc = _auc(logits, labels)
                 metrics = {"train_loss": total / seen, "val_loss": val_loss, "lr": lr}
                 if val_auc is not None:
@@ -196,13 +256,27 @@ def train_classifier(
                 score = (float("-inf") if val_auc is None else val_auc, -val_loss)
                 if best_score is None or score > best_score:
                     best_state, best_score, best_auc, best_epoch = copy.deepcopy(network.state_dict()), score, val_auc, epoch
+                    stale = 0
+                else:
+                    stale += 1
+                last_epoch = epoch
+                if lead:
+                    save_checkpoint(saved_at, TrainingState(
+                        epoch=epoch, run_id=run.info.run_id, model=network.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if amp else None,
+                        best_state=best_state, best_score=best_score, best_auc=best_auc, best_epoch=best_epoch,
+                        stale_epochs=stale, rng=capture_rng(generator=generator, transforms=augment),
+                    ))
                 progress.update(task, advance=1, status=f"val_auc {val_auc if val_auc is None else round(val_auc, 3)}")
+                if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+                    break
         if params_out is not None:
             params_out.mkdir(parents=True, exist_ok=True)
             torch.save({k: v.cpu() for k, v in network.state_dict().items()}, params_out / f"rank{rank}.pt")
         if not lead:
-            return TrainResult(run_id="", best_epoch=best_epoch, best_val_auc=best_auc, epochs=cfg.epochs)
-        mlflow.log_metrics({"best_epoch": best_epoch, **({"best_val_auc": best_auc} if best_auc is not None else {})})
+            return TrainResult(run_id="", best_epoch=best_epoch, best_val_auc=best_auc, epochs=last_epoch)
+        mlflow.log_metrics({"best_epoch": best_epoch, "epochs_run": last_epoch,
+                            **({"best_val_auc": best_auc} if best_auc is not None else {})})
         description = {
             "network": cfg.model,
             "network_kwargs": cfg.model_kwargs,
@@ -215,4 +289,6 @@ def train_classifier(
             torch.save({k: v.cpu() for k, v in best_state.items()}, Path(tmp) / "model.pt")
             (Path(tmp) / "model.json").write_text(json.dumps(description, indent=2))
             mlflow.log_artifacts(tmp, CHECKPOINT_DIR)
-    return TrainResult(run_id=run.info.run_id, best_epoch=best_epoch, best_val_auc=best_auc, epochs=cfg.epochs)
+    saved_at.unlink(missing_ok=True)  # finished: the next training with these inputs starts afresh
+    return TrainResult(run_id=run.info.run_id, best_epoch=best_epoch, best_val_auc=best_auc, epochs=last_epoch,
+                       resumed_from_epoch=resumed.epoch if resumed else 0)

@@ -1,0 +1,92 @@
+"""The training state kept after every epoch, so that a killed run resumes where it stopped.
+
+A checkpoint holds the model, optimizer, scheduler and AMP scaler states, the
+epoch, the best epoch so far (its weights and score), every random generator
+(torch, numpy, Python, the DataLoader's and MONAI's transforms'), and the MLflow
+run it logs to. It is written to a temporary file and renamed into place, so a
+kill while writing leaves the previous one intact. Its file name is keyed on the
+data version, the config and the code, so only the same training picks it up.
+PyTorch has ``torch.save``; the resume bookkeeping around it is what this adds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from components import lineage, paths
+from components.config import RunConfig
+
+
+@dataclass
+class TrainingState:
+    """Everything an epoch boundary needs to continue."""
+
+    epoch: int
+    run_id: str
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    best_state: dict | None
+    best_score: tuple | None
+    best_auc: float | None
+    best_epoch: int
+    stale_epochs: int
+    rng: dict
+
+
+def checkpoint_path(config: RunConfig, data_version: str) -> Path:
+    """``.medflow/checkpoints/train-<key>.pt`` for this data version, config and code."""
+    key = "-".join([data_version, config.config_hash(), lineage.code_version(), paths.tracking_uri()])
+    return paths.medflow_home() / "checkpoints" / f"train-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def capture_rng(*, generator: torch.Generator, transforms: Any) -> dict:
+    """Every random generator training draws from."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "loader": generator.get_state(),
+        "transforms": [t.R.get_state() for t in getattr(transforms, "transforms", ()) if hasattr(t, "R")],
+    }
+
+
+def restore_rng(rng: dict, *, generator: torch.Generator, transforms: Any) -> None:
+    """Put back the generators :func:`capture_rng` saw."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    generator.set_state(rng["loader"])
+    randomised = [t for t in getattr(transforms, "transforms", ()) if hasattr(t, "R")]
+    for transform, state in zip(randomised, rng["transforms"]):
+        transform.R.set_state(state)
+
+
+def save_checkpoint(path: Path, state: TrainingState) -> None:
+    """Write ``state`` atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state.__dict__, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> TrainingState | None:
+    """The saved state, or None when there is none (or it cannot be read: training then starts afresh)."""
+    if not path.exists():
+        return None
+    try:
+        return TrainingState(**torch.load(path, weights_only=False))
+    except (OSError, RuntimeError, EOFError, TypeError, KeyError):
+        return None

@@ -1,0 +1,93 @@
+"""Checkpoint every epoch; a run killed with SIGKILL resumes into the same MLflow run; early stopping; losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from sklearn.utils.class_weight import compute_class_weight
+
+from components import paths
+from components.config import load_config
+from components.errors import ConfigError
+from components.training.checkpoint import checkpoint_path, load_checkpoint
+from components.training.loop import build_loss, class_weights, train_classifier
+
+TINY = ["train.batch_size=16", "data.image_size=32", "registry.experiment=test-resume", "train.device=cpu"]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint_into_the_same_mlflow_run(workspace, small_dataset):
+    overrides = [*TINY, "train.epochs=12"]
+    config = load_config(overrides=overrides, environ={})
+    script = (
+        "import sys; from pathlib import Path; from components.config import load_config; "
+        "from components.training.loop import train_classifier; "
+        f"train_classifier(manifest_path=Path({str(small_dataset)!r}), data_version='v1', "
+        f"config=load_config(overrides={overrides!r}, environ={{}}))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "MEDFLOW"))}
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=workspace, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    saved = checkpoint_path(config, "v1")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and child.poll() is None:
+        state = load_checkpoint(saved)
+        if state is not None and state.epoch >= 3:
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, child.stderr.read().decode()[-2000:]
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed = load_checkpoint(saved)
+    client = MlflowClient(paths.tracking_uri())
+    logged_before = max(m.step for m in client.get_metric_history(killed.run_id, "train_loss"))
+    assert logged_before - killed.epoch <= 1  # at most the epoch in flight is lost
+
+    result = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    assert result.run_id == killed.run_id and result.resumed_from_epoch == killed.epoch
+    experiment = client.get_experiment_by_name("test-resume")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["medflow.resumed_from_epoch"] == str(killed.epoch)
+    steps = [m.step for m in client.get_metric_history(result.run_id, "train_loss")]
+    assert sorted(set(steps)) == list(range(1, 13))
+    assert not saved.exists()  # finished: the next run starts afresh
+
+
+def test_early_stopping_ends_training_when_validation_stops_improving(workspace, small_dataset):
+    config = load_config(overrides=[*TINY, "train.epochs=6", "train.lr=1e-12", "train.early_stopping_patience=2"],
+                         environ={})
+    result = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    assert result.epochs < 6
+    history = MlflowClient(paths.tracking_uri()).get_metric_history(result.run_id, "epochs_run")
+    assert history[0].value == result.epochs
+
+
+def test_balanced_class_weights_are_scikit_learns():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    expected = compute_class_weight("balanced", classes=np.array([0, 1, 2]), y=labels)
+    np.testing.assert_allclose(class_weights("balanced", labels, 3).numpy(), expected, rtol=1e-6)
+    assert class_weights("none", labels, 3) is None
+    with pytest.raises(ConfigError, match=r"class\(es\) \[2\] have no training cases"):
+        class_weights("balanced", np.array([0, 1]), 3)
+    with pytest.raises(ConfigError, match="train.class_weights has 2 values; data.num_classes is 3"):
+        class_weights([1.0, 2.0], labels, 3)
+
+
+def test_focal_loss_is_the_focal_formula_on_softmax_probabilities():
+    logits = torch.tensor([[4.0, -4.0], [0.2, -0.2], [-1.0, 1.5]])
+    target = torch.tensor([0, 0, 1])
+    p_true = torch.softmax(logits, dim=1)[torch.arange(3), target]
+    # Lin et al.: FL = -(1 - p_t)^gamma log p_t, gamma 2; MONAI averages over cases and class channels
+    expected = (-(1 - p_true) ** 2 * torch.log(p_true)).mean() / 2
+    torch.testing.assert_close(build_loss("focal", None)(logits, target), expected, rtol=1e-5, atol=1e-7)
+    ce = build_loss("cross_entropy", None)
+    assert build_loss("focal", None)(logits[:1], target[:1]) < 1e-3 * ce(logits[:1], target[:1])  # easy cases fade
