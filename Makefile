@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/registry.py --write
 	$(BIN)/python benchmarks/evaluation.py --write
 	$(BIN)/python benchmarks/ingest.py --write
+	$(BIN)/python benchmarks/training.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

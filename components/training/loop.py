@@ -14,7 +14,6 @@ MLflow and saves the checkpoint.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import tempfile
@@ -255,7 +254,8 @@ def train_classifier(
                     mlflow.log_metrics(metrics, step=epoch)
                 score = (float("-inf") if val_auc is None else val_auc, -val_loss)
                 if best_score is None or score > best_score:
-                    best_state, best_score, best_auc, best_epoch = copy.deepcopy(network.state_dict()), score, val_auc, epoch
+                    best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+                    best_score, best_auc, best_epoch = score, val_auc, epoch
                     stale = 0
                 else:
                     stale += 1
