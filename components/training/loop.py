@@ -42,7 +42,7 @@ from components.errors import ConfigError
 from components.training.checkpoint import (
     TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint,
 )
-from components.training.models import build_classifier
+from components.training.models import build_classifier, classifier_kwargs
 from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms
 from components.tracking import use_experiment
 
@@ -158,8 +158,9 @@ def train_classifier(
     device = select_device(cfg.device)
     rank, world = _world()
     num_classes = config.data.num_classes
+    network_kwargs = classifier_kwargs(cfg.model, image_size=size, kwargs=cfg.model_kwargs)
     model = build_classifier(
-        cfg.model, spatial_dims=2, in_channels=1, num_classes=num_classes, kwargs=cfg.model_kwargs
+        cfg.model, spatial_dims=2, in_channels=1, num_classes=num_classes, kwargs=network_kwargs
     ).to(device)
     augment = training_transforms(spec, augment=True)
     augment.set_random_state(seed=cfg.seed)  # MONAI's random transforms keep their own RandomState
@@ -279,7 +280,7 @@ def train_classifier(
                             **({"best_val_auc": best_auc} if best_auc is not None else {})})
         description = {
             "network": cfg.model,
-            "network_kwargs": cfg.model_kwargs,
+            "network_kwargs": network_kwargs,
             "spatial_dims": 2,
             "in_channels": 1,
             "num_classes": num_classes,

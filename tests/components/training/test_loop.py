@@ -54,3 +54,15 @@ def test_a_manifest_without_validation_cases_is_refused(workspace, small_dataset
     config = load_config(overrides=TINY, environ={})
     with pytest.raises(ConfigError, match=r"no-val.parquet: training needs train and val cases, got \d+ and 0"):
         train_classifier(manifest_path=path, data_version="v", config=config)
+
+
+def test_a_vit_trains_and_is_rebuilt_from_its_checkpoint(workspace, small_dataset):
+    config = load_config(overrides=[*TINY, "train.epochs=1", "train.model=vit", "train.model_kwargs={num_layers: 1}"],
+                         environ={})
+    result = train_classifier(manifest_path=small_dataset, data_version="v", config=config)
+    mlflow.set_tracking_uri(paths.tracking_uri())
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=CHECKPOINT_DIR))
+    model, _, description = load_checkpoint(folder)
+    assert description["network_kwargs"]["img_size"] == 32 and description["network_kwargs"]["num_layers"] == 1
+    with torch.no_grad():
+        assert model(torch.zeros(3, 1, 32, 32)).shape == (3, 2)
