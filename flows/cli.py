@@ -36,6 +36,7 @@ app.command()(ui)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set train.epochs=2.")]
+WaitOption = Annotated[float, typer.Option("--wait", help="Seconds to wait for another medflow command in this workspace.")]
 
 
 @app.callback()
@@ -120,6 +121,7 @@ def run(
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when data, config and code are unchanged.")] = False,
     summary: Annotated[Path | None, typer.Option(help="Write the run's summary (versions, metrics, gates) as JSON here.")] = None,
+    wait: WaitOption = 0.0,
 ) -> None:
     """Run the whole retraining pipeline as a Prefect flow.
 
@@ -127,10 +129,23 @@ def run(
     registered), nothing needs doing: the run's summary is shown and no flow starts.
     """
     import json  # noqa: PLC0415
-    import logging  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])
     cfg.check_trainable()
+    from components.workspace import workspace_lock  # noqa: PLC0415
+
+    with workspace_lock("run", wait_s=wait):
+        result = _run_locked(cfg, force=force)
+    print_summary(result)
+    if summary:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+
+
+def _run_locked(cfg, *, force: bool):
+    """The pipeline, or the completed run's summary when nothing changed (the caller holds the workspace lock)."""
+    import logging  # noqa: PLC0415
+
     from flows.summary import reusable_summary, save_summary  # noqa: PLC0415
 
     result = None if force or cfg.placement else reusable_summary(cfg)
@@ -144,10 +159,7 @@ def run(
                 logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
         result = retrain(cfg, force=force)
         save_summary(cfg, result)
-    print_summary(result)
-    if summary:
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result
 
 
 def _num(value: float | None) -> str:

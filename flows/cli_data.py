@@ -18,6 +18,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Data versions: list them, res
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set data.workers=2.")]
+WaitOption = Annotated[float, typer.Option("--wait", help="Seconds to wait for another medflow command in this workspace.")]
 DatasetOption = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name (default: the config's data.name).")]
 
 
@@ -31,15 +32,18 @@ def ingest(
     config: ConfigOption = None,
     set_: SetOption = None,
     summary: Annotated[Path | None, typer.Option(help="Write the data version and counts as JSON here (a DVC stage output).")] = None,
+    wait: WaitOption = 0.0,
 ) -> None:
     """Ingest an export into data/NAME, version it with DVC (one directory), push and commit it."""
     from components.steps import ingest_dataset  # noqa: PLC0415
+    from components.workspace import workspace_lock  # noqa: PLC0415
 
     flags = {"data.source": source, "data.format": format_, "data.labels": labels, "data.name": dataset,
              "data.task": task, "data.skip_bad": True if skip_bad else None}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(config, overrides=[*overrides, *(set_ or [])])
-    result = ingest_dataset(cfg)
+    with workspace_lock("ingest", wait_s=wait):
+        result = ingest_dataset(cfg)
     report_path = paths.medflow_home() / "ingest" / f"{cfg.data.name}-report.json"
     report = json.loads(report_path.read_text())
     state = "unchanged, no new version" if result.unchanged else (
@@ -143,10 +147,13 @@ def checkout(
     rev: Annotated[str, typer.Argument(help="A git revision, or the start of a data version.")],
     dataset: DatasetOption = None,
     config: ConfigOption = None,
+    wait: WaitOption = 0.0,
 ) -> None:
     """Restore data/NAME to a version (its .dvc file from git, its files from the DVC cache or remote)."""
     from components.data.versioning import checkout_version  # noqa: PLC0415
+    from components.workspace import workspace_lock  # noqa: PLC0415
 
     dvc_file = _dvc_file(config, dataset)
-    entry = checkout_version(paths.workspace_root(), dvc_file, rev)
+    with workspace_lock("data checkout", wait_s=wait):
+        entry = checkout_version(paths.workspace_root(), dvc_file, rev)
     console.print(f"{dvc_file.stem} is at data version {entry.version} (commit {entry.commit[:12]})")

@@ -18,6 +18,9 @@ from components.errors import MedflowError
 from flows.summary import PipelineSummary
 
 
+LOCK_WAIT_S = 3600
+
+
 class PlacedStepFailed(MedflowError):
     """A step placed on a work pool did not complete."""
 
@@ -107,7 +110,10 @@ def retrain_workspace(
     """
     from flows.steps import enter_workspace  # noqa: PLC0415
 
+    from components.workspace import workspace_lock  # noqa: PLC0415
+
     enter_workspace(workspace)
     cfg = load_config(Path(config), overrides=overrides or [])
     cfg.check_trainable()
-    return retrain(cfg, force=force)
+    with workspace_lock("retrain (deployment)", wait_s=LOCK_WAIT_S):  # a scheduled run waits for a manual one
+        return retrain(cfg, force=force)

@@ -164,3 +164,55 @@ def test_a_prefect_server_that_does_not_answer_is_one_line(workspace, monkeypatc
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"medflow: error: the Prefect server at {url} does not answer (")
     assert len(err.splitlines()) == 1 and not (workspace / "data").exists()
+
+
+def test_a_second_command_in_a_busy_workspace_is_refused_naming_the_first(workspace, capsys):
+    import multiprocessing
+
+    from components.workspace import workspace_lock
+
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold():
+        with workspace_lock("run"):
+            ready.set()
+            release.wait(60)
+
+    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        assert main(["run", "--set", "data.n_patients=20"]) == 4
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"medflow: error: `medflow run` (pid {holder.pid}, since ")
+        assert err.endswith("wait for it to finish, or pass --wait SECONDS to wait for the lock")
+        assert main(["ingest", "--set", "data.n_patients=20"]) == 4
+        assert not (workspace / "data").exists()
+    finally:
+        release.set()
+        holder.join(30)
+    with workspace_lock("ingest", wait_s=5):  # released when its holder ends
+        pass
+
+
+def test_a_killed_holder_leaves_no_stale_lock(workspace):
+    import multiprocessing
+    import os
+    import signal
+
+    from components.workspace import workspace_lock
+
+    ready = multiprocessing.Event()
+
+    def hold():
+        with workspace_lock("run"):
+            ready.set()
+            signal.pause()
+
+    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
+    with workspace_lock("run", wait_s=5):  # the OS released the dead holder's lock
+        pass

@@ -1,0 +1,58 @@
+"""One writer per workspace: commands that change ``data/`` or ``.medflow/`` hold ``.medflow/workspace.lock``.
+
+Two ``medflow run`` in one folder would otherwise race on the dataset folder, DVC's
+index and the SQLite stores. The lock is an OS file lock (the ``filelock`` package),
+released when the holder exits, however it exits; a sidecar file names the holder
+so the refusal can say who has it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from components import paths
+from components.errors import MedflowError
+
+
+class WorkspaceBusy(MedflowError):
+    """Another medflow command is writing to this workspace."""
+
+    exit_code = 4
+
+
+@contextmanager
+def workspace_lock(command: str, *, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold the workspace lock for ``command``; wait up to ``wait_s`` seconds for another holder.
+
+    Raises:
+        WorkspaceBusy: naming the holder, when the lock is still held after ``wait_s``.
+    """
+    home = paths.medflow_home()
+    lock_path, holder = home / "workspace.lock", home / "workspace.lock.holder"
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=wait_s)
+    except Timeout:
+        try:
+            who = json.loads(holder.read_text())
+            by = f"`medflow {who['command']}` (pid {who['pid']}, since {who['since']})"
+        except (OSError, ValueError, KeyError):
+            by = "another medflow command"
+        raise WorkspaceBusy(
+            f"{by} is writing to this workspace ({paths.workspace_root()}); wait for it to finish, "
+            f"or pass --wait SECONDS to wait for the lock"
+        ) from None
+    try:
+        holder.write_text(json.dumps({"command": command, "pid": os.getpid(),
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        yield lock_path
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
