@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pydicom
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -92,6 +95,54 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     forced = _run(tmp_path, "--force")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert "Reused" not in forced.stdout and "version 3 (alias challenger)" in forced.stdout
+
+    outputs = [r.stdout + r.stderr for r in (first, again, cached, second, history, refused, forced, back, forced)]
+    leaks = _identifiers_found(tmp_path, outputs)
+    assert not leaks, f"patient identifiers written by medflow: {sorted(leaks)[:10]}"
+    some = pydicom.dcmread(next((tmp_path / ".medflow" / "exports").rglob("*.dcm")), stop_before_pixels=True)
+    planted = tmp_path / "data" / "planted.txt"  # the scan's positive control: one name, gzip-compressed
+    planted.write_bytes(gzip.compress(f"note about {some.PatientName}".encode()))
+    assert _identifiers_found(tmp_path, []) == {str(some.PatientName).encode()}
+    planted.unlink()
+
+
+IDENTIFIER_SHAPES = re.compile(
+    rb"MRN\d{7}|ACC\d+|[A-Z][a-z]+\^[A-Z][a-z]+|General Hospital site-[a-z]|\d+(?:\.\d+){6,}|\b(?:19|20)\d{6}\b"
+)
+
+
+def _identifiers_found(workspace: Path, outputs: list[str]) -> set[bytes]:
+    """Every PHI value of the export's DICOM headers that appears in anything medflow wrote or printed.
+
+    Scanned: the workspace (dataset, DVC cache and remote, MLflow store and artifacts, Prefect's database and
+    results, reports, model cards, ingest state), git history, and the console output. Not scanned: the
+    hospital export itself and the pseudonym key. Tokens shaped like identifiers are compared with the values.
+    """
+    exports = workspace / ".medflow" / "exports"
+    values: set[bytes] = set()
+    for path in exports.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+                        "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            values.add(str(ds.get(keyword, "")).encode())
+    values.discard(b"")
+    found: set[bytes] = set()
+
+    def scan(data: bytes) -> None:
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        found.update(values.intersection(IDENTIFIER_SHAPES.findall(data)))
+
+    for path in workspace.rglob("*"):
+        rel = path.relative_to(workspace).parts
+        if path.is_file() and rel[:2] not in ((".medflow", "exports"), (".medflow", "secrets")) and rel[0] != ".git":
+            scan(path.read_bytes())
+    history = subprocess.run(["git", "log", "-p", "--all"], cwd=workspace, capture_output=True, check=True)
+    scan(history.stdout)
+    for text in outputs:
+        scan(text.encode())
+    assert len(values) > 1000  # the scan looked for every patient's identifiers
+    return found
 
 
 def test_failed_validation_stops_before_training_with_exit_2(tmp_path):
