@@ -63,10 +63,12 @@ def read_file(path: Path) -> pydicom.Dataset:
     """The dataset in ``path``, with a message naming the file when it is not readable DICOM."""
     try:
         ds = pydicom.dcmread(path)
+        for _ in ds.iterall():  # parse every element now, so that a corrupt one is reported here, naming the file
+            pass
     except InvalidDicomError as exc:
         raise IngestError(f"{path}: not a DICOM file") from exc
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-        raise IngestError(f"{path}: unreadable DICOM ({exc})") from exc
+    except Exception as exc:  # pydicom raises many types for corrupt headers (BytesLengthException is a RuntimeError)
+        raise IngestError(f"{path}: unreadable DICOM ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise IngestError(f"{path}: DICOM without pixel data")
     return ds
@@ -254,7 +256,11 @@ def read_dicom_case(path: Path) -> DicomCase:
     else:
         datasets = [(path, read_file(path))]
     first = datasets[0][1]
-    array, affine = _volume(datasets, path)
+    try:
+        array, affine = _volume(datasets, path)
+    except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+        # pixel data that does not fit Rows x Columns x frames, geometry values of the wrong kind, ...
+        raise IngestError(f"{path}: inconsistent DICOM header ({type(exc).__name__}: {exc})") from exc
     removed = sorted({k for _, ds in datasets for k in PHI_KEYWORDS if k in ds})
     return DicomCase(
         array=array,

@@ -121,9 +121,11 @@ def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataF
         IngestError: when the file cannot be read or lacks a required column.
     """
     try:
-        labels = pd.read_csv(labels_csv, dtype={"path": str, "patient_id": str, "label": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        # index_col=False: a row with more fields than the header is an error, never an implicit index
+        labels = pd.read_csv(labels_csv, dtype=str, index_col=False, keep_default_na=True)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise IngestError(f"cannot read labels file {labels_csv}: {exc}") from exc
+    labels = labels.reset_index(drop=True)
     missing = [c for c in REQUIRED_COLUMNS if c not in labels.columns]
     if settings.fmt != "dicom" and "patient_id" not in labels.columns:
         missing.append("patient_id")

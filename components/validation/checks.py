@@ -20,7 +20,8 @@ def patients_table(manifest: pd.DataFrame) -> pd.DataFrame:
 
 def duplicates_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """One row per distinct image content (sha256) with its cases and the number of splits they span."""
-    grouped = manifest.groupby("sha256").agg(n_splits=("split", "nunique"), cases=("case_id", lambda c: ",".join(sorted(c))))
+    grouped = manifest.groupby("sha256").agg(n_splits=("split", "nunique"),
+                                             cases=("case_id", lambda c: ",".join(sorted(map(str, c)))))
     return grouped.reset_index()
 
 
@@ -36,7 +37,7 @@ def groups_table(manifest: pd.DataFrame, attributes: Sequence[str]) -> pd.DataFr
 
 def label_drift_table(current: pd.DataFrame, previous: pd.DataFrame) -> pd.DataFrame:
     """Per class: prevalence in the previous and the current version, and the absolute shift."""
-    classes = sorted(set(current["label"]) | set(previous["label"]))
+    classes = sorted(set(current["label"].dropna()) | set(previous["label"].dropna()), key=str)
     now = current["label"].value_counts(normalize=True)
     before = previous["label"].value_counts(normalize=True)
     table = pd.DataFrame({"label": classes})
@@ -53,9 +54,9 @@ def intensity_drift_table(current: pd.DataFrame, previous: pd.DataFrame) -> pd.D
     shift of 1 moves the whole dataset by one typical between-image difference.
     """
     rows = []
-    for modality in sorted(set(current["modality"]) & set(previous["modality"])):
-        now = current.loc[current["modality"] == modality, "mean"]
-        before = previous.loc[previous["modality"] == modality, "mean"]
+    for modality in sorted(set(current["modality"].dropna()) & set(previous["modality"].dropna()), key=str):
+        now = pd.to_numeric(current.loc[current["modality"] == modality, "mean"], errors="raise")
+        before = pd.to_numeric(previous.loc[previous["modality"] == modality, "mean"], errors="raise")
         spread = float(before.std(ddof=1)) if len(before) > 1 else 0.0
         delta = abs(float(now.mean()) - float(before.mean()))
         shift = delta / spread if spread > 0 else (0.0 if delta == 0 else np.inf)

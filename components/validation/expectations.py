@@ -118,51 +118,68 @@ def _manifest_checks(manifest, e, *, task, num_classes, attributes, consistent_g
     return out
 
 
+def _derive(problems: list, name: str, build) -> _Table | None:
+    """A derived table, or a failure saying why the manifest's values could not make it (mixed types, ...)."""
+    try:
+        return build()
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        problems.append(ExpectationFailure(table=name, expectation="derive_table", column=None, unexpected_count=None,
+                                           examples=[f"{type(exc).__name__}: {exc}"]))
+        return None
+
+
 def _tables(manifest, *, task, num_classes, attributes, min_group_size, consistent_geometry, intensity_ranges,
-            previous, drift_prevalence, drift_intensity_sd) -> list[_Table]:
+            previous, drift_prevalence, drift_intensity_sd) -> tuple[list[_Table], list[ExpectationFailure]]:
     import great_expectations as gx  # noqa: PLC0415 (slow import, only needed here)
 
     e = gx.expectations
     present = set(manifest.columns)
+    problems: list[ExpectationFailure] = []
     frame = manifest.assign(ndim=manifest["shape"].astype(str).str.count("x") + 1) if "shape" in present else manifest
-    tables = [_Table("manifest", frame, _manifest_checks(
+    candidates = [_Table("manifest", frame, _manifest_checks(
         frame, e, task=task, num_classes=num_classes, attributes=attributes,
         consistent_geometry=consistent_geometry, intensity_ranges=intensity_ranges,
     ), ["case_id"] if "case_id" in present else [])]
     if {"patient_id", "split"} <= present:
-        tables.append(_Table("patients", checks.patients_table(manifest),
-                             [e.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)], ["patient_id"]))
+        candidates.append(_derive(problems, "patients", lambda: _Table(
+            "patients", checks.patients_table(manifest),
+            [e.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)], ["patient_id"])))
     if {"sha256", "split", "case_id"} <= present:
-        tables.append(_Table("duplicates", checks.duplicates_table(manifest),
-                             [e.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)], ["cases"]))
-    groups = checks.groups_table(manifest, attributes)
-    if not groups.empty:
-        tables.append(_Table("groups", groups, [e.ExpectColumnValuesToBeBetween(column="n", min_value=min_group_size)],
-                             ["attribute", "group"]))
+        candidates.append(_derive(problems, "duplicates", lambda: _Table(
+            "duplicates", checks.duplicates_table(manifest),
+            [e.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)], ["cases"])))
+    groups = _derive(problems, "groups", lambda: _Table(
+        "groups", checks.groups_table(manifest, attributes),
+        [e.ExpectColumnValuesToBeBetween(column="n", min_value=min_group_size)], ["attribute", "group"]))
+    if groups is not None and not groups.frame.empty:
+        candidates.append(groups)
     if previous is not None:
-        tables += _drift_tables(manifest, previous, e, task=task, drift_prevalence=drift_prevalence,
-                                drift_intensity_sd=drift_intensity_sd)
-    return tables
+        candidates += _drift_tables(manifest, previous, e, problems, task=task, drift_prevalence=drift_prevalence,
+                                    drift_intensity_sd=drift_intensity_sd)
+    return [t for t in candidates if t is not None], problems
 
 
-def _drift_tables(manifest, previous, e, *, task, drift_prevalence, drift_intensity_sd) -> list[_Table]:
+def _drift_tables(manifest, previous, e, problems, *, task, drift_prevalence, drift_intensity_sd) -> list[_Table | None]:
     warn = {"severity": "warning"}
     tables = []
     if task == "classification" and "label" in manifest.columns and "label" in previous.columns:
-        tables.append(_Table("drift_labels", checks.label_drift_table(manifest, previous),
-                             [e.ExpectColumnValuesToBeBetween(column="shift", max_value=drift_prevalence, **warn)], ["label"]))
+        tables.append(_derive(problems, "drift_labels", lambda: _Table(
+            "drift_labels", checks.label_drift_table(manifest, previous),
+            [e.ExpectColumnValuesToBeBetween(column="shift", max_value=drift_prevalence, **warn)], ["label"])))
     if {"modality", "mean"} <= set(manifest.columns) & set(previous.columns):
-        table = checks.intensity_drift_table(manifest, previous)
-        if not table.empty:
-            tables.append(_Table("drift_intensity", table,
-                                 [e.ExpectColumnValuesToBeBetween(column="shift", max_value=drift_intensity_sd, **warn)],
-                                 ["modality"]))
+        table = _derive(problems, "drift_intensity", lambda: _Table(
+            "drift_intensity", checks.intensity_drift_table(manifest, previous),
+            [e.ExpectColumnValuesToBeBetween(column="shift", max_value=drift_intensity_sd, **warn)], ["modality"]))
+        if table is not None and not table.frame.empty:
+            tables.append(table)
     if "site" in manifest.columns and "site" in previous.columns:
-        new, gone = checks.site_changes(manifest, previous)
-        sites = previous["site"].dropna().astype(str).unique().tolist()
-        tables.append(_Table("drift_sites", manifest[["site"]].dropna().astype(str),
-                             [e.ExpectColumnDistinctValuesToEqualSet(column="site", value_set=sorted(sites), **warn)], [],
-                             notes={"site": f"new sites {new}, vanished sites {gone}"}))
+        def sites_table() -> _Table:
+            new, gone = checks.site_changes(manifest, previous)
+            sites = previous["site"].dropna().astype(str).unique().tolist()
+            return _Table("drift_sites", manifest[["site"]].dropna().astype(str),
+                          [e.ExpectColumnDistinctValuesToEqualSet(column="site", value_set=sorted(sites), **warn)], [],
+                          notes={"site": f"new sites {new}, vanished sites {gone}"})
+        tables.append(_derive(problems, "drift_sites", sites_table))
     return tables
 
 
@@ -211,8 +228,8 @@ def validate_manifest(
         })
         actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")]
     source = context.data_sources.add_pandas("medflow")
-    failures, warnings, total = [], [], 0
-    tables = _tables(
+    warnings, total = [], 0
+    tables, failures = _tables(
         manifest, task=task, num_classes=num_classes, attributes=attributes, min_group_size=min_group_size,
         consistent_geometry=consistent_geometry, intensity_ranges=dict(intensity_ranges or DEFAULT_INTENSITY_RANGES),
         previous=previous, drift_prevalence=drift_prevalence, drift_intensity_sd=drift_intensity_sd,
