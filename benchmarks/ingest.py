@@ -47,7 +47,7 @@ def main() -> int:
     from components.config import load_config
     from components.data.ingest import default_workers, load_manifest
     from components.data.synthetic import generate_export
-    from components.data.versioning import version_dataset
+    from components.data.versioning import push_dataset, version_dataset
     from components.steps import run_validation
 
     workers = max(2, default_workers())
@@ -59,7 +59,8 @@ def main() -> int:
             one, t_one = _ingest(export, folder / "one" / "data" / "d", folder / "one.json", workers=1)
             many, t_many = _ingest(export, folder / "ws" / "data" / "d", folder / "ws.json", workers=workers)
             start = time.perf_counter()
-            version_dataset(folder / "ws", many.dataset_dir, remote=str(folder / "remote"))
+            version = version_dataset(folder / "ws", many.dataset_dir, remote=str(folder / "remote"))
+            push_dataset(folder / "ws", version.dvc_file)
             t_dvc = time.perf_counter() - start
             again, t_again = _ingest(export, folder / "ws" / "data" / "d", folder / "ws.json", workers=workers)
             assert again.unchanged

@@ -24,8 +24,8 @@ from components.data.ingest import (
 )
 from components.data.sources import load_salt
 from components.data.synthetic import generate_export
-from components.data.versioning import list_versions, read_file_at, read_version, version_dataset
-from components.errors import DataValidationError, RegistryError
+from components.data.versioning import list_versions, push_dataset, read_file_at, read_version, version_dataset
+from components.errors import DataValidationError, IngestError, RegistryError
 from components.validation.expectations import ValidationReport, validate_manifest
 
 if TYPE_CHECKING:  # the model steps import torch, MONAI and MLflow only when they run
@@ -49,6 +49,7 @@ class DatasetVersion:
     n_patients: int
     previous_version: str | None = None
     unchanged: bool = False
+    push_pending: bool = False
 
 
 def _source(config: RunConfig, *, generate: bool = True) -> tuple[Path, Path]:
@@ -139,13 +140,34 @@ def prepare_dataset(config: RunConfig) -> PreparedDataset:
     )
 
 
+def _push(name: str) -> bool:
+    """Push the dataset's current version; on failure keep a marker so that the next run pushes. True when pushed."""
+    marker = paths.medflow_home() / "ingest" / f"{name}.push-pending"
+    dvc_file = paths.data_root() / f"{name}.dvc"
+    try:
+        push_dataset(paths.workspace_root(), dvc_file)
+    except IngestError as exc:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(read_version(dvc_file) + "\n")
+        logger.warning("%s; the data version is committed locally and its push is pending: the next run pushes it", exc)
+        return False
+    marker.unlink(missing_ok=True)
+    return True
+
+
 def version_prepared(prepared: PreparedDataset, config: RunConfig) -> DatasetVersion:
-    """``dvc add`` + push + commit a prepared dataset (the I/O half of ingestion; safe to retry)."""
+    """``dvc add`` + commit + push a prepared dataset (the I/O half of ingestion; safe to retry).
+
+    An unreachable remote does not fail ingestion: the version is committed locally,
+    the push is marked pending and retried by the next run.
+    """
     if prepared.pending_state is None:
+        pending = (paths.medflow_home() / "ingest" / f"{prepared.name}.push-pending").exists()
         return DatasetVersion(
             name=prepared.name, manifest=prepared.manifest, version=str(prepared.previous_version),
             n_cases=prepared.n_cases, n_patients=prepared.n_patients,
             previous_version=prepared.previous_version, unchanged=True,
+            push_pending=pending and not _push(prepared.name),
         )
     manifest = load_manifest(prepared.manifest)
     meta = {
@@ -160,10 +182,11 @@ def version_prepared(prepared: PreparedDataset, config: RunConfig) -> DatasetVer
     state = json.loads(prepared.pending_state.read_text())
     save_state(prepared.pending_state.with_name(f"{prepared.name}.json"), state, data_version=version.version)
     prepared.pending_state.unlink()
+    pushed = _push(prepared.name)
     return DatasetVersion(
         name=prepared.name, manifest=prepared.manifest, version=version.version,
         n_cases=prepared.n_cases, n_patients=prepared.n_patients, previous_version=prepared.previous_version,
-        unchanged=version.version == prepared.previous_version,
+        unchanged=version.version == prepared.previous_version, push_pending=not pushed,
     )
 
 

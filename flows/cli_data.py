@@ -51,6 +51,9 @@ def ingest(
     console.print(f"[bold]Dataset[/]      {cfg.data.name}: {result.n_cases} cases of {result.n_patients} patients -> {result.manifest}",
                   soft_wrap=True)
     console.print(f"[bold]Data version[/] {result.version} ({state})", soft_wrap=True)
+    if result.push_pending:
+        console.print("[bold]Push pending[/] the DVC remote could not be reached; the version is committed locally "
+                      "and the next ingest or run pushes it", soft_wrap=True)
     console.print(f"[bold]Work[/]         converted {report['converted']}, reused {report['reused']}, "
                   f"skipped {len(report['skipped'])} (report {report_path})", soft_wrap=True)
     for item in report["skipped"][:20]:

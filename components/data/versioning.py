@@ -87,7 +87,7 @@ def _quiet_dvc():
 
 
 def version_dataset(root: Path, dataset_dir: Path, *, remote: str, meta: dict | None = None) -> DataVersion:
-    """``dvc add`` the dataset folder as one directory, ``dvc push`` it and commit its ``.dvc`` file.
+    """``dvc add`` the dataset folder as one directory and commit its ``.dvc`` file (push: :func:`push_dataset`).
 
     Args:
         root: the DVC project (see :func:`ensure_repository`).
@@ -114,13 +114,34 @@ def version_dataset(root: Path, dataset_dir: Path, *, remote: str, meta: dict | 
             repo.add([str(dataset_dir)])
             if meta is not None:
                 _write_meta(dvc_file, meta)
-            repo.push(targets=[str(dvc_file)])
         except DvcException as exc:
             raise IngestError(f"DVC could not version {dataset_dir}: {exc}") from exc
         remote_url = repo.config["remote"][repo.config["core"]["remote"]]["url"]
     version = read_version(dvc_file)
     commit = _commit(root, dvc_file, f"medflow: data {dataset_dir.name} version {version[:12]}")
     return DataVersion(name=dataset_dir.name, version=version, dvc_file=dvc_file, remote=remote_url, commit=commit)
+
+
+def push_dataset(root: Path, dvc_file: Path) -> None:
+    """``dvc push`` one dataset to the project's default remote.
+
+    Raises:
+        IngestError: the remote cannot be reached or written (the data stays in the local cache).
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    with _quiet_dvc(), Repo(str(root)) as repo:
+        logger = logging.getLogger("dvc")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)  # DVC logs each failed file; the IngestError below says it once
+        try:
+            repo.push(targets=[str(dvc_file)])
+        except (DvcException, OSError) as exc:
+            remote = repo.config["remote"].get(repo.config["core"].get("remote", ""), {}).get("url", "?")
+            raise IngestError(f"DVC could not push {dvc_file.name} to {remote}: {exc}") from exc
+        finally:
+            logger.setLevel(level)
 
 
 def _write_meta(dvc_file: Path, meta: dict) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from components.data.versioning import ensure_repository, read_version, version_dataset
+from components.data.versioning import ensure_repository, push_dataset, read_version, version_dataset
 from components.errors import IngestError
 
 
@@ -28,6 +28,7 @@ def test_version_is_the_dvc_directory_hash_and_the_remote_holds_every_file(tmp_p
     folder = _dataset(tmp_path, files)
     remote = tmp_path / "remote"
     version = version_dataset(tmp_path, folder, remote=str(remote))
+    push_dataset(tmp_path, version.dvc_file)
     assert version.dvc_file == folder.with_name("toy.dvc")
     assert read_version(version.dvc_file) == version.version
     # independent check: the .dir object in the remote hashes to the version and lists each file's md5
