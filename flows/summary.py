@@ -79,9 +79,12 @@ def reusable_summary(config: RunConfig) -> PipelineSummary | None:
     client = MlflowClient(paths.tracking_uri())
     try:
         registered = client.get_model_version(summary.model_name, summary.version)
-        champion = client.get_model_version_by_alias(summary.model_name, "champion").version
     except MlflowException:
         return None
     if registered.tags.get(lineage.TAG_DATA_VERSION) != version:
         return None
-    return dataclasses.replace(summary, reused=True, data_unchanged=True, champion=str(champion))
+    try:  # today's champion: a rollback or a promotion may have moved it since
+        champion = str(client.get_model_version_by_alias(summary.model_name, "champion").version)
+    except MlflowException:
+        champion = None
+    return dataclasses.replace(summary, reused=True, data_unchanged=True, champion=champion)
