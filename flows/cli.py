@@ -132,6 +132,13 @@ def run(
 
     cfg = load_config(config, overrides=set_ or [])
     cfg.check_trainable()
+    if cfg.placement and not os.environ.get("PREFECT_API_URL"):
+        from components.errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(
+            f"placement {dict(cfg.placement)} sends steps to work pools, which needs a Prefect server with workers: "
+            "set PREFECT_API_URL (the embedded server has no deployments and no workers)"
+        )
     from components.workspace import workspace_lock  # noqa: PLC0415
 
     with workspace_lock("run", wait_s=wait):

@@ -67,3 +67,10 @@ def test_io_steps_retry_with_backoff_and_computation_never():
         assert io_task.retry_delay_seconds == [2, 4, 8]
     for compute in (tasks.prepare, tasks.validate, tasks.train, tasks.evaluate, tasks.promote):
         assert not compute.retries
+
+
+def test_the_retry_condition_reads_the_failed_states_own_exception():
+    from prefect.states import Failed
+
+    assert tasks.retry_transient(None, None, Failed(data=ConnectionRefusedError(111, "Connection refused")))
+    assert not tasks.retry_transient(None, None, Failed(data=ValueError("a NaN in the manifest")))

@@ -216,3 +216,11 @@ def test_a_killed_holder_leaves_no_stale_lock(workspace):
     holder.join(30)
     with workspace_lock("run", wait_s=5):  # the OS released the dead holder's lock
         pass
+
+
+def test_placement_without_a_prefect_server_is_refused_before_any_work(workspace, monkeypatch, capsys):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["run", "--set", "placement.train=medflow-k8s"]) == 1
+    err = capsys.readouterr().err
+    assert "placement {'train': 'medflow-k8s'} sends steps to work pools" in err and "set PREFECT_API_URL" in err
+    assert not (workspace / "data").exists()
