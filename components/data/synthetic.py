@@ -126,13 +126,17 @@ def generate_export(
     rng = np.random.default_rng(seed)
     images_dir = folder / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, mrns = [], set()
     for p in range(n_patients):
         sex = str(rng.choice(["F", "M"]))
         site = str(rng.choice(list(SITES)))
         age = int(rng.integers(20, 90))
+        mrn = int(rng.integers(10**6, 10**7))
+        while mrn in mrns:  # two patients never share a record number (nor, through it, their UIDs)
+            mrn = mrn + 1 if mrn + 1 < 10**7 else 10**6
+        mrns.add(mrn)
         patient = {
-            "mrn": f"MRN{rng.integers(10**6, 10**7)}",
+            "mrn": f"MRN{mrn}",
             "name": f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}",
             "birth_date": f"{2026 - age}0{rng.integers(1, 10)}1{rng.integers(0, 10)}",
             "sex": sex,

@@ -59,3 +59,13 @@ def test_lesion_adds_its_amplitude():
 def test_bias_outside_unit_interval_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"bias must be in \[0, 1\], got 1.5"):
         generate_export(tmp_path, n_patients=2, bias=1.5)
+
+
+def test_every_patient_has_its_own_record_number_and_every_image_its_own_uid(tmp_path):
+    import pydicom
+
+    # seed 1 draws five repeated record numbers among 5,000 patients (the birthday problem over 9e6 numbers)
+    export = generate_export(tmp_path / "e", n_patients=5000, image_size=8, seed=1, max_images_per_patient=1)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((export.folder / "images").glob("*.dcm"))]
+    assert len({h.PatientID for h in headers}) == 5000
+    assert len({h.SOPInstanceUID for h in headers}) == len(headers)
