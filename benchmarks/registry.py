@@ -83,7 +83,7 @@ def main() -> int:
     from components.evaluation.evaluate_model import evaluate_run
     from components.registry.promote import decide_promotion
     from components.registry.register import register_model
-    from components.training.loop import train_classifier
+    from components.training.classification import train_classifier
 
     folder = Path(tempfile.mkdtemp(prefix="medflow-bench-registry-"))
     os.chdir(folder)

@@ -84,7 +84,7 @@ def main() -> int:
     from components.config import load_config
     from components.data.ingest import IngestSettings, ingest_export
     from components.data.synthetic import generate_export
-    from components.training.loop import train_classifier
+    from components.training.classification import train_classifier
 
     torch.set_num_threads(os.cpu_count() or 1)
     folder = Path(tempfile.mkdtemp(prefix="medflow-bench-train-"))

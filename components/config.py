@@ -73,6 +73,7 @@ class DataConfig(_Section):
     num_classes: int = Field(2, ge=2)
     n_patients: int = Field(160, ge=10)
     image_size: int = Field(64, ge=16)
+    depth: int = Field(16, ge=0, description="synthetic segmentation volumes: slices each (0 makes 2D images)")
     bias: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 7
     attributes: tuple[str, ...] = ("sex", "age_group", "race", "site")
@@ -106,8 +107,11 @@ class ValidationConfig(_Section):
     drift_intensity_sd: float = Field(0.5, gt=0.0)
 
 
+SEGMENTATION_LOSSES = ("dice", "dice_ce", "dice_focal")
+
+
 class TrainConfig(_Section):
-    """Training of a MONAI classifier."""
+    """Training of a MONAI classifier or segmentation network."""
 
     model: str = "densenet"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -117,9 +121,14 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    loss: Literal["cross_entropy", "focal", "dice", "dice_ce", "dice_focal"] = "cross_entropy"
     class_weights: Literal["none", "balanced"] | list[float] = "none"
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val score")
+    cache: Literal["memory", "disk", "none"] = Field(
+        "memory", description="keep preprocessed training samples: MONAI CacheDataset (memory), PersistentDataset (disk)")
+    patch_size: tuple[int, ...] | None = Field(
+        None, description="segmentation: training patch and sliding-window size, one side per image axis")
+    samples_per_volume: int = Field(4, ge=1, description="segmentation: patches cropped from each image per epoch")
     amp: bool = Field(True, description="mixed precision (autocast + GradScaler) on CUDA; CPU trains in float32")
     resume: bool = Field(True, description="resume from the last epoch checkpoint of the same data, config and code")
     nproc_per_node: int = Field(1, ge=1, description="ranks per node; > 1 runs the training step under torchrun")
@@ -218,16 +227,21 @@ class RunConfig(_Section):
         return self
 
     def check_trainable(self) -> None:
-        """Refuse, before any work, a run the training step cannot do.
+        """Refuse, before any work, a run the training step cannot do (what the data decides is checked
+        when training starts: network dimensions, patch sizes).
 
         Raises:
-            ConfigError: for a segmentation task (ingest and validation support it; training does not yet).
+            ConfigError: a loss or policy that does not fit the task, naming what to change.
         """
-        if self.data.task is Task.SEGMENTATION:
-            raise ConfigError(
-                "data.task is 'segmentation': medflow ingest and medflow validate handle segmentation datasets, "
-                "but medflow run trains classifiers only; set data.task=classification"
-            )
+        segmentation = self.data.task is Task.SEGMENTATION
+        if not segmentation and self.train.loss in SEGMENTATION_LOSSES:
+            raise ConfigError(f"train.loss is {self.train.loss!r}, a segmentation loss, but data.task is "
+                              "'classification'; use cross_entropy or focal")
+        if segmentation and self.promotion.non_inferiority:
+            raise ConfigError("promotion.non_inferiority compares classifiers' probabilities; a segmentation run "
+                              "takes absolute rules (e.g. overall.dice >= 0.7): remove promotion.non_inferiority")
+        from components.training.models import CLASSIFIERS, SEGMENTERS, check_name  # noqa: PLC0415 (imports MONAI)
+        check_name(self.train.model, SEGMENTERS if segmentation else CLASSIFIERS, task=self.data.task.value)
 
     def config_hash(self) -> str:
         """Short sha256 of the config's canonical JSON: equal configs, equal hashes."""

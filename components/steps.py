@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from components import lineage, paths
-from components.config import RunConfig, SourceFormat
+from components.config import RunConfig, SourceFormat, Task
 from components.data.ingest import (
     IngestSettings, default_workers, ingest_export, load_manifest, save_state, unchanged_version, write_ingest_report,
 )
 from components.data.sources import load_salt
 from components.data.synthetic import generate_export
+from components.data.synthetic_segmentation import generate_segmentation_export
 from components.data.versioning import list_versions, push_dataset, read_file_at, read_version, version_dataset
 from components.errors import DataValidationError, IngestError, RegistryError
 from components.validation.expectations import ValidationReport, validate_manifest
@@ -53,16 +54,22 @@ class DatasetVersion:
 
 
 def _source(config: RunConfig, *, generate: bool = True) -> tuple[Path, Path]:
-    """Export folder and labels CSV of the configured source; the synthetic demo export is generated
-    once under ``.medflow/exports`` (when ``generate``)."""
+    """Export folder and labels CSV of the configured source; the synthetic demo export (DICOM images for
+    classification, NIfTI volumes and masks for segmentation) is generated once under ``.medflow/exports``
+    (when ``generate``)."""
     d = config.data
     if d.format is not SourceFormat.SYNTHETIC:
         return Path(d.source), Path(d.labels or Path(d.source) / "labels.csv")
-    knobs = json.dumps([d.n_patients, d.image_size, d.bias, d.seed])
+    segmentation = d.task is Task.SEGMENTATION
+    knobs = json.dumps([d.n_patients, d.image_size, d.bias, d.seed] + ([d.depth, "segmentation"] if segmentation else []))
     folder = paths.medflow_home() / "exports" / f"{d.name}-{hashlib.sha256(knobs.encode()).hexdigest()[:10]}"
     labels = folder / "labels.csv"
     if generate and not labels.exists():
-        generate_export(folder, n_patients=d.n_patients, image_size=d.image_size, bias=d.bias, seed=d.seed)
+        if segmentation:
+            generate_segmentation_export(folder, n_patients=d.n_patients, image_size=d.image_size, depth=d.depth,
+                                         bias=d.bias, seed=d.seed)
+        else:
+            generate_export(folder, n_patients=d.n_patients, image_size=d.image_size, bias=d.bias, seed=d.seed)
     return folder, labels
 
 
@@ -81,10 +88,11 @@ def unchanged_data_version(config: RunConfig) -> str | None:
 
 
 def ingest_settings(config: RunConfig) -> IngestSettings:
-    """The ingest settings a run config implies (the synthetic generator writes DICOM)."""
+    """The ingest settings a run config implies (the synthetic generator writes DICOM, or NIfTI for segmentation)."""
     d = config.data
+    synthetic = "nifti" if d.task is Task.SEGMENTATION else "dicom"
     return IngestSettings(
-        fmt="dicom" if d.format is SourceFormat.SYNTHETIC else d.format.value,
+        fmt=synthetic if d.format is SourceFormat.SYNTHETIC else d.format.value,
         task=d.task.value,
         num_classes=d.num_classes,
         age_bins=tuple(d.age_bins),
@@ -256,14 +264,14 @@ def describe_failures(title: str, report: ValidationReport, path: Path | None) -
 def train_model(dataset: DatasetVersion, validation_report: Path, config: RunConfig) -> TrainResult:
     """Train on the dataset and attach its validation report to the run."""
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
-    from components.training.loop import train_classifier  # noqa: PLC0415
+    from components.training.loop import train_model as train  # noqa: PLC0415
     from components.tracking import use_experiment  # noqa: PLC0415
     if config.train.nproc_per_node > 1 or config.train.nnodes > 1:
         from components.training.distributed import launch_training  # noqa: PLC0415
 
         result = launch_training(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
     else:
-        result = train_classifier(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
+        result = train(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
     use_experiment(config.registry.experiment)
     client = MlflowClient()
     client.log_artifact(result.run_id, str(validation_report), "validation")

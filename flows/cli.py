@@ -343,7 +343,8 @@ def status(limit: Annotated[int, typer.Option(help="How many of the latest runs 
         console.print("No runs yet: medflow run starts one.")
     for r in runs:
         console.print(f"{r.started}  run {r.run_id[:8]}  {r.status:<9} {r.experiment}  data {r.data_version[:8]}  "
-                      f"test AUC {_num(r.test_auc)}", markup=False, soft_wrap=True)
+                      + (f"test Dice {_num(r.test_dice)}" if r.test_dice is not None else f"test AUC {_num(r.test_auc)}"),
+                      markup=False, soft_wrap=True)
     for m in registered_models(client):
         console.print(f"{m.name}: latest version {m.latest_version or '-'}, champion {m.champion or '-'}, "
                       f"previous-champion {m.previous_champion or '-'}", markup=False, soft_wrap=True)

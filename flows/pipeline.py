@@ -60,6 +60,9 @@ def _step(run_config: RunConfig, step: str, task, /, *, force: bool = False, **p
     return run_placed(step, pool, {"workspace": str(paths.workspace_root()), **parameters, **extra})
 
 
+SUMMARY_METRICS = ("auc", "accuracy", "ece", "brier", "dice", "hd95", "voxel_ece")
+
+
 @flow(name="medflow-retrain")
 def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     """Retrain, evaluate and (if every gate passes) promote a model on the configured data.
@@ -86,7 +89,7 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
         run_id=trained.run_id,
         model_name=model.name,
         version=model.version,
-        metrics={k: overall.get(k) for k in ("auc", "accuracy", "ece", "brier")} | {"temperature": evaluation.temperature},
+        metrics={k: overall.get(k) for k in SUMMARY_METRICS if k in overall} | {"temperature": evaluation.temperature},
         gates=decision.gates,
         promoted=decision.promoted,
         champion=decision.champion_after,

@@ -70,7 +70,8 @@ def predictions_frame(frame: pd.DataFrame, prob: np.ndarray) -> pd.DataFrame:
 
 
 def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir: Path) -> ModelEvaluation:
-    """Evaluate the checkpoint of ``run_id`` on the test split and log the report to the run.
+    """Evaluate the checkpoint of ``run_id`` on the test split and log the report to the run
+    (a segmentation checkpoint: see :mod:`components.evaluation.segmentation_run`).
 
     Args:
         run_id: MLflow run holding ``checkpoint/``.
@@ -80,7 +81,11 @@ def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir
     """
     use_experiment(config.registry.experiment)
     checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_DIR))
-    model, spec, _ = load_checkpoint(checkpoint)
+    model, spec, description = load_checkpoint(checkpoint)
+    if description.get("task") == "segmentation":
+        from components.evaluation.segmentation_run import evaluate_segmentation_run  # noqa: PLC0415
+        return evaluate_segmentation_run(model=model, spec=spec, run_id=run_id, manifest_path=manifest_path,
+                                         config=config, out_dir=out_dir)
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]

@@ -54,6 +54,8 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing: Sequence[float
     dice = compute_dice(p, t, include_background=False, ignore_empty=True)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an empty class gives inf/nan, reported as None below
+        # MONAI 1.6 passes its own deprecated get_mask_edges argument from compute_hausdorff_distance
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
         hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95, spacing=list(spacing))[0]
     finite = lambda v: [float(x) for x in v if math.isfinite(float(x))]  # noqa: E731
     dices, hds = finite(dice), finite(hd)
@@ -68,7 +70,7 @@ def calibration_bins(prob: np.ndarray, truth: np.ndarray, n_bins: int = ECE_BINS
                      for w in (np.ones(prob.size), (truth.ravel() > 0).astype(float), prob.ravel().astype(float))])
 
 
-def _ece(bins: np.ndarray) -> tuple[float, float]:
+def ece_from_bins(bins: np.ndarray) -> tuple[float, float]:
     count, hits, conf = bins
     gap = np.abs(hits - conf)
     return float(gap.sum() / count.sum()), float(np.max(np.where(count > 0, gap / np.maximum(count, 1), 0.0)))
@@ -135,7 +137,7 @@ def evaluate_segmentation(
     values = {m: per_case[m].astype(float).to_numpy() for m in SEG_METRICS}
     overall = {m: (float(np.nanmean(v)) if (~np.isnan(v)).any() else None) for m, v in values.items()}
     if bins[0].sum():
-        overall["voxel_ece"], overall["voxel_mce"] = _ece(bins)
+        overall["voxel_ece"], overall["voxel_mce"] = ece_from_bins(bins)
     ci95 = {m: _mean_ci(v, patients, n_resamples=n_bootstrap, seed=seed) for m, v in values.items()}
     if attributes is None:
         attributes = [a for a in DEFAULT_ATTRIBUTES if a in per_case.columns]

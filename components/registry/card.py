@@ -17,6 +17,17 @@ CSS = (
 )
 
 
+INTENDED_USE = {
+    "classification": "{task} image classification, trained by medflow for research and for retraining studies. "
+    "Not a medical device: a clinician decides. The model takes raw single-channel images (N, H, W), resizes and "
+    "normalises them as in training, and returns calibrated class probabilities.",
+    "segmentation": "Image segmentation, trained by medflow for research and for retraining studies. Not a medical "
+    "device: a clinician reviews every contour. The model takes raw single-channel images (N, *spatial) of any size, "
+    "normalises them as in training, segments them by sliding window and returns calibrated probabilities per class "
+    "and voxel (N, K, *spatial); the mask is their argmax.",
+}
+
+
 def _num(value: object) -> str:
     return "null" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -27,9 +38,11 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def _composition(manifest: pd.DataFrame, attributes: list[str]) -> str:
-    parts = [_table(["split", "images", "patients", "positive share"], [
-        [split, len(g), g["patient_id"].nunique(), float((g["label"] > 0).mean())]
+def _composition(manifest: pd.DataFrame, attributes: list[str], *, segmentation: bool) -> str:
+    share = "mean foreground share" if segmentation else "positive share"
+    parts = [_table(["split", "images", "patients", share], [
+        [split, len(g), g["patient_id"].nunique(),
+         (float(g["foreground"].mean()) if "foreground" in g else None) if segmentation else float((g["label"] > 0).mean())]
         for split, g in manifest.groupby("split")
     ])]
     for attribute in attributes:
@@ -54,28 +67,35 @@ def model_card_markdown(
 ) -> str:
     """The card as Markdown: intended use, data, metrics with CIs, calibration, fairness, decision."""
     overall, ci = report["overall"], report.get("ci95", {})
+    segmentation = report["task"] == "segmentation"
     metric_rows = [[m, overall.get(m), *(ci.get(m) or [None, None])] for m in overall if m != "notes"]
+    calibration_keys = ("voxel_ece", "voxel_mce") if segmentation else ("ece", "mce", "brier", "nll")
     sections = [
         f"# Model card: {model_name} version {version}",
         "## Intended use",
-        f"{report['task'].capitalize()} image classification, trained by medflow for research and for "
-        "retraining studies. Not a medical device: a clinician decides. The model takes raw single-channel "
-        "images (N, H, W), resizes and normalises them as in training, and returns calibrated class probabilities.",
+        INTENDED_USE["segmentation" if segmentation else "classification"].format(task=report["task"].capitalize()),
         "## Lineage",
         _table(["fact", "value"], [[k, f"`{v}`"] for k, v in lineage.items()]),
         "## Data",
-        _composition(manifest, attributes) if manifest is not None else "The manifest was not available when this card was written.",
+        _composition(manifest, attributes, segmentation=segmentation) if manifest is not None
+        else "The manifest was not available when this card was written.",
         f"## Performance on the test split (n = {report['n']} images, {report['n_patients']} patients)",
         _table(["metric", "value", "95% CI low", "95% CI high"], metric_rows),
         "Intervals: patient-level bootstrap.",
         "## Calibration",
-        (_table(["", "ECE", "MCE", "Brier", "NLL"], [
-            ["before temperature scaling", *(calibration["before"][k] for k in ("ece", "mce", "brier", "nll"))],
-            ["after (T = " + f"{calibration['temperature']:.3f})", *(calibration["after"][k] for k in ("ece", "mce", "brier", "nll"))],
+        (_table(["", *(k.replace("_", " ").upper() for k in calibration_keys)], [
+            ["before temperature scaling", *(calibration["before"].get(k) for k in calibration_keys)],
+            ["after (T = " + f"{calibration['temperature']:.3f})", *(calibration["after"].get(k) for k in calibration_keys)],
         ]) if calibration else "No calibration record."),
         "## Fairness",
     ]
     for attribute, summary in report.get("fairness", {}).items():
+        if segmentation:
+            sections.append(f"**{attribute}**: Dice gap {_num(summary.get('dice_gap'))}, "
+                            f"ES-Dice {_num(summary.get('es_dice'))}")
+            sections.append(_table([attribute, "n", "Dice", "HD95 (mm)"],
+                                   [[g, m["n"], m["dice"], m["hd95"]] for g, m in report["groups"][attribute].items()]))
+            continue
         groups = report["groups"][attribute]
         sections.append(f"**{attribute}**: AUC gap {_num(summary.get('auc_gap'))}, ES-AUC {_num(summary.get('es_auc'))}, "
                         f"equalized-odds difference {_num(summary.get('equalized_odds_difference'))}, "

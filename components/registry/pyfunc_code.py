@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from components.registry.model import MedflowClassifier
+from components.registry.model import MedflowModel
 
-set_model(MedflowClassifier())
+set_model(MedflowModel())

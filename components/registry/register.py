@@ -23,7 +23,8 @@ from components.tracking import use_experiment
 
 ALIAS_CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
-TAGGED_METRICS = ("auc", "ece", "brier")
+TAGGED_METRICS = {"classification": ("auc", "ece", "brier"), "segmentation": ("dice", "hd95", "voxel_ece")}
+TAGGED_GAPS = {"classification": "auc_gap", "segmentation": "dice_gap"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def register_model(
     use_experiment(config.registry.experiment)
     client = MlflowClient()
     report = json.loads(report_path.read_text())
+    family = "segmentation" if report["task"] == "segmentation" else "classification"
     name = config.registry.model_name
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if reuse_existing else []
     if existing:
@@ -84,8 +86,8 @@ def register_model(
         lineage.TAG_CONFIG_HASH: config.config_hash(),
         lineage.TAG_CODE_VERSION: lineage.code_version(),
         "medflow.temperature": f"{temperature:.4f}",
-        **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in TAGGED_METRICS},
-        **{f"medflow.{a}_auc_gap": str(f["auc_gap"]) for a, f in report["fairness"].items()},
+        **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in TAGGED_METRICS[family]},
+        **{f"medflow.{a}_{TAGGED_GAPS[family]}": str(f[TAGGED_GAPS[family]]) for a, f in report["fairness"].items()},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -100,12 +102,7 @@ def _log_and_register(client: MlflowClient, *, run_id: str, temperature: float, 
         description = json.loads((checkpoint / "model.json").read_text())
         description["temperature"] = temperature
         (checkpoint / "model.json").write_text(json.dumps(description, indent=2))
-        height, width = description["preprocess"]["spatial_size"]
-        signature = ModelSignature(
-            # any image size: the model resizes to (height, width) itself
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, description["num_classes"]))]),
-        )
+        signature, example = _signature(description)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
@@ -113,8 +110,25 @@ def _log_and_register(client: MlflowClient, *, run_id: str, temperature: float, 
                 artifacts={"checkpoint": str(checkpoint)},
                 code_paths=[str(Path(components.__file__).parent)],
                 signature=signature,
-                input_example=np.zeros((1, height, width), dtype=np.float32),
+                input_example=example,
                 pip_requirements=_requirements(),
                 registered_model_name=config.registry.model_name,
             )
     return str(info.registered_model_version)
+
+
+def _signature(description: dict) -> tuple[ModelSignature, np.ndarray]:
+    """The pyfunc's tensor signature and an input example: images of any size (N, *spatial) in;
+    (N, K) class probabilities out, or (N, K, *spatial) for segmentation."""
+    k = description["num_classes"]
+    if description.get("task") == "segmentation":
+        patch = description["preprocess"]["patch_size"]
+        free = (-1,) * len(patch)
+        return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *free))]),
+                              outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k, *free))])), \
+            np.zeros((1, *patch), dtype=np.float32)
+    height, width = description["preprocess"]["spatial_size"]
+    # any image size: the model resizes to (height, width) itself
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))])), \
+        np.zeros((1, height, width), dtype=np.float32)

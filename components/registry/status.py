@@ -22,6 +22,7 @@ class RunLine:
     experiment: str
     data_version: str
     test_auc: float | None
+    test_dice: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ def latest_runs(client: MlflowClient, *, limit: int = 10) -> list[RunLine]:
             experiment=experiments[r.info.experiment_id],
             data_version=r.data.tags.get(lineage.TAG_DATA_VERSION, "-"),
             test_auc=r.data.metrics.get("test_auc"),
+            test_dice=r.data.metrics.get("test_dice"),
         )
         for r in runs
     ]

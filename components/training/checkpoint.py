@@ -37,7 +37,7 @@ class TrainingState:
     scaler: dict | None
     best_state: dict | None
     best_score: tuple | None
-    best_auc: float | None
+    best_metric: float | None
     best_epoch: int
     stale_epochs: int
     rng: dict

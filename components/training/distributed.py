@@ -1,7 +1,7 @@
 """Training under ``torchrun``: several processes on one node (``train.nproc_per_node``) or several nodes.
 
 :func:`launch_training` starts ``torch.distributed.run`` (torchrun) with this module
-as the program; each rank runs :func:`components.training.loop.train_classifier`,
+as the program; each rank runs :func:`components.training.loop.train_model`,
 which sees the initialised process group: a DistributedSampler shards the training
 split, DistributedDataParallel averages the gradients, the training loss is
 reduced across ranks, and only rank 0 talks to MLflow. Backend: NCCL on GPUs,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    from components.training.loop import train_classifier  # noqa: PLC0415
+    from components.training.loop import train_model  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description="one torchrun rank of medflow's training step")
     parser.add_argument("--manifest", type=Path, required=True)
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
-        result = train_classifier(manifest_path=args.manifest, data_version=args.data_version, config=config,
-                                  params_out=args.params_out)
+        result = train_model(manifest_path=args.manifest, data_version=args.data_version, config=config,
+                             params_out=args.params_out)
         if dist.get_rank() == 0:
             args.result.write_text(json.dumps(result.__dict__))
     finally:

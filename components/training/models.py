@@ -1,10 +1,14 @@
-"""MONAI networks by name."""
+"""MONAI networks by name: classifiers and segmentation networks, with defaults small
+enough to train on a CPU (any constructor argument in ``train.model_kwargs`` overrides them)."""
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from monai.networks import nets
 from torch import nn
@@ -99,13 +103,160 @@ def build_classifier(
     Raises:
         ConfigError: unknown name ("did you mean ...") or arguments the network refuses.
     """
-    if name not in CLASSIFIERS:
-        hint = difflib.get_close_matches(name, list(CLASSIFIERS), n=1)
-        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
-        raise ConfigError(f"unknown network {name!r}; {suggestion}choices: {', '.join(CLASSIFIERS)}")
+    check_name(name, CLASSIFIERS, task="classification")
     try:
         return CLASSIFIERS[name](
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, **dict(kwargs or {})
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"network {name!r} refused train.model_kwargs {kwargs}: {exc}") from exc
+
+
+def check_name(name: str, networks: dict[str, Callable[..., nn.Module]], *, task: str) -> None:
+    """Refuse a network name the task does not know, with "did you mean ..."."""
+    if name in networks:
+        return
+    other = SEGMENTERS if networks is CLASSIFIERS else CLASSIFIERS
+    if name in other:
+        raise ConfigError(f"network {name!r} is not a {task} network; choices: {', '.join(networks)}")
+    hint = difflib.get_close_matches(name, list(networks), n=1)
+    suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+    raise ConfigError(f"unknown network {name!r}; {suggestion}choices: {', '.join(networks)}")
+
+
+class FirstOutput(nn.Module):
+    """BasicUNetPlusPlus returns a list of outputs (deep supervision heads); training and serving want the first."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        return self.network(x)[0]
+
+
+def _dynunet_layout(patch: tuple[int, ...], depth: int = 4) -> dict[str, Any]:
+    """nnU-Net's rule for DynUNet: halve each axis while it stays >= 8, at most ``depth`` times."""
+    strides, sizes = [[1] * len(patch)], list(patch)
+    for _ in range(depth):
+        step = [2 if s >= 8 else 1 for s in sizes]
+        if step == [1] * len(patch):
+            break
+        strides.append(step)
+        sizes = [s // t for s, t in zip(sizes, step)]
+    kernels = [[3] * len(patch) for _ in strides]
+    return {"kernel_size": kernels, "strides": strides, "upsample_kernel_size": strides[1:]}
+
+
+# CPU-sized defaults; UNETR and SwinUNETR keep MONAI's layout with narrower features.
+SEGMENTER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unet": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1},
+    "attentionunet": {"channels": (16, 32, 64, 128), "strides": (2, 2, 2)},
+    "segresnet": {"init_filters": 8, "blocks_down": (1, 2, 2, 4), "blocks_up": (1, 1, 1)},
+    "unetr": {"feature_size": 16, "hidden_size": 192, "mlp_dim": 768, "num_heads": 3},
+    "swinunetr": {"feature_size": 12},
+    "dynunet": {},
+    "basicunetplusplus": {"features": (16, 16, 32, 64, 128, 16)},
+}
+
+
+def segmenter_kwargs(name: str, *, patch_size: tuple[int, ...], kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The constructor arguments a segmentation network is built with: defaults, what the patch implies
+    (UNETR's image size, DynUNet's strides), then the config's."""
+    chosen = dict(SEGMENTER_DEFAULTS.get(name, {}))
+    if name == "unetr":
+        chosen["img_size"] = list(patch_size)
+    if name == "dynunet":
+        chosen.update(_dynunet_layout(patch_size))
+    return {**chosen, **dict(kwargs or {})}
+
+
+def patch_divisor(name: str, kwargs: dict[str, Any]) -> int:
+    """What every patch side must be a multiple of for the network to give back its input's size."""
+    if name in ("unet", "attentionunet"):
+        return math.prod(int(s) for s in kwargs.get("strides", (2, 2, 2)))
+    if name == "segresnet":
+        return 2 ** (len(kwargs.get("blocks_down", (1, 2, 2, 4))) - 1)
+    if name == "unetr":
+        return 16  # MONAI's UNETR cuts 16-voxel patches and upsamples by 16
+    if name == "swinunetr":
+        return 32  # patch embedding 2 then four merges of 2: 2**5
+    if name == "basicunetplusplus":
+        return 16
+    return 1  # DynUNet: its strides are derived from the patch
+
+
+# SwinUNETR's deepest stage is 1/32 of the patch and its InstanceNorm needs more than one voxel there
+MIN_PATCH = {"swinunetr": 64}
+
+
+def _seg(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def build(*, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
+        return factory(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
+
+    return build
+
+
+SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
+    "unet": _seg(nets.UNet),
+    "attentionunet": _seg(nets.AttentionUnet),
+    "segresnet": _seg(nets.SegResNet),
+    "unetr": _seg(nets.UNETR),
+    "swinunetr": _seg(nets.SwinUNETR),
+    "dynunet": _seg(nets.DynUNet),
+    "basicunetplusplus": lambda **kw: FirstOutput(nets.BasicUNetPlusPlus(**kw)),
+}
+
+
+def build_segmenter(
+    name: str, *, spatial_dims: int, in_channels: int, num_classes: int, patch_size: tuple[int, ...],
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A MONAI segmentation network, checked on a patch of zeros before any training.
+
+    Args:
+        name: one of :data:`SEGMENTERS`.
+        spatial_dims: 2 or 3, the images' dimensions.
+        in_channels: image channels.
+        num_classes: output channels (background included).
+        patch_size: the training and sliding-window patch.
+        kwargs: the constructor arguments (see :func:`segmenter_kwargs`).
+
+    Raises:
+        ConfigError: unknown name, a network for other dimensions than the data's, a patch the network
+            cannot take, or arguments the network refuses, each saying what to change.
+    """
+    check_name(name, SEGMENTERS, task="segmentation")
+    kwargs = dict(kwargs or {})
+    if len(patch_size) != spatial_dims:
+        raise ConfigError(f"train.patch_size {list(patch_size)} has {len(patch_size)} sides but the images are "
+                          f"{spatial_dims}D; give {spatial_dims} sides")
+    given_dims = kwargs.pop("spatial_dims", spatial_dims)
+    if given_dims != spatial_dims:
+        raise ConfigError(f"train.model_kwargs.spatial_dims is {given_dims} but the images are {spatial_dims}D; "
+                          "remove it (medflow takes the dimensions from the data)")
+    divisor, least = patch_divisor(name, kwargs), MIN_PATCH.get(name, 1)
+    if any(side % divisor or side < least for side in patch_size):
+        fitted = [max(least, divisor, side // divisor * divisor) for side in patch_size]
+        floor = f" and at least {least}" if least > 1 else ""
+        raise ConfigError(f"{name} needs patch sides divisible by {divisor}{floor}; train.patch_size "
+                          f"{list(patch_size)} is not: set train.patch_size={fitted}")
+    try:
+        network = SEGMENTERS[name](spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                                   **kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"network {name!r} refused train.model_kwargs {kwargs}: {exc}") from exc
+    probe = torch.zeros(1, in_channels, *patch_size)
+    try:
+        network.eval()
+        with torch.no_grad():
+            out = network(probe)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"{name} cannot take a {'x'.join(map(str, patch_size))} patch "
+                          f"({str(exc).splitlines()[0]}); change train.patch_size or train.model_kwargs") from exc
+    finally:
+        network.train()
+    if tuple(out.shape) != (1, num_classes, *patch_size):
+        raise ConfigError(f"{name} turns a {'x'.join(map(str, patch_size))} patch into {tuple(out.shape[2:])}; "
+                          "choose train.patch_size sides its downsampling divides")
+    return network

@@ -1,8 +1,10 @@
-"""The preprocessing a model was trained with, shared by training and the pyfunc.
+"""The preprocessing a model was trained with, shared by training, evaluation and the pyfunc.
 
-Images are single-channel 2D arrays in DICOM layout (rows, cols), intensity
-values after the modality LUT. They are resized to the training size and
-normalised with the training split's mean and standard deviation.
+Images are single-channel arrays in the dataset's layout (rows, cols[, slices]),
+intensity values after the modality LUT. A classifier's images are resized to
+the training size; a segmentation network's keep their size (it runs by
+patches) and are padded up to at least one patch. Both are normalised with the
+training split's mean and standard deviation.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensity,
     NormalizeIntensityd,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
     Resize,
     Resized,
+    SpatialPadd,
 )
 
 
@@ -72,3 +76,53 @@ def intensity_stats(images: list[np.ndarray]) -> tuple[float, float]:
     """Mean and standard deviation over all pixels of ``images``."""
     flat = np.concatenate([np.asarray(i, dtype=np.float64).ravel() for i in images])
     return float(flat.mean()), float(flat.std() or 1.0)
+
+
+@dataclass(frozen=True)
+class SegmentationSpec:
+    """A segmentation network's preprocessing: its patch (training crop and sliding window), intensity mean/std."""
+
+    patch_size: tuple[int, ...]
+    mean: float
+    std: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SegmentationSpec:
+        return cls(patch_size=tuple(raw["patch_size"]), mean=float(raw["mean"]), std=float(raw["std"]))
+
+
+def segmentation_transforms(spec: SegmentationSpec, *, augment: bool, samples: int = 4) -> Compose:
+    """From NIfTI paths (keys ``image``, ``label``) to normalised (1, *spatial) tensors.
+
+    Training (``augment``) crops ``samples`` patches per image, half centred on
+    foreground (MONAI's RandCropByPosNegLabeld), and flips them; validation keeps
+    whole images for sliding-window inference.
+    """
+    keys = ["image", "label"]
+    axes = list(range(len(spec.patch_size)))
+    steps = [
+        LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
+        NormalizeIntensityd(keys="image", subtrahend=spec.mean, divisor=spec.std),
+        EnsureTyped(keys=keys, track_meta=False),
+    ]
+    if augment:
+        steps += [
+            SpatialPadd(keys=keys, spatial_size=spec.patch_size),
+            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=spec.patch_size, pos=1, neg=1,
+                                   num_samples=samples),
+            *[RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in axes],
+        ]
+    return Compose(steps)
+
+
+def segmentation_array_transform(spec: SegmentationSpec) -> Compose:
+    """The served model's preprocessing of one raw (H, W[, D]) array (no padding: the window pads)."""
+    return Compose([
+        EnsureChannelFirst(channel_dim="no_channel"),
+        NormalizeIntensity(subtrahend=spec.mean, divisor=spec.std),
+        EnsureType(track_meta=False),
+    ])

@@ -149,9 +149,11 @@ def test_status_lists_runs_data_versions_and_champions(workspace, capsys):
     assert "m: latest version 1, champion 1, previous-champion -" in out and "medflow-lock" not in out
 
 
-def test_a_segmentation_run_is_refused_before_any_work(workspace, capsys):
+def test_a_classification_config_turned_to_segmentation_is_refused_before_any_work(workspace, capsys):
+    assert main(["run", "--set", "data.task=segmentation", "--set", "promotion.non_inferiority=[]"]) == 1
+    assert "network 'densenet' is not a segmentation network; choices: unet," in capsys.readouterr().err
     assert main(["run", "--set", "data.task=segmentation"]) == 1
-    assert "medflow run trains classifiers only; set data.task=classification" in capsys.readouterr().err
+    assert "remove promotion.non_inferiority" in capsys.readouterr().err
     assert not (workspace / "data").exists()
 
 

@@ -19,7 +19,7 @@ from components.config import load_config
 from components.evaluation.evaluate_model import evaluate_run
 from components.registry.register import register_model
 from components.steps import promote_version
-from components.training.loop import train_classifier
+from components.training.classification import train_classifier
 
 from .conftest import MLFLOW, MlflowServer, free_port, wait_for
 

@@ -13,7 +13,7 @@ from components import lineage, paths
 from components.config import load_config
 from components.evaluation.evaluate_model import evaluate_run
 from components.registry.register import ALIAS_CHALLENGER, register_model
-from components.training.loop import train_classifier
+from components.training.classification import train_classifier
 
 TINY = ["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=50", "registry.experiment=test-reg",
         "registry.model_name=tiny", "evaluate.min_group_size=2"]

@@ -50,3 +50,19 @@ def test_a_failing_rank_is_one_error_with_the_tail_of_its_output(workspace, tmp_
     config = load_config(overrides=[*TINY, "train.nproc_per_node=2"], environ={})
     with pytest.raises(DistributedTrainingError, match=r"distributed training failed \(torchrun exit 1\)"):
         launch_training(manifest_path=missing, data_version="v1", config=config)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_a_segmentation_network_alike(workspace, seg2d_dataset):
+    config = load_config(overrides=[
+        "data.task=segmentation", "train.model=unet", "train.model_kwargs={}", "train.loss=dice_ce", "train.epochs=1",
+        "train.batch_size=2", "train.patch_size=[32, 32]", "train.samples_per_volume=2", "train.device=cpu",
+        "registry.experiment=test-ddp-seg", "train.nproc_per_node=2",
+    ], environ={})
+    result = launch_training(manifest_path=seg2d_dataset, data_version="v1", config=config, params_out=workspace / "params")
+    rank0, rank1 = (torch.load(workspace / "params" / f"rank{r}.pt") for r in (0, 1))
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    assert result.metric == "val_dice" and result.run_id
+    run = MlflowClient(paths.tracking_uri()).get_run(result.run_id)
+    assert run.data.params["world_size"] == "2" and "val_dice" in run.data.metrics

@@ -11,7 +11,8 @@ from components import lineage, paths
 from components.config import load_config
 from components.errors import ConfigError
 from components.registry.model import load_checkpoint
-from components.training.loop import CHECKPOINT_DIR, train_classifier
+from components.training.classification import train_classifier
+from components.training.loop import CHECKPOINT_DIR
 
 TINY = ["train.epochs=2", "train.batch_size=16", "data.image_size=32", "registry.experiment=test-train"]
 

@@ -19,7 +19,7 @@ from components import paths
 from components.config import load_config
 from components.errors import ConfigError
 from components.training.checkpoint import checkpoint_path, load_checkpoint
-from components.training.loop import build_loss, class_weights, train_classifier
+from components.training.classification import build_loss, class_weights, train_classifier
 
 TINY = ["train.batch_size=16", "data.image_size=32", "registry.experiment=test-resume", "train.device=cpu"]
 
@@ -30,7 +30,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_into_the_same_mlflow_run(
     config = load_config(overrides=overrides, environ={})
     script = (
         "import sys; from pathlib import Path; from components.config import load_config; "
-        "from components.training.loop import train_classifier; "
+        "from components.training.classification import train_classifier; "
         f"train_classifier(manifest_path=Path({str(small_dataset)!r}), data_version='v1', "
         f"config=load_config(overrides={overrides!r}, environ={{}}))"
     )

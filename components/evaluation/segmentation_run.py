@@ -1,0 +1,108 @@
+"""The evaluation step of a segmentation run: segment the val and test splits by
+sliding window with the run's checkpoint, fit a temperature on a sample of
+validation voxels, write the calibrated test masks and foreground probability
+maps, evaluate them (Dice, HD95, subgroups, voxel calibration) and log it all
+to the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import track
+
+from components.config import RunConfig
+from components.data.ingest import load_manifest
+from components.evaluation.calibration import fit_temperature
+from components.evaluation.evaluate_model import REPORT_DIR, ModelEvaluation
+from components.evaluation.html_report import render_segmentation_html
+from components.evaluation.segmentation import calibration_bins, ece_from_bins, evaluate_segmentation
+from components.training.preprocess import SegmentationSpec, segmentation_array_transform
+from components.training.segmentation import infer
+
+VOXELS_PER_CASE = 20_000  # validation voxels per case the temperature is fitted on
+
+
+def _logits(model: torch.nn.Module, spec: SegmentationSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (K, *spatial) of one image file, and its affine."""
+    image = nib.load(path)
+    with torch.no_grad():
+        tensor = segmentation_array_transform(spec)(image.get_fdata(dtype=np.float32))[None]
+        return infer(model, tensor, spec.patch_size)[0].double().numpy(), image.affine
+
+
+def _sample_voxels(logits: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    flat = logits.reshape(logits.shape[0], -1).T
+    labels = mask.ravel().astype(np.int64)
+    keep = rng.choice(len(labels), size=min(VOXELS_PER_CASE, len(labels)), replace=False)
+    return flat[keep], labels[keep]
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(logits) / temperature, dim=0).numpy()
+
+
+def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec, run_id: str, manifest_path: Path,
+                              config: RunConfig, out_dir: Path) -> ModelEvaluation:
+    """Evaluate a loaded segmentation checkpoint on the test split; log the report to ``run_id``.
+
+    Writes ``out_dir/masks/<case>_mask.nii.gz`` and ``<case>_prob.nii.gz`` (binary tasks), ``predictions.parquet``
+    (``case_id, mask, prob_map``), ``report.json``, ``report.html`` and ``calibration.json``.
+    """
+    manifest = load_manifest(manifest_path)
+    root = manifest_path.parent
+    val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
+    rng = np.random.default_rng(config.evaluate.seed)
+    sampled = [_sample_voxels(_logits(model, spec, root / image)[0], np.asarray(nib.load(root / label).dataobj), rng)
+               for image, label in track(list(zip(val["image"], val["label"])), description="Segmenting val",
+                                         transient=True)]
+    temperature = fit_temperature(np.concatenate([s[0] for s in sampled]), np.concatenate([s[1] for s in sampled]))
+    binary = config.data.num_classes == 2
+    masks_dir = out_dir / "masks"
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    rows, bins_before = [], 0
+    for case, image, label in track(list(zip(test["case_id"], test["image"], test["label"])),
+                                    description="Segmenting test", transient=True):
+        logits, affine = _logits(model, spec, root / image)
+        prob = _softmax(logits, temperature)
+        mask_rel = f"masks/{case}_mask.nii.gz"
+        nib.save(nib.Nifti1Image(prob.argmax(axis=0).astype(np.uint8), affine), out_dir / mask_rel)
+        row = {"case_id": case, "mask": mask_rel}
+        if binary:
+            row["prob_map"] = f"masks/{case}_prob.nii.gz"
+            nib.save(nib.Nifti1Image(prob[1].astype(np.float32), affine), out_dir / row["prob_map"])
+            truth = np.asarray(nib.load(root / label).dataobj)
+            bins_before = bins_before + calibration_bins(_softmax(logits, 1.0)[1], truth)
+        rows.append(row)
+    predictions = pd.DataFrame(rows)
+    predictions_path = out_dir / "predictions.parquet"
+    predictions.to_parquet(predictions_path, index=False)
+    ev = config.evaluate
+    report = evaluate_segmentation(
+        predictions, manifest, predictions_root=out_dir, manifest_root=root, num_classes=config.data.num_classes,
+        attributes=[a for a in config.data.attributes if a in manifest.columns], n_bootstrap=ev.n_bootstrap,
+        seed=ev.seed, min_group_size=ev.min_group_size, source=str(predictions_path),
+    )
+    before = dict(zip(("voxel_ece", "voxel_mce"), ece_from_bins(bins_before))) if binary and len(rows) else {}
+    after = {k: report.overall[k] for k in ("voxel_ece", "voxel_mce") if k in report.overall}
+    calibration = {"temperature": temperature, "fitted_on": f"val voxels ({sum(len(s[1]) for s in sampled)})",
+                   "before": before, "after": after}
+    report = dataclasses.replace(report, calibration=calibration)
+    report_path = report.write_json(out_dir / "report.json")
+    (out_dir / "report.html").write_text(render_segmentation_html(
+        report.to_dict(), title=f"Evaluation of run {run_id} on {len(test)} test images"))
+    (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(out_dir), REPORT_DIR)
+        metrics = {f"test_{k}": v for k, v in report.overall.items() if isinstance(v, float)}
+        metrics |= {f"test_{attr}_{name}": value for attr, summary in report.fairness.items()
+                    for name, value in summary.items() if name in ("dice_gap", "es_dice") and value is not None}
+        mlflow.log_metrics({**metrics, "temperature": temperature})
+    return ModelEvaluation(run_id=run_id, report=report_path, predictions=predictions_path, temperature=temperature)

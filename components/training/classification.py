@@ -1,0 +1,137 @@
+"""Image classification: a MONAI classifier on 2D images, selected by validation AUC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.losses import FocalLoss
+from monai.utils import set_determinism
+from sklearn.metrics import roc_auc_score
+
+from components.config import RunConfig
+from components.data.ingest import load_manifest
+from components.errors import ConfigError
+from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
+from components.training.models import build_classifier, classifier_kwargs
+from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms
+
+STATS_SAMPLE = 256
+
+
+def _records(frame: pd.DataFrame, root: Path) -> list[dict]:
+    return [{"image": str(root / img), "label": int(lab)} for img, lab in zip(frame["image"], frame["label"])]
+
+
+def _predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, K) and labels (N,) of every batch of ``loader``."""
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            logits.append(model(batch["image"].to(device)).float().cpu())
+            labels.append(batch["label"])
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def _auc(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    if len(np.unique(labels)) < 2:
+        return None
+    prob = torch.softmax(torch.tensor(logits), dim=1).numpy()
+    if prob.shape[1] == 2:
+        return float(roc_auc_score(labels, prob[:, 1]))
+    return float(roc_auc_score(labels, prob, multi_class="ovr", labels=range(prob.shape[1])))
+
+
+def class_weights(choice: str | list[float], labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
+    """Loss weights per class: none, ``balanced`` (n / (K * count), as scikit-learn's) or given.
+
+    ``labels`` are class indices, one per case (classification) or per voxel (segmentation).
+    """
+    if choice == "none":
+        return None
+    if choice == "balanced":
+        counts = np.bincount(labels, minlength=num_classes).astype(float)
+        if (counts == 0).any():
+            missing = [k for k in range(num_classes) if counts[k] == 0]
+            raise ConfigError(f"train.class_weights=balanced: class(es) {missing} have no training cases")
+        return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
+    if len(choice) != num_classes:
+        raise ConfigError(f"train.class_weights has {len(choice)} values; data.num_classes is {num_classes}")
+    return torch.tensor(choice, dtype=torch.float32)
+
+
+def build_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy (torch) or focal loss (MONAI) of logits (B, K) against class indices (B,)."""
+    if name == "focal":
+        focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=weights)
+        return lambda logits, target: focal(logits, target[:, None])
+    if name != "cross_entropy":
+        raise ConfigError(f"train.loss {name!r} is a segmentation loss; a classifier takes cross_entropy or focal")
+    return torch.nn.CrossEntropyLoss(weight=weights)
+
+
+def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.device) -> Recipe:
+    """Network, cached datasets, loss and AUC validation of a 2D classifier."""
+    cfg = config.train
+    manifest = load_manifest(manifest_path)
+    root = manifest_path.parent
+    train_df, val_df = splits(manifest, manifest_path)
+    size = config.data.image_size
+    sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
+    mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
+    spec = PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
+    num_classes = config.data.num_classes
+    network_kwargs = classifier_kwargs(cfg.model, image_size=size, kwargs=cfg.model_kwargs)
+    network = build_classifier(
+        cfg.model, spatial_dims=2, in_channels=1, num_classes=num_classes, kwargs=network_kwargs
+    ).to(device)
+    augment = training_transforms(spec, augment=True)
+    augment.set_random_state(seed=cfg.seed)  # MONAI's random transforms keep their own RandomState
+    key = f"{manifest_path.resolve()}-{spec}"
+    train_ds = make_dataset(_records(train_df, root), augment, cache=cfg.cache, key=f"train-{key}")
+    val_loader = DataLoader(CacheDataset(_records(val_df, root), training_transforms(spec, augment=False),
+                                         progress=False), batch_size=cfg.batch_size)
+    weights = class_weights(cfg.class_weights, train_df["label"].to_numpy(dtype=int), num_classes)
+    loss_fn = build_loss(cfg.loss, None if weights is None else weights.to(device))
+    val_loss_fn = build_loss(cfg.loss, weights)
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        logits, labels = _predict(model, val_loader, device)
+        scores = {"val_loss": float(val_loss_fn(torch.tensor(logits), torch.tensor(labels)))}
+        auc = _auc(logits, labels)
+        return scores | ({"val_auc": auc} if auc is not None else {})
+
+    description = {
+        "task": "classification",
+        "network": cfg.model,
+        "network_kwargs": network_kwargs,
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "num_classes": num_classes,
+        "preprocess": spec.to_dict(),
+    }
+    return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss_fn, validate=validate,
+                  metric="val_auc", description=description, params={"n_train": len(train_df), "n_val": len(val_df)})
+
+
+def train_classifier(
+    *, manifest_path: Path, data_version: str, config: RunConfig, params_out: Path | None = None
+) -> TrainResult:
+    """Train a classifier on the manifest's ``train`` split, select the epoch by ``val`` AUC.
+
+    Args:
+        manifest_path: ``data/<name>/manifest.parquet``; image paths are relative to its folder.
+        data_version: the DVC hash of the dataset, tagged on the run.
+        config: the run config (``train``, ``data``, ``registry`` sections).
+        params_out: when given, save this rank's final parameters there as ``rank<r>.pt`` (for checks).
+    """
+    set_determinism(seed=config.train.seed)
+    device = select_device(config.train.device)
+    recipe = classification_recipe(manifest_path, config, device)
+    return fit(recipe, config=config, data_version=data_version, device=device, params_out=params_out)

@@ -1,0 +1,155 @@
+"""Segmentation, 2D or 3D: a MONAI network trained on patches, validated by
+sliding-window inference over whole images, selected by validation Dice.
+
+The manifest's ``label`` column holds each image's mask (values ``0 .. K-1``).
+Patches are cropped around foreground and background alike
+(RandCropByPosNegLabeld); the patch is also the sliding window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.utils import set_determinism
+
+from components.config import RunConfig
+from components.data.ingest import load_manifest
+from components.errors import ConfigError
+from components.training.classification import class_weights
+from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
+from components.training.models import MIN_PATCH, build_segmenter, patch_divisor, segmenter_kwargs
+from components.training.preprocess import SegmentationSpec, intensity_stats, segmentation_transforms
+
+STATS_SAMPLE = 32
+LARGEST_DEFAULT_PATCH = 96
+SW_BATCH = 4
+SW_OVERLAP = 0.25
+
+
+def default_patch(shape: tuple[int, ...], *, divisor: int, least: int = 1) -> tuple[int, ...]:
+    """The largest patch up to 96 per side that fits the image and the network's divisor (images smaller
+    than one patch are padded)."""
+    step = max(divisor, 1)
+    return tuple(max(least, step, min(side, LARGEST_DEFAULT_PATCH) // step * step) for side in shape)
+
+
+def build_seg_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A MONAI or torch loss of logits (B, K, *spatial) against label maps (B, 1, *spatial)."""
+    if name == "dice":
+        return DiceLoss(to_onehot_y=True, softmax=True, weight=weights)
+    if name == "dice_ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True, weight=weights)
+    if name == "dice_focal":
+        return DiceFocalLoss(to_onehot_y=True, softmax=True, weight=weights)
+    if name == "focal":
+        return FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=weights)
+    ce = torch.nn.CrossEntropyLoss(weight=weights)
+    return lambda logits, target: ce(logits, target[:, 0].long())
+
+
+def _records(frame: pd.DataFrame, root: Path) -> list[dict]:
+    return [{"image": str(root / img), "label": str(root / mask)} for img, mask in zip(frame["image"], frame["label"])]
+
+
+def infer(network: torch.nn.Module, image: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
+    """Logits (B, K, *spatial) of whole images (B, C, *spatial), by overlapping patches (MONAI)."""
+    return sliding_window_inference(image, roi_size=patch_size, sw_batch_size=SW_BATCH, predictor=network,
+                                    overlap=SW_OVERLAP, mode="gaussian")
+
+
+def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.device) -> Recipe:
+    """Network (checked on a patch), cached patch datasets, loss and Dice validation."""
+    cfg = config.train
+    num_classes = config.data.num_classes
+    manifest = load_manifest(manifest_path)
+    root = manifest_path.parent
+    train_df, val_df = splits(manifest, manifest_path)
+    if train_df["label"].isna().any() or not train_df["label"].astype(str).str.len().all():
+        raise ConfigError(f"{manifest_path}: segmentation needs a mask for every case; the label column has gaps")
+    sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
+    images = [nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]]
+    dims = {i.ndim for i in images}
+    if len(dims) != 1 or dims - {2, 3}:
+        raise ConfigError(f"{manifest_path}: segmentation trains on 2D or 3D images of one kind, found {sorted(dims)}D")
+    spatial_dims = dims.pop()
+    smallest = tuple(int(min(i.shape[a] for i in images)) for a in range(spatial_dims))
+    kwargs = dict(cfg.model_kwargs)
+    divisor = patch_divisor(cfg.model, segmenter_kwargs(cfg.model, patch_size=smallest, kwargs=kwargs))
+    patch = tuple(cfg.patch_size) if cfg.patch_size else default_patch(
+        smallest, divisor=divisor, least=MIN_PATCH.get(cfg.model, 1))
+    network_kwargs = segmenter_kwargs(cfg.model, patch_size=patch, kwargs=kwargs)
+    network = build_segmenter(cfg.model, spatial_dims=spatial_dims, in_channels=1, num_classes=num_classes,
+                              patch_size=patch, kwargs=network_kwargs).to(device)
+    mean, std = intensity_stats(images)
+    spec = SegmentationSpec(patch_size=patch, mean=mean, std=std)
+    augment = segmentation_transforms(spec, augment=True, samples=cfg.samples_per_volume)
+    augment.set_random_state(seed=cfg.seed)
+    train_ds = make_dataset(_records(train_df, root), augment, cache=cfg.cache,
+                            key=f"train-{manifest_path.resolve()}-{spec}")
+    val_loader = DataLoader(CacheDataset(_records(val_df, root), segmentation_transforms(spec, augment=False),
+                                         progress=False), batch_size=1)
+    voxels = None
+    if cfg.class_weights == "balanced":
+        masks = [np.asarray(nib.load(root / p).dataobj, dtype=np.int64).ravel() for p in sample["label"]]
+        voxels = np.concatenate(masks)
+    weights = class_weights(cfg.class_weights, voxels if voxels is not None else np.zeros(0, dtype=int), num_classes)
+    loss_fn = build_seg_loss(cfg.loss, None if weights is None else weights.to(device))
+    dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for batch in val_loader:
+                image, label = batch["image"].to(device), batch["label"].to(device)
+                logits = infer(model, image, patch)
+                losses.append(float(loss_fn(logits, label)))
+                pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes=num_classes)
+                dice(y_pred=pred, y=one_hot(label.long(), num_classes=num_classes))
+        score = dice.aggregate()
+        dice.reset()
+        value = float(score) if torch.isfinite(score).all() else None
+        return {"val_loss": float(np.mean(losses))} | ({"val_dice": value} if value is not None else {})
+
+    description = {
+        "task": "segmentation",
+        "network": cfg.model,
+        "network_kwargs": network_kwargs,
+        "spatial_dims": spatial_dims,
+        "in_channels": 1,
+        "num_classes": num_classes,
+        "preprocess": spec.to_dict(),
+    }
+    return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss_fn, validate=validate,
+                  metric="val_dice", description=description,
+                  params={"n_train": len(train_df), "n_val": len(val_df), "patch_size": list(patch)})
+
+
+def train_segmenter(
+    *, manifest_path: Path, data_version: str, config: RunConfig, params_out: Path | None = None
+) -> TrainResult:
+    """Train a segmentation network on the manifest's ``train`` split, select the epoch by ``val`` Dice.
+
+    Args:
+        manifest_path: ``data/<name>/manifest.parquet``; image and mask paths are relative to its folder.
+        data_version: the DVC hash of the dataset, tagged on the run.
+        config: the run config (``train``, ``data``, ``registry`` sections).
+        params_out: when given, save this rank's final parameters there as ``rank<r>.pt`` (for checks).
+
+    Raises:
+        ConfigError: before training, for a network, patch or loss the data cannot take.
+    """
+    set_determinism(seed=config.train.seed)
+    device = select_device(config.train.device)
+    recipe = segmentation_recipe(manifest_path, config, device)
+    return fit(recipe, config=config, data_version=data_version, device=device, params_out=params_out)
