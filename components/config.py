@@ -40,9 +40,10 @@ class SourceFormat(str, Enum):
 
 
 class Task(str, Enum):
-    """What the labels are: classes, or mask paths."""
+    """What the labels are: one class per image, a set of classes per image (``0|2``), or mask paths."""
 
     CLASSIFICATION = "classification"
+    MULTILABEL = "multilabel"
     SEGMENTATION = "segmentation"
 
 
@@ -87,6 +88,9 @@ class DataConfig(_Section):
             raise ValueError(f"data.source is required when data.format is '{self.format.value}'")
         if self.format is SourceFormat.SYNTHETIC and self.num_classes != 2:
             raise ValueError("the synthetic generator makes binary labels: data.num_classes must be 2")
+        if self.format is SourceFormat.SYNTHETIC and self.task is Task.MULTILABEL:
+            raise ValueError("the synthetic generator makes one label per image: a multi-label run needs "
+                             "data.format dicom, nifti or png and a labels CSV")
         return self
 
 
@@ -240,6 +244,9 @@ class RunConfig(_Section):
         if segmentation and self.promotion.non_inferiority:
             raise ConfigError("promotion.non_inferiority compares classifiers' probabilities; a segmentation run "
                               "takes absolute rules (e.g. overall.dice >= 0.7): remove promotion.non_inferiority")
+        if self.data.task is Task.MULTILABEL and self.promotion.non_inferiority:
+            raise ConfigError("promotion.non_inferiority compares binary and multiclass classifiers; a multi-label "
+                              "run takes absolute rules (e.g. overall.auc >= 0.8): remove promotion.non_inferiority")
         from components.training.models import CLASSIFIERS, SEGMENTERS, check_name  # noqa: PLC0415 (imports MONAI)
         check_name(self.train.model, SEGMENTERS if segmentation else CLASSIFIERS, task=self.data.task.value)
 

@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from rich.progress import track
 
@@ -41,7 +42,8 @@ MANIFEST_COLUMNS = (
     "race", "shape", "spacing", "dtype", "min", "max", "mean", "std", "nan_count", "inf_count", "sha256",
     "mask_shape", "mask_spacing", "foreground",
 )
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "multilabel", "segmentation")
+LABEL_SEPARATOR = "|"
 STATE_VERSION = 1
 PARALLEL_MIN_CASES = 64
 
@@ -52,8 +54,9 @@ class IngestSettings:
 
     Attributes:
         fmt: source format, ``dicom``, ``nifti`` or ``png``.
-        task: ``classification`` (labels are classes) or ``segmentation`` (labels are mask paths).
-        num_classes: classes, or mask values ``0..num_classes-1``.
+        task: ``classification`` (labels are classes), ``multilabel`` (labels are sets of classes written
+            ``0|2``, empty for none) or ``segmentation`` (labels are mask paths).
+        num_classes: classes (labels of a multi-label task), or mask values ``0..num_classes-1``.
         age_bins: cut points of the age groups, years.
         val: fraction of patients in the validation split, per stratum.
         test: fraction of patients in the test split, per stratum.
@@ -145,6 +148,12 @@ def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataF
             for i in bad
         ]
         labels["label"] = numeric.fillna(-1).astype(int)
+    elif settings.task == "multilabel":
+        parsed = [parse_label_set(v, settings.num_classes) for v in labels["label"]]
+        problems += [(i, f"{labels_csv} row {i + 2}: label {str(labels.at[i, 'label'])!r} is not a set of classes "
+                         f"in 0..{settings.num_classes - 1} written like 0{LABEL_SEPARATOR}2")
+                     for i, v in zip(labels.index, parsed) if v is None]
+        labels["label"] = [v if v is not None else "" for v in parsed]
     else:
         problems += [(i, f"{labels_csv} row {i + 2}: no mask path in column label") for i in labels.index[labels["label"].isna()]]
     if "patient_id" in labels.columns and settings.fmt != "dicom":
@@ -155,6 +164,25 @@ def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataF
         problems += [(i, f"{labels_csv} row {i + 2}: age {labels.at[i, 'age']!r} is not a number") for i in bad]
         labels["age"] = age
     return labels, problems
+
+
+def parse_label_set(value: object, num_classes: int) -> str | None:
+    """A multi-label cell (``"2|0"``; empty or missing for none) as its canonical form ``"0|2"``; None when invalid."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or not str(value).strip():
+        return ""
+    parts = [p.strip() for p in str(value).split(LABEL_SEPARATOR)]
+    if not all(p.isdigit() and int(p) < num_classes for p in parts):
+        return None
+    return LABEL_SEPARATOR.join(str(k) for k in sorted({int(p) for p in parts}))
+
+
+def label_matrix(labels: pd.Series, num_classes: int) -> np.ndarray:
+    """(N, L) 0/1 of canonical multi-label cells."""
+    out = np.zeros((len(labels), num_classes), dtype=np.int64)
+    for i, cell in enumerate(labels):
+        for k in str(cell).split(LABEL_SEPARATOR) if cell else ():
+            out[i, int(k)] = 1
+    return out
 
 
 def _file_hash(path: Path, cache: dict, hashes: dict) -> str:
@@ -399,6 +427,8 @@ def _build(
         cases_state[rec["path"]] = entry
         if settings.task == "classification":
             row["label"] = int(rec["label"])
+        elif settings.task == "multilabel":
+            row["label"] = rec["label"]
         for c in ("site", "sex", "race"):
             if c in labels.columns:
                 row[c] = rec[c]
@@ -432,8 +462,9 @@ def _splits(manifest: pd.DataFrame, raw_patients: list, previous: pd.DataFrame |
     if previous is not None and "split" in previous.columns:
         kept = previous.groupby("patient_id")["split"].first().to_dict()
     rank_ids = pd.Series([r if r is not None else p for r, p in zip(raw_patients, manifest["patient_id"])], index=manifest.index)
-    stratify = manifest[["patient_id"] + (["label"] if settings.task == "classification" else []) + (["site"] if "site" in manifest.columns else [])]
-    if settings.task != "classification":
+    by_label = settings.task in ("classification", "multilabel")  # a multi-label stratum is a set of classes
+    stratify = manifest[["patient_id"] + (["label"] if by_label else []) + (["site"] if "site" in manifest.columns else [])]
+    if not by_label:
         stratify = stratify.assign(label=0)
     return assign_splits(
         stratify, val=settings.val, test=settings.test, seed=settings.split_seed, previous=kept, rank_ids=rank_ids

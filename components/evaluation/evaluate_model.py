@@ -18,8 +18,8 @@ from monai.data import DataLoader, Dataset
 from rich.progress import track
 
 from components.config import RunConfig
-from components.data.ingest import load_manifest
-from components.evaluation.calibration import fit_temperature, softmax
+from components.data.ingest import label_matrix, load_manifest
+from components.evaluation.calibration import fit_temperature, sigmoid, softmax
 from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
@@ -57,8 +57,15 @@ def contract_probabilities(prob: np.ndarray) -> np.ndarray:
     return prob[:, 1] if prob.shape[1] == 2 else prob
 
 
-def predictions_frame(frame: pd.DataFrame, prob: np.ndarray) -> pd.DataFrame:
-    """A predictions table of the evaluation contract for the cases of ``frame``."""
+def predictions_frame(frame: pd.DataFrame, prob: np.ndarray, *, multilabel: bool = False) -> pd.DataFrame:
+    """A predictions table of the evaluation contract for the cases of ``frame``
+    (multi-label: ``y_true_j`` and ``prob_j`` per label)."""
+    if multilabel:
+        truth = label_matrix(frame["label"], prob.shape[1])
+        out = pd.DataFrame({"case_id": frame["case_id"].to_numpy()})
+        for j in range(prob.shape[1]):
+            out[f"y_true_{j}"], out[f"prob_{j}"] = truth[:, j], prob[:, j]
+        return out
     out = pd.DataFrame({"case_id": frame["case_id"].to_numpy(), "y_true": frame["label"].to_numpy()})
     prob = contract_probabilities(prob)
     if prob.ndim == 1:
@@ -89,18 +96,23 @@ def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
+    multilabel = description.get("task") == "multilabel"
+    k = description["num_classes"]
+    truth = (lambda f: label_matrix(f["label"], k)) if multilabel else (lambda f: f["label"].to_numpy())  # noqa: E731
+    probabilities = sigmoid if multilabel else softmax
     val_logits = predict_logits(model, spec, val, root)
-    temperature = fit_temperature(val_logits, val["label"].to_numpy())
+    temperature = fit_temperature(val_logits, truth(val))
     test_logits = predict_logits(model, spec, test, root)
-    calibrated = predictions_frame(test, softmax(test_logits, temperature=temperature))
+    calibrated = predictions_frame(test, probabilities(test_logits, temperature=temperature), multilabel=multilabel)
     ev = config.evaluate
     attributes = [a for a in config.data.attributes if a in manifest.columns]
     report = evaluate_predictions(
         calibrated, manifest, attributes=attributes, threshold=ev.threshold,
         n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size,
     )
+    uncalibrated = probabilities(test_logits)
     before = classification_metrics(
-        test["label"].to_numpy(), contract_probabilities(softmax(test_logits)), threshold=ev.threshold
+        truth(test), uncalibrated if multilabel else contract_probabilities(uncalibrated), threshold=ev.threshold
     )
     calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}
     report = dataclasses.replace(report, calibration=calibration)

@@ -38,12 +38,19 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def _composition(manifest: pd.DataFrame, attributes: list[str], *, segmentation: bool) -> str:
-    share = "mean foreground share" if segmentation else "positive share"
+def _share(frame: pd.DataFrame, task: str) -> float | None:
+    """Mean foreground fraction (segmentation), share of images with any label (multi-label) or with a class > 0."""
+    if task == "segmentation":
+        return float(frame["foreground"].mean()) if "foreground" in frame else None
+    if task == "multilabel":
+        return float((frame["label"].astype(str) != "").mean())
+    return float((frame["label"] > 0).mean())
+
+
+def _composition(manifest: pd.DataFrame, attributes: list[str], *, task: str) -> str:
+    share = {"segmentation": "mean foreground share", "multilabel": "share with any label"}.get(task, "positive share")
     parts = [_table(["split", "images", "patients", share], [
-        [split, len(g), g["patient_id"].nunique(),
-         (float(g["foreground"].mean()) if "foreground" in g else None) if segmentation else float((g["label"] > 0).mean())]
-        for split, g in manifest.groupby("split")
+        [split, len(g), g["patient_id"].nunique(), _share(g, task)] for split, g in manifest.groupby("split")
     ])]
     for attribute in attributes:
         if attribute in manifest.columns:
@@ -77,7 +84,7 @@ def model_card_markdown(
         "## Lineage",
         _table(["fact", "value"], [[k, f"`{v}`"] for k, v in lineage.items()]),
         "## Data",
-        _composition(manifest, attributes, segmentation=segmentation) if manifest is not None
+        _composition(manifest, attributes, task=report["task"]) if manifest is not None
         else "The manifest was not available when this card was written.",
         f"## Performance on the test split (n = {report['n']} images, {report['n_patients']} patients)",
         _table(["metric", "value", "95% CI low", "95% CI high"], metric_rows),

@@ -39,9 +39,11 @@ def load_checkpoint(folder: Path) -> tuple[torch.nn.Module, PreprocessSpec | Seg
 
 
 def predict_arrays(
-    model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *, temperature: float = 1.0, batch_size: int = 64
+    model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *, temperature: float = 1.0, batch_size: int = 64,
+    multilabel: bool = False,
 ) -> np.ndarray:
-    """Class probabilities (N, K) for raw images (N, H, W) or one image (H, W)."""
+    """Class probabilities (N, K) for raw images (N, H, W) or one image (H, W); for a multi-label model
+    each label's own probability (sigmoid), so rows need not sum to 1."""
     images = np.asarray(images, dtype=np.float32)
     if images.ndim == 2:
         images = images[None]
@@ -52,7 +54,8 @@ def predict_arrays(
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
-            out.append(torch.softmax(model(batch).double() / temperature, dim=1))
+            logits = model(batch).double() / temperature
+            out.append(torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1))
     return torch.cat(out).numpy().astype(np.float32)
 
 
@@ -92,10 +95,12 @@ class MedflowModel(mlflow.pyfunc.PythonModel):
         folder = Path(context.artifacts["checkpoint"])
         self.model, self.spec, description = load_checkpoint(folder)
         self.temperature = float(description.get("temperature", 1.0))
+        self.multilabel = description.get("task") == "multilabel"
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002 (pyfunc signature)
-        """Calibrated probabilities: (N, K) for 2D images (N, H, W) of a classifier; (N, K, *spatial) for
-        images (N, *spatial) of a segmentation network."""
+        """Calibrated probabilities: (N, K) for 2D images (N, H, W) of a classifier (per label for a multi-label
+        one); (N, K, *spatial) for images (N, *spatial) of a segmentation network."""
         if isinstance(self.spec, SegmentationSpec):
             return segment_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature)
-        return predict_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature)
+        return predict_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature,
+                              multilabel=self.multilabel)

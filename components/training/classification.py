@@ -1,4 +1,9 @@
-"""Image classification: a MONAI classifier on 2D images, selected by validation AUC."""
+"""Image classification, one class per image or a set of classes per image (multi-label):
+a MONAI classifier on 2D images, selected by validation AUC (macro over labels for multi-label).
+
+A multi-label network has one logit per label, trained with a sigmoid
+(binary cross-entropy or focal loss per label) instead of a softmax.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ from monai.losses import FocalLoss
 from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
-from components.config import RunConfig
-from components.data.ingest import load_manifest
+from components.config import RunConfig, Task
+from components.data.ingest import label_matrix, load_manifest
 from components.errors import ConfigError
 from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
 from components.training.models import build_classifier, classifier_kwargs
@@ -24,7 +29,10 @@ from components.training.preprocess import PreprocessSpec, intensity_stats, trai
 STATS_SAMPLE = 256
 
 
-def _records(frame: pd.DataFrame, root: Path) -> list[dict]:
+def _records(frame: pd.DataFrame, root: Path, *, multilabel: bool = False, num_classes: int = 2) -> list[dict]:
+    if multilabel:
+        targets = label_matrix(frame["label"], num_classes).astype(np.float32)
+        return [{"image": str(root / img), "label": t} for img, t in zip(frame["image"], targets)]
     return [{"image": str(root / img), "label": int(lab)} for img, lab in zip(frame["image"], frame["label"])]
 
 
@@ -40,6 +48,10 @@ def _predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
 
 
 def _auc(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    if labels.ndim == 2:  # multi-label: macro mean over the labels that have both classes
+        aucs = [roc_auc_score(labels[:, j], logits[:, j]) for j in range(labels.shape[1])
+                if len(np.unique(labels[:, j])) == 2]
+        return float(np.mean(aucs)) if aucs else None
     if len(np.unique(labels)) < 2:
         return None
     prob = torch.softmax(torch.tensor(logits), dim=1).numpy()
@@ -64,6 +76,30 @@ def class_weights(choice: str | list[float], labels: np.ndarray, num_classes: in
     if len(choice) != num_classes:
         raise ConfigError(f"train.class_weights has {len(choice)} values; data.num_classes is {num_classes}")
     return torch.tensor(choice, dtype=torch.float32)
+
+
+def positive_weights(choice: str | list[float], targets: np.ndarray) -> torch.Tensor | None:
+    """Multi-label loss weights: none, ``balanced`` (negatives / positives per label, torch's ``pos_weight``) or given."""
+    if choice == "none":
+        return None
+    if choice == "balanced":
+        positives = targets.sum(axis=0)
+        if (positives == 0).any() or (positives == len(targets)).any():
+            one_sided = [j for j in range(targets.shape[1]) if positives[j] in (0, len(targets))]
+            raise ConfigError(f"train.class_weights=balanced: label(s) {one_sided} are never or always present in training")
+        return torch.tensor((len(targets) - positives) / positives, dtype=torch.float32)
+    if len(choice) != targets.shape[1]:
+        raise ConfigError(f"train.class_weights has {len(choice)} values; data.num_classes is {targets.shape[1]}")
+    return torch.tensor(choice, dtype=torch.float32)
+
+
+def build_multilabel_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Binary cross-entropy (torch, ``pos_weight``) or sigmoid focal loss (MONAI) of logits (B, L) against 0/1 (B, L)."""
+    if name == "focal":
+        return FocalLoss(use_softmax=False, gamma=2.0, weight=weights)
+    if name != "cross_entropy":
+        raise ConfigError(f"train.loss {name!r} is a segmentation loss; a classifier takes cross_entropy or focal")
+    return torch.nn.BCEWithLogitsLoss(pos_weight=weights)
 
 
 def build_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -94,12 +130,19 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
     augment = training_transforms(spec, augment=True)
     augment.set_random_state(seed=cfg.seed)  # MONAI's random transforms keep their own RandomState
     key = f"{manifest_path.resolve()}-{spec}"
-    train_ds = make_dataset(_records(train_df, root), augment, cache=cfg.cache, key=f"train-{key}")
-    val_loader = DataLoader(CacheDataset(_records(val_df, root), training_transforms(spec, augment=False),
+    multilabel = config.data.task is Task.MULTILABEL
+    records = lambda frame: _records(frame, root, multilabel=multilabel, num_classes=num_classes)  # noqa: E731
+    train_ds = make_dataset(records(train_df), augment, cache=cfg.cache, key=f"train-{key}")
+    val_loader = DataLoader(CacheDataset(records(val_df), training_transforms(spec, augment=False),
                                          progress=False), batch_size=cfg.batch_size)
-    weights = class_weights(cfg.class_weights, train_df["label"].to_numpy(dtype=int), num_classes)
-    loss_fn = build_loss(cfg.loss, None if weights is None else weights.to(device))
-    val_loss_fn = build_loss(cfg.loss, weights)
+    if multilabel:
+        weights = positive_weights(cfg.class_weights, label_matrix(train_df["label"], num_classes))
+        loss_for = build_multilabel_loss
+    else:
+        weights = class_weights(cfg.class_weights, train_df["label"].to_numpy(dtype=int), num_classes)
+        loss_for = build_loss
+    loss_fn = loss_for(cfg.loss, None if weights is None else weights.to(device))
+    val_loss_fn = loss_for(cfg.loss, weights)
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         logits, labels = _predict(model, val_loader, device)
@@ -108,7 +151,7 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
         return scores | ({"val_auc": auc} if auc is not None else {})
 
     description = {
-        "task": "classification",
+        "task": config.data.task.value,
         "network": cfg.model,
         "network_kwargs": network_kwargs,
         "spatial_dims": 2,
@@ -123,7 +166,8 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
 def train_classifier(
     *, manifest_path: Path, data_version: str, config: RunConfig, params_out: Path | None = None
 ) -> TrainResult:
-    """Train a classifier on the manifest's ``train`` split, select the epoch by ``val`` AUC.
+    """Train a classifier (``data.task`` classification or multilabel) on the manifest's ``train`` split,
+    select the epoch by ``val`` AUC.
 
     Args:
         manifest_path: ``data/<name>/manifest.parquet``; image paths are relative to its folder.

@@ -87,13 +87,16 @@ def _manifest_checks(manifest, e, *, task, num_classes, attributes, consistent_g
     out = [e.ExpectColumnToExist(column=c) for c in (*REQUIRED_COLUMNS, *attributes)]
     out += [e.ExpectColumnValuesToNotBeNull(column=c) for c in NOT_NULL if c in present]
     out += [e.ExpectColumnValuesToBeInTypeList(column=c, type_list=types) for c, types in NUMERIC_COLUMNS.items()
-            if c in present and not (c == "label" and task == "segmentation")]
+            if c in present and not (c == "label" and task in ("segmentation", "multilabel"))]
     if "case_id" in present:
         out.append(e.ExpectColumnValuesToBeUnique(column="case_id"))
     if "label" in present and task == "classification":
         out.append(e.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(num_classes))))
     if "label" in present and task == "segmentation":
         out.append(e.ExpectColumnValuesToMatchRegex(column="label", regex=r"^labels/.+\.nii\.gz$"))
+    if "label" in present and task == "multilabel":  # a canonical set of classes: "", "1", "0|2"
+        classes = "|".join(str(k) for k in range(num_classes))
+        out.append(e.ExpectColumnValuesToMatchRegex(column="label", regex=rf"^(({classes})(\|({classes}))*)?$"))
     if "split" in present:
         out.append(e.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
     for column in ("nan_count", "inf_count"):
@@ -204,7 +207,8 @@ def validate_manifest(
         num_classes: labels must lie in ``0..num_classes-1`` (classification).
         attributes: declared demographic columns (must exist, groups large enough).
         min_group_size: smallest allowed group of a declared attribute.
-        task: ``classification`` or ``segmentation`` (labels are mask paths).
+        task: ``classification``, ``multilabel`` (labels are sets of classes, ``0|2``) or ``segmentation``
+            (labels are mask paths).
         consistent_geometry: every image must share one shape and one spacing.
         intensity_ranges: plausible (min, max) voxel values per modality, after the modality LUT.
         previous: the previous data version's manifest; drift against it is reported as warnings.
