@@ -35,7 +35,7 @@ class TrainingState:
     optimizer: dict
     scheduler: dict
     scaler: dict | None
-    best_state: dict | None
+    best_state: dict | None  # None when the best epoch is this one: the model's own state
     best_score: tuple | None
     best_metric: float | None
     best_epoch: int

@@ -18,6 +18,7 @@ MLflow and saves the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -170,7 +171,8 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
         if resumed.scaler:
             scaler.load_state_dict(resumed.scaler)
         restore_rng(resumed.rng, generator=generator, transforms=augment)
-        best_state, best_score, best_metric = resumed.best_state, resumed.best_score, resumed.best_metric
+        best_state = resumed.best_state if resumed.best_state is not None else copy.deepcopy(resumed.model)
+        best_score, best_metric = resumed.best_score, resumed.best_metric
         best_epoch, stale, first_epoch = resumed.best_epoch, resumed.stale_epochs, resumed.epoch + 1
     experiment_id = use_experiment(config.registry.experiment) if lead else None
     tags = {
@@ -225,8 +227,6 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                 scores = recipe.validate(network)
                 value = scores.get(recipe.metric)
                 metrics = {"train_loss": total / seen, "lr": lr, **scores}
-                if lead:
-                    mlflow.log_metrics(metrics, step=epoch)
                 score = (float("-inf") if value is None else value, -scores["val_loss"])
                 if best_score is None or score > best_score:
                     best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
@@ -235,12 +235,16 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                 else:
                     stale += 1
                 last_epoch = epoch
-                if lead:
+                if lead:  # the epoch's metrics first: a run resumed from this checkpoint has no gap in its history
+                    mlflow.log_metrics(metrics, step=epoch)
                     save_checkpoint(saved_at, TrainingState(
-                        epoch=epoch, run_id=run.info.run_id, model=network.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if amp else None,
-                        best_state=best_state, best_score=best_score, best_metric=best_metric, best_epoch=best_epoch,
-                        stale_epochs=stale, rng=capture_rng(generator=generator, transforms=augment),
+                        epoch=epoch, run_id=run.info.run_id, model=network.state_dict(),
+                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        scaler=scaler.state_dict() if amp else None,
+                        best_state=None if best_epoch == epoch else best_state,  # None: the model itself
+                        best_score=best_score,
+                        best_metric=best_metric, best_epoch=best_epoch, stale_epochs=stale,
+                        rng=capture_rng(generator=generator, transforms=augment),
                     ))
                 progress.update(task, advance=1, status=f"{recipe.metric} {value if value is None else round(value, 3)}")
                 if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
