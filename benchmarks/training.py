@@ -134,8 +134,8 @@ def main() -> int:
             + "; ".join(f"{e}x{z} {'met' if b / m >= 0.95 else 'not met'}" for e, z, b, m, _ in rows)
             + ". medflow pays a fixed cost per run (creating the MLflow run, its params, the final artifact: about "
             "0.1 s) and about 0.035 s per epoch (the epoch's metrics into MLflow, then the resumable checkpoint), so "
-            "short epochs show it most: the demo's 0.6 s epochs lose about 5 %, epochs four times as long about "
-            "1-2 %. Writing them on a background thread was tried and measured no better here (it shares the two "
+            "short epochs show it most (the table's rows: the demo's 0.6 s epochs, then epochs about four times as "
+            "long). Writing them on a background thread was tried and measured no better here (it shares the two "
             "cores and the GIL with the data transforms). Run-to-run noise on this 2-core machine is several per "
             "cent, hence the best of several runs. "
             "The cost of orchestration on top (the step as a Prefect task) is in the pipeline section above.\n"
