@@ -20,7 +20,7 @@ from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
 from components.config import RunConfig, Task
-from components.data.ingest import label_matrix, load_manifest
+from components.data.ingest import label_matrix, load_manifest, parse_label_set
 from components.errors import ConfigError
 from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
 from components.training.models import build_classifier, classifier_kwargs
@@ -112,12 +112,30 @@ def build_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tenso
     return torch.nn.CrossEntropyLoss(weight=weights)
 
 
+def check_labels(manifest: pd.DataFrame, manifest_path: Path, *, task: Task, num_classes: int) -> None:
+    """Refuse a dataset whose labels are not what the task trains on (e.g. ingested for another task)."""
+    labels = manifest["label"]
+    if task is Task.MULTILABEL:
+        ok = labels.map(lambda v: isinstance(v, str) and parse_label_set(v, num_classes) == v)
+        form = f"sets of classes in 0..{num_classes - 1} written like 0|2"
+    else:
+        numeric = pd.to_numeric(labels, errors="coerce")
+        ok = numeric.isin(range(num_classes)) & pd.api.types.is_numeric_dtype(labels)
+        form = f"classes 0..{num_classes - 1}"
+    if not ok.all():
+        bad = manifest.loc[~ok, "case_id"].astype(str).head(3).tolist()
+        raise ConfigError(f"{manifest_path}: data.task is {task.value!r} but labels of case(s) {', '.join(bad)} are "
+                          f"not {form} (first: {str(labels[~ok].iloc[0])!r}); was the dataset ingested for another task "
+                          "or data.num_classes?")
+
+
 def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.device) -> Recipe:
     """Network, cached datasets, loss and AUC validation of a 2D classifier."""
     cfg = config.train
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     train_df, val_df = splits(manifest, manifest_path)
+    check_labels(manifest, manifest_path, task=config.data.task, num_classes=config.data.num_classes)
     size = config.data.image_size
     sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
     mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])

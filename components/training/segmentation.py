@@ -74,8 +74,11 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     train_df, val_df = splits(manifest, manifest_path)
-    if train_df["label"].isna().any() or not train_df["label"].astype(str).str.len().all():
-        raise ConfigError(f"{manifest_path}: segmentation needs a mask for every case; the label column has gaps")
+    masks = manifest["label"].map(lambda v: isinstance(v, str) and v.endswith((".nii", ".nii.gz")))
+    if not masks.all():
+        bad = manifest.loc[~masks, "case_id"].astype(str).head(3).tolist()
+        raise ConfigError(f"{manifest_path}: data.task is 'segmentation' but case(s) {', '.join(bad)} have no mask "
+                          f"(label {str(manifest.loc[~masks, 'label'].iloc[0])!r}); was the dataset ingested for another task?")
     sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
     images = [nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]]
     dims = {i.ndim for i in images}

@@ -135,3 +135,15 @@ def test_a_config_the_data_cannot_take_fails_before_training(workspace, seg2d_da
 def test_a_loss_or_policy_that_does_not_fit_the_task_is_refused_at_once(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides, environ={}).check_trainable()
+
+
+def test_a_dataset_ingested_for_another_task_is_refused_with_what_it_holds(workspace, seg2d_dataset, small_dataset):
+    from components.training.classification import train_classifier
+
+    classify = load_config(overrides=["registry.experiment=wrong-task"], environ={})
+    with pytest.raises(ConfigError, match=r"data.task is 'classification' but labels of case\(s\) .* are not classes "
+                                          r"0..1 \(first: 'labels/.*nii.gz'\); was the dataset ingested for another task"):
+        train_classifier(manifest_path=seg2d_dataset, data_version="v1", config=classify)
+    segment = load_config(overrides=[*SEG, "train.patch_size=[32, 32]"], environ={})
+    with pytest.raises(ConfigError, match=r"data.task is 'segmentation' but case\(s\) .* have no mask \(label '[01]'\)"):
+        train_segmenter(manifest_path=small_dataset, data_version="v1", config=segment)
