@@ -45,3 +45,7 @@ class PromotionRefused(MedflowError):
     """A challenger that failed at least one promotion gate."""
 
     exit_code = 3
+
+
+class AuthenticationFailed(MedflowError):
+    """A tracking or orchestration server refused who we are (missing or wrong credentials)."""

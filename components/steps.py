@@ -316,8 +316,11 @@ def promote_version(
         evaluation_dir: the version's ``report.json``, ``predictions.parquet`` and ``calibration.json``.
         manifest: the test set's manifest, for the champion to predict the same cases (None: unavailable).
     """
+    import requests  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
     from components.registry.card import model_card_markdown, write_model_card  # noqa: PLC0415
+    from components.tracking import describe_mlflow_error, is_permission_denied  # noqa: PLC0415
     from components.registry.noninferiority import comparison_gates  # noqa: PLC0415
     from components.registry.promote import check_version, current_champion, decide_promotion  # noqa: PLC0415
     client = MlflowClient()
@@ -354,7 +357,13 @@ def promote_version(
     )
     with tempfile.TemporaryDirectory() as tmp:
         write_model_card(card, Path(tmp))
-        client.log_artifacts(model_version.run_id, tmp, "model_card")
+        try:
+            client.log_artifacts(model_version.run_id, tmp, "model_card")
+        except (MlflowException, requests.HTTPError) as exc:  # the artifact proxy answers with plain HTTP errors
+            if decision.promoted or not is_permission_denied(exc):
+                raise
+            logger.warning("the model card of refused version %s is not logged: %s", version,
+                           describe_mlflow_error(exc, client.tracking_uri))
     return decision
 
 

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from components import paths
 from components.config import load_config
-from components.errors import MedflowError
+from components.errors import AuthenticationFailed, MedflowError
 from flows.cli_data import data_app, ingest, init
 from flows.cli_ui import ui
 
@@ -81,7 +81,7 @@ class ServerUnavailable(MedflowError):
 
 
 def check_prefect_server(timeout_s: float = 10.0) -> None:
-    """With ``PREFECT_API_URL`` set, fail at once, in one line, when that server does not answer."""
+    """With ``PREFECT_API_URL`` set, fail at once, in one line, when that server does not answer or refuses us."""
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
@@ -89,27 +89,47 @@ def check_prefect_server(timeout_s: float = 10.0) -> None:
     if not api:
         return
     try:
-        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=timeout_s) as answer:
-            if answer.status == 200:
-                return
-            reason = f"HTTP {answer.status}"
+        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=timeout_s):
+            pass  # urlopen raises HTTPError for any answer but 2xx
     except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):  # it answers; authentication is Prefect's to report
-            return
-        reason = f"HTTP {exc.code}"
+        if exc.code not in (401, 403):
+            raise ServerUnavailable(f"the Prefect server at {api} does not answer (HTTP {exc.code}); start it, or "
+                                    "unset PREFECT_API_URL to run on the embedded server") from None
     except OSError as exc:
-        reason = str(getattr(exc, "reason", exc))
-    raise ServerUnavailable(f"the Prefect server at {api} does not answer ({reason}); start it, or unset "
-                            "PREFECT_API_URL to run on the embedded server")
+        raise ServerUnavailable(f"the Prefect server at {api} does not answer ({getattr(exc, 'reason', exc)}); start "
+                                "it, or unset PREFECT_API_URL to run on the embedded server") from None
+    check_prefect_access(api)
+
+
+def check_prefect_access(api: str) -> None:
+    """Fail at once, in one line, when the Prefect server refuses our credentials (its health check is open,
+    so this asks for one flow, through Prefect's own client and its PREFECT_API_AUTH_STRING or PREFECT_API_KEY)."""
+    import httpx  # noqa: PLC0415
+    from prefect.client.orchestration import get_client  # noqa: PLC0415
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_flows(limit=1)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code not in (401, 403):
+            raise
+        given = os.environ.get("PREFECT_API_AUTH_STRING") or os.environ.get("PREFECT_API_KEY")
+        why = "refused the credentials given" if given else "requires credentials"
+        raise AuthenticationFailed(f"authentication failed: the Prefect server at {api} {why} (HTTP "
+                                   f"{exc.response.status_code}); set PREFECT_API_AUTH_STRING (user:password) or "
+                                   "PREFECT_API_KEY") from None
 
 
 class _UserErrorsWithoutTraceback:
     """Logging filter: Prefect logs a failed task with its traceback; for a
-    MedflowError (bad input, failed validation) the message alone says it all."""
+    MedflowError (bad input, failed validation) or an MLflow server's refusal or
+    absence the message alone says it all (``--debug`` keeps the tracebacks)."""
 
     def filter(self, record) -> bool:
+        from mlflow.exceptions import MlflowException  # noqa: PLC0415 (imported by the flow already)
+
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, MedflowError):
+        if isinstance(exc, MedflowError | MlflowException):
             record.msg, record.args = f"{type(exc).__name__}: {exc}", ()
             record.exc_info = record.exc_text = None
         return True
@@ -155,6 +175,9 @@ def _run_locked(cfg, *, force: bool):
 
     from flows.summary import reusable_summary, save_summary  # noqa: PLC0415
 
+    from components.tracking import check_tracking_access  # noqa: PLC0415
+
+    check_tracking_access()
     result = None if force or cfg.placement else reusable_summary(cfg)
     if result is None:
         check_prefect_server()
@@ -375,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if debug or not isinstance(exc, MlflowException):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"medflow: error: MLflow at {paths.tracking_uri()}: {first}", file=sys.stderr)
+        from components.tracking import describe_mlflow_error  # noqa: PLC0415
+
+        print(f"medflow: error: {describe_mlflow_error(exc, paths.tracking_uri())}", file=sys.stderr)
         return 1
     return 0
 

@@ -352,10 +352,20 @@ def ingest_export(
             settings=settings, salt=salt, skip_bad=skip_bad, workers=workers, problems=problems,
             inputs=inputs, previous=previous, state=state,
         )
+    except OSError as exc:  # a full disk, a read-only or vanished folder while writing the new version
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = "the previous version is unchanged" if previous is not None else "nothing was written"
+        raise IngestError(f"cannot write dataset {dataset_dir.name}: {exc.strerror or exc} while writing "
+                          f"{exc.filename or staging}; {kept}") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _move_into_place(staging, dataset_dir)
+    try:
+        _move_into_place(staging, dataset_dir)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise IngestError(f"cannot move the new version of dataset {dataset_dir.name} into place: "
+                          f"{exc.strerror or exc}") from exc
     new_state |= {"version": STATE_VERSION, "fingerprint": fingerprint, "hashes": hashes,
                   "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest()}
     return report, new_state
@@ -485,7 +495,12 @@ def _move_into_place(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:
+        if old.exists():
+            old.rename(target)  # the previous version goes back where it was
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ or refuse, each rule with its value) is kept on the version (tag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from components.errors import PromotionRefused, RegistryError
 from components.registry.gates import GateResult, evaluate_gates
 from components.registry.history import HistoryEvent, read_history, record_event
 from components.registry.lock import promotion_lock
+from components.tracking import describe_mlflow_error, is_permission_denied
 
 ALIAS_CHAMPION = "champion"
 ALIAS_PREVIOUS = "previous-champion"
@@ -142,17 +144,28 @@ def decide_promotion(
                 promoted = True
     except PromotionRefused as exc:
         reason = str(exc)
+    except MlflowException as exc:
+        if not is_permission_denied(exc):
+            raise
+        reason = f"{describe_mlflow_error(exc, client.tracking_uri)}: moving {model_name}'s aliases needs EDIT " \
+                 "(or MANAGE) permission on the model"
     decision = PromotionDecision(
         model_name=model_name, version=version, promoted=promoted, gates=tuple(gates),
         champion_before=before, champion_after=version if promoted else before, reason=reason,
     )
-    client.set_model_version_tag(model_name, version, TAG_DECISION, json.dumps(decision.to_dict()))
-    record_event(
-        client, model_name,
-        HistoryEvent(kind="promotion", version=version, verdict="promoted" if promoted else "refused",
-                     champion_before=before, champion_after=decision.champion_after,
-                     gates=[g.to_dict() for g in gates], reason=reason),
-    )
+    try:
+        client.set_model_version_tag(model_name, version, TAG_DECISION, json.dumps(decision.to_dict()))
+        record_event(
+            client, model_name,
+            HistoryEvent(kind="promotion", version=version, verdict="promoted" if promoted else "refused",
+                         champion_before=before, champion_after=decision.champion_after,
+                         gates=[g.to_dict() for g in gates], reason=reason),
+        )
+    except MlflowException as exc:
+        if not is_permission_denied(exc):  # (a user who may move aliases may also write tags)
+            raise
+        decision = dataclasses.replace(decision, reason=f"{reason}; the decision is not recorded: the user may not "
+                                                        "write the model's tags either")
     return decision
 
 

@@ -99,7 +99,7 @@ def test_a_tracking_server_that_does_not_answer_is_one_line(workspace, monkeypat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert main(["history", "--model", "m"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"medflow: error: MLflow at http://127.0.0.1:{port}:") and "\n" not in err
+    assert err.startswith(f"medflow: error: MLflow at http://127.0.0.1:{port} does not answer (connection refused") and "\n" not in err
 
 
 def test_registry_commands_on_an_unknown_model(workspace, capsys):

@@ -74,8 +74,10 @@ def postgres_url() -> Iterator[str]:
 class MlflowServer:
     """``mlflow server`` on a free port of 127.0.0.1; ``restart()`` keeps the stores."""
 
-    def __init__(self, backend_uri: str, artifacts: Path) -> None:
+    def __init__(self, backend_uri: str, artifacts: Path, *, app_name: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.backend_uri, self.artifacts = backend_uri, artifacts
+        self.app_name, self.env = app_name, env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -84,8 +86,9 @@ class MlflowServer:
         self.log = open(self.artifacts.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             [MLFLOW, "server", "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.artifacts),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2",
+             *(["--app-name", self.app_name] if self.app_name else [])],
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
         )
         wait_for(f"{self.url}/health", process=self.process)
         return self
