@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/evaluation.py --write
 	$(BIN)/python benchmarks/ingest.py --write
 	$(BIN)/python benchmarks/training.py --write
+	$(BIN)/python benchmarks/load.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

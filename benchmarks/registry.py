@@ -33,10 +33,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _server(folder: Path) -> tuple[subprocess.Popen, str]:
+def _server(folder: Path, backend_uri: str | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on a free port of 127.0.0.1 (SQLite in ``folder`` unless ``backend_uri``); process and URL."""
+    folder.mkdir(parents=True, exist_ok=True)
     port = _port()
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{folder / 'db'}",
+        [str(Path(sys.executable).with_name("mlflow")), "server",
+         "--backend-store-uri", backend_uri or f"sqlite:///{folder / 'db'}",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,16 @@ def _pg_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster; the database ``mlflow`` for user ``medflow``."""
+@contextmanager
+def postgres_cluster(user: str = "medflow") -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (Debian's binaries) on 127.0.0.1; the URL of its database ``mlflow``.
+
+    Raises:
+        RuntimeError: PostgreSQL is not installed.
+    """
     bin_dir = _pg_bin()
     if bin_dir is None:
-        pytest.fail("PostgreSQL is not installed: `make test` installs Debian's postgresql package")
+        raise RuntimeError("PostgreSQL is not installed: `make test` installs Debian's postgresql package")
     folder = Path(tempfile.mkdtemp(prefix="medflow-pg-"))
     folder.chmod(0o755)
     as_postgres: list[str] = []
@@ -59,16 +64,25 @@ def postgres_url() -> Iterator[str]:
     port = free_port()
     data = folder / "data"
     run = lambda *args: subprocess.run([*as_postgres, *args], check=True, capture_output=True, text=True)  # noqa: E731
-    run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "medflow")
+    run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", user)
     run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "start",
-        "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1")
+        "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200")
     try:
-        run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "medflow", "mlflow")
-        yield f"postgresql+psycopg2://medflow@127.0.0.1:{port}/mlflow"
+        run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "mlflow")
+        yield f"postgresql+psycopg2://{user}@127.0.0.1:{port}/mlflow"
     finally:
         subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, check=False)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster; the database ``mlflow`` for user ``medflow``."""
+    if _pg_bin() is None:
+        pytest.fail("PostgreSQL is not installed: `make test` installs Debian's postgresql package")
+    with postgres_cluster() as url:
+        yield url
 
 
 class MlflowServer:

@@ -54,3 +54,18 @@ def test_a_stale_lock_of_a_crashed_holder_is_broken(client):
             pass
     with promotion_lock(client, "m", holder="new", stale_after_s=0.0):
         pass
+
+
+def test_a_lock_released_while_the_server_reports_the_conflict_is_a_lost_race(client, monkeypatch):
+    # what `mlflow server` on SQLite answered a racer in benchmarks/load.py: the create conflicted, and the
+    # holder had released the lock before the server looked it up for its "already exists" answer
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    def gone(name, **kwargs):
+        raise MlflowException(f"Registered Model with name={name} not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    monkeypatch.setattr(client, "create_registered_model", gone)
+    with pytest.raises(PromotionRefused, match="another promotion of m is in progress"):
+        with promotion_lock(client, "m", holder="racer"):
+            pytest.fail("the lock was not taken")
