@@ -23,13 +23,16 @@ import shutil
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from rich.progress import track
 
+from components.data.incremental import (
+    STATE_VERSION, content_hash, fingerprint, load_state, matches_state, save_state,
+)
+from components.data.labels import LABEL_SEPARATOR, parse_label_set
 from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, pseudonymise
 from components.data.splits import assign_splits
 from components.errors import BadInputData, IngestError
@@ -43,8 +46,6 @@ MANIFEST_COLUMNS = (
     "mask_shape", "mask_spacing", "foreground",
 )
 TASKS = ("classification", "multilabel", "segmentation")
-LABEL_SEPARATOR = "|"
-STATE_VERSION = 1
 PARALLEL_MIN_CASES = 64
 
 
@@ -166,75 +167,6 @@ def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataF
     return labels, problems
 
 
-def parse_label_set(value: object, num_classes: int) -> str | None:
-    """A multi-label cell (``"2|0"``; empty or missing for none) as its canonical form ``"0|2"``; None when invalid."""
-    if value is None or (isinstance(value, float) and np.isnan(value)) or not str(value).strip():
-        return ""
-    parts = [p.strip() for p in str(value).split(LABEL_SEPARATOR)]
-    if not all(p.isdigit() and int(p) < num_classes for p in parts):
-        return None
-    return LABEL_SEPARATOR.join(str(k) for k in sorted({int(p) for p in parts}))
-
-
-def label_matrix(labels: pd.Series, num_classes: int) -> np.ndarray:
-    """(N, L) 0/1 of canonical multi-label cells."""
-    out = np.zeros((len(labels), num_classes), dtype=np.int64)
-    for i, cell in enumerate(labels):
-        for k in str(cell).split(LABEL_SEPARATOR) if cell else ():
-            out[i, int(k)] = 1
-    return out
-
-
-def _file_hash(path: Path, cache: dict, hashes: dict) -> str:
-    """sha256 of a file, reused from ``cache`` when its size and mtime are unchanged (as DVC's state does)."""
-    stat = path.stat()
-    key = str(path)
-    known = cache.get(key)
-    if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
-        digest = known[2]
-    else:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
-    hashes[key] = [stat.st_size, stat.st_mtime_ns, digest]
-    return digest
-
-
-def content_hash(path: Path, cache: dict, hashes: dict) -> str:
-    """Content hash of an input: a file's sha256, or a folder's over its files' names and hashes."""
-    if path.is_dir():
-        parts = [f"{p.relative_to(path)}:{_file_hash(p, cache, hashes)}" for p in sorted(path.rglob("*")) if p.is_file()]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-    return _file_hash(path, cache, hashes)
-
-
-def _load_state(state_file: Path | None) -> dict:
-    if state_file is None or not state_file.exists():
-        return {}
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return state if state.get("version") == STATE_VERSION else {}
-
-
-def save_state(state_file: Path, state: dict, *, data_version: str) -> None:
-    """Record a finished ingest (and the data version it became) for the next incremental run."""
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state | {"data_version": data_version}))
-    tmp.replace(state_file)
-
-
-def _fingerprint(settings: IngestSettings, salt: bytes, labels_csv: Path, inputs: dict[str, str]) -> str:
-    payload = json.dumps(
-        [asdict(settings), hashlib.sha256(salt).hexdigest(), hashlib.sha256(labels_csv.read_bytes()).hexdigest(), sorted(inputs.items())]
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 def _run_jobs(jobs: list[CaseJob], workers: int) -> list[ConvertedCase | list[str]]:
     """Convert every job, in worker processes when there are enough of them; with a progress bar."""
     description = f"Converting {len(jobs)} case(s)"
@@ -272,12 +204,7 @@ def _hash_inputs(source: Path, labels_csv: Path, settings: IngestSettings, salt:
                 inputs[rel] = content_hash(full, cache, hashes)
             else:
                 inputs[rel] = inputs.get(rec["path"], "") + ":" + content_hash(full, cache, hashes)
-    return labels, problems, inputs, hashes, _fingerprint(settings, salt, labels_csv, inputs)
-
-
-def _matches_state(state: dict, fingerprint: str, manifest_path: Path) -> bool:
-    return (state.get("fingerprint") == fingerprint and manifest_path.exists()
-            and hashlib.sha256(manifest_path.read_bytes()).hexdigest() == state.get("manifest_sha256"))
+    return labels, problems, inputs, hashes, fingerprint(settings, salt, labels_csv, inputs)
 
 
 def unchanged_version(
@@ -287,14 +214,14 @@ def unchanged_version(
 
     Hashing only (sizes and mtimes spare re-reading unchanged files): nothing is converted or written.
     """
-    state = _load_state(state_file)
+    state = load_state(state_file)
     if not state.get("data_version") or not labels_csv.exists():
         return None
     try:
         _, problems, _, _, fingerprint = _hash_inputs(source, labels_csv, settings, salt, state)
     except IngestError:
         return None
-    if problems or not _matches_state(state, fingerprint, dataset_dir / "manifest.parquet"):
+    if problems or not matches_state(state, fingerprint, dataset_dir / "manifest.parquet"):
         return None
     return str(state["data_version"])
 
@@ -328,10 +255,10 @@ def ingest_export(
     Raises:
         IngestError: naming every file or row that could not be ingested.
     """
-    state = _load_state(state_file)
+    state = load_state(state_file)
     labels, problems, inputs, hashes, fingerprint = _hash_inputs(source, labels_csv, settings, salt, state)
     manifest_path = dataset_dir / "manifest.parquet"
-    if not problems and _matches_state(state, fingerprint, manifest_path):
+    if not problems and matches_state(state, fingerprint, manifest_path):
         manifest = load_manifest(manifest_path)
         audit = json.loads((dataset_dir / "deid_audit.json").read_text()) if (dataset_dir / "deid_audit.json").exists() else {}
         report = IngestReport(

@@ -18,7 +18,8 @@ from monai.data import DataLoader, Dataset
 from rich.progress import track
 
 from components.config import RunConfig
-from components.data.ingest import label_matrix, load_manifest
+from components.data.ingest import load_manifest
+from components.data.labels import label_matrix
 from components.evaluation.calibration import fit_temperature, sigmoid, softmax
 from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics

@@ -20,7 +20,8 @@ from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
 from components.config import RunConfig, Task
-from components.data.ingest import label_matrix, load_manifest, parse_label_set
+from components.data.ingest import load_manifest
+from components.data.labels import label_matrix, parse_label_set
 from components.errors import ConfigError
 from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
 from components.training.models import build_classifier, classifier_kwargs

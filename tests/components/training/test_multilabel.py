@@ -18,7 +18,8 @@ from sklearn.metrics import roc_auc_score
 
 from components import paths
 from components.config import load_config
-from components.data.ingest import IngestSettings, ingest_export, label_matrix, parse_label_set
+from components.data.ingest import IngestSettings, ingest_export
+from components.data.labels import label_matrix, parse_label_set
 from components.errors import BadInputData
 from components.evaluation.calibration import fit_temperature
 from components.evaluation.evaluate_model import evaluate_run
