@@ -67,29 +67,26 @@ def small_dataset(small_export, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return report.manifest
 
 
+def _segmentation_dataset(tmp_path_factory, name: str, *, n_patients: int, image_size: int, depth: int, seed: int,
+                          val: float) -> Path:
+    from components.data.synthetic_segmentation import generate_segmentation_export  # noqa: PLC0415
+
+    export = generate_segmentation_export(tmp_path_factory.mktemp(f"{name}-export"), n_patients=n_patients,
+                                          image_size=image_size, depth=depth, seed=seed)
+    report, _ = ingest_export(
+        source=export.folder, labels_csv=export.labels_csv, dataset_dir=tmp_path_factory.mktemp("data") / name,
+        settings=IngestSettings(fmt="nifti", task="segmentation", val=val, test=0.25), salt=SALT,
+    )
+    return report.manifest
+
+
 @pytest.fixture(scope="session")
 def seg_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic NIfTI segmentation export of 20 volumes (24x24x8 voxels) ingested; the manifest path."""
-    from components.data.synthetic_segmentation import generate_segmentation_export  # noqa: PLC0415
-
-    export = generate_segmentation_export(tmp_path_factory.mktemp("seg-export"), n_patients=20, image_size=24,
-                                          depth=8, seed=5)
-    report, _ = ingest_export(
-        source=export.folder, labels_csv=export.labels_csv, dataset_dir=tmp_path_factory.mktemp("data") / "seg",
-        settings=IngestSettings(fmt="nifti", task="segmentation", val=0.2, test=0.25), salt=SALT,
-    )
-    return report.manifest
+    return _segmentation_dataset(tmp_path_factory, "seg", n_patients=20, image_size=24, depth=8, seed=5, val=0.2)
 
 
 @pytest.fixture(scope="session")
 def seg2d_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic 2D segmentation dataset: 16 images of 32x32 pixels with masks; the manifest path."""
-    from components.data.synthetic_segmentation import generate_segmentation_export  # noqa: PLC0415
-
-    export = generate_segmentation_export(tmp_path_factory.mktemp("seg2d-export"), n_patients=16, image_size=32,
-                                          depth=0, seed=6)
-    report, _ = ingest_export(
-        source=export.folder, labels_csv=export.labels_csv, dataset_dir=tmp_path_factory.mktemp("data") / "seg2d",
-        settings=IngestSettings(fmt="nifti", task="segmentation", val=0.25, test=0.25), salt=SALT,
-    )
-    return report.manifest
+    return _segmentation_dataset(tmp_path_factory, "seg2d", n_patients=16, image_size=32, depth=0, seed=6, val=0.25)

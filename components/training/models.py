@@ -40,8 +40,9 @@ def _efficientnet(variant: str) -> Callable[..., nn.Module]:
     return build
 
 
-class LogitsOnly(nn.Module):
-    """MONAI's ViT returns (logits, hidden states); the training and serving code want the logits."""
+class FirstOutput(nn.Module):
+    """The first of a network's outputs: MONAI's ViT returns (logits, hidden states), BasicUNetPlusPlus a list
+    (its deep-supervision heads); training and serving want the first."""
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
@@ -52,7 +53,7 @@ class LogitsOnly(nn.Module):
 
 
 def _vit(*, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
-    return LogitsOnly(nets.ViT(in_channels=in_channels, spatial_dims=spatial_dims, classification=True,
+    return FirstOutput(nets.ViT(in_channels=in_channels, spatial_dims=spatial_dims, classification=True,
                                num_classes=out_channels, post_activation=None, **kwargs))
 
 
@@ -122,17 +123,6 @@ def check_name(name: str, networks: dict[str, Callable[..., nn.Module]], *, task
     hint = difflib.get_close_matches(name, list(networks), n=1)
     suggestion = f"did you mean {hint[0]!r}? " if hint else ""
     raise ConfigError(f"unknown network {name!r}; {suggestion}choices: {', '.join(networks)}")
-
-
-class FirstOutput(nn.Module):
-    """BasicUNetPlusPlus returns a list of outputs (deep supervision heads); training and serving want the first."""
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, x):
-        return self.network(x)[0]
 
 
 def _dynunet_layout(patch: tuple[int, ...], depth: int = 4) -> dict[str, Any]:
