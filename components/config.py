@@ -240,7 +240,7 @@ class RunConfig(_Section):
         segmentation = self.data.task is Task.SEGMENTATION
         if not segmentation and self.train.loss in SEGMENTATION_LOSSES:
             raise ConfigError(f"train.loss is {self.train.loss!r}, a segmentation loss, but data.task is "
-                              "'classification'; use cross_entropy or focal")
+                              f"{self.data.task.value!r}; use cross_entropy or focal")
         if segmentation and self.promotion.non_inferiority:
             raise ConfigError("promotion.non_inferiority compares classifiers' probabilities; a segmentation run "
                               "takes absolute rules (e.g. overall.dice >= 0.7): remove promotion.non_inferiority")
