@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
+from fixtures import mlflow_server, small_dataset
 from report import write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,22 +160,17 @@ def main() -> int:
     import mlflow
 
     from components.config import load_config
-    from components.data.ingest import IngestSettings, ingest_export
-    from components.data.synthetic import generate_export
     from components.training.classification import train_classifier
-    from registry import _server  # noqa: PLC2701 (the benchmarks share their server helper)
     from tests.integration.conftest import postgres_cluster  # the tests' throwaway PostgreSQL
 
     folder = Path(tempfile.mkdtemp(prefix="medflow-bench-load-"))
     os.chdir(folder)
-    export = generate_export(folder / "export", n_patients=60, image_size=32, seed=3)
-    ingested, _ = ingest_export(source=export.folder, labels_csv=export.labels_csv, dataset_dir=folder / "data" / "l",
-                                settings=IngestSettings(val=0.2, test=0.25), salt=b"s" * 32)
+    manifest = small_dataset(folder)
     config = load_config(overrides=["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=200",
                                     "registry.experiment=load"], environ={})
     local = f"sqlite:///{folder / 'train.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = local
-    trained = {"run_id": train_classifier(manifest_path=ingested.manifest, data_version="v", config=config).run_id,
+    trained = {"run_id": train_classifier(manifest_path=manifest, data_version="v", config=config).run_id,
                "uri": local}
     rows = []
     with contextlib.ExitStack() as stack:
@@ -184,9 +180,9 @@ def main() -> int:
         except RuntimeError as exc:
             print(f"PostgreSQL left out: {exc}")
         for backend, store in backends:
-            server, url = _server(folder / backend, backend_uri=store)
+            server, url = mlflow_server(folder / backend, backend_uri=store)
             try:
-                rows += _scenario(backend, url, folder, args.n, trained, ingested.manifest, config)
+                rows += _scenario(backend, url, folder, args.n, trained, manifest, config)
             finally:
                 server.terminate()
                 server.wait(timeout=30)

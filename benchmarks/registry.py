@@ -12,45 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import date
 from pathlib import Path
 
+from fixtures import mlflow_server, small_dataset
 from report import write_section
 
 SECTION = "Registry and logging latency (local tracking server)"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server(folder: Path, backend_uri: str | None = None) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on a free port of 127.0.0.1 (SQLite in ``folder`` unless ``backend_uri``); process and URL."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = _port()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server",
-         "--backend-store-uri", backend_uri or f"sqlite:///{folder / 'db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(180):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            return process, url
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("mlflow server did not start")
 
 
 def _times(fn, repeat: int) -> list[float]:
@@ -81,8 +53,6 @@ def main() -> int:
     from mlflow.tracking import MlflowClient
 
     from components.config import GateRule, Operator, load_config
-    from components.data.ingest import IngestSettings, ingest_export
-    from components.data.synthetic import generate_export
     from components.evaluation.evaluate_model import evaluate_run
     from components.registry.promote import decide_promotion
     from components.registry.register import register_model
@@ -90,17 +60,15 @@ def main() -> int:
 
     folder = Path(tempfile.mkdtemp(prefix="medflow-bench-registry-"))
     os.chdir(folder)
-    server, url = _server(folder)
+    server, url = mlflow_server(folder)
     try:
         os.environ["MLFLOW_TRACKING_URI"] = url
         mlflow.set_tracking_uri(url)
-        export = generate_export(folder / "export", n_patients=60, image_size=32, seed=3)
-        report, _ = ingest_export(source=export.folder, labels_csv=export.labels_csv, dataset_dir=folder / "data" / "b",
-                                  settings=IngestSettings(val=0.2, test=0.25), salt=b"s" * 32)
+        manifest = small_dataset(folder)
         config = load_config(overrides=["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=100",
                                         "registry.experiment=bench", "registry.model_name=bench"], environ={})
-        trained = train_classifier(manifest_path=report.manifest, data_version="v", config=config)
-        evaluation = evaluate_run(run_id=trained.run_id, manifest_path=report.manifest, config=config, out_dir=folder / "eval")
+        trained = train_classifier(manifest_path=manifest, data_version="v", config=config)
+        evaluation = evaluate_run(run_id=trained.run_id, manifest_path=manifest, config=config, out_dir=folder / "eval")
         client = MlflowClient(url)
         n = max(3, args.repeat // 4)
         versions = []

@@ -126,7 +126,11 @@ def check_name(name: str, networks: dict[str, Callable[..., nn.Module]], *, task
 
 
 def _dynunet_layout(patch: tuple[int, ...], depth: int = 4) -> dict[str, Any]:
-    """nnU-Net's rule for DynUNet: halve each axis while it stays >= 8, at most ``depth`` times."""
+    """nnU-Net's rule for DynUNet: halve each axis while it stays >= 8, at most ``depth`` times.
+
+    MONAI's DynUNet takes the kernels and strides as given; the rule that derives them from the
+    patch lives in nnU-Net's planners and MONAI's tutorials, not in a library call, hence this.
+    """
     strides, sizes = [[1] * len(patch)], list(patch)
     for _ in range(depth):
         step = [2 if s >= 8 else 1 for s in sizes]
