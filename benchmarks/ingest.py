@@ -48,7 +48,7 @@ def main() -> int:
     from components.data.ingest import default_workers, load_manifest
     from components.data.synthetic import generate_export
     from components.data.versioning import push_dataset, version_dataset
-    from components.steps import run_validation
+    from components.validation.step import run_validation
 
     workers = max(2, default_workers())
     rows = []

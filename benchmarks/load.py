@@ -70,7 +70,7 @@ def _scenario(backend: str, url: str, folder: Path, n: int, trained, manifest: P
     from mlflow.tracking import MlflowClient
 
     from components.config import GateRule, Operator
-    from components.evaluation.evaluate_model import evaluate_run
+    from components.inference.evaluate import evaluate_run
     from components.registry.history import read_history
     from components.registry.lock import lock_name
     from components.registry.promote import TAG_DECISION, current_champion, decide_promotion

@@ -53,7 +53,7 @@ def main() -> int:
     from mlflow.tracking import MlflowClient
 
     from components.config import GateRule, Operator, load_config
-    from components.evaluation.evaluate_model import evaluate_run
+    from components.inference.evaluate import evaluate_run
     from components.registry.promote import decide_promotion
     from components.registry.register import register_model
     from components.training.classification import train_classifier

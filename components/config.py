@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.errors import ConfigError
+from components.steps import get_step
 
 ENV_PREFIX = "MEDFLOW__"
 DEFAULT_CONFIG = "demo-classification.yaml"
@@ -111,9 +112,6 @@ class ValidationConfig(_Section):
     drift_intensity_sd: float = Field(0.5, gt=0.0)
 
 
-SEGMENTATION_LOSSES = ("dice", "dice_ce", "dice_focal")
-
-
 class TrainConfig(_Section):
     """Training of a MONAI classifier or segmentation network."""
 
@@ -166,24 +164,13 @@ class GateRule(_Section):
     value: float
 
 
-class Metric(str, Enum):
-    """A metric of the evaluation contract's ``overall`` section."""
-
-    AUC = "auc"
-    ACCURACY = "accuracy"
-    SENSITIVITY = "sensitivity"
-    SPECIFICITY = "specificity"
-    F1 = "f1"
-    ECE = "ece"
-    MCE = "mce"
-    BRIER = "brier"
-    NLL = "nll"
-
-
 class NonInferiorityRule(_Section):
-    """The challenger may lose at most ``margin`` of ``metric`` against the champion, at ``level``."""
+    """The challenger may lose at most ``margin`` of ``metric`` against the champion, at ``level``.
 
-    metric: Metric
+    ``metric`` is a declared metric with a weighted form (checked before a run starts:
+    :func:`components.registry.noninferiority.check_noninferiority`)."""
+
+    metric: str
     margin: float = Field(ge=0.0)
     level: float = Field(0.95, gt=0.5, lt=1.0)
 
@@ -200,9 +187,6 @@ class RegistryConfig(_Section):
 
     experiment: str = "medflow"
     model_name: str = "medflow-classifier"
-
-
-STEPS = ("ingest", "validate", "train", "evaluate", "register", "promote")
 
 
 class RunConfig(_Section):
@@ -224,31 +208,8 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _known_steps(self) -> RunConfig:
         for step in self.placement:
-            if step not in STEPS:
-                hint = difflib.get_close_matches(step, STEPS, n=1)
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ValueError(f"unknown step {step!r} in placement; steps are {', '.join(STEPS)}{suggestion}")
+            get_step(step, where="placement")  # the step table's names, with "did you mean"
         return self
-
-    def check_trainable(self) -> None:
-        """Refuse, before any work, a run the training step cannot do (what the data decides is checked
-        when training starts: network dimensions, patch sizes).
-
-        Raises:
-            ConfigError: a loss or policy that does not fit the task, naming what to change.
-        """
-        segmentation = self.data.task is Task.SEGMENTATION
-        if not segmentation and self.train.loss in SEGMENTATION_LOSSES:
-            raise ConfigError(f"train.loss is {self.train.loss!r}, a segmentation loss, but data.task is "
-                              f"{self.data.task.value!r}; use cross_entropy or focal")
-        if segmentation and self.promotion.non_inferiority:
-            raise ConfigError("promotion.non_inferiority compares classifiers' probabilities; a segmentation run "
-                              "takes absolute rules (e.g. overall.dice >= 0.7): remove promotion.non_inferiority")
-        if self.data.task is Task.MULTILABEL and self.promotion.non_inferiority:
-            raise ConfigError("promotion.non_inferiority compares binary and multiclass classifiers; a multi-label "
-                              "run takes absolute rules (e.g. overall.auc >= 0.8): remove promotion.non_inferiority")
-        from components.training.models import CLASSIFIERS, SEGMENTERS, check_name  # noqa: PLC0415 (imports MONAI)
-        check_name(self.train.model, SEGMENTERS if segmentation else CLASSIFIERS, task=self.data.task.value)
 
     def config_hash(self) -> str:
         """Short sha256 of the config's canonical JSON: equal configs, equal hashes."""

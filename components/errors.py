@@ -49,3 +49,25 @@ class PromotionRefused(MedflowError):
 
 class AuthenticationFailed(MedflowError):
     """A tracking or orchestration server refused who we are (missing or wrong credentials)."""
+
+
+class WorkspaceBusy(MedflowError):
+    """Another medflow command is writing to this workspace."""
+
+    exit_code = 4
+
+
+class ServerUnavailable(MedflowError):
+    """A server named by the environment does not answer."""
+
+
+class DistributedTrainingError(MedflowError):
+    """torchrun or one of its ranks failed."""
+
+
+class PlacedStepFailed(MedflowError):
+    """A step placed on a work pool did not complete."""
+
+
+class UiError(MedflowError):
+    """A dashboard could not be started."""

@@ -5,15 +5,23 @@ from __future__ import annotations
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import Any
+
+from components import steps
 
 TAG_DATA_VERSION = "medflow.data_version"
 TAG_DATASET = "medflow.dataset"
 TAG_CONFIG_HASH = "medflow.config_hash"
 TAG_CODE_VERSION = "medflow.git_commit"
+TAG_CODE_HASH = "medflow.code_hash"
+TAG_STEP_KEY = "medflow.key.{step}"
 
 
 def code_version() -> str:
-    """The git commit of the medflow code that runs (``-dirty`` if modified), else its package version."""
+    """The git commit of the medflow code that runs (``-dirty`` if modified), else its package version.
+
+    Lineage only: step keys use :func:`components.steps.source_hash`, which a commit of docs or tests
+    does not change."""
     here = Path(__file__).resolve().parent
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=False)
     if head.returncode == 0:
@@ -26,6 +34,23 @@ def code_version() -> str:
         return f"medflow=={metadata.version('medflow')}"
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def step_tag(step: str) -> str:
+    """The tag that holds a step's key on its MLflow run or model version."""
+    return TAG_STEP_KEY.format(step=step)
+
+
+def run_tags(config: Any, data_version: str) -> dict[str, str]:
+    """The lineage every run and model version carries: data version and dataset, config hash,
+    the git commit and the source hash of the code."""
+    return {
+        TAG_DATA_VERSION: data_version,
+        TAG_DATASET: config.data.name,
+        TAG_CONFIG_HASH: config.config_hash(),
+        TAG_CODE_VERSION: code_version(),
+        TAG_CODE_HASH: steps.source_hash(),
+    }
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:

@@ -1,404 +1,185 @@
-"""The pipeline's steps as plain functions: typed inputs (config, paths, versions,
-run ids) and frozen results. ``components/tasks.py`` wraps them as Prefect tasks;
-notebooks and tests call them directly.
+"""The one table of pipeline steps, and the one function that keys them.
+
+Each :class:`Step` names its plain function (``module:function``, imported only
+when the step runs, so this table stays light), the inputs that function takes
+besides the config, the config sections it reads, whether it is cached and
+whether it retries transient I/O failures. The Prefect tasks
+(:mod:`components.tasks`), the per-step deployment flows (:mod:`flows.steps`),
+the names ``placement`` accepts and the deployments ``infra/prefect.yaml`` must
+hold all follow from this table.
+
+A step's key (:func:`step_key`) is a hash of what the step reads: its config
+sections, the identities of its keyed inputs (a data version, an upstream run
+id, a report's content), the hash of medflow's own source (:func:`source_hash`,
+so README, test and benchmark changes key nothing) and the tracking store. The
+task cache, the training checkpoint and the "nothing changed" fast path all use
+it, and it is tagged on the MLflow run (``medflow.key.<step>``). So a new
+promotion rule re-runs promotion only, and a new bootstrap count re-runs
+evaluation and what follows it, never training.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
-import io
+import importlib
 import json
-import logging
-import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from typing import TYPE_CHECKING
+from components import paths
+from components.errors import ConfigError
 
-import pandas as pd
+KEY_SCHEME = "s2"  # bumped whenever the key's recipe changes: earlier caches and checkpoints then never match
+SOURCE_PACKAGES = ("components", "flows")
 
-from components import lineage, paths
-from components.config import RunConfig, SourceFormat, Task
-from components.data.ingest import (
-    IngestSettings, default_workers, ingest_export, load_manifest, save_state, unchanged_version, write_ingest_report,
+UNKNOWN_STEP = "unknown step {name!r} in {where}; steps are {known}{hint}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step.
+
+    Attributes:
+        name: the step's name (task name, ``placement`` key, deployment ``medflow-<name>``).
+        function: ``module:function`` of its plain function, called with ``inputs`` and ``config``.
+        inputs: the function's parameters besides ``config``, in order.
+        reads: the config sections (or ``section.key``) the step reads; part of its key.
+        keyed: the inputs whose identity is part of the key (default: all of them).
+        cached: Prefect caches the task on :func:`step_key`; uncached steps always run.
+        retries: transient I/O failures are retried with backoff (only steps that are I/O alone).
+        description: one line for the deployment flow.
+    """
+
+    name: str
+    function: str
+    inputs: tuple[str, ...]
+    reads: tuple[str, ...]
+    cached: bool = False
+    retries: bool = False
+    keyed: tuple[str, ...] | None = None
+    description: str = ""
+
+    def resolve(self) -> Callable[..., Any]:
+        """The step's plain function (imports its stage)."""
+        module, _, attribute = self.function.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def key(self, config: Any, inputs: Mapping[str, Any]) -> str:
+        """This step's key for ``config`` and these inputs (see :func:`step_key`)."""
+        keyed = self.inputs if self.keyed is None else self.keyed
+        return step_key(self.name, config, {name: inputs[name] for name in keyed}, reads=self.reads)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("ingest", "components.data.step:prepare_dataset", inputs=(), reads=("data",),
+         description="Convert the configured export into data/<name> (incremental, no DVC)."),
+    Step("version", "components.data.step:version_prepared", inputs=("prepared",), reads=("data",), retries=True,
+         description="dvc add, commit and push a prepared dataset (retried when the remote fails for a moment)."),
+    Step("validate", "components.validation.step:validate_dataset", inputs=("dataset",), reads=("data", "validation"),
+         description="Run the expectation suites on a data version."),
+    Step("train", "components.training.step:train_dataset", inputs=("dataset", "validation_report"),
+         reads=("data.name", "data.task", "data.num_classes", "data.image_size", "train", "registry.experiment"),
+         keyed=("dataset",), cached=True,
+         description="Train on a data version (cached and checkpointed on what it reads)."),
+    Step("evaluate", "components.inference.evaluate:evaluate_model", inputs=("run_id", "dataset"),
+         reads=("data.name", "data.task", "data.num_classes", "data.attributes", "evaluate", "registry.experiment"),
+         cached=True,
+         description="Evaluate a training run on the test split."),
+    Step("register", "components.registry.step:register_challenger", inputs=("evaluation", "dataset"),
+         reads=("data.name", "registry"), cached=True, retries=True,
+         description="Register an evaluated model as the challenger."),
+    Step("promote", "components.registry.step:promote_challenger", inputs=("model", "evaluation", "dataset"),
+         reads=("data.attributes", "evaluate", "promotion", "registry"), cached=True,
+         description="Apply the promotion policy to a challenger."),
 )
-from components.data.sources import load_salt
-from components.data.synthetic import generate_export
-from components.data.synthetic_segmentation import generate_segmentation_export
-from components.data.versioning import list_versions, push_dataset, read_file_at, read_version, version_dataset
-from components.errors import DataValidationError, IngestError, RegistryError
-from components.validation.expectations import ValidationReport, validate_manifest
-
-if TYPE_CHECKING:  # the model steps import torch, MONAI and MLflow only when they run
-    from components.evaluation.evaluate_model import ModelEvaluation
-    from components.registry.promote import PromotionDecision
-    from components.registry.register import RegisteredModel
-    from components.training.loop import TrainResult
+STEP_NAMES = tuple(s.name for s in STEPS)
 
 
-logger = logging.getLogger("medflow.steps")
-
-
-@dataclass(frozen=True)
-class DatasetVersion:
-    """An ingested, versioned dataset."""
-
-    name: str
-    manifest: Path
-    version: str
-    n_cases: int
-    n_patients: int
-    previous_version: str | None = None
-    unchanged: bool = False
-    push_pending: bool = False
-
-
-def _source(config: RunConfig, *, generate: bool = True) -> tuple[Path, Path]:
-    """Export folder and labels CSV of the configured source; the synthetic demo export (DICOM images for
-    classification, NIfTI volumes and masks for segmentation) is generated once under ``.medflow/exports``
-    (when ``generate``)."""
-    d = config.data
-    if d.format is not SourceFormat.SYNTHETIC:
-        return Path(d.source), Path(d.labels or Path(d.source) / "labels.csv")
-    segmentation = d.task is Task.SEGMENTATION
-    knobs = json.dumps([d.n_patients, d.image_size, d.bias, d.seed] + ([d.depth, "segmentation"] if segmentation else []))
-    folder = paths.medflow_home() / "exports" / f"{d.name}-{hashlib.sha256(knobs.encode()).hexdigest()[:10]}"
-    labels = folder / "labels.csv"
-    if generate and not labels.exists():
-        if segmentation:
-            generate_segmentation_export(folder, n_patients=d.n_patients, image_size=d.image_size, depth=d.depth,
-                                         bias=d.bias, seed=d.seed)
-        else:
-            generate_export(folder, n_patients=d.n_patients, image_size=d.image_size, bias=d.bias, seed=d.seed)
-    return folder, labels
-
-
-def unchanged_data_version(config: RunConfig) -> str | None:
-    """The current data version when the configured inputs are unchanged since it was made (hashing only), else None."""
-    source, labels = _source(config, generate=False)
-    dvc_file = paths.data_root() / f"{config.data.name}.dvc"
-    if not dvc_file.exists():
-        return None
-    version = unchanged_version(
-        source=source, labels_csv=labels, dataset_dir=paths.data_root() / config.data.name,
-        settings=ingest_settings(config), salt=load_salt(paths.medflow_home() / "secrets" / "pseudonym.key"),
-        state_file=paths.medflow_home() / "ingest" / f"{config.data.name}.json",
-    )
-    return version if version is not None and version == read_version(dvc_file) else None
-
-
-def ingest_settings(config: RunConfig) -> IngestSettings:
-    """The ingest settings a run config implies (the synthetic generator writes DICOM, or NIfTI for segmentation)."""
-    d = config.data
-    synthetic = "nifti" if d.task is Task.SEGMENTATION else "dicom"
-    return IngestSettings(
-        fmt=synthetic if d.format is SourceFormat.SYNTHETIC else d.format.value,
-        task=d.task.value,
-        num_classes=d.num_classes,
-        age_bins=tuple(d.age_bins),
-        val=d.splits.val,
-        test=d.splits.test,
-        split_seed=d.splits.seed,
-    )
-
-
-@dataclass(frozen=True)
-class PreparedDataset:
-    """A dataset folder written (or found unchanged) by ingestion, not yet versioned."""
-
-    name: str
-    manifest: Path
-    n_cases: int
-    n_patients: int
-    skipped: int
-    previous_version: str | None
-    pending_state: Path | None
-
-
-def prepare_dataset(config: RunConfig) -> PreparedDataset:
-    """Convert the configured source into ``data/<name>`` (incremental; no DVC, no network).
-
-    Unchanged inputs do no work: ``pending_state`` is then None and the current
-    data version stands.
-    """
-    d = config.data
-    source, labels = _source(config)
-    dataset_dir = paths.data_root() / d.name
-    dvc_file = dataset_dir.with_name(d.name + ".dvc")
-    before = read_version(dvc_file) if dvc_file.exists() else None
-    state_file = paths.medflow_home() / "ingest" / f"{d.name}.json"
-    report, state = ingest_export(
-        source=source,
-        labels_csv=labels,
-        dataset_dir=dataset_dir,
-        settings=ingest_settings(config),
-        salt=load_salt(paths.medflow_home() / "secrets" / "pseudonym.key"),
-        skip_bad=d.skip_bad,
-        workers=d.workers or default_workers(),
-        state_file=state_file,
-    )
-    write_ingest_report(report, paths.medflow_home() / "ingest" / f"{d.name}-report.json")
-    pending = None
-    if not (report.unchanged and before is not None and state.get("data_version") == before):
-        pending = state_file.with_name(f"{d.name}.pending.json")
-        save_state(pending, state, data_version="")
-    return PreparedDataset(
-        name=d.name, manifest=report.manifest, n_cases=report.n_cases, n_patients=report.n_patients,
-        skipped=len(report.skipped), previous_version=before, pending_state=pending,
-    )
-
-
-def _push(name: str) -> bool:
-    """Push the dataset's current version; on failure keep a marker so that the next run pushes. True when pushed."""
-    marker = paths.medflow_home() / "ingest" / f"{name}.push-pending"
-    dvc_file = paths.data_root() / f"{name}.dvc"
-    try:
-        push_dataset(paths.workspace_root(), dvc_file)
-    except IngestError as exc:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(read_version(dvc_file) + "\n")
-        logger.warning("%s; the data version is committed locally and its push is pending: the next run pushes it", exc)
-        return False
-    marker.unlink(missing_ok=True)
-    return True
-
-
-def version_prepared(prepared: PreparedDataset, config: RunConfig) -> DatasetVersion:
-    """``dvc add`` + commit + push a prepared dataset (the I/O half of ingestion; safe to retry).
-
-    An unreachable remote does not fail ingestion: the version is committed locally,
-    the push is marked pending and retried by the next run.
-    """
-    if prepared.pending_state is None:
-        pending = (paths.medflow_home() / "ingest" / f"{prepared.name}.push-pending").exists()
-        return DatasetVersion(
-            name=prepared.name, manifest=prepared.manifest, version=str(prepared.previous_version),
-            n_cases=prepared.n_cases, n_patients=prepared.n_patients,
-            previous_version=prepared.previous_version, unchanged=True,
-            push_pending=pending and not _push(prepared.name),
-        )
-    manifest = load_manifest(prepared.manifest)
-    meta = {
-        "cases": int(len(manifest)), "patients": int(manifest["patient_id"].nunique()),
-        **{f"{split}_cases": int(n) for split, n in manifest["split"].value_counts().sort_index().items()},
-        "skipped": prepared.skipped,
-    }
-    version = version_dataset(
-        paths.workspace_root(), prepared.manifest.parent,
-        remote=config.data.remote or str(paths.dvc_remote_default()), meta=meta,
-    )
-    state = json.loads(prepared.pending_state.read_text())
-    save_state(prepared.pending_state.with_name(f"{prepared.name}.json"), state, data_version=version.version)
-    prepared.pending_state.unlink()
-    pushed = _push(prepared.name)
-    return DatasetVersion(
-        name=prepared.name, manifest=prepared.manifest, version=version.version,
-        n_cases=prepared.n_cases, n_patients=prepared.n_patients, previous_version=prepared.previous_version,
-        unchanged=version.version == prepared.previous_version, push_pending=not pushed,
-    )
-
-
-def ingest_dataset(config: RunConfig) -> DatasetVersion:
-    """Ingest the configured source into ``data/<name>``, version it with DVC, push and commit it.
-
-    Unchanged inputs do no work and keep the current data version.
-    """
-    return version_prepared(prepare_dataset(config), config)
-
-
-def previous_manifest(dataset: DatasetVersion) -> pd.DataFrame | None:
-    """The manifest of the data version before ``dataset.version`` in git history, or None for the first."""
-    dvc_file = paths.data_root() / f"{dataset.name}.dvc"
-    if not dvc_file.exists():
-        return None
-    history = [v for v in list_versions(paths.workspace_root(), dvc_file)]
-    versions = [v.version for v in history]
-    if dataset.version not in versions or versions.index(dataset.version) + 1 >= len(versions):
-        return None
-    before = history[versions.index(dataset.version) + 1]
-    return pd.read_parquet(io.BytesIO(read_file_at(paths.workspace_root(), dvc_file, before.commit, "manifest.parquet")))
-
-
-def run_validation(manifest: pd.DataFrame, config: RunConfig, *, previous: pd.DataFrame | None = None,
-                   docs_dir: Path | None = None) -> ValidationReport:
-    """The config's suites on a manifest (drift against ``previous`` when given)."""
-    v = config.validation
-    return validate_manifest(
-        manifest, num_classes=config.data.num_classes, attributes=config.data.attributes,
-        min_group_size=v.min_group_size, task=config.data.task.value, consistent_geometry=v.consistent_geometry,
-        intensity_ranges=v.intensity_ranges, previous=previous, drift_prevalence=v.drift_prevalence,
-        drift_intensity_sd=v.drift_intensity_sd, docs_dir=docs_dir,
-    )
-
-
-def validate_dataset(dataset: DatasetVersion, config: RunConfig) -> Path:
-    """Run the expectation suites; keep the report and Data Docs with the data version; raise when any failed.
-
-    The JSON report is ``.medflow/validation/<name>-<version>.json`` and the Data Docs
-    site sits beside it in ``<name>-<version>/data_docs/``.
+def get_step(name: str, *, where: str = "the step table") -> Step:
+    """The step called ``name``.
 
     Raises:
-        DataValidationError: naming each failed expectation with example rows.
+        ConfigError: no such step, with the closest name.
     """
-    path = paths.medflow_home() / "validation" / f"{dataset.name}-{dataset.version}.json"
-    report = run_validation(
-        load_manifest(dataset.manifest), config, previous=previous_manifest(dataset),
-        docs_dir=path.with_suffix("") / "data_docs",
-    )
-    report.write_json(path)
-    for warning in report.warnings:
-        logger.warning("data drift against the previous version: %s", warning.describe())
-    if not report.success:
-        raise DataValidationError(describe_failures(f"data validation failed for {dataset.manifest}", report, path))
-    return path
+    for step in STEPS:
+        if step.name == name:
+            return step
+    hint = difflib.get_close_matches(name, STEP_NAMES, n=1)
+    raise ConfigError(UNKNOWN_STEP.format(name=name, where=where, known=", ".join(STEP_NAMES),
+                                          hint=f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
-def describe_failures(title: str, report: ValidationReport, path: Path | None) -> str:
-    """The failed expectations, one per line, with example rows."""
-    lines = "\n".join(f"  - {f.describe()}" for f in report.failures)
-    where = f"; report {path}" if path else ""
-    docs = f"; Data Docs {report.data_docs}" if report.data_docs else ""
-    return f"{title} ({len(report.failures)} expectation(s){where}{docs}):\n{lines}"
+@lru_cache(maxsize=1)
+def source_hash() -> str:
+    """sha256 (16 hex digits) of medflow's own Python source: every ``.py`` file of the installed
+    ``components`` and ``flows`` packages, by path and content. Docs, tests and benchmarks are not in it."""
+    return hash_source({package: Path(importlib.import_module(package).__file__).resolve().parent
+                        for package in SOURCE_PACKAGES})
 
 
-def train_model(dataset: DatasetVersion, validation_report: Path, config: RunConfig) -> TrainResult:
-    """Train on the dataset and attach its validation report to the run."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-    from components.training.loop import train_model as train  # noqa: PLC0415
-    from components.tracking import use_experiment  # noqa: PLC0415
-    if config.train.nproc_per_node > 1 or config.train.nnodes > 1:
-        from components.training.distributed import launch_training  # noqa: PLC0415
-
-        result = launch_training(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
-    else:
-        result = train(manifest_path=dataset.manifest, data_version=dataset.version, config=config)
-    use_experiment(config.registry.experiment)
-    client = MlflowClient()
-    client.log_artifact(result.run_id, str(validation_report), "validation")
-    docs = validation_report.with_suffix("") / "data_docs"
-    if docs.is_dir():
-        client.log_artifacts(result.run_id, str(docs), "validation/data_docs")
-    return result
+def hash_source(roots: Mapping[str, Path]) -> str:
+    """sha256 (16 hex digits) of the ``.py`` files under each package folder, by relative path and content."""
+    digest = hashlib.sha256()
+    for package, root in sorted(roots.items()):
+        for path in sorted(root.rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
-def evaluate_model(run_id: str, dataset: DatasetVersion, config: RunConfig) -> ModelEvaluation:
-    """Evaluate the run's checkpoint on the test split (report under ``.medflow/runs/<run_id>``)."""
-    from components.evaluation.evaluate_model import evaluate_run  # noqa: PLC0415
-    return evaluate_run(
-        run_id=run_id, manifest_path=dataset.manifest, config=config,
-        out_dir=paths.medflow_home() / "runs" / run_id,
-    )
+def identity(value: Any) -> str:
+    """What identifies an input in a key: a result's ``identity`` (a data version, a run id, a report's
+    content hash), a path as text, a string or number as itself."""
+    if hasattr(value, "identity"):
+        return str(value.identity)
+    if isinstance(value, (str, int, float, Path)) or value is None:
+        return str(value)
+    raise TypeError(f"no identity for a step input of type {type(value).__name__}")
 
 
-def register(evaluation: ModelEvaluation, dataset: DatasetVersion, config: RunConfig) -> RegisteredModel:
-    """Register the evaluated model as the ``challenger``."""
-    from components.registry.register import register_model  # noqa: PLC0415
-    return register_model(
-        run_id=evaluation.run_id, data_version=dataset.version, temperature=evaluation.temperature,
-        report_path=evaluation.report, config=config,
-    )
+def _section(dump: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = dump
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
-def promote_version(
-    *,
-    model_name: str,
-    version: str,
-    config: RunConfig,
-    evaluation_dir: Path,
-    manifest: Path | None,
-) -> PromotionDecision:
-    """Apply the promotion policy to a registered version and log its model card.
+def step_key(name: str, config: Any, inputs: Mapping[str, Any], *, reads: Sequence[str]) -> str:
+    """``<name>-s2-<sha256>`` of the sections ``reads`` of ``config``, the inputs' identities, medflow's
+    source hash and the tracking store: equal for equal inputs, different when any of them changes.
 
     Args:
-        model_name: registered model.
-        version: the challenger.
-        config: the policy (``promotion``) and bootstrap settings (``evaluate``).
-        evaluation_dir: the version's ``report.json``, ``predictions.parquet`` and ``calibration.json``.
-        manifest: the test set's manifest, for the champion to predict the same cases (None: unavailable).
+        name: the step (or ``pipeline``).
+        config: the run config (a pydantic model).
+        inputs: keyed input name -> value (see :func:`identity`).
+        reads: dotted config sections the step reads.
     """
-    import requests  # noqa: PLC0415
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-    from components.registry.card import model_card_markdown, write_model_card  # noqa: PLC0415
-    from components.tracking import describe_mlflow_error, is_permission_denied  # noqa: PLC0415
-    from components.registry.noninferiority import comparison_gates  # noqa: PLC0415
-    from components.registry.promote import check_version, current_champion, decide_promotion  # noqa: PLC0415
-    client = MlflowClient()
-    check_version(client, model_name, version)
-    champion = current_champion(client, model_name)
-    report = json.loads((evaluation_dir / "report.json").read_text())
-    comparisons = comparison_gates(
-        rules=config.promotion.non_inferiority,
-        champion=champion,
-        challenger_version=version,
-        predictions=evaluation_dir / "predictions.parquet",
-        manifest=manifest,
-        model_uri=f"models:/{model_name}/{champion}" if champion else None,
-        n_resamples=config.evaluate.n_bootstrap or 1000,
-        seed=config.evaluate.seed,
-        threshold=config.evaluate.threshold,
-    )
-    decision = decide_promotion(
-        client=client, model_name=model_name, version=version, report=report,
-        rules=config.promotion.rules, compared_with=champion, comparisons=comparisons,
-    )
-    model_version = client.get_model_version(model_name, version)
-    calibration_path = evaluation_dir / "calibration.json"
-    card = model_card_markdown(
-        model_name=model_name,
-        version=version,
-        lineage={"run": model_version.run_id, **{k: v for k, v in model_version.tags.items()
-                 if k in (lineage.TAG_DATA_VERSION, lineage.TAG_DATASET, lineage.TAG_CONFIG_HASH, lineage.TAG_CODE_VERSION)}},
-        report=report,
-        calibration=json.loads(calibration_path.read_text()) if calibration_path.exists() else None,
-        manifest=load_manifest(manifest) if manifest is not None and manifest.exists() else None,
-        attributes=list(config.data.attributes),
-        decision=decision,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_model_card(card, Path(tmp))
-        try:
-            client.log_artifacts(model_version.run_id, tmp, "model_card")
-        except (MlflowException, requests.HTTPError) as exc:  # the artifact proxy answers with plain HTTP errors
-            if decision.promoted or not is_permission_denied(exc):
-                raise
-            logger.warning("the model card of refused version %s is not logged: %s", version,
-                           describe_mlflow_error(exc, client.tracking_uri))
-    return decision
+    dump = config.model_dump(mode="json")
+    material = {
+        "step": name,
+        "config": {section: _section(dump, section) for section in sorted(reads)},
+        "inputs": {key: identity(value) for key, value in sorted(inputs.items())},
+        "code": source_hash(),
+        "tracking": paths.tracking_uri(),
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{name}-{KEY_SCHEME}-{digest[:24]}"
 
 
-def promote(model: RegisteredModel, evaluation: ModelEvaluation, dataset: DatasetVersion, config: RunConfig) -> PromotionDecision:
-    """Apply the promotion policy to the challenger the pipeline just registered."""
-    from components.tracking import use_experiment  # noqa: PLC0415
-    use_experiment(config.registry.experiment)
-    return promote_version(
-        model_name=model.name, version=model.version, config=config,
-        evaluation_dir=evaluation.report.parent, manifest=dataset.manifest,
-    )
+def pipeline_key(config: Any, data_version: str) -> str:
+    """The key of a whole pipeline run: every step's sections on one data version (placement excluded:
+    where a step runs does not change what it makes)."""
+    reads = sorted({section for step in STEPS for section in step.reads})
+    return step_key("pipeline", config, {"dataset": data_version}, reads=reads)
 
 
-def promote_registered(*, model_name: str, version: str, config: RunConfig) -> PromotionDecision:
-    """Promote a version registered earlier: its evaluation comes from its run's artifacts,
-    its test set from ``data/<dataset>`` when the workspace holds that data version."""
-    import mlflow  # noqa: PLC0415
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
-    from components.evaluation.evaluate_model import REPORT_DIR  # noqa: PLC0415
-    from components.registry.promote import check_version  # noqa: PLC0415
-    mlflow.set_tracking_uri(paths.tracking_uri())
-    client = MlflowClient()
-    check_version(client, model_name, version)
-    model_version = client.get_model_version(model_name, version)
-    dataset = model_version.tags.get(lineage.TAG_DATASET, "")
-    dvc_file = paths.data_root() / f"{dataset}.dvc"
-    manifest = paths.data_root() / dataset / "manifest.parquet"
-    same_data = dataset and dvc_file.exists() and read_version(dvc_file) == model_version.tags.get(lineage.TAG_DATA_VERSION)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = Path(mlflow.artifacts.download_artifacts(run_id=model_version.run_id, artifact_path=REPORT_DIR, dst_path=tmp))
-        except MlflowException as exc:
-            raise RegistryError(f"version {version} of {model_name} has no evaluation in run {model_version.run_id}") from exc
-        return promote_version(
-            model_name=model_name, version=version, config=config,
-            evaluation_dir=folder, manifest=manifest if same_data else None,
-        )
+def is_current_key(file_name: str) -> bool:
+    """Whether a cache or checkpoint file name carries a key of the current scheme."""
+    return f"-{KEY_SCHEME}-" in file_name

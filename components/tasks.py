@@ -1,11 +1,12 @@
 """The pipeline steps as Prefect tasks. The only module of ``components`` that imports Prefect.
 
-Each task passes small, hashable values (config, paths, versions, run ids).
-Training, evaluation, registration and promotion are cached on explicit keys:
-the data version, the config hash, the code version and the tracking store, so
-a re-run with nothing changed reuses them and registers no new version.
-Ingestion and validation always run: they are what tells whether the data
-changed.
+Every task is made from the step table (:mod:`components.steps`) and passes
+small, hashable values (config, paths, versions, run ids). Training,
+evaluation, registration and promotion are cached on their step keys (the
+config sections each reads, its inputs' identities, medflow's source hash and
+the tracking store), so a re-run with nothing changed reuses them and registers
+no new version, and a new promotion rule re-runs promotion alone. Ingestion and
+validation always run: they are what tells whether the data changed.
 
 Retries: only the two steps that are I/O alone retry, with exponential backoff,
 and only when the failure is transient (a connection refused or reset, a
@@ -17,12 +18,13 @@ evaluation never retry: running the same computation again gives the same error.
 from __future__ import annotations
 
 import errno
+import inspect
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from components import lineage, paths, steps
+from components import steps
 
 RETRIES = 3
 BACKOFF_SECONDS = 2
@@ -58,32 +60,38 @@ def retry_transient(task_, task_run, state) -> bool:
 
 
 def step_cache_key(context, parameters: dict) -> str:
-    """``<step>-<data version>-<config hash>-<code version>-<tracking store>`` from the call's own values."""
-    dataset: steps.DatasetVersion = parameters["dataset"]
-    config = parameters["config"]
-    name = context.task.name
-    return "-".join([name, dataset.version, config.config_hash(), lineage.code_version(), paths.tracking_uri()])
+    """The task's key, from the step table: the config sections the step reads, its keyed inputs'
+    identities, medflow's source hash and the tracking store (:func:`components.steps.step_key`)."""
+    return steps.get_step(context.task.name).key(parameters["config"], parameters)
 
 
-def _cached(fn, name: str, **options):
-    return task(fn, name=name, cache_key_fn=step_cache_key, persist_result=True, **options)
-
-
-_io_retries = {
+_IO_RETRIES = {
     "retries": RETRIES,
     "retry_delay_seconds": exponential_backoff(backoff_factor=BACKOFF_SECONDS),
     "retry_condition_fn": retry_transient,
 }
 
-prepare = task(steps.prepare_dataset, name="ingest", cache_policy=NO_CACHE)
-version = task(steps.version_prepared, name="version", cache_policy=NO_CACHE, **_io_retries)
-validate = task(steps.validate_dataset, name="validate", cache_policy=NO_CACHE)
-train = _cached(steps.train_model, "train")
-evaluate = _cached(steps.evaluate_model, "evaluate")
-register = _cached(steps.register, "register", **_io_retries)
-promote = _cached(steps.promote, "promote")
+
+def make_task(step: steps.Step) -> Task:
+    """The Prefect task of one step: cached on its key (results persisted) or never cached; retried on
+    transient I/O failures only when the table says so.
+
+    Raises:
+        TypeError: the step's function does not take the inputs the table names (and ``config``).
+    """
+    fn = step.resolve()
+    taken = tuple(inspect.signature(fn).parameters)
+    if taken != (*step.inputs, "config"):
+        raise TypeError(f"step {step.name}: {step.function} takes {taken}, the table says {(*step.inputs, 'config')}")
+    caching = {"cache_key_fn": step_cache_key, "persist_result": True} if step.cached else {"cache_policy": NO_CACHE}
+    return task(fn, name=step.name, **caching, **(_IO_RETRIES if step.retries else {}))
 
 
-def ingest(config) -> steps.DatasetVersion:
-    """Ingestion as two tasks: conversion (no retries), then DVC versioning (retried when transient)."""
-    return version(prepare(config), config)
+TASKS: dict[str, Task] = {step.name: make_task(step) for step in steps.STEPS}
+prepare = TASKS["ingest"]
+version = TASKS["version"]
+validate = TASKS["validate"]
+train = TASKS["train"]
+evaluate = TASKS["evaluate"]
+register = TASKS["register"]
+promote = TASKS["promote"]

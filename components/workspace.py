@@ -18,13 +18,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from components import paths
-from components.errors import MedflowError
-
-
-class WorkspaceBusy(MedflowError):
-    """Another medflow command is writing to this workspace."""
-
-    exit_code = 4
+from components.errors import WorkspaceBusy
 
 
 @contextmanager

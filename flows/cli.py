@@ -17,7 +17,7 @@ from rich.table import Table
 
 from components import paths
 from components.config import load_config
-from components.errors import AuthenticationFailed, MedflowError
+from components.errors import AuthenticationFailed, MedflowError, ServerUnavailable
 from flows.cli_data import data_app, ingest, init
 from flows.cli_ui import ui
 
@@ -74,10 +74,6 @@ def use_embedded_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-
-
-class ServerUnavailable(MedflowError):
-    """A server named by the environment does not answer."""
 
 
 def check_prefect_server(timeout_s: float = 10.0) -> None:
@@ -150,8 +146,10 @@ def run(
     """
     import json  # noqa: PLC0415
 
+    from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
+
     cfg = load_config(config, overrides=set_ or [])
-    cfg.check_trainable()
+    check_run(cfg)
     if cfg.placement and not os.environ.get("PREFECT_API_URL"):
         from components.errors import ConfigError  # noqa: PLC0415
 
@@ -261,7 +259,7 @@ def validate(
     """Run the config's dataset expectation suites on a manifest (exit 2 when any fails)."""
     from components.data.ingest import load_manifest  # noqa: PLC0415
     from components.errors import DataValidationError  # noqa: PLC0415
-    from components.steps import describe_failures, run_validation  # noqa: PLC0415
+    from components.validation.step import describe_failures, run_validation  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])
     report = run_validation(
@@ -311,7 +309,7 @@ def promote(
 ) -> None:
     """Apply the config's promotion policy to a registered version (exit 3 when refused)."""
     from components.errors import PromotionRefused  # noqa: PLC0415
-    from components.steps import promote_registered  # noqa: PLC0415
+    from components.registry.step import promote_registered  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])
     _client()

@@ -35,7 +35,7 @@ def ingest(
     wait: WaitOption = 0.0,
 ) -> None:
     """Ingest an export into data/NAME, version it with DVC (one directory), push and commit it."""
-    from components.steps import ingest_dataset  # noqa: PLC0415
+    from components.data.step import ingest_dataset  # noqa: PLC0415
     from components.workspace import workspace_lock  # noqa: PLC0415
 
     flags = {"data.source": source, "data.format": format_, "data.labels": labels, "data.name": dataset,

@@ -16,14 +16,10 @@ import typer
 from rich.console import Console
 
 from components import paths
-from components.errors import MedflowError
+from components.errors import UiError
 
 console = Console()
 STARTUP_TIMEOUT_S = 120
-
-
-class UiError(MedflowError):
-    """A dashboard could not be started."""
 
 
 def _check_free(host: str, port: int, flag: str) -> None:

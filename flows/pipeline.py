@@ -1,7 +1,8 @@
-"""The retraining flow: ingest -> validate -> train -> evaluate -> register -> promote.
+"""The retraining flow: ingest -> version -> validate -> train -> evaluate -> register -> promote.
 
-Each step runs as a task in this flow's process unless the config places it on a
-work pool (``placement``); a placed step runs as its own flow's deployment
+It only sequences the steps of the table (:mod:`components.steps`). Each step runs
+as its task in this flow's process unless the config places it on a work pool
+(``placement``); a placed step runs as its own flow's deployment
 (``medflow-<step>/<pool>``, see ``flows/steps.py`` and ``infra/prefect.yaml``).
 """
 
@@ -14,15 +15,13 @@ from prefect import flow
 
 from components import paths, tasks
 from components.config import RunConfig, load_config
-from components.errors import MedflowError
+from components.steps import get_step
+from components.errors import PlacedStepFailed
+from components.evaluation.declarations import METRICS
 from flows.summary import PipelineSummary
 
 
 LOCK_WAIT_S = 3600
-
-
-class PlacedStepFailed(MedflowError):
-    """A step placed on a work pool did not complete."""
 
 
 def run_placed(step: str, pool: str, parameters: dict):
@@ -49,37 +48,36 @@ def run_placed(step: str, pool: str, parameters: dict):
     return state.result()
 
 
-def _step(run_config: RunConfig, step: str, task, /, *, force: bool = False, **parameters):
-    """Run one step: in this process (cached task) or on its placed work pool."""
-    pool = run_config.placement.get(step)
-    if pool is None:
-        if not hasattr(task, "with_options"):  # ingestion: a function of two tasks
-            return task(**parameters)
-        return task.with_options(**({"refresh_cache": True} if force else {}))(**parameters)
-    extra = {"force": force} if step in ("train", "evaluate", "register", "promote") else {}
-    return run_placed(step, pool, {"workspace": str(paths.workspace_root()), **parameters, **extra})
+def run_step(config: RunConfig, name: str, /, *, force: bool = False, **inputs):
+    """Run one step of the table with its inputs: in this process (its task, cached on its key) or, when
+    the config places it on a work pool, as that pool's deployment. Returns (result, reused from cache)."""
+    step = get_step(name)
+    pool = config.placement.get(name)
+    if pool is not None:
+        extra = {"force": force} if step.cached else {}
+        return run_placed(name, pool, {"workspace": str(paths.workspace_root()), **inputs, "config": config, **extra}), False
+    task = tasks.TASKS[name].with_options(**({"refresh_cache": True} if force and step.cached else {}))
+    state = task(**inputs, config=config, return_state=True)
+    return state.result(), state.name == "Cached"
 
 
-SUMMARY_METRICS = ("auc", "accuracy", "ece", "brier", "dice", "hd95", "voxel_ece")
+SUMMARY_METRICS = tuple(m.name for m in METRICS if m.summary)
 
 
 @flow(name="medflow-retrain")
 def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     """Retrain, evaluate and (if every gate passes) promote a model on the configured data.
 
-    With unchanged data, config and code the cached training, evaluation, registration
-    and promotion are reused; ``force`` runs them again.
+    Each cached step is reused when its key (the config sections it reads, its inputs, medflow's
+    source) is unchanged: a new promotion rule re-runs promotion alone. ``force`` runs them again.
     """
-    dataset = _step(config, "ingest", tasks.ingest, config=config)
-    report = _step(config, "validate", tasks.validate, dataset=dataset, config=config)
-    if config.placement.get("train"):
-        trained, reused = _step(config, "train", tasks.train, force=force, dataset=dataset, validation_report=report, config=config), False
-    else:
-        state = tasks.train.with_options(**({"refresh_cache": True} if force else {}))(dataset, report, config, return_state=True)
-        trained, reused = state.result(), state.is_completed() and state.name == "Cached"
-    evaluation = _step(config, "evaluate", tasks.evaluate, force=force, run_id=trained.run_id, dataset=dataset, config=config)
-    model = _step(config, "register", tasks.register, force=force, evaluation=evaluation, dataset=dataset, config=config)
-    decision = _step(config, "promote", tasks.promote, force=force, model=model, evaluation=evaluation, dataset=dataset, config=config)
+    prepared, _ = run_step(config, "ingest")
+    dataset, _ = run_step(config, "version", prepared=prepared)
+    report, _ = run_step(config, "validate", dataset=dataset)
+    trained, reused = run_step(config, "train", force=force, dataset=dataset, validation_report=report)
+    evaluation, _ = run_step(config, "evaluate", force=force, run_id=trained.run_id, dataset=dataset)
+    model, _ = run_step(config, "register", force=force, evaluation=evaluation, dataset=dataset)
+    decision, _ = run_step(config, "promote", force=force, model=model, evaluation=evaluation, dataset=dataset)
     overall = json.loads(Path(evaluation.report).read_text())["overall"]
     return PipelineSummary(
         dataset=dataset.name,
@@ -111,12 +109,12 @@ def retrain_workspace(
         overrides: ``key=value`` overrides, as ``--set`` takes them.
         force: retrain even when data, config and code are unchanged.
     """
-    from flows.steps import enter_workspace  # noqa: PLC0415
-
     from components.workspace import workspace_lock  # noqa: PLC0415
+    from flows.preflight import check_run  # noqa: PLC0415
+    from flows.steps import enter_workspace  # noqa: PLC0415
 
     enter_workspace(workspace)
     cfg = load_config(Path(config), overrides=overrides or [])
-    cfg.check_trainable()
+    check_run(cfg)
     with workspace_lock("retrain (deployment)", wait_s=LOCK_WAIT_S):  # a scheduled run waits for a manual one
         return retrain(cfg, force=force)

@@ -1,4 +1,5 @@
-"""Each pipeline step as a flow of its own, so that a deployment can run it on any work pool.
+"""Each pipeline step as a flow of its own, made from the step table, so that a deployment can run it
+on any work pool: ``medflow-<step>`` (e.g. ``flows/steps.py:train_step``).
 
 The retraining flow calls a placed step through ``run_deployment`` and passes only
 the workspace path (shared storage), data versions, run ids and the config; the
@@ -7,74 +8,47 @@ step's small result comes back through Prefect's persisted results.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
-from prefect import flow
+from prefect import Flow, flow
 
 from components import steps, tasks
-from components.config import RunConfig
-from components.evaluation.evaluate_model import ModelEvaluation
-from components.registry.promote import PromotionDecision
-from components.registry.register import RegisteredModel
-from components.training.loop import TrainResult
+from components.errors import ConfigError
 
 
 def enter_workspace(workspace: str) -> None:
     """Work in ``workspace`` (``.medflow/`` and ``data/`` live there), as the CLI does in its folder."""
     folder = Path(workspace).expanduser()
     if not folder.is_dir():
-        from components.errors import ConfigError  # noqa: PLC0415
-
         raise ConfigError(f"workspace {folder} does not exist on this worker (placed steps need shared storage)")
     os.chdir(folder)
 
 
-def _fresh(force: bool) -> dict:
-    return {"refresh_cache": True} if force else {}
+def step_flow(step: steps.Step) -> Flow:
+    """The deployment flow ``medflow-<step>``: enter the workspace, run the step's task (``force``
+    refreshes a cached step's result). Its parameters are the step function's own, typed, after
+    ``workspace``, so Prefect validates what ``run_deployment`` sends."""
+    task = tasks.TASKS[step.name]
+    signature = inspect.signature(step.resolve(), eval_str=True)
+
+    def run(**parameters):
+        enter_workspace(parameters.pop("workspace"))
+        options = {"refresh_cache": True} if parameters.pop("force", False) else {}
+        return task.with_options(**options)(**parameters)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [inspect.Parameter("workspace", keyword, annotation=str),
+                  *(p.replace(kind=keyword) for p in signature.parameters.values())]
+    if step.cached:
+        parameters.append(inspect.Parameter("force", keyword, default=False, annotation=bool))
+    run.__signature__ = signature.replace(parameters=parameters)
+    run.__name__ = run.__qualname__ = f"{step.name}_step"
+    run.__doc__ = step.description
+    run.__module__ = __name__
+    return flow(run, name=f"medflow-{step.name}", persist_result=True)
 
 
-@flow(name="medflow-ingest", persist_result=True)
-def ingest_step(workspace: str, config: RunConfig) -> steps.DatasetVersion:
-    """Ingest and version the configured data."""
-    enter_workspace(workspace)
-    return tasks.ingest(config)
-
-
-@flow(name="medflow-validate", persist_result=True)
-def validate_step(workspace: str, dataset: steps.DatasetVersion, config: RunConfig) -> Path:
-    """Run the expectation suites on a data version."""
-    enter_workspace(workspace)
-    return tasks.validate(dataset, config)
-
-
-@flow(name="medflow-train", persist_result=True)
-def train_step(workspace: str, dataset: steps.DatasetVersion, validation_report: Path, config: RunConfig,
-               force: bool = False) -> TrainResult:
-    """Train on a data version (cached on data version, config and code)."""
-    enter_workspace(workspace)
-    return tasks.train.with_options(**_fresh(force))(dataset, validation_report, config)
-
-
-@flow(name="medflow-evaluate", persist_result=True)
-def evaluate_step(workspace: str, run_id: str, dataset: steps.DatasetVersion, config: RunConfig,
-                  force: bool = False) -> ModelEvaluation:
-    """Evaluate a training run on the test split."""
-    enter_workspace(workspace)
-    return tasks.evaluate.with_options(**_fresh(force))(run_id, dataset, config)
-
-
-@flow(name="medflow-register", persist_result=True)
-def register_step(workspace: str, evaluation: ModelEvaluation, dataset: steps.DatasetVersion, config: RunConfig,
-                  force: bool = False) -> RegisteredModel:
-    """Register an evaluated model as the challenger."""
-    enter_workspace(workspace)
-    return tasks.register.with_options(**_fresh(force))(evaluation, dataset, config)
-
-
-@flow(name="medflow-promote", persist_result=True)
-def promote_step(workspace: str, model: RegisteredModel, evaluation: ModelEvaluation, dataset: steps.DatasetVersion,
-                 config: RunConfig, force: bool = False) -> PromotionDecision:
-    """Apply the promotion policy to a challenger."""
-    enter_workspace(workspace)
-    return tasks.promote.with_options(**_fresh(force))(model, evaluation, dataset, config)
+STEP_FLOWS: dict[str, Flow] = {step.name: step_flow(step) for step in steps.STEPS}
+globals().update({f"{name}_step": f for name, f in STEP_FLOWS.items()})  # deployment entrypoints

@@ -1,4 +1,5 @@
-"""What a retraining run produced, kept per (data version, config, code, tracking store).
+"""What a retraining run produced, kept under the pipeline's key (every step's config sections, the data
+version, medflow's source hash and the tracking store: :func:`components.steps.pipeline_key`).
 
 ``medflow run`` with nothing changed since a completed run answers from this record
 instead of starting a flow: the same work would be reused from the cache anyway.
@@ -8,8 +9,8 @@ Plain Python (no Prefect), so that the check costs a few file reads.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from components import lineage, paths
 from components.config import RunConfig
 from components.registry.gates import GateResult
+from components.steps import is_current_key, pipeline_key
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,24 @@ class PipelineSummary:
         return cls(**{**data, "gates": tuple(GateResult(**g) for g in data["gates"])})
 
 
+logger = logging.getLogger("medflow.summary")
+
+
 def _record(config: RunConfig, data_version: str) -> Path:
-    key = "-".join([data_version, config.config_hash(), lineage.code_version(), paths.tracking_uri()])
-    return paths.medflow_home() / "runs" / f"summary-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return paths.medflow_home() / "runs" / f"summary-{pipeline_key(config, data_version)}.json"
+
+
+def _report_legacy_records(folder: Path) -> None:
+    """Say (once per process) that run records of an earlier key scheme are ignored."""
+    if folder in _legacy_reported or not folder.is_dir():
+        return
+    legacy = [p for p in folder.glob("summary-*.json") if not is_current_key(p.name)]
+    if legacy:
+        _legacy_reported.add(folder)
+        logger.warning("ignoring %d run record(s) in %s written under an earlier key scheme", len(legacy), folder)
+
+
+_legacy_reported: set[Path] = set()
 
 
 def save_summary(config: RunConfig, summary: PipelineSummary) -> Path:
@@ -64,12 +81,13 @@ def save_summary(config: RunConfig, summary: PipelineSummary) -> Path:
 def reusable_summary(config: RunConfig) -> PipelineSummary | None:
     """The summary of a completed run with the same data version, config, code and tracking store, if
     the data is unchanged and its model version is still registered; else None (run the flow)."""
-    from components.steps import unchanged_data_version  # noqa: PLC0415
+    from components.data.step import unchanged_data_version  # noqa: PLC0415
 
     version = unchanged_data_version(config)
     if version is None:
         return None
     path = _record(config, version)
+    _report_legacy_records(path.parent)
     if not path.exists():
         return None
     summary = PipelineSummary.from_dict(json.loads(path.read_text()))

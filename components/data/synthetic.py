@@ -21,6 +21,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from components.errors import ConfigError
+
 SITES = {"site-a": (1.0, 0.06), "site-b": (0.8, 0.10), "site-c": (1.2, 0.08)}
 RACES = ("asian", "black", "white", "other")
 FIRST_NAMES = ("Jane", "John", "Maria", "Wei", "Amara", "Lars", "Priya", "Tomas")
@@ -122,7 +124,7 @@ def generate_export(
         max_images_per_patient: most images one patient has.
     """
     if not 0.0 <= bias <= 1.0:
-        raise ValueError(f"bias must be in [0, 1], got {bias}")
+        raise ConfigError(f"bias must be in [0, 1], got {bias}")
     rng = np.random.default_rng(seed)
     images_dir = folder / "images"
     images_dir.mkdir(parents=True, exist_ok=True)

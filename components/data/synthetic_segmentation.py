@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import ndimage
 
 from components.data.synthetic import BIASED_GROUP, RACES, SITES, SyntheticExport
+from components.errors import ConfigError
 
 LESION_AMPLITUDE = 0.8
 VOXEL_MM = (0.8, 0.8, 2.0)
@@ -61,7 +62,7 @@ def generate_segmentation_export(
         seed: random seed; the same seed gives the same export.
     """
     if not 0.0 <= bias <= 1.0:
-        raise ValueError(f"bias must be in [0, 1], got {bias}")
+        raise ConfigError(f"bias must be in [0, 1], got {bias}")
     rng = np.random.default_rng(seed)
     shape = (image_size, image_size, depth) if depth else (image_size, image_size)
     affine = np.diag([*VOXEL_MM[: len(shape)], *([1.0] * (4 - len(shape)))])

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from components.evaluation.metrics import ECE_BINS
+from components.evaluation.declarations import ECE_BINS, WeightedSums, metrics_for
 
 CHUNK = 32
+WEIGHTED = tuple(m for m in metrics_for("binary") if m.weighted is not None)  # the same for every classification task
 EPS = np.finfo(np.float64).eps
 
 
@@ -136,27 +137,16 @@ class WeightedMetrics:
                         else np.mean([m[name] for m in per_label], axis=0) for name in per_label[0]}
         z = weights @ self.features
         nb, k = self.n_levels, self.k
-        count, acc_sum, conf_sum = z[:, :nb], z[:, nb:2 * nb], z[:, 2 * nb:3 * nb]
         conf = z[:, 3 * nb:3 * nb + 3 * k].reshape(len(z), k, 3)
         tp, fp, fn = conf[:, :, 0], conf[:, :, 1], conf[:, :, 2]
-        brier, nll, total = z[:, -3], z[:, -2], z[:, -1]
-        tn = total[:, None] - tp - fp - fn
-        gap = np.abs(acc_sum - conf_sum)
+        total = z[:, -1]
+        sums = WeightedSums(
+            binary=self.binary, bin_count=z[:, :nb], bin_accuracy=z[:, nb:2 * nb], bin_confidence=z[:, 2 * nb:3 * nb],
+            tp=tp, fp=fp, fn=fn, tn=total[:, None] - tp - fp - fn, brier=z[:, -3], nll=z[:, -2], total=total,
+            auc=np.mean([self._auc(ind, weights) for ind in self.levels], axis=0),
+        )
         with np.errstate(invalid="ignore", divide="ignore"):
-            recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
-            spec = np.where(tn + fp > 0, tn / (tn + fp), 0.0)
-            f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-            return {
-                "auc": np.mean([self._auc(ind, weights) for ind in self.levels], axis=0),
-                "accuracy": tp.sum(axis=1) / total,
-                "sensitivity": recall[:, 1] if self.binary else recall.mean(axis=1),
-                "specificity": spec[:, 1] if self.binary else spec.mean(axis=1),
-                "f1": f1[:, 1] if self.binary else f1.mean(axis=1),
-                "ece": gap.sum(axis=1) / total,
-                "mce": np.where(count > 0, gap / np.where(count > 0, count, 1), 0.0).max(axis=1),
-                "brier": brier / total,
-                "nll": nll / total,
-            }
+            return {m.name: m.weighted(sums) for m in WEIGHTED}
 
 
 def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, *, threshold: float) -> dict:

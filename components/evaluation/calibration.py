@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from components.errors import EvaluationError
+
 MIN_T, MAX_T = 0.05, 20.0
 
 
@@ -27,7 +29,7 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, *, max_iter: int = 1
         T, clipped to [0.05, 20]; 1.0 when there are fewer than two classes in ``y_true``.
     """
     if logits.ndim != 2 or len(logits) != len(y_true) or (np.ndim(y_true) == 2 and np.shape(y_true) != logits.shape):
-        raise ValueError(f"logits must be (N, K) and y_true (N,) or (N, K), got {logits.shape} and {np.shape(y_true)}")
+        raise EvaluationError(f"logits must be (N, K) and y_true (N,) or (N, K), got {logits.shape} and {np.shape(y_true)}")
     if len(np.unique(y_true)) < 2:
         return 1.0
     z = torch.tensor(logits, dtype=torch.float64)

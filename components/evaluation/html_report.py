@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from components.evaluation.metrics import ECE_BINS, METRICS  # noqa: E402
+from components.evaluation.declarations import CALIBRATION, ECE_BINS, metrics_for  # noqa: E402
 from components.evaluation.report import check_predictions  # noqa: E402
 
 CSS = """
@@ -126,7 +126,8 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
         f"<p class='muted'>{report['task']} task, {report['n']} cases of {report['n_patients']} patients, "
         f"decision threshold {report['threshold']:g}. Intervals: 95%, patient-level bootstrap.</p>",
         "<h2>Overall</h2>",
-        _table(["metric", "value", "95% CI"], [[m, _fmt(overall.get(m)), _ci(ci.get(m))] for m in METRICS]),
+        _table(["metric", "value", "95% CI"],
+               [[m.name, _fmt(overall.get(m.name)), _ci(ci.get(m.name))] for m in metrics_for(report["task"])]),
     ]
     if report.get("warnings"):
         parts.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
@@ -135,8 +136,9 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
         parts.append("<h2>Calibration</h2>")
         parts.append(f"<p class='muted'>Temperature scaling fitted on the {html.escape(str(cal.get('fitted_on', 'validation')))} "
                      f"split: T = {cal['temperature']:.3f}.</p>")
-        parts.append(_table(["", "ECE", "MCE", "Brier", "NLL"], [
-            [label, *(_fmt(cal[key][m]) for m in ("ece", "mce", "brier", "nll"))]
+        calibration = metrics_for(report["task"], kind=(CALIBRATION,))
+        parts.append(_table(["", *(m.title for m in calibration)], [
+            [label, *(_fmt(cal[key][m.name]) for m in calibration)]
             for label, key in (("before scaling", "before"), ("after scaling", "after"))
         ]))
     parts.append("<h2>Subgroup gaps</h2>")

@@ -8,6 +8,7 @@ from pathlib import Path
 import markdown
 import pandas as pd
 
+from components.evaluation.declarations import CALIBRATION, metrics_for
 from components.registry.promote import PromotionDecision
 
 CSS = (
@@ -75,8 +76,9 @@ def model_card_markdown(
     """The card as Markdown: intended use, data, metrics with CIs, calibration, fairness, decision."""
     overall, ci = report["overall"], report.get("ci95", {})
     segmentation = report["task"] == "segmentation"
-    metric_rows = [[m, overall.get(m), *(ci.get(m) or [None, None])] for m in overall if m != "notes"]
-    calibration_keys = ("voxel_ece", "voxel_mce") if segmentation else ("ece", "mce", "brier", "nll")
+    metric_rows = [[m.name, overall.get(m.name), *(ci.get(m.name) or [None, None])]
+                   for m in metrics_for(report["task"]) if m.name in overall]
+    calibration_metrics = metrics_for(report["task"], kind=(CALIBRATION,))
     sections = [
         f"# Model card: {model_name} version {version}",
         "## Intended use",
@@ -90,9 +92,10 @@ def model_card_markdown(
         _table(["metric", "value", "95% CI low", "95% CI high"], metric_rows),
         "Intervals: patient-level bootstrap.",
         "## Calibration",
-        (_table(["", *(k.replace("_", " ").upper() for k in calibration_keys)], [
-            ["before temperature scaling", *(calibration["before"].get(k) for k in calibration_keys)],
-            ["after (T = " + f"{calibration['temperature']:.3f})", *(calibration["after"].get(k) for k in calibration_keys)],
+        (_table(["", *(m.name.replace("_", " ").upper() for m in calibration_metrics)], [
+            ["before temperature scaling", *(calibration["before"].get(m.name) for m in calibration_metrics)],
+            ["after (T = " + f"{calibration['temperature']:.3f})",
+             *(calibration["after"].get(m.name) for m in calibration_metrics)],
         ]) if calibration else "No calibration record."),
         "## Fairness",
     ]

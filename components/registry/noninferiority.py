@@ -8,6 +8,7 @@ interval of its improvement over the champion is above ``-margin``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from components.config import NonInferiorityRule
+from components.errors import ConfigError
 from components.evaluation.bootstrap import WeightedMetrics, resample_patients
+from components.evaluation.declarations import metric as declared, weighted_metrics_names
 from components.registry.gates import GateResult
 
-LOWER_IS_BETTER = frozenset({"ece", "mce", "brier", "nll"})
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,12 @@ def paired_noninferiority(
         prob_challenger: (N,) or (N, K) challenger probabilities.
         prob_champion: the champion's, same layout and case order.
         patient_ids: (N,) patient of each case.
-        metric: a contract metric (``auc``, ``ece``, ...); for ``ece``, ``mce``,
-            ``brier`` and ``nll`` lower is better and the improvement is champion - challenger.
+        metric: a declared metric with a weighted form (``auc``, ``ece``, ...); where lower is better
+            (``ece``, ``brier``, ...) the improvement is champion - challenger.
         margin: largest tolerated loss, in the metric's units.
         level: one-sided confidence level of the lower bound.
     """
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    sign = 1.0 if declared(metric).higher_is_better else -1.0
     codes = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
     evaluate_challenger = WeightedMetrics(y_true, prob_challenger, threshold=threshold, units=codes)
     evaluate_champion = WeightedMetrics(y_true, prob_champion, threshold=threshold, units=codes)
@@ -86,6 +88,24 @@ def paired_noninferiority(
         lower_bound=lower,
         passed=bool(lower >= -margin),
     )
+
+
+UNKNOWN_METRIC = ("promotion.non_inferiority: {metric!r} is not a metric the paired bootstrap computes; "
+                  "metrics are {known}{hint}")
+
+
+def check_noninferiority(rules: Sequence[NonInferiorityRule]) -> None:
+    """Refuse a non-inferiority rule over a metric that has no weighted form (the paired bootstrap needs one).
+
+    Raises:
+        ConfigError: naming the metric, the ones there are, and the closest.
+    """
+    known = weighted_metrics_names()
+    for rule in rules:
+        if rule.metric not in known:
+            hint = difflib.get_close_matches(rule.metric, known, n=1)
+            raise ConfigError(UNKNOWN_METRIC.format(metric=rule.metric, known=", ".join(known),
+                                                    hint=f"; did you mean {hint[0]!r}?" if hint else ""))
 
 
 def comparison_gates(
@@ -115,14 +135,14 @@ def comparison_gates(
     """
     if not rules:
         return []
-    name = lambda rule: f"non_inferiority.{rule.metric.value}"  # noqa: E731
+    name = lambda rule: f"non_inferiority.{rule.metric}"  # noqa: E731
     if champion is None or champion == challenger_version:
         return [GateResult(name(r), ">=", -r.margin, None, True, "no champion yet: nothing to compare with") for r in rules]
     if predictions is None or manifest is None or not predictions.exists() or not manifest.exists():
         why = "the challenger's test predictions or manifest are not available here"
         return [GateResult(name(r), ">=", -r.margin, None, False, why) for r in rules]
     from components.evaluation.report import check_predictions, read_table  # noqa: PLC0415
-    from components.registry.model import predict_images  # noqa: PLC0415
+    from components.inference.predict import predict_images  # noqa: PLC0415 (torch, MONAI)
 
     table = read_table(predictions)
     cases = read_table(manifest)
@@ -133,12 +153,12 @@ def comparison_gates(
     gates = []
     for rule in rules:
         result = paired_noninferiority(
-            y_true, prob, champion_prob, patients, metric=rule.metric.value, margin=rule.margin,
+            y_true, prob, champion_prob, patients, metric=rule.metric, margin=rule.margin,
             level=rule.level, n_resamples=n_resamples, seed=seed, threshold=threshold,
         )
         verdict = ">=" if result.passed else "<"
         reason = (
-            f"{rule.metric.value}: challenger {result.challenger:.4f} vs champion {champion} {result.champion:.4f}; "
+            f"{rule.metric}: challenger {result.challenger:.4f} vs champion {champion} {result.champion:.4f}; "
             f"{rule.level:.0%} lower bound of the improvement {result.lower_bound:+.4f} {verdict} -{rule.margin:g}"
         )
         gates.append(GateResult(name(rule), ">=", -rule.margin, result.lower_bound, result.passed, reason))

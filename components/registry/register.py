@@ -18,13 +18,12 @@ from mlflow.tracking import MlflowClient
 import components
 from components import lineage
 from components.config import RunConfig
-from components.training.loop import CHECKPOINT_DIR
+from components.evaluation.declarations import metrics_for
+from components.inference.model import download_checkpoint
 from components.tracking import use_experiment
 
 ALIAS_CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
-TAGGED_METRICS = {"classification": ("auc", "ece", "brier"), "segmentation": ("dice", "hd95", "voxel_ece")}
-TAGGED_GAPS = {"classification": "auc_gap", "segmentation": "dice_gap"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,11 @@ class RegisteredModel:
     name: str
     version: str
     run_id: str
+
+    @property
+    def identity(self) -> str:
+        """What identifies this version in a step key."""
+        return f"{self.name}/{self.version}"
 
     @property
     def uri(self) -> str:
@@ -73,7 +77,7 @@ def register_model(
     use_experiment(config.registry.experiment)
     client = MlflowClient()
     report = json.loads(report_path.read_text())
-    family = "segmentation" if report["task"] == "segmentation" else "classification"
+    tagged = [m.name for m in metrics_for(report["task"], kind=None) if m.tagged]
     name = config.registry.model_name
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if reuse_existing else []
     if existing:
@@ -81,13 +85,10 @@ def register_model(
     else:
         version = _log_and_register(client, run_id=run_id, temperature=temperature, config=config)
     tags = {
-        lineage.TAG_DATA_VERSION: data_version,
-        lineage.TAG_DATASET: config.data.name,
-        lineage.TAG_CONFIG_HASH: config.config_hash(),
-        lineage.TAG_CODE_VERSION: lineage.code_version(),
+        **lineage.run_tags(config, data_version),
         "medflow.temperature": f"{temperature:.4f}",
-        **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in TAGGED_METRICS[family]},
-        **{f"medflow.{a}_{TAGGED_GAPS[family]}": str(f[TAGGED_GAPS[family]]) for a, f in report["fairness"].items()},
+        **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in tagged if m in report["overall"]},
+        **{f"medflow.{a}_{m}": str(f[m]) for a, f in report["fairness"].items() for m in tagged if m in f},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -98,7 +99,7 @@ def register_model(
 def _log_and_register(client: MlflowClient, *, run_id: str, temperature: float, config: RunConfig) -> str:
     """Log the run's checkpoint as the pyfunc model and register it; the new version."""
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_DIR, dst_path=tmp))
+        checkpoint = download_checkpoint(run_id, dst=Path(tmp))
         description = json.loads((checkpoint / "model.json").read_text())
         description["temperature"] = temperature
         (checkpoint / "model.json").write_text(json.dumps(description, indent=2))

@@ -4,14 +4,16 @@ A checkpoint holds the model, optimizer, scheduler and AMP scaler states, the
 epoch, the best epoch so far (its weights and score), every random generator
 (torch, numpy, Python, the DataLoader's and MONAI's transforms'), and the MLflow
 run it logs to. It is written to a temporary file and renamed into place, so a
-kill while writing leaves the previous one intact. Its file name is keyed on the
-data version, the config and the code, so only the same training picks it up.
+kill while writing leaves the previous one intact. Its file name is the training
+step's key (:func:`components.steps.step_key`: the data version, the config
+sections training reads, medflow's source hash), so only the same training picks
+it up; one written under an earlier key scheme is never loaded.
 PyTorch has ``torch.save``; the resume bookkeeping around it is what this adds.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components import lineage, paths
+from components import paths, steps
 from components.config import RunConfig
 
 
@@ -43,10 +45,26 @@ class TrainingState:
     rng: dict
 
 
-def checkpoint_path(config: RunConfig, data_version: str) -> Path:
-    """``.medflow/checkpoints/train-<key>.pt`` for this data version, config and code."""
-    key = "-".join([data_version, config.config_hash(), lineage.code_version(), paths.tracking_uri()])
-    return paths.medflow_home() / "checkpoints" / f"train-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+logger = logging.getLogger("medflow.training")
+_legacy_reported: set[Path] = set()
+
+
+def training_key(config: RunConfig, data_version: str) -> str:
+    """The training step's key for this data version: its task-cache key and its checkpoint's name."""
+    return steps.get_step("train").key(config, {"dataset": data_version})
+
+
+def checkpoint_path(key: str) -> Path:
+    """``.medflow/checkpoints/<key>.pt``; says once per folder when checkpoints of an earlier key scheme
+    lie there (they are ignored: training with them would resume from another configuration's state)."""
+    folder = paths.medflow_home() / "checkpoints"
+    if folder not in _legacy_reported and folder.is_dir():
+        legacy = [p for p in folder.glob("*.pt") if not steps.is_current_key(p.name)]
+        if legacy:
+            _legacy_reported.add(folder)
+            logger.warning("ignoring %d training checkpoint(s) in %s written under an earlier key scheme; "
+                           "training starts afresh", len(legacy), folder)
+    return folder / f"{key}.pt"
 
 
 def capture_rng(*, generator: torch.Generator, transforms: Any) -> dict:

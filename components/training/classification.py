@@ -7,7 +7,6 @@ A multi-label network has one logit per label, trained with a sigmoid
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.losses import FocalLoss
 from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
@@ -23,7 +21,9 @@ from components.config import RunConfig, Task
 from components.data.ingest import load_manifest
 from components.data.labels import label_matrix, parse_label_set
 from components.errors import ConfigError
+from components.training.forward import predict_batches
 from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
+from components.training.losses import build_loss, build_multilabel_loss, class_weights, positive_weights
 from components.training.models import build_classifier, classifier_kwargs
 from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms
 
@@ -37,17 +37,6 @@ def _records(frame: pd.DataFrame, root: Path, *, multilabel: bool = False, num_c
     return [{"image": str(root / img), "label": int(lab)} for img, lab in zip(frame["image"], frame["label"])]
 
 
-def _predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, K) and labels (N,) of every batch of ``loader``."""
-    model.eval()
-    logits, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            logits.append(model(batch["image"].to(device)).float().cpu())
-            labels.append(batch["label"])
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
-
-
 def _auc(logits: np.ndarray, labels: np.ndarray) -> float | None:
     if labels.ndim == 2:  # multi-label: macro mean over the labels that have both classes
         aucs = [roc_auc_score(labels[:, j], logits[:, j]) for j in range(labels.shape[1])
@@ -59,58 +48,6 @@ def _auc(logits: np.ndarray, labels: np.ndarray) -> float | None:
     if prob.shape[1] == 2:
         return float(roc_auc_score(labels, prob[:, 1]))
     return float(roc_auc_score(labels, prob, multi_class="ovr", labels=range(prob.shape[1])))
-
-
-def class_weights(choice: str | list[float], labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
-    """Loss weights per class: none, ``balanced`` (n / (K * count), as scikit-learn's) or given.
-
-    ``labels`` are class indices, one per case (classification) or per voxel (segmentation).
-    """
-    if choice == "none":
-        return None
-    if choice == "balanced":
-        counts = np.bincount(labels, minlength=num_classes).astype(float)
-        if (counts == 0).any():
-            missing = [k for k in range(num_classes) if counts[k] == 0]
-            raise ConfigError(f"train.class_weights=balanced: class(es) {missing} have no training cases")
-        return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
-    if len(choice) != num_classes:
-        raise ConfigError(f"train.class_weights has {len(choice)} values; data.num_classes is {num_classes}")
-    return torch.tensor(choice, dtype=torch.float32)
-
-
-def positive_weights(choice: str | list[float], targets: np.ndarray) -> torch.Tensor | None:
-    """Multi-label loss weights: none, ``balanced`` (negatives / positives per label, torch's ``pos_weight``) or given."""
-    if choice == "none":
-        return None
-    if choice == "balanced":
-        positives = targets.sum(axis=0)
-        if (positives == 0).any() or (positives == len(targets)).any():
-            one_sided = [j for j in range(targets.shape[1]) if positives[j] in (0, len(targets))]
-            raise ConfigError(f"train.class_weights=balanced: label(s) {one_sided} are never or always present in training")
-        return torch.tensor((len(targets) - positives) / positives, dtype=torch.float32)
-    if len(choice) != targets.shape[1]:
-        raise ConfigError(f"train.class_weights has {len(choice)} values; data.num_classes is {targets.shape[1]}")
-    return torch.tensor(choice, dtype=torch.float32)
-
-
-def build_multilabel_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Binary cross-entropy (torch, ``pos_weight``) or sigmoid focal loss (MONAI) of logits (B, L) against 0/1 (B, L)."""
-    if name == "focal":
-        return FocalLoss(use_softmax=False, gamma=2.0, weight=weights)
-    if name != "cross_entropy":
-        raise ConfigError(f"train.loss {name!r} is a segmentation loss; a classifier takes cross_entropy or focal")
-    return torch.nn.BCEWithLogitsLoss(pos_weight=weights)
-
-
-def build_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Cross-entropy (torch) or focal loss (MONAI) of logits (B, K) against class indices (B,)."""
-    if name == "focal":
-        focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=weights)
-        return lambda logits, target: focal(logits, target[:, None])
-    if name != "cross_entropy":
-        raise ConfigError(f"train.loss {name!r} is a segmentation loss; a classifier takes cross_entropy or focal")
-    return torch.nn.CrossEntropyLoss(weight=weights)
 
 
 def check_labels(manifest: pd.DataFrame, manifest_path: Path, *, task: Task, num_classes: int) -> None:
@@ -164,7 +101,7 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
     val_loss_fn = loss_for(cfg.loss, weights)
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
-        logits, labels = _predict(model, val_loader, device)
+        logits, labels = predict_batches(model, val_loader, device)
         scores = {"val_loss": float(val_loss_fn(torch.tensor(logits), torch.tensor(labels)))}
         auc = _auc(logits, labels)
         return scores | ({"val_auc": auc} if auc is not None else {})

@@ -1,7 +1,7 @@
 """Training under ``torchrun``: several processes on one node (``train.nproc_per_node``) or several nodes.
 
 :func:`launch_training` starts ``torch.distributed.run`` (torchrun) with this module
-as the program; each rank runs :func:`components.training.loop.train_model`,
+as the program; each rank runs :func:`components.training.train.train_model`,
 which sees the initialised process group: a DistributedSampler shards the training
 split, DistributedDataParallel averages the gradients, the training loss is
 reduced across ranks, and only rank 0 talks to MLflow. Backend: NCCL on GPUs,
@@ -21,11 +21,7 @@ from pathlib import Path
 
 from components import paths
 from components.config import RunConfig
-from components.errors import ConfigError, MedflowError
-
-
-class DistributedTrainingError(MedflowError):
-    """torchrun or one of its ranks failed."""
+from components.errors import ConfigError, DistributedTrainingError
 
 
 def check_world(config: RunConfig, *, cuda_devices: int) -> None:
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    from components.training.loop import train_model  # noqa: PLC0415
+    from components.training.train import train_model  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description="one torchrun rank of medflow's training step")
     parser.add_argument("--manifest", type=Path, required=True)

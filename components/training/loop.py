@@ -2,7 +2,7 @@
 early stopping, mixed precision and DistributedDataParallel.
 
 A task (:mod:`components.training.classification`,
-:mod:`components.training.segmentation`) brings a :class:`Recipe`: its network,
+:mod:`components.training.segmentation`, picked by :mod:`components.training.train`) brings a :class:`Recipe`: its network,
 datasets, loss and validation; :func:`fit` does the rest. The best epoch (by the
 task's validation score) is kept; its state_dict and the model description
 (network, preprocessing) are logged as the run's ``checkpoint/`` artifacts,
@@ -38,10 +38,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from components import lineage, paths
-from components.config import RunConfig, Task
+from components.config import RunConfig
 from components.errors import ConfigError
 from components.training.checkpoint import (
-    TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint,
+    TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, training_key,
 )
 from components.tracking import use_experiment
 
@@ -58,6 +58,11 @@ class TrainResult:
     epochs: int
     metric: str = "val_auc"
     resumed_from_epoch: int = 0
+
+    @property
+    def identity(self) -> str:
+        """What identifies this training in a step key: its MLflow run."""
+        return self.run_id
 
 
 @dataclass
@@ -161,7 +166,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     lead = rank == 0  # only rank 0 talks to MLflow, shows progress and writes checkpoints
-    saved_at = checkpoint_path(config, data_version)
+    saved_at = checkpoint_path(training_key(config, data_version))
     resumed = load_checkpoint(saved_at) if cfg.resume else None
     best_state, best_score, best_metric, best_epoch, stale, first_epoch = None, None, None, 0, 0, 1
     if resumed is not None:
@@ -176,10 +181,8 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
         best_epoch, stale, first_epoch = resumed.best_epoch, resumed.stale_epochs, resumed.epoch + 1
     experiment_id = use_experiment(config.registry.experiment) if lead else None
     tags = {
-        lineage.TAG_DATA_VERSION: data_version,
-        lineage.TAG_DATASET: config.data.name,
-        lineage.TAG_CONFIG_HASH: config.config_hash(),
-        lineage.TAG_CODE_VERSION: lineage.code_version(),
+        **lineage.run_tags(config, data_version),
+        lineage.step_tag("train"): training_key(config, data_version),
     }
     if not lead:
         run_context = contextlib.nullcontext()
@@ -264,15 +267,3 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     saved_at.unlink(missing_ok=True)  # finished: the next training with these inputs starts afresh
     return TrainResult(run_id=run.info.run_id, best_epoch=best_epoch, best_metric=best_metric, epochs=last_epoch,
                        metric=recipe.metric, resumed_from_epoch=resumed.epoch if resumed else 0)
-
-
-def train_model(*, manifest_path: Path, data_version: str, config: RunConfig,
-                params_out: Path | None = None) -> TrainResult:
-    """Train the configured task's model on the manifest's ``train`` split (see :func:`fit`)."""
-    if config.data.task is Task.SEGMENTATION:
-        from components.training.segmentation import train_segmenter  # noqa: PLC0415
-        return train_segmenter(manifest_path=manifest_path, data_version=data_version, config=config,
-                               params_out=params_out)
-    from components.training.classification import train_classifier  # noqa: PLC0415
-    return train_classifier(manifest_path=manifest_path, data_version=data_version, config=config,
-                            params_out=params_out)

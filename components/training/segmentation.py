@@ -8,7 +8,6 @@ Patches are cropped around foreground and background alike
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -16,8 +15,6 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
@@ -25,15 +22,14 @@ from monai.utils import set_determinism
 from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
-from components.training.classification import class_weights
+from components.training.forward import sliding_window
 from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
+from components.training.losses import build_seg_loss, class_weights
 from components.training.models import MIN_PATCH, build_segmenter, patch_divisor, segmenter_kwargs
 from components.training.preprocess import SegmentationSpec, intensity_stats, segmentation_transforms
 
 STATS_SAMPLE = 32
 LARGEST_DEFAULT_PATCH = 96
-SW_BATCH = 4
-SW_OVERLAP = 0.25
 
 
 def default_patch(shape: tuple[int, ...], *, divisor: int, least: int = 1) -> tuple[int, ...]:
@@ -43,28 +39,8 @@ def default_patch(shape: tuple[int, ...], *, divisor: int, least: int = 1) -> tu
     return tuple(max(least, step, min(side, LARGEST_DEFAULT_PATCH) // step * step) for side in shape)
 
 
-def build_seg_loss(name: str, weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A MONAI or torch loss of logits (B, K, *spatial) against label maps (B, 1, *spatial)."""
-    if name == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True, weight=weights)
-    if name == "dice_ce":
-        return DiceCELoss(to_onehot_y=True, softmax=True, weight=weights)
-    if name == "dice_focal":
-        return DiceFocalLoss(to_onehot_y=True, softmax=True, weight=weights)
-    if name == "focal":
-        return FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=weights)
-    ce = torch.nn.CrossEntropyLoss(weight=weights)
-    return lambda logits, target: ce(logits, target[:, 0].long())
-
-
 def _records(frame: pd.DataFrame, root: Path) -> list[dict]:
     return [{"image": str(root / img), "label": str(root / mask)} for img, mask in zip(frame["image"], frame["label"])]
-
-
-def infer(network: torch.nn.Module, image: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
-    """Logits (B, K, *spatial) of whole images (B, C, *spatial), by overlapping patches (MONAI)."""
-    return sliding_window_inference(image, roi_size=patch_size, sw_batch_size=SW_BATCH, predictor=network,
-                                    overlap=SW_OVERLAP, mode="gaussian")
 
 
 def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.device) -> Recipe:
@@ -115,7 +91,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
         with torch.no_grad():
             for batch in val_loader:
                 image, label = batch["image"].to(device), batch["label"].to(device)
-                logits = infer(model, image, patch)
+                logits = sliding_window(model, image, patch)
                 losses.append(float(loss_fn(logits, label)))
                 pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes=num_classes)
                 dice(y_pred=pred, y=one_hot(label.long(), num_classes=num_classes))

@@ -6,7 +6,7 @@ import json
 
 from components import paths
 from components.config import load_config
-from components.steps import ingest_dataset
+from components.data.step import ingest_dataset
 
 
 def test_an_unreachable_remote_leaves_the_version_local_and_the_next_run_pushes_it(workspace, caplog):

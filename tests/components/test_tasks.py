@@ -9,22 +9,26 @@ import pytest
 from components import tasks
 from components.config import load_config
 from components.errors import IngestError
-from components.steps import DatasetVersion
+from components.data.step import DatasetVersion
 from components.tasks import is_transient, step_cache_key
 
 
 def _key(task: str, version: str, *overrides: str) -> str:
     dataset = DatasetVersion(name="d", manifest=Path("m"), version=version, n_cases=1, n_patients=1)
     context = SimpleNamespace(task=SimpleNamespace(name=task))
-    return step_cache_key(context, {"dataset": dataset, "config": load_config(overrides=list(overrides), environ={})})
+    parameters = {"dataset": dataset, "validation_report": Path("r"), "run_id": "run1",
+                  "config": load_config(overrides=list(overrides), environ={})}
+    return step_cache_key(context, parameters)
 
 
-def test_cache_keys_are_explicit_values(workspace):
+def test_cache_keys_are_the_step_tables_keys_of_explicit_values(workspace):
     assert _key("train", "v1") == _key("train", "v1")
     assert _key("train", "v1") != _key("train", "v2")  # new data
-    assert _key("train", "v1") != _key("train", "v1", "train.epochs=1")  # new config
+    assert _key("train", "v1") != _key("train", "v1", "train.epochs=1")  # new config that training reads
+    assert _key("train", "v1") == _key("train", "v1", "promotion.rules=[]", "evaluate.n_bootstrap=10")  # not read
     assert _key("train", "v1") != _key("evaluate", "v1")  # another step
-    assert _key("train", "v1").startswith("train-v1-")
+    assert _key("train", "v1").startswith("train-s2-")
+    assert "/" not in _key("train", "v1") and ":" not in _key("train", "v1")  # a file name, whatever the tracking URI
 
 
 class _HttpError(Exception):

@@ -58,6 +58,17 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert "Reused" in cached.stdout and "version 1 (alias challenger)" in cached.stdout
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
+    client = MlflowClient()
+    strict = _run(tmp_path, 'promotion.rules=[{metric: overall.auc, op: ">=", value: 0.99}]')  # a new policy only
+    assert strict.returncode == 0, strict.stderr[-3000:]
+    assert "Not promoted: medflow-demo-classifier@champion stays at version 1" in strict.stdout
+    assert "overall.auc >= 0.99 fails" in strict.stdout
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 1  # no training, no evaluation run
+    assert len(client.search_model_versions("name='medflow-demo-classifier'")) == 1
+    decision = json.loads(client.get_model_version("medflow-demo-classifier", "1").tags["medflow.promotion"])
+    assert [g["metric"] for g in decision["gates"] if not g["passed"]] == ["overall.auc"] and not decision["promoted"]
+    assert str(client.get_model_version_by_alias("medflow-demo-classifier", "champion").version) == "1"
+
     champion = mlflow.pyfunc.load_model("models:/medflow-demo-classifier@champion")
     prob = champion.predict(np.random.default_rng(0).normal(size=(3, 48, 48)).astype(np.float32))
     assert prob.shape == (3, 2) and np.allclose(prob.sum(axis=1), 1, atol=1e-5)
@@ -65,7 +76,6 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     second = _run(tmp_path, "data.bias=1.0")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Not promoted: medflow-demo-classifier@champion stays at version 1" in second.stdout
-    client = MlflowClient()
     v2 = client.get_model_version("medflow-demo-classifier", "2")
     decision = json.loads(v2.tags["medflow.promotion"])
     failed = [g["metric"] for g in decision["gates"] if not g["passed"]]
@@ -77,7 +87,8 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     history = _cli(tmp_path, "history", "--model", "medflow-demo-classifier")
     assert history.returncode == 0
     lines = [line for line in history.stdout.splitlines() if "version" in line]
-    assert "version 1    promoted" in lines[0] and "version 2    refused" in lines[1]
+    assert "version 1    promoted" in lines[0] and "version 1    refused" in lines[1]  # the stricter policy
+    assert "version 2    refused" in lines[2]
     assert "FAIL  fairness.sex.auc_gap <= 0.15" in history.stdout
 
     refused = _cli(tmp_path, "promote", "--model", "medflow-demo-classifier", "--version", "2", *SET_RULES)
@@ -96,7 +107,7 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert "Reused" not in forced.stdout and "version 3 (alias challenger)" in forced.stdout
 
-    outputs = [r.stdout + r.stderr for r in (first, again, cached, second, history, refused, forced, back, forced)]
+    outputs = [r.stdout + r.stderr for r in (first, again, cached, strict, second, history, refused, forced, back, forced)]
     leaks = _identifiers_found(tmp_path, outputs)
     assert not leaks, f"patient identifiers written by medflow: {sorted(leaks)[:10]}"
     some = pydicom.dcmread(next((tmp_path / ".medflow" / "exports").rglob("*.dcm")), stop_before_pixels=True)

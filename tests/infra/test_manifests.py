@@ -114,11 +114,13 @@ def test_every_deployment_entrypoint_is_a_flow_on_a_known_pool():
 
 def test_every_step_has_a_local_deployment_and_training_a_gpu_one():
     deployed = {(d["entrypoint"], d["work_pool"]["name"]) for d in _prefect_yaml()["deployments"]}
-    from components.config import STEPS
+    from components.steps import STEP_NAMES
 
-    for step in STEPS:
+    for step in STEP_NAMES:
         assert (f"flows/steps.py:{step}_step", "medflow-local") in deployed
     assert ("flows/steps.py:train_step", "medflow-k8s") in deployed
+    named = {entrypoint.split(":")[1].removesuffix("_step") for entrypoint, _ in deployed if "flows/steps.py" in entrypoint}
+    assert named == set(STEP_NAMES)  # and no deployment of a step the table does not hold
 
 
 def test_dockerfile_installs_torch_first_runs_as_non_root_and_copies_what_exists():

@@ -16,9 +16,9 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 
 from components.config import load_config
-from components.evaluation.evaluate_model import evaluate_run
+from components.inference.evaluate import evaluate_run
 from components.registry.register import register_model
-from components.steps import promote_version
+from components.registry.step import promote_version
 from components.training.classification import train_classifier
 
 from .conftest import MLFLOW, MlflowServer, free_port, wait_for

@@ -9,6 +9,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 
 from components.data.synthetic import LESION_AMPLITUDE, generate_export, make_image
+from components.errors import ConfigError
 
 
 def test_export_is_real_dicom_with_identifiers_and_a_labels_csv(small_export):
@@ -57,7 +58,7 @@ def test_lesion_adds_its_amplitude():
 
 
 def test_bias_outside_unit_interval_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"bias must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"bias must be in \[0, 1\], got 1.5"):
         generate_export(tmp_path, n_patients=2, bias=1.5)
 
 

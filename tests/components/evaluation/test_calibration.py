@@ -5,6 +5,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
+from components.errors import EvaluationError
 from components.evaluation.calibration import fit_temperature, softmax
 
 
@@ -34,5 +35,5 @@ def test_matches_a_scalar_minimisation_of_the_nll():
 
 def test_one_class_leaves_the_logits_alone_and_shapes_are_checked():
     assert fit_temperature(np.zeros((5, 2)), np.zeros(5, dtype=int)) == 1.0
-    with pytest.raises(ValueError, match=r"logits must be \(N, K\) and y_true \(N,\) or \(N, K\), got \(5,\) and \(5,\)"):
+    with pytest.raises(EvaluationError, match=r"logits must be \(N, K\) and y_true \(N,\) or \(N, K\), got \(5,\) and \(5,\)"):
         fit_temperature(np.zeros(5), np.zeros(5, dtype=int))

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from components import lineage, paths
 from components.config import load_config
-from components.evaluation.evaluate_model import evaluate_run
+from components.inference.evaluate import evaluate_run
 from components.registry.register import ALIAS_CHALLENGER, register_model
 from components.training.classification import train_classifier
 

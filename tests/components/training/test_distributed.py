@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 from components import paths
 from components.config import load_config
 from components.errors import ConfigError
-from components.training.distributed import DistributedTrainingError, check_world, launch_training
+from components.errors import DistributedTrainingError
+from components.training.distributed import check_world, launch_training
 
 TINY = ["train.epochs=2", "train.batch_size=16", "data.image_size=32", "registry.experiment=test-ddp", "train.device=cpu"]
 

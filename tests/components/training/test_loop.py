@@ -10,7 +10,7 @@ import torch
 from components import lineage, paths
 from components.config import load_config
 from components.errors import ConfigError
-from components.registry.model import load_checkpoint
+from components.inference.model import load_checkpoint
 from components.training.classification import train_classifier
 from components.training.loop import CHECKPOINT_DIR
 

@@ -22,11 +22,13 @@ from components.data.ingest import IngestSettings, ingest_export
 from components.data.labels import label_matrix, parse_label_set
 from components.errors import BadInputData
 from components.evaluation.calibration import fit_temperature
-from components.evaluation.evaluate_model import evaluate_run
-from components.registry.model import load_checkpoint, predict_arrays
+from components.inference.evaluate import evaluate_run
+from components.inference.model import load_checkpoint
+from components.inference.predict import predict_arrays
 from components.registry.register import register_model
-from components.steps import run_validation
-from components.training.classification import build_multilabel_loss, positive_weights, train_classifier
+from components.validation.step import run_validation
+from components.training.classification import train_classifier
+from components.training.losses import build_multilabel_loss, positive_weights
 from components.training.loop import CHECKPOINT_DIR
 from tests.conftest import SALT
 

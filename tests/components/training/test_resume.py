@@ -18,8 +18,9 @@ from sklearn.utils.class_weight import compute_class_weight
 from components import paths
 from components.config import load_config
 from components.errors import ConfigError
-from components.training.checkpoint import checkpoint_path, load_checkpoint
-from components.training.classification import build_loss, class_weights, train_classifier
+from components.training.checkpoint import checkpoint_path, load_checkpoint, training_key
+from components.training.classification import train_classifier
+from components.training.losses import build_loss, class_weights
 
 TINY = ["train.batch_size=16", "data.image_size=32", "registry.experiment=test-resume", "train.device=cpu"]
 
@@ -37,7 +38,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_into_the_same_mlflow_run(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "MEDFLOW"))}
     child = subprocess.Popen([sys.executable, "-c", script], cwd=workspace, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    saved = checkpoint_path(config, "v1")
+    saved = checkpoint_path(training_key(config, "v1"))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and child.poll() is None:
         state = load_checkpoint(saved)

@@ -15,10 +15,13 @@ from components import paths
 from components.config import load_config
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
-from components.registry.model import load_checkpoint, segment_arrays
+from components.inference.model import load_checkpoint
+from components.inference.predict import segment_arrays
 from components.training.loop import CHECKPOINT_DIR
 from components.training.models import SEGMENTERS, build_segmenter, segmenter_kwargs
-from components.training.segmentation import build_seg_loss, default_patch, train_segmenter
+from components.training.losses import build_seg_loss
+from components.training.segmentation import default_patch, train_segmenter
+from components.training.train import check_trainable
 
 SEG = ["data.task=segmentation", "train.model=unet", "train.model_kwargs={}", "train.loss=dice_ce", "train.epochs=2", "train.batch_size=4",
        "train.samples_per_volume=2", "registry.experiment=test-seg", "evaluate.n_bootstrap=0"]
@@ -134,7 +137,7 @@ def test_a_config_the_data_cannot_take_fails_before_training(workspace, seg2d_da
 )
 def test_a_loss_or_policy_that_does_not_fit_the_task_is_refused_at_once(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(overrides=overrides, environ={}).check_trainable()
+        check_trainable(load_config(overrides=overrides, environ={}))
 
 
 def test_a_dataset_ingested_for_another_task_is_refused_with_what_it_holds(workspace, seg2d_dataset, small_dataset):

@@ -21,21 +21,16 @@ from rich.progress import track
 from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.evaluation.calibration import fit_temperature
-from components.evaluation.evaluate_model import REPORT_DIR, ModelEvaluation
+from components.evaluation.declarations import FAIRNESS, metrics_for
 from components.evaluation.html_report import render_segmentation_html
 from components.evaluation.segmentation import calibration_bins, ece_from_bins, evaluate_segmentation
-from components.training.preprocess import SegmentationSpec, segmentation_array_transform
-from components.training.segmentation import infer
+from components.inference.results import REPORT_DIR, ModelEvaluation
+from components.inference.predict import segment_file
+from components.training.preprocess import SegmentationSpec
 
 VOXELS_PER_CASE = 20_000  # validation voxels per case the temperature is fitted on
 
-
-def _logits(model: torch.nn.Module, spec: SegmentationSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (K, *spatial) of one image file, and its affine."""
-    image = nib.load(path)
-    with torch.no_grad():
-        tensor = segmentation_array_transform(spec)(image.get_fdata(dtype=np.float32))[None]
-        return infer(model, tensor, spec.patch_size)[0].double().numpy(), image.affine
+FAIRNESS_LOGGED = tuple(m.name for m in metrics_for("segmentation", kind=(FAIRNESS,)))  # test_<attribute>_<name> metrics
 
 
 def _sample_voxels(logits: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +55,7 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     root = manifest_path.parent
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
     rng = np.random.default_rng(config.evaluate.seed)
-    sampled = [_sample_voxels(_logits(model, spec, root / image)[0], np.asarray(nib.load(root / label).dataobj), rng)
+    sampled = [_sample_voxels(segment_file(model, spec, root / image)[0], np.asarray(nib.load(root / label).dataobj), rng)
                for image, label in track(list(zip(val["image"], val["label"])), description="Segmenting val",
                                          transient=True)]
     temperature = fit_temperature(np.concatenate([s[0] for s in sampled]), np.concatenate([s[1] for s in sampled]))
@@ -70,7 +65,7 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     rows, bins_before = [], 0
     for case, image, label in track(list(zip(test["case_id"], test["image"], test["label"])),
                                     description="Segmenting test", transient=True):
-        logits, affine = _logits(model, spec, root / image)
+        logits, affine = segment_file(model, spec, root / image)
         prob = _softmax(logits, temperature)
         mask_rel = f"masks/{case}_mask.nii.gz"
         nib.save(nib.Nifti1Image(prob.argmax(axis=0).astype(np.uint8), affine), out_dir / mask_rel)
@@ -103,6 +98,6 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
         mlflow.log_artifacts(str(out_dir), REPORT_DIR)
         metrics = {f"test_{k}": v for k, v in report.overall.items() if isinstance(v, float)}
         metrics |= {f"test_{attr}_{name}": value for attr, summary in report.fairness.items()
-                    for name, value in summary.items() if name in ("dice_gap", "es_dice") and value is not None}
+                    for name, value in summary.items() if name in FAIRNESS_LOGGED and value is not None}
         mlflow.log_metrics({**metrics, "temperature": temperature})
     return ModelEvaluation(run_id=run_id, report=report_path, predictions=predictions_path, temperature=temperature)

@@ -1,56 +1,30 @@
-"""The evaluation step: predict the val and test splits with a trained run's
-checkpoint, fit the temperature on val, evaluate calibrated test predictions,
-and log report.json and the predictions to the run.
-"""
+"""The evaluation of a classifier's run (one class or a set of classes per image): predict val and
+test, fit the temperature on val, judge the calibrated test predictions, log it all to the run."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import DataLoader, Dataset
-from rich.progress import track
 
 from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.data.labels import label_matrix
 from components.evaluation.calibration import fit_temperature, sigmoid, softmax
+from components.evaluation.declarations import FAIRNESS, metrics_for
 from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
-from components.registry.model import load_checkpoint
-from components.training.loop import CHECKPOINT_DIR
-from components.training.preprocess import training_transforms
-from components.tracking import use_experiment
+from components.inference.predict import predict_frame
+from components.inference.results import REPORT_DIR, ModelEvaluation
+from components.training.preprocess import PreprocessSpec
 
-REPORT_DIR = "evaluation"
-
-
-@dataclass(frozen=True)
-class ModelEvaluation:
-    """Where an evaluation wrote its results."""
-
-    run_id: str
-    report: Path
-    predictions: Path
-    temperature: float
-
-
-def predict_logits(model: torch.nn.Module, spec, frame: pd.DataFrame, root: Path, *, batch_size: int = 64) -> np.ndarray:
-    """Logits (N, K) for the images of ``frame`` (paths relative to ``root``)."""
-    records = [{"image": str(root / p)} for p in frame["image"]]
-    loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
-    out = []
-    with torch.no_grad():
-        for batch in track(loader, description="Predicting", transient=True):
-            out.append(model(batch["image"]).float())
-    return torch.cat(out).numpy() if out else np.zeros((0, 2))
+FAIRNESS_LOGGED = tuple(m.name for m in metrics_for("binary", kind=(FAIRNESS,)))  # test_<attribute>_<name> metrics
 
 
 def contract_probabilities(prob: np.ndarray) -> np.ndarray:
@@ -77,23 +51,9 @@ def predictions_frame(frame: pd.DataFrame, prob: np.ndarray, *, multilabel: bool
     return out
 
 
-def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir: Path) -> ModelEvaluation:
-    """Evaluate the checkpoint of ``run_id`` on the test split and log the report to the run
-    (a segmentation checkpoint: see :mod:`components.evaluation.segmentation_run`).
-
-    Args:
-        run_id: MLflow run holding ``checkpoint/``.
-        manifest_path: the dataset manifest.
-        config: the run config (``evaluate`` and ``data.attributes``).
-        out_dir: local folder for report.json and predictions.parquet.
-    """
-    use_experiment(config.registry.experiment)
-    checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_DIR))
-    model, spec, description = load_checkpoint(checkpoint)
-    if description.get("task") == "segmentation":
-        from components.evaluation.segmentation_run import evaluate_segmentation_run  # noqa: PLC0415
-        return evaluate_segmentation_run(model=model, spec=spec, run_id=run_id, manifest_path=manifest_path,
-                                         config=config, out_dir=out_dir)
+def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, description: dict, run_id: str,
+                            manifest_path: Path, config: RunConfig, out_dir: Path) -> ModelEvaluation:
+    """Evaluate a loaded classifier on the test split; log the report to ``run_id``."""
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
@@ -101,9 +61,9 @@ def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir
     k = description["num_classes"]
     truth = (lambda f: label_matrix(f["label"], k)) if multilabel else (lambda f: f["label"].to_numpy())  # noqa: E731
     probabilities = sigmoid if multilabel else softmax
-    val_logits = predict_logits(model, spec, val, root)
+    val_logits = predict_frame(model, spec, val, root, description="Predicting val")
     temperature = fit_temperature(val_logits, truth(val))
-    test_logits = predict_logits(model, spec, test, root)
+    test_logits = predict_frame(model, spec, test, root, description="Predicting test")
     calibrated = predictions_frame(test, probabilities(test_logits, temperature=temperature), multilabel=multilabel)
     ev = config.evaluate
     attributes = [a for a in config.data.attributes if a in manifest.columns]
@@ -131,7 +91,8 @@ def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir
             f"test_{attr}_{name}": value
             for attr, summary in report.fairness.items()
             for name, value in summary.items()
-            if name in ("auc_gap", "es_auc") and value is not None
+            if name in FAIRNESS_LOGGED and value is not None
         }
         mlflow.log_metrics({**metrics, "temperature": temperature, "test_ece_before_scaling": before["ece"]})
     return ModelEvaluation(run_id=run_id, report=report_path, predictions=predictions_path, temperature=temperature)
+

@@ -1,0 +1,102 @@
+"""Predict with a loaded model: a manifest's cases (paths relative to its folder) or raw arrays, in
+batches, for classifiers and segmentation networks; or a registered model's pyfunc on image files.
+
+Every forward pass goes through :mod:`components.training.forward` (the batch loop and the sliding
+window training's validation uses); preprocessing is the one the model was trained with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import DataLoader, Dataset
+from rich.progress import track
+
+from components.errors import EvaluationError
+from components.training.forward import predict_batches, sliding_window
+from components.training.preprocess import (
+    PreprocessSpec, SegmentationSpec, array_transform, segmentation_array_transform, training_transforms,
+)
+
+BATCH_SIZE = 64
+CPU = torch.device("cpu")
+
+
+def predict_frame(model: torch.nn.Module, spec: PreprocessSpec, frame: pd.DataFrame, root: Path, *,
+                  batch_size: int = BATCH_SIZE, description: str = "Predicting") -> np.ndarray:
+    """Logits (N, K) of a classifier for the images of ``frame`` (``image`` paths relative to ``root``)."""
+    records = [{"image": str(root / p)} for p in frame["image"]]
+    loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
+    logits, _ = predict_batches(model, loader, CPU,
+                                progress=lambda it: track(it, description=description, transient=True))
+    return logits if len(logits) else np.zeros((0, 2), dtype=np.float32)
+
+
+def predict_arrays(
+    model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *, temperature: float = 1.0,
+    batch_size: int = BATCH_SIZE, multilabel: bool = False,
+) -> np.ndarray:
+    """Class probabilities (N, K) for raw images (N, H, W) or one image (H, W); for a multi-label model
+    each label's own probability (sigmoid), so rows need not sum to 1.
+
+    Raises:
+        EvaluationError: the array is not (N, H, W) or (H, W).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 2:
+        images = images[None]
+    if images.ndim != 3:
+        raise EvaluationError(f"expected images of shape (N, H, W) or (H, W), got {images.shape}")
+    transform = array_transform(spec)
+    loader = DataLoader([{"image": transform(img)} for img in images], batch_size=batch_size)
+    logits, _ = predict_batches(model, loader, CPU)
+    scaled = torch.as_tensor(logits).double() / temperature
+    return (torch.sigmoid(scaled) if multilabel else torch.softmax(scaled, dim=1)).numpy().astype(np.float32)
+
+
+def segment_tensor(model: torch.nn.Module, spec: SegmentationSpec, image: np.ndarray) -> np.ndarray:
+    """Logits (K, *spatial) of one raw image (*spatial), preprocessed as in training, by sliding window."""
+    model.eval()
+    with torch.no_grad():
+        tensor = segmentation_array_transform(spec)(np.asarray(image, dtype=np.float32))[None]
+        return sliding_window(model, tensor, spec.patch_size)[0].double().numpy()
+
+
+def segment_file(model: torch.nn.Module, spec: SegmentationSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (K, *spatial) of one NIfTI image file, and its affine."""
+    image = nib.load(path)
+    return segment_tensor(model, spec, image.get_fdata(dtype=np.float32)), image.affine
+
+
+def segment_arrays(
+    model: torch.nn.Module, spec: SegmentationSpec, images: np.ndarray, *, temperature: float = 1.0
+) -> np.ndarray:
+    """Probabilities (N, K, *spatial) for raw images (N, *spatial) or one image (*spatial), by sliding window.
+
+    Raises:
+        EvaluationError: the array has the wrong number of dimensions for the network.
+    """
+    dims = len(spec.patch_size)
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == dims:
+        images = images[None]
+    if images.ndim != dims + 1:
+        raise EvaluationError(f"expected {dims}D images of shape (N, *spatial) or (*spatial), got {images.shape}")
+    out = [torch.softmax(torch.as_tensor(segment_tensor(model, spec, img)) / temperature, dim=0)[None]
+           for img in images]
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def predict_images(model_uri: str, paths: list[Path]) -> np.ndarray:
+    """Probabilities (N, K) of a registered model (its pyfunc) for NIfTI images, read as raw arrays."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    images = [nib.load(p).get_fdata(dtype=np.float32) for p in paths]
+    shapes = {i.shape for i in images}
+    if len(shapes) == 1:
+        return np.asarray(model.predict(np.stack(images)))
+    return np.concatenate([np.asarray(model.predict(i[None])) for i in images])

@@ -1,0 +1,19 @@
+"""The checks a run passes before any work (no Prefect here: the CLI calls them before Prefect is imported)."""
+
+from __future__ import annotations
+
+from components.config import RunConfig
+from components.registry.noninferiority import check_noninferiority
+from components.training.train import check_trainable
+
+
+def check_run(config: RunConfig) -> None:
+    """Refuse, before ingestion, a run that a later step would refuse: a network, loss or policy that does
+    not fit the task, or a non-inferiority metric that is not declared (``placement`` names are checked
+    when the config is loaded).
+
+    Raises:
+        ConfigError: naming what to change.
+    """
+    check_trainable(config)
+    check_noninferiority(config.promotion.non_inferiority)
