@@ -204,9 +204,9 @@ def print_summary(summary) -> None:
     if summary.reused and summary.finished:
         console.print(f"[bold]Nothing changed[/] since the run that finished {summary.finished}: same data version, "
                       "config and code, so no flow was started and nothing was registered (--force retrains)")
-    elif summary.reused:
-        console.print("[bold]Reused[/]       data, config and code are unchanged: training, evaluation, registration "
-                      "and promotion come from the cache (--force retrains)")
+    elif summary.cached_steps:
+        console.print(f"[bold]Reused[/]       {', '.join(summary.cached_steps)} from the cache: what they read (data "
+                      "version, config sections, upstream results, medflow's source) is unchanged (--force retrains)")
     metrics = "  ".join(f"{k} {v:.3f}" for k, v in summary.metrics.items() if v is not None)
     console.print(f"[bold]Test metrics[/] {metrics}")
     console.print(_gate_table(summary.gates))

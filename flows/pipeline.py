@@ -71,13 +71,20 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     Each cached step is reused when its key (the config sections it reads, its inputs, medflow's
     source) is unchanged: a new promotion rule re-runs promotion alone. ``force`` runs them again.
     """
-    prepared, _ = run_step(config, "ingest")
-    dataset, _ = run_step(config, "version", prepared=prepared)
-    report, _ = run_step(config, "validate", dataset=dataset)
-    trained, reused = run_step(config, "train", force=force, dataset=dataset, validation_report=report)
-    evaluation, _ = run_step(config, "evaluate", force=force, run_id=trained.run_id, dataset=dataset)
-    model, _ = run_step(config, "register", force=force, evaluation=evaluation, dataset=dataset)
-    decision, _ = run_step(config, "promote", force=force, model=model, evaluation=evaluation, dataset=dataset)
+    cached: list[str] = []
+
+    def step(name: str, **inputs):
+        result, from_cache = run_step(config, name, force=force, **inputs)
+        cached.extend([name] if from_cache else [])
+        return result
+
+    prepared = step("ingest")
+    dataset = step("version", prepared=prepared)
+    report = step("validate", dataset=dataset)
+    trained = step("train", dataset=dataset, validation_report=report)
+    evaluation = step("evaluate", run_id=trained.run_id, dataset=dataset)
+    model = step("register", evaluation=evaluation, dataset=dataset)
+    decision = step("promote", model=model, evaluation=evaluation, dataset=dataset)
     overall = json.loads(Path(evaluation.report).read_text())["overall"]
     return PipelineSummary(
         dataset=dataset.name,
@@ -92,7 +99,8 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
         promoted=decision.promoted,
         champion=decision.champion_after,
         reason=decision.reason,
-        reused=reused,
+        reused="train" in cached,
+        cached_steps=tuple(cached),
         data_unchanged=dataset.unchanged,
     )
 

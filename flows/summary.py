@@ -38,6 +38,7 @@ class PipelineSummary:
     champion: str | None
     reason: str = ""
     reused: bool = False
+    cached_steps: tuple[str, ...] = ()  # the steps whose results came from the cache
     data_unchanged: bool = False
     finished: str = ""
 
@@ -46,7 +47,8 @@ class PipelineSummary:
 
     @classmethod
     def from_dict(cls, data: dict) -> PipelineSummary:
-        return cls(**{**data, "gates": tuple(GateResult(**g) for g in data["gates"])})
+        return cls(**{**data, "gates": tuple(GateResult(**g) for g in data["gates"]),
+                      "cached_steps": tuple(data.get("cached_steps", ()))})
 
 
 logger = logging.getLogger("medflow.summary")
