@@ -241,20 +241,46 @@ def load_config(
     """
     path = path or default_config_path()
     raw = _read_yaml(path)
+    _check_keys(raw, where=str(path))
     environ = os.environ if environ is None else environ
-    env_overrides = [
-        f"{key[len(ENV_PREFIX):].lower().replace('__', '.')}={value}"
-        for key, value in sorted(environ.items())
-        if key.startswith(ENV_PREFIX)
-    ]
-    for item in [*env_overrides, *overrides]:
-        _apply_override(raw, item)
+    origins: dict[tuple[str, ...], str] = {}  # which override set a key, to blame it for a bad value
+    for key, value in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX):
+            item = f"{key[len(ENV_PREFIX):].lower().replace('__', '.')}={value}"
+            origins[_apply_override(raw, item)] = f"{key}={value}"
+    for item in overrides:
+        origins[_apply_override(raw, item)] = f"override {item!r}"
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
+        loc = tuple(str(p) for p in first["loc"])
+        where = ".".join(loc) or "(top level)"
+        blamed = [origins[k] for k in sorted(origins, key=len, reverse=True) if loc[:len(k)] == k]
+        raise ConfigError(f"{blamed[0] if blamed else path}: {where}: {first['msg']}") from exc
+
+
+def _unknown_key(parts: list[str], depth: int, fields: Mapping[str, Any]) -> str:
+    """``unknown config key 'a.b'; did you mean 'a.c'?`` for ``parts[depth]`` not among ``fields``."""
+    hint = difflib.get_close_matches(parts[depth], list(fields), n=1)
+    suggestion = f"; did you mean {'.'.join([*parts[:depth], hint[0]])!r}?" if hint else ""
+    return f"unknown config key {'.'.join(parts)!r}{suggestion}"
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _check_keys(raw: Mapping[str, Any], *, where: str, model: type[BaseModel] = RunConfig,
+                prefix: tuple[str, ...] = ()) -> None:
+    """Refuse a key of a config file that the schema does not know, with the closest name."""
+    for key, value in raw.items():
+        parts = [*prefix, str(key)]
+        if key not in model.model_fields:
+            raise ConfigError(f"{where}: {_unknown_key(parts, len(prefix), model.model_fields)}")
+        section = _section_model(model.model_fields[key].annotation)
+        if section is not None and isinstance(value, Mapping):
+            _check_keys(value, where=where, model=section, prefix=tuple(parts))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -265,7 +291,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        since = (f" ({exc.context} from line {context.line + 1}, column {context.column + 1})"
+                 if context is not None and getattr(exc, "context", None) else "")
+        raise ConfigError(f"{path} is not valid YAML{at}: {problem}{since}") from exc
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -273,8 +304,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``key.path=value`` in ``raw``, refusing keys the schema does not know."""
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Set ``key.path=value`` in ``raw``, refusing keys the schema does not know; the key's parts."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form key.path=value")
@@ -285,11 +316,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if model is not None:
             fields = model.model_fields
             if part not in fields:
-                hint = difflib.get_close_matches(part, list(fields), n=1)
-                suggestion = f"; did you mean {'.'.join([*parts[:depth], hint[0]])!r}?" if hint else ""
-                raise ConfigError(f"unknown config key {key.strip()!r}{suggestion}")
-            annotation = fields[part].annotation
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+                raise ConfigError(_unknown_key(parts, depth, fields))
+            model = _section_model(fields[part].annotation)
         if depth == len(parts) - 1:
             try:
                 node[part] = yaml.safe_load(text) if text.strip() else None
@@ -300,3 +328,4 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
             node = child
+    return tuple(parts)

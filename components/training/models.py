@@ -4,6 +4,7 @@ enough to train on a CPU (any constructor argument in ``train.model_kwargs`` ove
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -191,15 +192,34 @@ def _seg(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return build
 
 
+SEGMENTER_CLASSES: dict[str, type[nn.Module]] = {
+    "unet": nets.UNet,
+    "attentionunet": nets.AttentionUnet,
+    "segresnet": nets.SegResNet,
+    "unetr": nets.UNETR,
+    "swinunetr": nets.SwinUNETR,
+    "dynunet": nets.DynUNet,
+    "basicunetplusplus": nets.BasicUNetPlusPlus,
+}
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
-    "unet": _seg(nets.UNet),
-    "attentionunet": _seg(nets.AttentionUnet),
-    "segresnet": _seg(nets.SegResNet),
-    "unetr": _seg(nets.UNETR),
-    "swinunetr": _seg(nets.SwinUNETR),
-    "dynunet": _seg(nets.DynUNet),
+    **{name: _seg(cls) for name, cls in SEGMENTER_CLASSES.items()},
     "basicunetplusplus": lambda **kw: FirstOutput(nets.BasicUNetPlusPlus(**kw)),
 }
+
+
+def check_segmenter_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse, before any data is read, ``train.model_kwargs`` the network's constructor has no parameter for
+    (the rest is checked on a patch once the data's dimensions are known: :func:`build_segmenter`).
+
+    Raises:
+        ConfigError: naming the unknown argument(s), with the closest parameter.
+    """
+    parameters = inspect.signature(SEGMENTER_CLASSES[name]).parameters
+    unknown = [k for k in kwargs if k not in parameters]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], list(parameters), n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"network {name!r} has no argument {unknown[0]!r} (train.model_kwargs){suggestion}")
 
 
 def build_segmenter(

@@ -58,11 +58,43 @@ def test_invalid_value_names_the_field():
         load_config(overrides=["data.bias=1.5"], environ={})
 
 
-def test_unknown_key_in_file_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  epochz: 3\n", "unknown config key 'train.epochz'; did you mean 'train.epochs'?"),
+        ("data:\n  splits:\n    tset: 0.2\n", "unknown config key 'data.splits.tset'; did you mean 'data.splits.test'?"),
+        ("trian:\n  epochs: 3\n", "unknown config key 'trian'; did you mean 'train'?"),
+    ],
+)
+def test_unknown_key_in_file_is_refused_with_the_closest(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
-    path.write_text("train:\n  epochz: 3\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: train.epochz: Extra inputs are not permitted"):
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_a_bad_value_blames_the_override_or_variable_that_set_it(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["train.epochs=abc"], environ={})
+    assert str(info.value).startswith("override 'train.epochs=abc': train.epochs: Input should be a valid integer")
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"MEDFLOW__TRAIN__EPOCHS": "abc"})
+    assert str(info.value).startswith("MEDFLOW__TRAIN__EPOCHS=abc: train.epochs: Input should be a valid integer")
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epochs: abc\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value).startswith(f"{path}: train.epochs: Input should be a valid integer")
+
+
+def test_broken_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  name: demo\ntrain:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == (f"{path} is not valid YAML (line 5, column 1): expected ',' or ']', but got "
+                               "'<stream end>' (while parsing a flow sequence from line 4, column 11)")
 
 
 def test_missing_and_malformed_files(tmp_path):

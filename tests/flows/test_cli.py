@@ -157,6 +157,23 @@ def test_a_classification_config_turned_to_segmentation_is_refused_before_any_wo
     assert not (workspace / "data").exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.model_kwargs={foo: 1}"],
+         "network 'densenet' refused train.model_kwargs {'foo': 1}: DenseNet.__init__() got an unexpected keyword "
+         "argument 'foo'"),
+        (["data.task=segmentation", "train.model=unet", "promotion.non_inferiority=[]",
+          "train.model_kwargs={chanels: [8, 16]}"],
+         "network 'unet' has no argument 'chanels' (train.model_kwargs); did you mean 'channels'?"),
+    ],
+)
+def test_network_arguments_are_refused_once_before_any_work(workspace, capsys, overrides, message):
+    assert main(["run", *[a for o in overrides for a in ("--set", o)]]) == 1
+    assert capsys.readouterr().err == f"medflow: error: {message}\n"  # one line, printed once
+    assert not (workspace / "data").exists() and not (workspace / ".medflow").exists()
+
+
 def test_a_prefect_server_that_does_not_answer_is_one_line(workspace, monkeypatch, capsys):
     from tests.integration.conftest import free_port
 
