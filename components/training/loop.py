@@ -25,6 +25,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
@@ -130,6 +131,13 @@ def make_dataset(records: list[dict], transform: Compose, *, cache: str, key: st
     return Dataset(records, transform)
 
 
+def run_name(config: RunConfig, data_version: str) -> str:
+    """What a training run is: ``train <network> on <dataset>@<data version> <UTC time>`` (MLflow's own names
+    are random words, the same sequence in every workspace)."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"train {config.train.model} on {config.data.name}@{data_version[:8]} {when}"
+
+
 def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.device,
         params_out: Path | None = None) -> TrainResult:
     """Train ``recipe`` for ``train.epochs`` (or until early stopping), checkpointing every epoch.
@@ -189,7 +197,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     elif resumed is not None:
         run_context = mlflow.start_run(run_id=resumed.run_id)
     else:
-        run_context = mlflow.start_run(experiment_id=experiment_id, tags=tags)
+        run_context = mlflow.start_run(experiment_id=experiment_id, tags=tags, run_name=run_name(config, data_version))
     last_epoch = first_epoch - 1
     with run_context as run:
         if lead and resumed is None:

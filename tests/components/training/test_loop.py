@@ -25,6 +25,7 @@ def test_training_logs_every_epoch_and_the_best_checkpoint(workspace, small_data
     run = client.get_run(result.run_id)
     assert run.data.tags[lineage.TAG_DATA_VERSION] == "abc123"
     assert run.data.tags[lineage.TAG_CONFIG_HASH] == config.config_hash()
+    assert run.info.run_name.startswith("train densenet on demo@abc123 20")  # what it is, not random words
     assert run.data.params["train.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(result.run_id, "train_loss")] == [1, 2]
     assert len(client.get_metric_history(result.run_id, "val_auc")) == 2
