@@ -17,7 +17,7 @@ from rich.table import Table
 
 from components import paths
 from components.config import load_config
-from components.errors import AuthenticationFailed, MedflowError, ServerUnavailable
+from components.errors import AuthenticationFailed, MedflowError, PromotionRefused, ServerUnavailable
 from flows.cli_data import data_app, ingest, init
 from flows.cli_ui import ui
 
@@ -139,7 +139,7 @@ def run(
     summary: Annotated[Path | None, typer.Option(help="Write the run's summary (versions, metrics, gates) as JSON here.")] = None,
     wait: WaitOption = 0.0,
 ) -> None:
-    """Run the whole retraining pipeline as a Prefect flow.
+    """Run the whole retraining pipeline as a Prefect flow (exit 3 when the model is not promoted).
 
     With the same data, config and code as a completed run (and its model still
     registered), nothing needs doing: the run's summary is shown and no flow starts.
@@ -165,6 +165,8 @@ def run(
     if summary:
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    if not result.promoted:  # a scheduler or CI must tell a refusal from a promotion, as with `medflow promote`
+        raise typer.Exit(code=PromotionRefused.exit_code)
 
 
 def _run_locked(cfg, *, force: bool):
@@ -308,7 +310,6 @@ def promote(
     set_: SetOption = None,
 ) -> None:
     """Apply the config's promotion policy to a registered version (exit 3 when refused)."""
-    from components.errors import PromotionRefused  # noqa: PLC0415
     from components.registry.step import promote_registered  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow
+from prefect import State, flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed
 
 from components import paths, tasks
 from components.config import RunConfig, load_config
@@ -86,7 +88,7 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     model = step("register", evaluation=evaluation, dataset=dataset)
     decision = step("promote", model=model, evaluation=evaluation, dataset=dataset)
     overall = json.loads(Path(evaluation.report).read_text())["overall"]
-    return PipelineSummary(
+    summary = PipelineSummary(
         dataset=dataset.name,
         data_version=dataset.version,
         n_cases=dataset.n_cases,
@@ -103,6 +105,43 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
         cached_steps=tuple(cached),
         data_unchanged=dataset.unchanged,
     )
+    return verdict_state(summary)
+
+
+def mlflow_run_link(run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or on `medflow ui` (127.0.0.1:5000) for the
+    embedded store."""
+    import mlflow  # noqa: PLC0415
+
+    uri = paths.tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    mlflow.set_tracking_uri(uri)
+    return f"{base}/#/experiments/{mlflow.get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+
+def decision_markdown(summary: PipelineSummary, link: str) -> str:
+    """The promotion decision as the Prefect flow run's artifact: verdict, reason, each gate, the MLflow run."""
+    verdict = (f"**Promoted**: {summary.model_name}@champion is version {summary.champion}" if summary.promoted
+               else f"**Refused**: {summary.model_name}@champion stays at "
+                    f"{'version ' + summary.champion if summary.champion else 'no version'}")
+    rows = "\n".join(f"| `{g.metric} {g.op} {g.threshold:g}` | {'null' if g.value is None else f'{g.value:.4f}'} "
+                     f"| {'pass' if g.passed else 'fail'} |" for g in summary.gates)
+    reason = f"\n\nReason: {summary.reason}" if summary.reason else ""
+    return (f"# Promotion of {summary.model_name} version {summary.version}\n\n{verdict}{reason}\n\n"
+            f"| rule | value | verdict |\n|---|---|---|\n{rows}\n\n"
+            f"MLflow run [{summary.run_id}]({link}) (for the embedded store, open it with `medflow ui`); "
+            f"data version `{summary.data_version}`.\n")
+
+
+def verdict_state(summary: PipelineSummary, *, artifact: bool = True) -> State:
+    """The flow run's final state, named for the verdict (Promoted or Refused), and (``artifact``) the gate
+    table as a Prefect artifact (key ``promotion-decision``), so the Prefect UI shows why, not only green."""
+    if artifact:
+        create_markdown_artifact(key="promotion-decision", description=f"{summary.model_name} version {summary.version}",
+                                 markdown=decision_markdown(summary, mlflow_run_link(summary.run_id)))
+    name = "Promoted" if summary.promoted else "Refused"
+    return Completed(data=summary, name=name, message=f"{name}: {summary.model_name} version {summary.version}"
+                     + (f" ({summary.reason})" if summary.reason else ""))
 
 
 @flow(name="medflow-retrain-workspace")
@@ -125,4 +164,5 @@ def retrain_workspace(
     cfg = load_config(Path(config), overrides=overrides or [])
     check_run(cfg)
     with workspace_lock("retrain (deployment)", wait_s=LOCK_WAIT_S):  # a scheduled run waits for a manual one
-        return retrain(cfg, force=force)
+        summary = retrain(cfg, force=force)
+    return verdict_state(summary, artifact=False)  # named as the retraining flow's; its run holds the artifact

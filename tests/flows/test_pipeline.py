@@ -60,7 +60,7 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
     client = MlflowClient()
     strict = _run(tmp_path, 'promotion.rules=[{metric: overall.auc, op: ">=", value: 0.99}]')  # a new policy only
-    assert strict.returncode == 0, strict.stderr[-3000:]
+    assert strict.returncode == 3, strict.stderr[-3000:]  # refused: a scheduler can tell
     assert "Not promoted: medflow-demo-classifier@champion stays at version 1" in strict.stdout
     assert "overall.auc >= 0.99 fails" in strict.stdout
     assert len(mlflow.search_runs(search_all_experiments=True)) == 1  # no training, no evaluation run
@@ -74,7 +74,7 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert prob.shape == (3, 2) and np.allclose(prob.sum(axis=1), 1, atol=1e-5)
 
     second = _run(tmp_path, "data.bias=1.0")
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 3, second.stderr[-3000:]
     assert "Not promoted: medflow-demo-classifier@champion stays at version 1" in second.stdout
     v2 = client.get_model_version("medflow-demo-classifier", "2")
     decision = json.loads(v2.tags["medflow.promotion"])

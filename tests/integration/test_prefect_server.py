@@ -142,6 +142,11 @@ def test_a_process_worker_runs_the_weekly_deployment_with_training_placed_on_its
     (placed,) = _client_call(env, placed_runs)  # the training step ran as its own deployment's flow run
     assert placed.state.type.value == "COMPLETED" and placed.parameters["workspace"] == str(workspace)
     assert _registered_versions(workspace) == ["1"]
+    assert finished.state.name == "Promoted"  # the Prefect UI shows the verdict, not only "Completed"
+    (decision,) = [a for a in _client_call(env, lambda c: c.read_artifacts()) if a.key == "promotion-decision"]
+    assert decision.type == "markdown"
+    assert "**Promoted**: medflow-demo-classifier@champion is version 1" in decision.data
+    assert "/#/experiments/" in decision.data and "| `overall.auc" not in decision.data  # the policy had no rules
 
 
 def test_a_placed_step_without_deployment_fails_the_run_cleanly(prefect):
