@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import importlib
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -183,3 +184,19 @@ def pipeline_key(config: Any, data_version: str) -> str:
 def is_current_key(file_name: str) -> bool:
     """Whether a cache or checkpoint file name carries a key of the current scheme."""
     return f"-{KEY_SCHEME}-" in file_name
+
+
+_legacy_reported: set[tuple[Path, str]] = set()
+
+
+def report_legacy_keys(folder: Path, pattern: str, *, what: str, then: str = "") -> None:
+    """Log once per folder and pattern how many files there carry a key of an earlier scheme: they are never
+    looked up (a key of the current scheme cannot match them), so what they held is made again."""
+    if (folder, pattern) in _legacy_reported or not folder.is_dir():
+        return
+    legacy = [p for p in folder.glob(pattern) if not is_current_key(p.name)]
+    if legacy:
+        _legacy_reported.add((folder, pattern))
+        logging.getLogger("medflow.steps").warning(
+            "ignoring %d %s in %s written under an earlier key scheme%s", len(legacy), what, folder,
+            f"; {then}" if then else "")

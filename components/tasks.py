@@ -88,10 +88,3 @@ def make_task(step: steps.Step) -> Task:
 
 
 TASKS: dict[str, Task] = {step.name: make_task(step) for step in steps.STEPS}
-prepare = TASKS["ingest"]
-version = TASKS["version"]
-validate = TASKS["validate"]
-train = TASKS["train"]
-evaluate = TASKS["evaluate"]
-register = TASKS["register"]
-promote = TASKS["promote"]

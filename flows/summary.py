@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from components import lineage, paths
 from components.config import RunConfig
 from components.registry.gates import GateResult
-from components.steps import is_current_key, pipeline_key
+from components.steps import pipeline_key, report_legacy_keys
 
 
 @dataclass(frozen=True)
@@ -51,24 +50,8 @@ class PipelineSummary:
                       "cached_steps": tuple(data.get("cached_steps", ()))})
 
 
-logger = logging.getLogger("medflow.summary")
-
-
 def _record(config: RunConfig, data_version: str) -> Path:
     return paths.medflow_home() / "runs" / f"summary-{pipeline_key(config, data_version)}.json"
-
-
-def _report_legacy_records(folder: Path) -> None:
-    """Say (once per process) that run records of an earlier key scheme are ignored."""
-    if folder in _legacy_reported or not folder.is_dir():
-        return
-    legacy = [p for p in folder.glob("summary-*.json") if not is_current_key(p.name)]
-    if legacy:
-        _legacy_reported.add(folder)
-        logger.warning("ignoring %d run record(s) in %s written under an earlier key scheme", len(legacy), folder)
-
-
-_legacy_reported: set[Path] = set()
 
 
 def save_summary(config: RunConfig, summary: PipelineSummary) -> Path:
@@ -89,7 +72,7 @@ def reusable_summary(config: RunConfig) -> PipelineSummary | None:
     if version is None:
         return None
     path = _record(config, version)
-    _report_legacy_records(path.parent)
+    report_legacy_keys(path.parent, "summary-*.json", what="run record(s)")
     if not path.exists():
         return None
     summary = PipelineSummary.from_dict(json.loads(path.read_text()))

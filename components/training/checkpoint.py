@@ -13,7 +13,6 @@ PyTorch has ``torch.save``; the resume bookkeeping around it is what this adds.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from dataclasses import dataclass
@@ -45,10 +44,6 @@ class TrainingState:
     rng: dict
 
 
-logger = logging.getLogger("medflow.training")
-_legacy_reported: set[Path] = set()
-
-
 def training_key(config: RunConfig, data_version: str) -> str:
     """The training step's key for this data version: its task-cache key and its checkpoint's name."""
     return steps.get_step("train").key(config, {"dataset": data_version})
@@ -58,12 +53,7 @@ def checkpoint_path(key: str) -> Path:
     """``.medflow/checkpoints/<key>.pt``; says once per folder when checkpoints of an earlier key scheme
     lie there (they are ignored: training with them would resume from another configuration's state)."""
     folder = paths.medflow_home() / "checkpoints"
-    if folder not in _legacy_reported and folder.is_dir():
-        legacy = [p for p in folder.glob("*.pt") if not steps.is_current_key(p.name)]
-        if legacy:
-            _legacy_reported.add(folder)
-            logger.warning("ignoring %d training checkpoint(s) in %s written under an earlier key scheme; "
-                           "training starts afresh", len(legacy), folder)
+    steps.report_legacy_keys(folder, "*.pt", what="training checkpoint(s)", then="training starts afresh")
     return folder / f"{key}.pt"
 
 

@@ -130,7 +130,7 @@ def test_a_checkpoint_of_the_earlier_key_scheme_is_ignored_and_said_once(workspa
     folder.mkdir(parents=True)
     (folder / "train-0123456789abcdef.pt").write_bytes(b"an earlier scheme's checkpoint")
     config = load_config(environ={})
-    with caplog.at_level(logging.WARNING, logger="medflow.training"):
+    with caplog.at_level(logging.WARNING, logger="medflow.steps"):
         path = checkpoint_path(training_key(config, "v1"))
         checkpoint_path(training_key(config, "v1"))
     assert path.name.startswith("train-s2-") and load_checkpoint(path) is None

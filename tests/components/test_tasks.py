@@ -66,11 +66,12 @@ def test_transient_causes_are_found_through_wrappers():
 
 
 def test_io_steps_retry_with_backoff_and_computation_never():
-    for io_task in (tasks.version, tasks.register):
+    for name in ("version", "register"):
+        io_task = tasks.TASKS[name]
         assert io_task.retries == tasks.RETRIES and io_task.retry_condition_fn is tasks.retry_transient
         assert io_task.retry_delay_seconds == [2, 4, 8]
-    for compute in (tasks.prepare, tasks.validate, tasks.train, tasks.evaluate, tasks.promote):
-        assert not compute.retries
+    for name in ("ingest", "validate", "train", "evaluate", "promote"):
+        assert not tasks.TASKS[name].retries
 
 
 def test_the_retry_condition_reads_the_failed_states_own_exception():

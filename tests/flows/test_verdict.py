@@ -1,0 +1,41 @@
+"""The promotion verdict as Prefect shows it: the flow run's state name and the decision artifact."""
+
+from __future__ import annotations
+
+from components.registry.gates import GateResult
+from flows.summary import PipelineSummary
+
+LINK = "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+
+
+def _summary(promoted: bool) -> PipelineSummary:
+    gates = (GateResult("overall.auc", ">=", 0.99, 0.9515, False, "overall.auc >= 0.99 fails (overall.auc = 0.9515)"),
+             GateResult("non_inferiority.auc", ">=", -0.02, None, True, "no champion yet: nothing to compare with"))
+    return PipelineSummary(dataset="demo", data_version="v1", n_cases=10, n_patients=5, run_id="abc", model_name="m",
+                           version="2", metrics={}, gates=gates, promoted=promoted, champion="2" if promoted else "1",
+                           reason="" if promoted else "failed: overall.auc >= 0.99 fails (overall.auc = 0.9515)")
+
+
+def test_a_refusal_shows_its_verdict_reason_gates_and_the_mlflow_run():
+    from flows.pipeline import decision_markdown
+
+    text = decision_markdown(_summary(promoted=False), LINK)
+    assert "**Refused**: m@champion stays at version 1" in text
+    assert "Reason: failed: overall.auc >= 0.99 fails (overall.auc = 0.9515)" in text
+    assert "| `overall.auc >= 0.99` | 0.9515 | fail |" in text
+    assert "| `non_inferiority.auc >= -0.02` | null | pass |" in text
+    assert f"MLflow run [abc]({LINK})" in text and "data version `v1`" in text
+
+
+def test_the_final_state_is_named_for_the_verdict(workspace, monkeypatch):
+    import flows.pipeline as pipeline
+
+    made = []
+    monkeypatch.setattr(pipeline, "create_markdown_artifact", lambda **kw: made.append(kw))
+    monkeypatch.setattr(pipeline, "mlflow_run_link", lambda run_id: LINK)
+    refused = pipeline.verdict_state(_summary(promoted=False))
+    assert (refused.name, refused.type.value, refused.result().version) == ("Refused", "COMPLETED", "2")
+    assert refused.message.startswith("Refused: m version 2 (failed: overall.auc >= 0.99")
+    assert made[0]["key"] == "promotion-decision" and "**Refused**" in made[0]["markdown"]
+    promoted = pipeline.verdict_state(_summary(promoted=True), artifact=False)
+    assert promoted.name == "Promoted" and len(made) == 1
