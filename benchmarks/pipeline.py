@@ -203,7 +203,8 @@ def main() -> int:
             f"Only a promotion rule changed (`--set '{STRICT_RULE}'`): each step is keyed on the config sections "
             "it reads, so training, evaluation and registration come from the cache (their task times are the "
             "cache look-ups) and promotion alone runs. Target: under half of the first run. A cached flow call "
-            "ends on Prefect's one-second tick, so it reads 1.1 or 2.1 s from run to run.\n\n"
+            "is Prefect's own bookkeeping (the tasks are cache look-ups), and its time moves by whole seconds "
+            "from one run of this benchmark to the next.\n\n"
             f"{rerun}\n"
         )
         write_section("Pipeline steps: plain calls vs Prefect flow", section)
