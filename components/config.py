@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from importlib import resources
@@ -112,10 +113,35 @@ class ValidationConfig(_Section):
     drift_intensity_sd: float = Field(0.5, gt=0.0)
 
 
+class BackboneConfig(_Section):
+    """A pretrained network to start from, read from a local file (nothing is downloaded), and how to train on it.
+
+    ``source`` is a Hugging Face folder (``config.json`` + ``model.safetensors``) or a state_dict file
+    (``.pt``/``.pth``/``.bin``/``.safetensors``) of the MONAI network named in ``train.model``.
+    Regimes: ``finetune`` (every weight), ``linear_probe`` (frozen features, a linear head),
+    ``knn`` (k nearest neighbours of the frozen features), ``lora`` (low-rank adapters on the
+    attention projections, through peft).
+    """
+
+    source: str = Field(min_length=1)
+    regime: Literal["finetune", "linear_probe", "knn", "lora"] = "linear_probe"
+    image_size: int | None = Field(
+        None, ge=16, description="input side; default: the checkpoint's own (data.image_size for a MONAI state_dict)")
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="finetune: each transformer layer's lr is this times the next one's")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_targets: tuple[str, ...] | None = Field(
+        None, description="lora: module names to adapt; default: the attention projections the network has")
+    knn_k: int = Field(20, ge=1, description="knn: neighbours that vote")
+
+
 class TrainConfig(_Section):
-    """Training of a MONAI classifier or segmentation network."""
+    """Training of a MONAI classifier or segmentation network, or of a pretrained backbone."""
 
     model: str = "densenet"
+    backbone: BackboneConfig | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -268,7 +294,11 @@ def _unknown_key(parts: list[str], depth: int, fields: Mapping[str, Any]) -> str
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    """The section model of a field: ``Section`` or ``Section | None`` (an optional section)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _check_keys(raw: Mapping[str, Any], *, where: str, model: type[BaseModel] = RunConfig,

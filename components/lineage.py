@@ -15,6 +15,7 @@ TAG_CONFIG_HASH = "medflow.config_hash"
 TAG_CODE_VERSION = "medflow.git_commit"
 TAG_CODE_HASH = "medflow.code_hash"
 TAG_STEP_KEY = "medflow.key.{step}"
+TAG_BACKBONE = "medflow.backbone."  # prefix: a pretrained backbone's format, arch, regime and weights' sha256
 
 
 def code_version() -> str:

@@ -50,6 +50,8 @@ class Step:
         inputs: the function's parameters besides ``config``, in order.
         reads: the config sections (or ``section.key``) the step reads; part of its key.
         keyed: the inputs whose identity is part of the key (default: all of them).
+        files: dotted config keys that name a file or folder whose content (sha256) is part of the key
+            (a backbone checkpoint: replacing the file at the same path makes another training).
         cached: Prefect caches the task on :func:`step_key`; uncached steps always run.
         retries: transient I/O failures are retried with backoff (only steps that are I/O alone).
         description: one line for the deployment flow.
@@ -62,6 +64,7 @@ class Step:
     cached: bool = False
     retries: bool = False
     keyed: tuple[str, ...] | None = None
+    files: tuple[str, ...] = ()
     description: str = ""
 
     def resolve(self) -> Callable[..., Any]:
@@ -72,7 +75,8 @@ class Step:
     def key(self, config: Any, inputs: Mapping[str, Any]) -> str:
         """This step's key for ``config`` and these inputs (see :func:`step_key`)."""
         keyed = self.inputs if self.keyed is None else self.keyed
-        return step_key(self.name, config, {name: inputs[name] for name in keyed}, reads=self.reads)
+        return step_key(self.name, config, {name: inputs[name] for name in keyed}, reads=self.reads,
+                        files=self.files)
 
 
 STEPS: tuple[Step, ...] = (
@@ -84,7 +88,7 @@ STEPS: tuple[Step, ...] = (
          description="Run the expectation suites on a data version."),
     Step("train", "components.training.step:train_dataset", inputs=("dataset", "validation_report"),
          reads=("data.name", "data.task", "data.num_classes", "data.image_size", "train", "registry.experiment"),
-         keyed=("dataset",), cached=True,
+         keyed=("dataset",), cached=True, files=("train.backbone.source",),
          description="Train on a data version (cached and checkpointed on what it reads)."),
     Step("evaluate", "components.inference.evaluate:evaluate_model", inputs=("run_id", "dataset"),
          reads=("data.name", "data.task", "data.num_classes", "data.attributes", "evaluate", "registry.experiment"),
@@ -148,24 +152,64 @@ def identity(value: Any) -> str:
 def _section(dump: Mapping[str, Any], dotted: str) -> Any:
     node: Any = dump
     for part in dotted.split("."):
+        if node is None:  # an optional section that is not set
+            return None
         node = node[part]
     return node
 
 
-def step_key(name: str, config: Any, inputs: Mapping[str, Any], *, reads: Sequence[str]) -> str:
-    """``<name>-s2-<sha256>`` of the sections ``reads`` of ``config``, the inputs' identities, medflow's
-    source hash and the tracking store: equal for equal inputs, different when any of them changes.
+@lru_cache(maxsize=256)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:  # noqa: ARG001 (size and mtime key the cache)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per size and modification time in a process."""
+    stat = path.stat()
+    return _file_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+def content_digest(location: str | Path) -> str:
+    """sha256 of what a path holds: a file's bytes, or a folder's files by relative path and content
+    (hidden files skipped); a location that is no local path (``models:/...``) or does not exist, as its text."""
+    path = Path(location)
+    if str(location).startswith("models:/") or not path.exists():
+        return f"missing:{location}"
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = item.relative_to(path).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue
+        digest.update(f"{relative}\0{file_sha256(item)}\0".encode())
+    return digest.hexdigest()
+
+
+def step_key(name: str, config: Any, inputs: Mapping[str, Any], *, reads: Sequence[str],
+             files: Sequence[str] = ()) -> str:
+    """``<name>-s2-<sha256>`` of the sections ``reads`` of ``config``, the content of the files named by the
+    config keys ``files``, the inputs' identities, medflow's source hash and the tracking store: equal for
+    equal inputs, different when any of them changes.
 
     Args:
         name: the step (or ``pipeline``).
         config: the run config (a pydantic model).
         inputs: keyed input name -> value (see :func:`identity`).
         reads: dotted config sections the step reads.
+        files: dotted config keys naming files (see :func:`content_digest`); unset ones are skipped.
     """
     dump = config.model_dump(mode="json")
+    named = {key: _section(dump, key) for key in sorted(files)}
     material = {
         "step": name,
         "config": {section: _section(dump, section) for section in sorted(reads)},
+        **({"files": {key: content_digest(value) for key, value in named.items() if value is not None}}
+           if any(value is not None for value in named.values()) else {}),
         "inputs": {key: identity(value) for key, value in sorted(inputs.items())},
         "code": source_hash(),
         "tracking": paths.tracking_uri(),
@@ -178,7 +222,8 @@ def pipeline_key(config: Any, data_version: str) -> str:
     """The key of a whole pipeline run: every step's sections on one data version (placement excluded:
     where a step runs does not change what it makes)."""
     reads = sorted({section for step in STEPS for section in step.reads})
-    return step_key("pipeline", config, {"dataset": data_version}, reads=reads)
+    files = sorted({key for step in STEPS for key in step.files})
+    return step_key("pipeline", config, {"dataset": data_version}, reads=reads, files=files)
 
 
 def is_current_key(file_name: str) -> bool:

@@ -3,7 +3,8 @@ or (as the served pyfunc) from a registered version.
 
 A checkpoint folder holds ``model.pt`` (the state_dict) and ``model.json`` (the
 description: task, network name and kwargs, dimensions, classes, preprocessing,
-and once registered the fitted temperature). The network is rebuilt by name from
+and once registered the fitted temperature; for a pretrained backbone, the encoder's
+architecture and its head). The network is rebuilt by name from
 the description, so nothing is unpickled but tensors.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import mlflow
 import torch
 
+from components.training.backbones import build_backbone_classifier
 from components.training.loop import CHECKPOINT_DIR
 from components.training.models import build_classifier, build_segmenter
 from components.training.preprocess import PreprocessSpec, SegmentationSpec
@@ -24,10 +26,13 @@ def load_checkpoint(folder: Path) -> tuple[torch.nn.Module, PreprocessSpec | Seg
     """Network (eval mode, CPU), preprocessing and description from ``model.pt`` + ``model.json``."""
     description = json.loads((folder / "model.json").read_text())
     common = {"spatial_dims": description["spatial_dims"], "in_channels": description["in_channels"],
-              "num_classes": description["num_classes"], "kwargs": description["network_kwargs"]}
+              "num_classes": description["num_classes"], "kwargs": description.get("network_kwargs")}
     if description.get("task") == "segmentation":
         spec = SegmentationSpec.from_dict(description["preprocess"])
         model = build_segmenter(description["network"], patch_size=spec.patch_size, **common)
+    elif description.get("network") == "backbone":
+        spec = PreprocessSpec.from_dict(description["preprocess"])
+        model = build_backbone_classifier(description)
     else:
         spec = PreprocessSpec.from_dict(description["preprocess"])
         model = build_classifier(description["network"], **common)

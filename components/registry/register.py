@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -47,12 +48,16 @@ class RegisteredModel:
 def _requirements() -> list[str]:
     import nibabel  # noqa: PLC0415 (only its version is needed)
 
+    import transformers  # noqa: PLC0415
+
     return [
         f"torch=={torch.__version__.split('+')[0]}",
         f"monai=={monai.__version__}",
         f"numpy=={np.__version__}",
         f"mlflow=={mlflow.__version__}",
         f"nibabel=={nibabel.__version__}",
+        f"transformers=={transformers.__version__}",  # rebuilds a Hugging Face backbone from its config
+        f"safetensors=={metadata.version('safetensors')}",
     ]
 
 
@@ -84,8 +89,10 @@ def register_model(
         version = str(min(int(v.version) for v in existing))
     else:
         version = _log_and_register(client, run_id=run_id, temperature=temperature, config=config)
+    run_tags = client.get_run(run_id).data.tags
     tags = {
         **lineage.run_tags(config, data_version),
+        **{k: v for k, v in run_tags.items() if k.startswith(lineage.TAG_BACKBONE)},  # the checkpoint it started from
         "medflow.temperature": f"{temperature:.4f}",
         **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in tagged if m in report["overall"]},
         **{f"medflow.{a}_{m}": str(f[m]) for a, f in report["fairness"].items() for m in tagged if m in f},

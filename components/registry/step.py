@@ -84,7 +84,7 @@ def promote_version(
         version=version,
         lineage={"run": model_version.run_id, **{k: v for k, v in model_version.tags.items()
                  if k in (lineage.TAG_DATA_VERSION, lineage.TAG_DATASET, lineage.TAG_CONFIG_HASH, lineage.TAG_CODE_VERSION,
-                          lineage.TAG_CODE_HASH)}},
+                          lineage.TAG_CODE_HASH) or k.startswith(lineage.TAG_BACKBONE)}},
         report=report,
         calibration=json.loads(calibration_path.read_text()) if calibration_path.exists() else None,
         manifest=load_manifest(manifest) if manifest is not None and manifest.exists() else None,

@@ -26,6 +26,7 @@ from components.training.loop import Recipe, TrainResult, fit, make_dataset, sel
 from components.training.losses import build_loss, build_multilabel_loss, class_weights, positive_weights
 from components.training.models import build_classifier, classifier_kwargs
 from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms
+from components.training.transfer import transfer_recipe
 
 STATS_SAMPLE = 256
 
@@ -68,29 +69,23 @@ def check_labels(manifest: pd.DataFrame, manifest_path: Path, *, task: Task, num
 
 
 def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.device) -> Recipe:
-    """Network, cached datasets, loss and AUC validation of a 2D classifier."""
+    """Network, cached datasets, loss and AUC validation of a 2D classifier (on ``train.backbone`` when set:
+    :func:`components.training.transfer.transfer_recipe`)."""
     cfg = config.train
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     train_df, val_df = splits(manifest, manifest_path)
     check_labels(manifest, manifest_path, task=config.data.task, num_classes=config.data.num_classes)
     size = config.data.image_size
-    sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
-    mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
-    spec = PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
+
+    def data_spec() -> PreprocessSpec:  # the training split's intensity statistics
+        sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
+        mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
+        return PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
+
     num_classes = config.data.num_classes
-    network_kwargs = classifier_kwargs(cfg.model, image_size=size, kwargs=cfg.model_kwargs)
-    network = build_classifier(
-        cfg.model, spatial_dims=2, in_channels=1, num_classes=num_classes, kwargs=network_kwargs
-    ).to(device)
-    augment = training_transforms(spec, augment=True)
-    augment.set_random_state(seed=cfg.seed)  # MONAI's random transforms keep their own RandomState
-    key = f"{manifest_path.resolve()}-{spec}"
     multilabel = config.data.task is Task.MULTILABEL
     records = lambda frame: _records(frame, root, multilabel=multilabel, num_classes=num_classes)  # noqa: E731
-    train_ds = make_dataset(records(train_df), augment, cache=cfg.cache, key=f"train-{key}")
-    val_loader = DataLoader(CacheDataset(records(val_df), training_transforms(spec, augment=False),
-                                         progress=False), batch_size=cfg.batch_size)
     if multilabel:
         weights = positive_weights(cfg.class_weights, label_matrix(train_df["label"], num_classes))
         loss_for = build_multilabel_loss
@@ -100,23 +95,39 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
     loss_fn = loss_for(cfg.loss, None if weights is None else weights.to(device))
     val_loss_fn = loss_for(cfg.loss, weights)
 
-    def validate(model: torch.nn.Module) -> dict[str, float]:
-        logits, labels = predict_batches(model, val_loader, device)
-        scores = {"val_loss": float(val_loss_fn(torch.tensor(logits), torch.tensor(labels)))}
-        auc = _auc(logits, labels)
-        return scores | ({"val_auc": auc} if auc is not None else {})
+    def make_validate(val_loader: DataLoader):
+        def validate(model: torch.nn.Module) -> dict[str, float]:
+            logits, labels = predict_batches(model, val_loader, device)
+            scores = {"val_loss": float(val_loss_fn(torch.tensor(logits), torch.tensor(labels)))}
+            auc = _auc(logits, labels)
+            return scores | ({"val_auc": auc} if auc is not None else {})
 
-    description = {
-        "task": config.data.task.value,
-        "network": cfg.model,
-        "network_kwargs": network_kwargs,
-        "spatial_dims": 2,
-        "in_channels": 1,
-        "num_classes": num_classes,
-        "preprocess": spec.to_dict(),
-    }
-    return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss_fn, validate=validate,
-                  metric="val_auc", description=description, params={"n_train": len(train_df), "n_val": len(val_df)})
+        return validate
+
+    task_description = {"task": config.data.task.value, "spatial_dims": 2, "in_channels": 1, "num_classes": num_classes}
+    if cfg.backbone is not None:
+        targets = ((lambda f: label_matrix(f["label"], num_classes).astype(np.float32)) if multilabel  # noqa: E731
+                   else (lambda f: f["label"].to_numpy(dtype=int)))
+        return transfer_recipe(config=config, device=device, manifest_path=manifest_path, train_df=train_df,
+                               val_df=val_df, records=records, targets=targets, loss=loss_fn,
+                               make_validate=make_validate, data_spec=data_spec, multilabel=multilabel,
+                               task_description=task_description)
+    spec = data_spec()
+    network_kwargs = classifier_kwargs(cfg.model, image_size=size, kwargs=cfg.model_kwargs)
+    network = build_classifier(
+        cfg.model, spatial_dims=2, in_channels=1, num_classes=num_classes, kwargs=network_kwargs
+    ).to(device)
+    augment = training_transforms(spec, augment=True)
+    augment.set_random_state(seed=cfg.seed)  # MONAI's random transforms keep their own RandomState
+    key = f"{manifest_path.resolve()}-{spec}"
+    train_ds = make_dataset(records(train_df), augment, cache=cfg.cache, key=f"train-{key}")
+    val_loader = DataLoader(CacheDataset(records(val_df), training_transforms(spec, augment=False),
+                                         progress=False), batch_size=cfg.batch_size)
+    description = {**task_description, "network": cfg.model, "network_kwargs": network_kwargs,
+                   "preprocess": spec.to_dict()}
+    return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss_fn,
+                  validate=make_validate(val_loader), metric="val_auc", description=description,
+                  params={"n_train": len(train_df), "n_val": len(val_df)})
 
 
 def train_classifier(

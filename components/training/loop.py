@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -80,6 +80,13 @@ class Recipe:
         metric: the validation score that selects the best epoch (higher is better).
         description: what the evaluation and the served model need to rebuild the network.
         params: extra MLflow params (split sizes and the like).
+        tags: extra MLflow tags of the run (a backbone's lineage).
+        param_groups: the optimizer's parameter groups (layer-wise learning rates); default: every
+            parameter that requires a gradient, at ``train.lr``. A network with none (k-NN) is
+            validated once instead of trained.
+        export: turns the best epoch's state_dict into the checkpoint's (a probe's head joined to its
+            frozen encoder, LoRA adapters merged); default: as it is.
+        records: JSON artifacts of the run, path -> content (a backbone's load report).
     """
 
     network: torch.nn.Module
@@ -90,6 +97,10 @@ class Recipe:
     metric: str
     description: dict
     params: dict
+    tags: dict[str, str] = field(default_factory=dict)
+    param_groups: list[dict] | None = None
+    export: Callable[[dict], dict] | None = None
+    records: dict[str, dict] = field(default_factory=dict)
 
 
 def select_device(choice: str) -> torch.device:
@@ -165,11 +176,16 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                if size > 1 else None)
     train_loader = DataLoader(recipe.train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                               generator=generator if sampler is None else None)
+    groups = recipe.param_groups or [{"params": [p for p in network.parameters() if p.requires_grad]}]
+    trainable = any(group["params"] for group in groups)
+    epochs = cfg.epochs if trainable else 1  # nothing to train (k-NN): one validation
     model = network
-    if size > 1:
+    if size > 1 and trainable:
         model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    # a network with nothing to train still gets an optimizer (over no parameters) so that checkpoints keep one form
+    optimizer = torch.optim.AdamW(groups if trainable else [torch.zeros(0, requires_grad=True)], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     amp = cfg.amp and device.type == "cuda"  # autocast + GradScaler on CUDA; CPU trains in float32
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
@@ -191,6 +207,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     tags = {
         **lineage.run_tags(config, data_version),
         lineage.step_tag("train"): training_key(config, data_version),
+        **recipe.tags,
     }
     if not lead:
         run_context = contextlib.nullcontext()
@@ -204,18 +221,20 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
             mlflow.log_params(lineage.flatten(config.model_dump(mode="json")))
             mlflow.log_params({**recipe.params, "device": str(device), "world_size": size})
             mlflow.log_dict(config.model_dump(mode="json"), "config.json")
+            for artifact, content in recipe.records.items():
+                mlflow.log_dict(content, artifact)
         elif lead:
             mlflow.set_tag("medflow.resumed_from_epoch", str(resumed.epoch))
         columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
         with Progress(*columns, transient=True, disable=not lead) as progress:
-            task = progress.add_task("train", total=cfg.epochs, completed=first_epoch - 1, status="")
-            for epoch in range(first_epoch, cfg.epochs + 1):
+            task = progress.add_task("train", total=epochs, completed=first_epoch - 1, status="")
+            for epoch in range(first_epoch, epochs + 1):
                 if sampler is not None:
                     sampler.set_epoch(epoch)
                 model.train()
                 total, seen = 0.0, 0
-                for batch in train_loader:
+                for batch in train_loader if trainable else ():
                     images, labels = batch["image"].to(device), batch["label"].to(device)
                     optimizer.zero_grad(set_to_none=True)
                     with torch.autocast(device_type=device.type, enabled=amp):
@@ -234,10 +253,11 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                     for buffer in network.buffers():
                         dist.broadcast(buffer, src=0)
                 lr = scheduler.get_last_lr()[0]
-                scheduler.step()
+                if trainable:
+                    scheduler.step()
                 scores = recipe.validate(network)
                 value = scores.get(recipe.metric)
-                metrics = {"train_loss": total / seen, "lr": lr, **scores}
+                metrics = {**({"train_loss": total / seen, "lr": lr} if seen else {}), **scores}
                 score = (float("-inf") if value is None else value, -scores["val_loss"])
                 if best_score is None or score > best_score:
                     best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
@@ -269,7 +289,8 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
         mlflow.log_metrics({"best_epoch": best_epoch, "epochs_run": last_epoch,
                             **({f"best_{recipe.metric}": best_metric} if best_metric is not None else {})})
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({k: v.cpu() for k, v in best_state.items()}, Path(tmp) / "model.pt")
+            exported = recipe.export(best_state) if recipe.export else best_state
+            torch.save({k: v.detach().cpu().contiguous() for k, v in exported.items()}, Path(tmp) / "model.pt")
             (Path(tmp) / "model.json").write_text(json.dumps(recipe.description, indent=2))
             mlflow.log_artifacts(tmp, CHECKPOINT_DIR)
     saved_at.unlink(missing_ok=True)  # finished: the next training with these inputs starts afresh

@@ -4,7 +4,10 @@ Images are single-channel arrays in the dataset's layout (rows, cols[, slices]),
 intensity values after the modality LUT. A classifier's images are resized to
 the training size; a segmentation network's keep their size (it runs by
 patches) and are padded up to at least one patch. Both are normalised with the
-training split's mean and standard deviation.
+training split's mean and standard deviation. A pretrained backbone's images
+instead take the checkpoint's own normalisation: each image is scaled to [0, 1]
+(as an 8-bit export would be), repeated to the backbone's channels, and
+normalised per channel with the checkpoint's mean and standard deviation.
 """
 
 from __future__ import annotations
@@ -24,35 +27,62 @@ from monai.transforms import (
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
+    RepeatChannel,
+    RepeatChanneld,
     Resize,
     Resized,
+    ScaleIntensity,
+    ScaleIntensityd,
     SpatialPadd,
 )
 
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """What every image goes through before the network: size in pixels, intensity mean/std."""
+    """What every image goes through before the network: size in pixels, intensity mean/std; for a
+    pretrained backbone, its channels and per-channel mean/std (``channel_mean`` set)."""
 
     spatial_size: tuple[int, int]
     mean: float
     std: float
+    channels: int = 1
+    channel_mean: tuple[float, ...] | None = None
+    channel_std: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> PreprocessSpec:
-        return cls(spatial_size=tuple(raw["spatial_size"]), mean=float(raw["mean"]), std=float(raw["std"]))
+        per_channel = raw.get("channel_mean") is not None
+        return cls(spatial_size=tuple(raw["spatial_size"]), mean=float(raw["mean"]), std=float(raw["std"]),
+                   channels=int(raw.get("channels", 1)),
+                   channel_mean=tuple(map(float, raw["channel_mean"])) if per_channel else None,
+                   channel_std=tuple(map(float, raw["channel_std"])) if per_channel else None)
+
+
+def _normalise(spec: PreprocessSpec, *, keys: str | None) -> list:
+    """The intensity transforms of ``spec``: z-score with the data's mean/std, or a backbone's
+    [0, 1] scaling, channel repeat and per-channel mean/std (dictionary transforms when ``keys``)."""
+    if spec.channel_mean is None:
+        return [NormalizeIntensityd(keys=keys, subtrahend=spec.mean, divisor=spec.std) if keys
+                else NormalizeIntensity(subtrahend=spec.mean, divisor=spec.std)]
+    mean = np.asarray(spec.channel_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.channel_std, dtype=np.float32)[:, None, None]
+    if keys:
+        return [ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0), RepeatChanneld(keys=keys, repeats=spec.channels),
+                NormalizeIntensityd(keys=keys, subtrahend=mean, divisor=std)]
+    return [ScaleIntensity(minv=0.0, maxv=1.0), RepeatChannel(repeats=spec.channels),
+            NormalizeIntensity(subtrahend=mean, divisor=std)]
 
 
 def training_transforms(spec: PreprocessSpec, *, augment: bool) -> Compose:
-    """Dictionary transforms from a NIfTI path (key ``image``) to a normalised (1, H, W) tensor."""
+    """Dictionary transforms from a NIfTI path (key ``image``) to a normalised (C, H, W) tensor."""
     steps = [
         LoadImaged(keys="image", reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
         Resized(keys="image", spatial_size=spec.spatial_size),
-        NormalizeIntensityd(keys="image", subtrahend=spec.mean, divisor=spec.std),
+        *_normalise(spec, keys="image"),
         EnsureTyped(keys="image", track_meta=False),
     ]
     if augment:
@@ -66,7 +96,7 @@ def array_transform(spec: PreprocessSpec) -> Compose:
         [
             EnsureChannelFirst(channel_dim="no_channel"),
             Resize(spatial_size=spec.spatial_size),
-            NormalizeIntensity(subtrahend=spec.mean, divisor=spec.std),
+            *_normalise(spec, keys=None),
             EnsureType(track_meta=False),
         ]
     )

@@ -8,6 +8,7 @@ Patches are cropped around foreground and background alike
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +23,7 @@ from monai.utils import set_determinism
 from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
+from components.training.backbones import describe_report, init_segmenter
 from components.training.forward import sliding_window
 from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
 from components.training.losses import build_seg_loss, class_weights
@@ -68,7 +70,13 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
         smallest, divisor=divisor, least=MIN_PATCH.get(cfg.model, 1))
     network_kwargs = segmenter_kwargs(cfg.model, patch_size=patch, kwargs=kwargs)
     network = build_segmenter(cfg.model, spatial_dims=spatial_dims, in_channels=1, num_classes=num_classes,
-                              patch_size=patch, kwargs=network_kwargs).to(device)
+                              patch_size=patch, kwargs=network_kwargs)
+    tags, records = {}, {}
+    if cfg.backbone is not None:  # start from a state_dict of this network (e.g. SwinUNETR's self-supervised encoder)
+        report, tags = init_segmenter(network, config)
+        logging.getLogger("medflow.training").info("backbone %s: %s", cfg.backbone.source, describe_report(report))
+        records = {"backbone/load_report.json": report.to_dict()}
+    network = network.to(device)
     mean, std = intensity_stats(images)
     spec = SegmentationSpec(patch_size=patch, mean=mean, std=std)
     augment = segmentation_transforms(spec, augment=True, samples=cfg.samples_per_volume)
@@ -110,7 +118,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
         "preprocess": spec.to_dict(),
     }
     return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss_fn, validate=validate,
-                  metric="val_dice", description=description,
+                  metric="val_dice", description=description, tags=tags, records=records,
                   params={"n_train": len(train_df), "n_val": len(val_df), "patch_size": list(patch)})
 
 

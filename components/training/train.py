@@ -7,6 +7,7 @@ from pathlib import Path
 
 from components.config import RunConfig, Task
 from components.errors import ConfigError
+from components.training.backbones import check_backbone
 from components.training.loop import TrainResult
 from components.training.models import (
     CLASSIFIERS, SEGMENTERS, build_classifier, check_name, check_segmenter_kwargs, classifier_kwargs,
@@ -33,9 +34,11 @@ def check_trainable(config: RunConfig) -> None:
         raise ConfigError("promotion.non_inferiority compares binary and multiclass classifiers; a multi-label "
                           "run takes absolute rules (e.g. overall.auc >= 0.8): remove promotion.non_inferiority")
     check_name(config.train.model, SEGMENTERS if segmentation else CLASSIFIERS, task=config.data.task.value)
+    if config.train.backbone is not None:
+        check_backbone(config)  # loads the weights once: a file that does not fit fails here, not mid-run
     if segmentation:
         check_segmenter_kwargs(config.train.model, config.train.model_kwargs)
-    else:  # a classifier's shape is known before the data: build it once, as training will
+    elif config.train.backbone is None:  # a classifier's shape is known before the data: build it once, as training will
         build_classifier(config.train.model, spatial_dims=2, in_channels=1, num_classes=config.data.num_classes,
                          kwargs=classifier_kwargs(config.train.model, image_size=config.data.image_size,
                                                   kwargs=config.train.model_kwargs))
