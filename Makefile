@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py --write
 	$(BIN)/python benchmarks/training.py --write
 	$(BIN)/python benchmarks/load.py --write
+	$(BIN)/python benchmarks/backbones.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -175,9 +175,12 @@ def file_sha256(path: Path) -> str:
 
 def content_digest(location: str | Path) -> str:
     """sha256 of what a path holds: a file's bytes, or a folder's files by relative path and content
-    (hidden files skipped); a location that is no local path (``models:/...``) or does not exist, as its text."""
+    (hidden files skipped); a registered model (``models:/NAME/VERSION``: versions never change; an alias is
+    pinned to its version before a run) or a path that does not exist, as its text."""
     path = Path(location)
-    if str(location).startswith("models:/") or not path.exists():
+    if str(location).startswith("models:/"):
+        return f"reference:{location}"
+    if not path.exists():
         return f"missing:{location}"
     if path.is_file():
         return file_sha256(path)

@@ -148,8 +148,7 @@ def run(
 
     from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
 
-    cfg = load_config(config, overrides=set_ or [])
-    check_run(cfg)
+    cfg = check_run(load_config(config, overrides=set_ or []))  # a registered backbone's alias pinned
     if cfg.placement and not os.environ.get("PREFECT_API_URL"):
         from components.errors import ConfigError  # noqa: PLC0415
 

@@ -161,8 +161,7 @@ def retrain_workspace(
     from flows.steps import enter_workspace  # noqa: PLC0415
 
     enter_workspace(workspace)
-    cfg = load_config(Path(config), overrides=overrides or [])
-    check_run(cfg)
+    cfg = check_run(load_config(Path(config), overrides=overrides or []))
     with workspace_lock("retrain (deployment)", wait_s=LOCK_WAIT_S):  # a scheduled run waits for a manual one
         summary = retrain(cfg, force=force)
     return verdict_state(summary, artifact=False)  # named as the retraining flow's; its run holds the artifact

@@ -149,6 +149,18 @@ class WeightedMetrics:
             return {m.name: m.weighted(sums) for m in WEIGHTED}
 
 
+def weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of ``score`` for the cases ``positive`` against the rest, for each (B, N) weight row: (B,)
+    (NaN where a row weighs no positive or no negative case)."""
+    indicator = WeightedMetrics._level_indicator(np.asarray(score, dtype=np.float64), np.asarray(positive, dtype=bool))
+    return WeightedMetrics._auc(indicator, np.asarray(weights, dtype=np.float64))
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """The percentile interval of bootstrap values (NaNs dropped), or None when none is defined."""
+    return _percentile_ci([np.asarray(values, dtype=np.float64)], level)
+
+
 def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, *, threshold: float) -> dict:
     """Every contract metric for each weight row: ``{metric: (B,) array}``.
 

@@ -33,6 +33,7 @@ ECE_BINS = 15
 CLASSIFICATION_TASKS = frozenset({"binary", "multiclass", "multilabel"})
 SEGMENTATION_TASKS = frozenset({"segmentation"})
 PERFORMANCE, CALIBRATION, FAIRNESS = "performance", "calibration", "fairness"
+SHORTCUT = "shortcut"  # how well the model's features predict a declared attribute (report.json ``shortcuts``)
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,14 @@ class MetricDeclaration:
         title: how tables and plots name it.
         higher_is_better: the direction (non-inferiority compares in it).
         tasks: the report tasks it applies to (binary, multiclass, multilabel, segmentation).
-        kind: performance, calibration or fairness (a gap over an attribute's groups).
+        kind: performance, calibration, fairness (a gap over an attribute's groups) or shortcut
+            (``shortcuts.<attribute>.<key>``: an attribute predicted from the model's features).
         point: ``point(y_true, prob, threshold)`` for one set of classification predictions.
         weighted: the same metric for many weight rows at once, from :class:`WeightedSums`.
         tagged: registered versions carry it as a tag (``medflow.test_<name>``, or
             ``medflow.<attribute>_<name>`` for a fairness gap).
         summary: ``medflow run`` prints it in its summary.
+        key: its key inside its section of report.json when not ``name`` (``shortcuts.<attribute>.auc``).
     """
 
     name: str
@@ -80,6 +83,12 @@ class MetricDeclaration:
     weighted: Callable[[WeightedSums], np.ndarray] | None = None
     tagged: bool = False
     summary: bool = False
+    key: str | None = None
+
+    @property
+    def field(self) -> str:
+        """Its key in report.json (within ``overall``, ``fairness.<attribute>`` or ``shortcuts.<attribute>``)."""
+        return self.key or self.name
 
 
 def _predicted(prob: np.ndarray, threshold: float) -> np.ndarray:
@@ -195,6 +204,9 @@ METRICS: tuple[MetricDeclaration, ...] = (
                       frozenset({"binary", "multiclass"}), kind=FAIRNESS),
     MetricDeclaration("demographic_parity_difference", "demographic-parity difference", False,
                       frozenset({"binary", "multiclass"}), kind=FAIRNESS),
+    # a linear probe on the penultimate features predicting the attribute, scored on test: 0.5 is no shortcut
+    MetricDeclaration("shortcut_auc", "shortcut AUC", False, CLASSIFICATION_TASKS, kind=SHORTCUT, tagged=True,
+                      key="auc"),
 )
 BY_NAME = {m.name: m for m in METRICS}
 

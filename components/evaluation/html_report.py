@@ -114,6 +114,37 @@ def gap_figure(report: Mapping) -> str:
     return _png(fig)
 
 
+def shortcut_figure(shortcuts: Mapping) -> str:
+    """Each attribute's shortcut AUC with its 95% CI, against chance (0.5)."""
+    rows = [(a, s["auc"], s.get("ci95")) for a, s in shortcuts.items() if s["auc"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(rows), 3) + 1))
+    for i, (_, auc, ci) in enumerate(rows):
+        err = [[auc - ci[0]], [ci[1] - auc]] if ci else None
+        ax.errorbar(auc, i, xerr=err, fmt="o", color=f"C{i}", capsize=3)
+    ax.set_yticks(range(len(rows)), [a for a, _, _ in rows])
+    ax.axvline(0.5, color="black", ls="--", lw=1, label="chance: the features do not tell the groups apart")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.invert_yaxis()
+    ax.set(xlabel="AUC of a linear probe on the model's features (95% CI)", xlim=(0.3, 1.0),
+           title="Shortcuts: attributes predicted from the penultimate features")
+    return _png(fig)
+
+
+def shortcuts_section(shortcuts: Mapping) -> list[str]:
+    """The report's shortcut audit: a table and, when any AUC is defined, its figure."""
+    parts = ["<h2>Shortcuts</h2>",
+             "<p class='muted'>A logistic-regression probe on the model's penultimate features, fitted on the "
+             "training split, predicts each attribute on the test split. 0.5: the features do not encode it; "
+             "near 1: the model could use the attribute as a shortcut.</p>",
+             _table(["attribute", "shortcut AUC", "95% CI", "train / test cases", "groups", "note"],
+                    [[html.escape(a), _fmt(s["auc"]), _ci(s.get("ci95")), f"{s['n_train']} / {s['n_test']}",
+                      html.escape(", ".join(s["groups"])), html.escape(s.get("reason") or "")]
+                     for a, s in shortcuts.items()])]
+    if any(s["auc"] is not None for s in shortcuts.values()):
+        parts.append(f"<div class='figs'><img alt='shortcut AUC chart' src='{shortcut_figure(shortcuts)}'></div>")
+    return parts
+
+
 def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFrame, *, title: str = "Evaluation report") -> str:
     """The whole page as a string."""
     joined, y_true, prob = check_predictions(predictions, manifest)
@@ -150,6 +181,8 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
     ))
     if report["groups"]:
         parts.append(f"<div class='figs'><img alt='subgroup AUC chart' src='{gap_figure(report)}'></div>")
+    if report.get("shortcuts"):
+        parts += shortcuts_section(report["shortcuts"])
     for attribute, groups in report["groups"].items():
         labels = np.repeat(joined[attribute].fillna("unknown").astype(str).to_numpy(), n_labels)
         parts.append(f"<h2>By {html.escape(attribute)}</h2>")

@@ -52,6 +52,7 @@ class EvaluationReport:
     fairness: dict
     warnings: list[str] = field(default_factory=list)
     calibration: dict | None = None  # temperature scaling: the temperature and the metrics before/after
+    shortcuts: dict | None = None  # attribute -> the shortcut audit (components.evaluation.shortcuts)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,14 +16,18 @@ from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.data.labels import label_matrix
 from components.evaluation.calibration import fit_temperature, sigmoid, softmax
-from components.evaluation.declarations import FAIRNESS, metrics_for
+from components.evaluation.declarations import FAIRNESS, metric, metrics_for
 from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
-from components.inference.predict import predict_frame
+from components.evaluation.shortcuts import shortcut_audit
+from components.inference.predict import CPU, predict_frame
 from components.inference.results import REPORT_DIR, ModelEvaluation
+from components.training.backbones import penultimate
+from components.training.forward import extract_features
 from components.training.preprocess import PreprocessSpec
 
+SHORTCUT_AUC = metric("shortcut_auc")
 FAIRNESS_LOGGED = tuple(m.name for m in metrics_for("binary", kind=(FAIRNESS,)))  # test_<attribute>_<name> metrics
 
 
@@ -51,6 +55,21 @@ def predictions_frame(frame: pd.DataFrame, prob: np.ndarray, *, multilabel: bool
     return out
 
 
+def audit_shortcuts(model: torch.nn.Module, spec: PreprocessSpec, manifest: pd.DataFrame, root: Path, *,
+                    attributes: list[str], num_classes: int, config: RunConfig) -> dict:
+    """The shortcut audit of a classifier: its penultimate features of the train and test splits, probed for
+    each attribute (:func:`components.evaluation.shortcuts.shortcut_audit`)."""
+    if not attributes:
+        return {}
+    encoder = penultimate(model, num_classes)
+    train, test = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
+    features = {name: extract_features(encoder, spec, frame, root, CPU, description=f"Features of {name}")
+                for name, frame in (("train", train), ("test", test))}
+    ev = config.evaluate
+    return shortcut_audit(features["train"], train, features["test"], test, attributes=attributes,
+                          n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size)
+
+
 def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, description: dict, run_id: str,
                             manifest_path: Path, config: RunConfig, out_dir: Path) -> ModelEvaluation:
     """Evaluate a loaded classifier on the test split; log the report to ``run_id``."""
@@ -76,7 +95,8 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
         truth(test), uncalibrated if multilabel else contract_probabilities(uncalibrated), threshold=ev.threshold
     )
     calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}
-    report = dataclasses.replace(report, calibration=calibration)
+    shortcuts = audit_shortcuts(model, spec, manifest, root, attributes=attributes, num_classes=k, config=config)
+    report = dataclasses.replace(report, calibration=calibration, shortcuts=shortcuts)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = report.write_json(out_dir / "report.json")
     write_html_report(report.to_dict(), calibrated, manifest, out_dir / "report.html",
@@ -93,6 +113,8 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
             for name, value in summary.items()
             if name in FAIRNESS_LOGGED and value is not None
         }
+        metrics |= {f"test_{attr}_{SHORTCUT_AUC.name}": audit[SHORTCUT_AUC.field]
+                    for attr, audit in (report.shortcuts or {}).items() if audit[SHORTCUT_AUC.field] is not None}
         mlflow.log_metrics({**metrics, "temperature": temperature, "test_ece_before_scaling": before["ece"]})
     return ModelEvaluation(run_id=run_id, report=report_path, predictions=predictions_path, temperature=temperature)
 

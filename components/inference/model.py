@@ -16,26 +16,17 @@ from pathlib import Path
 import mlflow
 import torch
 
-from components.training.backbones import build_backbone_classifier
+from components.training.backbones import build_described
 from components.training.loop import CHECKPOINT_DIR
-from components.training.models import build_classifier, build_segmenter
 from components.training.preprocess import PreprocessSpec, SegmentationSpec
 
 
 def load_checkpoint(folder: Path) -> tuple[torch.nn.Module, PreprocessSpec | SegmentationSpec, dict]:
     """Network (eval mode, CPU), preprocessing and description from ``model.pt`` + ``model.json``."""
     description = json.loads((folder / "model.json").read_text())
-    common = {"spatial_dims": description["spatial_dims"], "in_channels": description["in_channels"],
-              "num_classes": description["num_classes"], "kwargs": description.get("network_kwargs")}
-    if description.get("task") == "segmentation":
-        spec = SegmentationSpec.from_dict(description["preprocess"])
-        model = build_segmenter(description["network"], patch_size=spec.patch_size, **common)
-    elif description.get("network") == "backbone":
-        spec = PreprocessSpec.from_dict(description["preprocess"])
-        model = build_backbone_classifier(description)
-    else:
-        spec = PreprocessSpec.from_dict(description["preprocess"])
-        model = build_classifier(description["network"], **common)
+    spec_type = SegmentationSpec if description.get("task") == "segmentation" else PreprocessSpec
+    spec = spec_type.from_dict(description["preprocess"])
+    model = build_described(description)
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
     return model, spec, description

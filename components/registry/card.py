@@ -112,6 +112,13 @@ def model_card_markdown(
                         f"demographic-parity difference {_num(summary.get('demographic_parity_difference'))}")
         sections.append(_table([attribute, "n", "AUC", "sensitivity", "specificity", "ECE"],
                                [[g, m["n"], m["auc"], m["sensitivity"], m["specificity"], m["ece"]] for g, m in groups.items()]))
+    if report.get("shortcuts"):
+        sections.append("## Shortcuts")
+        sections.append("A linear probe on the model's penultimate features predicts each attribute "
+                        "(AUC 0.5: not encoded; near 1: a possible shortcut).")
+        sections.append(_table(["attribute", "shortcut AUC", "95% CI low", "95% CI high", "note"],
+                               [[a, s["auc"], *(s.get("ci95") or [None, None]), s.get("reason") or ""]
+                                for a, s in report["shortcuts"].items()]))
     verdict = "promoted to champion" if decision.promoted else "refused"
     sections += [
         "## Promotion decision",

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 import components
 from components import lineage
 from components.config import RunConfig
-from components.evaluation.declarations import metrics_for
+from components.evaluation.declarations import SHORTCUT, metrics_for
 from components.inference.model import download_checkpoint
 from components.tracking import use_experiment
 
@@ -96,6 +96,8 @@ def register_model(
         "medflow.temperature": f"{temperature:.4f}",
         **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in tagged if m in report["overall"]},
         **{f"medflow.{a}_{m}": str(f[m]) for a, f in report["fairness"].items() for m in tagged if m in f},
+        **{f"medflow.{a}_{m.name}": str(audit.get(m.field)) for a, audit in (report.get("shortcuts") or {}).items()
+           for m in metrics_for(report["task"], kind=(SHORTCUT,)) if m.tagged},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -1,5 +1,7 @@
 """Pretrained backbones read from local files: a Hugging Face folder (loaded by ``transformers``' Auto
-classes, local files only) or a state_dict of the MONAI network named in ``train.model``.
+classes, local files only), a state_dict of the MONAI network named in ``train.model``, or a
+classifier registered in MLflow (``models:/NAME@alias`` or ``models:/NAME/VERSION``; an alias is
+pinned to its version before a run starts, :func:`pin_backbone`, so the step key names the version).
 
 A backbone is an *encoder*: images (B, C, H, W) in, features (B, D) out. For a
 Hugging Face model that is its pooled output (the layer-normed [CLS] token of a
@@ -29,15 +31,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from components import steps
+from components import paths, steps
 from components.lineage import TAG_BACKBONE
 from components.config import BackboneConfig, RunConfig, Task
 from components.errors import ConfigError
-from components.training.models import build_classifier, classifier_kwargs
+from components.training.loop import CHECKPOINT_DIR
+from components.training.models import build_classifier, build_segmenter, classifier_kwargs
 from components.training.preprocess import PreprocessSpec
 
 FORMAT_HF = "huggingface"
 FORMAT_MONAI = "monai"
+FORMAT_REGISTRY = "mlflow"
+REGISTRY_PREFIX = "models:/"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                    "pytorch_model.bin.index.json")
@@ -74,6 +79,8 @@ class Backbone:
         description: what rebuilds the encoder without the file (:func:`build_encoder`).
         weights: file name -> sha256 of every weights file read.
         report: how the weights met the network.
+        arch: the architecture (a transformers model type or a MONAI network name).
+        lineage: further ``medflow.backbone.*`` tags (a registered model's version and run).
     """
 
     encoder: nn.Module
@@ -88,7 +95,8 @@ class Backbone:
 
     def tags(self, regime: str) -> dict[str, str]:
         """``medflow.backbone.*`` lineage tags of the training run and the model version."""
-        return backbone_tags(backbone_format=self.format, arch=self.arch, regime=regime, weights=self.weights)
+        return {**backbone_tags(backbone_format=self.format, arch=self.arch, regime=regime, weights=self.weights),
+                **self.lineage}
 
 
 def backbone_tags(*, backbone_format: str, arch: str, regime: str, weights: dict[str, str]) -> dict[str, str]:
@@ -167,9 +175,8 @@ def detect_format(source: str) -> str:
     Raises:
         ConfigError: the path does not exist or is no known format, saying what is expected.
     """
-    if source.startswith("models:/"):
-        raise ConfigError(f"train.backbone.source {source!r}: registered encoders (models:/) are not supported "
-                          "yet; give a Hugging Face folder or a state_dict file")
+    if source.startswith(REGISTRY_PREFIX):
+        return FORMAT_REGISTRY
     path = Path(source).expanduser()
     if not path.exists():
         raise ConfigError(f"train.backbone.source {source} does not exist; give a Hugging Face folder "
@@ -350,6 +357,96 @@ def _load_monai(path: Path, config: RunConfig, spec: PreprocessSpec) -> Backbone
                     weights={path.name: steps.file_sha256(path)}, report=report)
 
 
+def parse_model_uri(source: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@alias`` -> (NAME, alias, None); ``models:/NAME/VERSION`` -> (NAME, None, VERSION).
+
+    Raises:
+        ConfigError: neither form.
+    """
+    rest = source.removeprefix(REGISTRY_PREFIX)
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, _, version = rest.rpartition("/")
+        if name and version.isdigit():
+            return name, None, version
+    raise ConfigError(f"train.backbone.source {source!r} is not models:/NAME@alias or models:/NAME/VERSION")
+
+
+def _registered_version(source: str) -> Any:
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 (the registry only for this format)
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    name, alias, version = parse_model_uri(source)
+    client = MlflowClient(paths.tracking_uri())
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise ConfigError(f"train.backbone.source {source}: the registry at {paths.tracking_uri()} has no model "
+                          f"{name!r} with {what}; see medflow history, or give a file") from exc
+
+
+def pin_backbone(config: RunConfig) -> RunConfig:
+    """The config with a registered backbone's alias replaced by the version it points to now
+    (``models:/NAME@champion`` -> ``models:/NAME/7``): versions do not change, so the training key,
+    the logged config and the lineage name the weights the run used. Other configs come back as they are."""
+    backbone = config.train.backbone
+    if backbone is None or not backbone.source.startswith(REGISTRY_PREFIX):
+        return config
+    name, alias, _ = parse_model_uri(backbone.source)
+    if alias is None:
+        return config
+    pinned = f"{REGISTRY_PREFIX}{name}/{_registered_version(backbone.source).version}"
+    train = config.train.model_copy(update={"backbone": backbone.model_copy(update={"source": pinned})})
+    return config.model_copy(update={"train": train})
+
+
+def build_described(description: dict) -> nn.Module:
+    """The network a checkpoint's ``model.json`` describes, with untrained weights: a MONAI classifier or
+    segmentation network by name, or a backbone classifier (encoder and head)."""
+    if description.get("network") == "backbone":
+        return build_backbone_classifier(description)
+    common = {"spatial_dims": description["spatial_dims"], "in_channels": description["in_channels"],
+              "num_classes": description["num_classes"], "kwargs": description.get("network_kwargs")}
+    if description.get("task") == "segmentation":
+        return build_segmenter(description["network"], patch_size=tuple(description["preprocess"]["patch_size"]),
+                               **common)
+    return build_classifier(description["network"], **common)
+
+
+def _load_registered(source: str) -> Backbone:
+    import mlflow  # noqa: PLC0415
+
+    version = _registered_version(source)
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=CHECKPOINT_DIR))
+    description = json.loads((folder / "model.json").read_text())
+    if description.get("task") == "segmentation":
+        raise ConfigError(f"train.backbone.source {source} is a segmentation network; a backbone for a classifier "
+                          "must be a registered classifier")
+    network = build_described(description)
+    network.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    num_classes = int(description["num_classes"])
+    if isinstance(network, BackboneClassifier):
+        encoder, encoder_description = network.encoder, dict(description["backbone"])
+        arch = str(encoder_description.get("network") or encoder_description.get("config", {}).get("model_type"))
+    else:
+        encoder, feature_dim, head = strip_head(network, num_classes)
+        encoder_description = {"format": FORMAT_MONAI, "network": description["network"], "num_classes": num_classes,
+                               "network_kwargs": description.get("network_kwargs") or {},
+                               "feature_dim": feature_dim, "head": head}
+        arch = description["network"]
+    return Backbone(
+        encoder=encoder.eval(), feature_dim=int(encoder_description["feature_dim"]),
+        spec=PreprocessSpec.from_dict(description["preprocess"]), format=FORMAT_REGISTRY, arch=arch,
+        description=encoder_description, weights={"model.pt": steps.file_sha256(folder / "model.pt")},
+        report=LoadReport(matched=len(encoder.state_dict()), missing=(), unexpected=()),
+        lineage={f"{TAG_BACKBONE}model": f"{version.name}/{version.version}", f"{TAG_BACKBONE}run": version.run_id},
+    )
+
+
 def load_backbone(config: RunConfig, *, data_spec: Callable[[], PreprocessSpec] | None = None) -> Backbone:
     """The configured backbone with its weights (``train.backbone``).
 
@@ -363,6 +460,8 @@ def load_backbone(config: RunConfig, *, data_spec: Callable[[], PreprocessSpec] 
     """
     backbone = config.train.backbone
     backbone_format = detect_format(backbone.source)
+    if backbone_format == FORMAT_REGISTRY:
+        return _load_registered(backbone.source)
     path = Path(backbone.source).expanduser()
     if backbone_format == FORMAT_HF:
         return _load_hf(path, backbone)
@@ -394,6 +493,15 @@ def build_backbone_classifier(description: dict) -> BackboneClassifier:
     else:
         head = nn.Linear(feature_dim, num_classes)
     return BackboneClassifier(build_encoder(encoder_description), head)
+
+
+def penultimate(model: nn.Module, num_classes: int) -> nn.Module:
+    """What a classifier computes before its head: a backbone classifier's encoder, or a copy of a MONAI
+    classifier without its last linear layer (the features the shortcut audit probes)."""
+    if isinstance(model, BackboneClassifier):
+        return model.encoder
+    encoder, _, _ = strip_head(copy.deepcopy(model), num_classes)
+    return encoder
 
 
 def lora_targets(encoder: nn.Module, backbone: BackboneConfig, *, network: str) -> list[str]:
@@ -471,8 +579,7 @@ def check_backbone(config: RunConfig) -> None:
                               "network starts from a state_dict with regime finetune")
         if backbone_format != FORMAT_MONAI:
             raise ConfigError(f"a segmentation network starts from a state_dict of the MONAI network "
-                              f"{config.train.model!r}; train.backbone.source {backbone.source} is a Hugging Face "
-                              "folder")
+                              f"{config.train.model!r}; train.backbone.source {backbone.source} is not one")
         return
     loaded = load_backbone(config)
     if backbone.regime == "lora":

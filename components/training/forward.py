@@ -5,13 +5,21 @@ through the same two functions, so a network is run one way everywhere.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
+from rich.progress import track
+from torch import nn
+
+from components.training.preprocess import PreprocessSpec, training_transforms
 
 SW_BATCH = 4
 SW_OVERLAP = 0.25
+FEATURE_BATCH = 64
 
 
 def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.device, *,
@@ -34,6 +42,18 @@ def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.de
                 labels.append(torch.as_tensor(batch["label"]))
     out = torch.cat(logits).numpy() if logits else np.zeros((0, 0), dtype=np.float32)
     return out, (torch.cat(labels).numpy() if labels else None)
+
+
+def extract_features(encoder: nn.Module, spec: PreprocessSpec, frame: pd.DataFrame, root: Path,
+                     device: torch.device, *, batch_size: int = FEATURE_BATCH, description: str = "Features"
+                     ) -> np.ndarray:
+    """Features (N, D) of the images of ``frame`` (paths relative to ``root``) through a frozen encoder."""
+    records = [{"image": str(root / p)} for p in frame["image"]]
+    loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
+    encoder.to(device)
+    features, _ = predict_batches(encoder, loader, device,
+                                  progress=lambda it: track(it, description=description, transient=True))
+    return features
 
 
 def sliding_window(network: torch.nn.Module, image: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:

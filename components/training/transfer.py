@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
-from rich.progress import track
 from torch import nn
 
 from components import paths, steps
@@ -36,11 +35,10 @@ from components.training.backbones import (
     FROZEN_REGIMES, Backbone, BackboneClassifier, KNNHead, add_lora, describe_report, layer_decay_groups,
     load_backbone, merge_lora,
 )
-from components.training.forward import predict_batches
+from components.training.forward import extract_features
 from components.training.loop import Recipe, make_dataset
 from components.training.preprocess import PreprocessSpec, training_transforms
 
-FEATURE_BATCH = 64
 log = logging.getLogger("medflow.training")
 
 
@@ -55,18 +53,6 @@ def feature_key(backbone: Backbone, spec: PreprocessSpec, manifest_path: Path, s
                 "manifest": steps.file_sha256(manifest_path), "split": split, "transformers": library}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
     return f"{split}-{digest[:24]}"
-
-
-def extract_features(encoder: nn.Module, spec: PreprocessSpec, frame: pd.DataFrame, root: Path,
-                     device: torch.device, *, batch_size: int = FEATURE_BATCH, description: str = "Features"
-                     ) -> np.ndarray:
-    """Features (N, D) of the images of ``frame`` (paths relative to ``root``) through a frozen encoder."""
-    records = [{"image": str(root / p)} for p in frame["image"]]
-    loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
-    encoder.to(device)
-    features, _ = predict_batches(encoder, loader, device,
-                                  progress=lambda it: track(it, description=description, transient=True))
-    return features
 
 
 def cached_features(backbone: Backbone, frame: pd.DataFrame, manifest_path: Path, split: str,

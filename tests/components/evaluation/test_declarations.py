@@ -10,7 +10,7 @@ import pytest
 from components.errors import ConfigError
 from components.evaluation.bootstrap import weighted_metrics
 from components.evaluation.declarations import (
-    BY_NAME, CALIBRATION, FAIRNESS, METRICS, metrics_for, weighted_metrics_names,
+    BY_NAME, CALIBRATION, FAIRNESS, METRICS, SHORTCUT, metrics_for, weighted_metrics_names,
 )
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
@@ -78,5 +78,6 @@ def test_tags_card_and_html_read_the_declarations():
     assert "| | ECE | MCE | BRIER | NLL |" in card.replace("|  |", "| |")
     for m in metrics_for("binary"):
         assert f"| {m.name} |" in card
-    assert {m.name for m in METRICS if m.tagged and m.kind != FAIRNESS} == {"auc", "ece", "brier", "dice", "hd95",
-                                                                           "voxel_ece"}
+    assert {m.name for m in METRICS if m.tagged and m.kind not in (FAIRNESS, SHORTCUT)} == {
+        "auc", "ece", "brier", "dice", "hd95", "voxel_ece"}
+    assert {m.name for m in METRICS if m.tagged and m.kind == SHORTCUT} == {"shortcut_auc"}

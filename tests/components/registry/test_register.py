@@ -42,6 +42,8 @@ def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset)
     assert version.tags[lineage.TAG_DATA_VERSION] == "v1"
     assert version.tags[lineage.TAG_CONFIG_HASH] == config.config_hash()
     assert version.tags[lineage.TAG_CODE_VERSION]
+    # the shortcut audit's AUCs are tags too (declared once, tagged as declared)
+    assert float(version.tags["medflow.sex_shortcut_auc"]) == pytest.approx(report["shortcuts"]["sex"]["auc"])
     assert str(client.get_model_version_by_alias("tiny", ALIAS_CHALLENGER).version) == model.version
     # a retried registration of the same run reuses its version: no duplicate
     again = register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,

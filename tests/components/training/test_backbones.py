@@ -248,9 +248,11 @@ def test_a_segmentation_network_starts_from_a_state_dict_of_itself(tmp_path):
     ("hf", ["data.task=segmentation", "train.model=unet", "train.loss=dice", "train.model_kwargs={}",
             "promotion.non_inferiority=[]", "train.backbone.regime=knn"],
      r"regime 'knn' is for classifiers"),
-    ("hf", ["train.backbone.source=models:/encoder@latest"], r"registered encoders \(models:/\) are not supported"),
+    ("hf", ["train.backbone.source=models:/encoder@latest"], r"has no model 'encoder' with alias 'latest'"),
+    ("hf", ["train.backbone.source=models:/encoder"], r"is not models:/NAME@alias or models:/NAME/VERSION"),
 ])
-def test_bad_backbones_are_refused_before_training_in_one_line(tmp_path, hf_backbone, setup, overrides, message):
+def test_bad_backbones_are_refused_before_training_in_one_line(workspace, tmp_path, hf_backbone, setup, overrides,
+                                                               message):
     if setup == "hf":
         source = hf_backbone
     elif setup == "shape":
@@ -280,3 +282,38 @@ def test_check_backbone_accepts_each_good_format(tmp_path, hf_backbone):
                                         "num_layers": 6, "num_heads": 3}).state_dict(), tmp_path / "vit.pt")
     check_backbone(config_for(hf_backbone, "lora"))
     check_backbone(config_for(tmp_path / "vit.pt", "lora", "train.model=vit", "train.model_kwargs={}"))  # MONAI's ViT: its qkv projections
+
+
+def test_a_registered_classifier_is_a_backbone_pinned_to_its_version(workspace, small_dataset):
+    from components.training.backbones import pin_backbone
+    from components.training.forward import extract_features
+
+    base = load_config(overrides=[*TINY, "train.epochs=1", "evaluate.n_bootstrap=0", "evaluate.min_group_size=2",
+                                  "registry.model_name=source-model"], environ={})
+    trained = train_classifier(manifest_path=small_dataset, data_version="v1", config=base)
+    evaluation = evaluate_run(run_id=trained.run_id, manifest_path=small_dataset, config=base,
+                              out_dir=workspace / "eval")
+    register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
+                   report_path=evaluation.report, config=base)
+
+    config = pin_backbone(config_for("models:/source-model@challenger", "linear_probe", "train.epochs=2",
+                                     "registry.model_name=probe"))
+    assert config.train.backbone.source == "models:/source-model/1"  # the alias pinned: the key names the version
+    backbone = load_backbone(config)
+    assert backbone.format == "mlflow" and backbone.arch == "densenet"
+    frame = pd.read_parquet(small_dataset).head(5)
+    source_model, source_spec, _ = load_run_model(trained.run_id)
+    assert backbone.spec == source_spec  # the registered model's own preprocessing
+    ours = extract_features(backbone.encoder, backbone.spec, frame, small_dataset.parent, torch.device("cpu"))
+    layers = source_model.class_layers
+    transform = training_transforms(source_spec, augment=False)
+    images = torch.stack([transform({"image": str(small_dataset.parent / p)})["image"] for p in frame["image"]])
+    with torch.no_grad():
+        expected = torch.flatten(layers.pool(layers.relu(source_model.features(images))), 1).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+    probe = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    tags = MlflowClient(paths.tracking_uri()).get_run(probe.run_id).data.tags
+    assert tags["medflow.backbone.model"] == "source-model/1" and tags["medflow.backbone.run"] == trained.run_id
+    model, _, _ = load_run_model(probe.run_id)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
