@@ -421,7 +421,8 @@ def _load_registered(source: str) -> Backbone:
     import mlflow  # noqa: PLC0415
 
     version = _registered_version(source)
-    folder = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=CHECKPOINT_DIR))
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=CHECKPOINT_DIR,
+                                                      tracking_uri=paths.tracking_uri()))
     description = json.loads((folder / "model.json").read_text())
     if description.get("task") == "segmentation":
         raise ConfigError(f"train.backbone.source {source} is a segmentation network; a backbone for a classifier "
