@@ -146,9 +146,9 @@ def run(
     """
     import json  # noqa: PLC0415
 
-    from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
+    from components.workspace import workspace_lock  # noqa: PLC0415
 
-    cfg = check_run(load_config(config, overrides=set_ or []))  # a registered backbone's alias pinned
+    cfg = load_config(config, overrides=set_ or [])
     if cfg.placement and not os.environ.get("PREFECT_API_URL"):
         from components.errors import ConfigError  # noqa: PLC0415
 
@@ -156,9 +156,11 @@ def run(
             f"placement {dict(cfg.placement)} sends steps to work pools, which needs a Prefect server with workers: "
             "set PREFECT_API_URL (the embedded server has no deployments and no workers)"
         )
-    from components.workspace import workspace_lock  # noqa: PLC0415
-
+    # the lock before the preflight: a busy workspace is said at once, not after torch and MONAI have loaded
     with workspace_lock("run", wait_s=wait):
+        from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
+
+        cfg = check_run(cfg)  # a registered backbone's alias pinned
         result = _run_locked(cfg, force=force)
     print_summary(result)
     if summary:

@@ -214,6 +214,37 @@ def test_a_second_command_in_a_busy_workspace_is_refused_naming_the_first(worksp
         pass
 
 
+def test_a_busy_workspace_is_said_before_the_preflight_loads_torch(workspace):
+    """The refusal comes at once: before the network checks import torch and MONAI (seconds)."""
+    import multiprocessing
+    import subprocess
+    import sys
+
+    from components.workspace import workspace_lock
+
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold():
+        with workspace_lock("run"):
+            ready.set()
+            release.wait(60)
+
+    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        probe = ("import sys; from flows.cli import main; code = main(['run']); "
+                 "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
+        done = subprocess.run([sys.executable, "-c", probe], cwd=workspace, capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 4, done.stderr[-2000:]
+        assert done.stdout.strip() == "torch not loaded"
+        assert "is writing to this workspace" in done.stderr
+    finally:
+        release.set()
+        holder.join(30)
+
+
 def test_a_killed_holder_leaves_no_stale_lock(workspace):
     import multiprocessing
     import os
