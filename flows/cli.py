@@ -213,12 +213,19 @@ def print_summary(summary) -> None:
     metrics = "  ".join(f"{k} {v:.3f}" for k, v in summary.metrics.items() if v is not None)
     console.print(f"[bold]Test metrics[/] {metrics}")
     console.print(_gate_table(summary.gates))
-    if summary.promoted:
+    change = getattr(summary, "champion_change", "")
+    if summary.promoted and change:  # a reprinted summary whose champion has moved since
+        console.print(f"[bold green]Promoted[/] when it ran: version {summary.version} became "
+                      f"{summary.model_name}@champion")
+        console.print(f"[bold]Since then[/]: {change}; {summary.model_name}@champion is version {summary.champion}")
+    elif summary.promoted:
         console.print(f"[bold green]Promoted[/]: {summary.model_name}@champion is version {summary.champion}")
     else:
         held = f"version {summary.champion}" if summary.champion else "no version"
         console.print(f"[bold red]Not promoted[/]: {summary.model_name}@champion stays at {held}")
         console.print(f"Reason: {summary.reason}", markup=False, soft_wrap=True)
+        if change:
+            console.print(f"[bold]Since then[/]: {change}")
     console.print("Dashboards: medflow ui (MLflow and Prefect, this workspace's runs)")
 
 

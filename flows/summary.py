@@ -40,6 +40,7 @@ class PipelineSummary:
     cached_steps: tuple[str, ...] = ()  # the steps whose results came from the cache
     data_unchanged: bool = False
     finished: str = ""
+    champion_change: str = ""  # a reprinted summary: how the champion moved since the run (a rollback, ...)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,4 +91,23 @@ def reusable_summary(config: RunConfig) -> PipelineSummary | None:
         champion = str(client.get_model_version_by_alias(summary.model_name, "champion").version)
     except MlflowException:
         champion = None
-    return dataclasses.replace(summary, reused=True, data_unchanged=True, champion=champion)
+    change = champion_change(client, summary.model_name, since=summary.finished, then=summary.champion, now=champion)
+    return dataclasses.replace(summary, reused=True, data_unchanged=True, champion=champion, champion_change=change)
+
+
+def champion_change(client, model_name: str, *, since: str, then: str | None, now: str | None) -> str:
+    """How the champion went from ``then`` (when the run finished, at ``since``) to ``now``: the last
+    recorded event that moved it (``medflow rollback on ... made version 1 champion again (was version 3)``),
+    or "" when it did not move."""
+    from components.registry.history import read_history  # noqa: PLC0415
+
+    if then == now:
+        return ""
+    moves = [e for e in read_history(client, model_name)
+             if e.at >= (since or "") and e.champion_after != e.champion_before and e.champion_after == now]
+    if not moves:
+        return f"the champion is version {now or 'none'} now (was version {then or 'none'} when this run finished)"
+    last = moves[-1]
+    when = last.at[:19].replace("T", " ") + " UTC"
+    how = "medflow rollback" if last.kind == "rollback" else f"the promotion of version {last.version}"
+    return f"{how} on {when} made version {now} champion (was version {last.champion_before or 'none'})"

@@ -39,3 +39,34 @@ def test_the_final_state_is_named_for_the_verdict(workspace, monkeypatch):
     assert made[0]["key"] == "promotion-decision" and "**Refused**" in made[0]["markdown"]
     promoted = pipeline.verdict_state(_summary(promoted=True), artifact=False)
     assert promoted.name == "Promoted" and len(made) == 1
+
+
+def test_a_reprinted_summary_says_a_rollback_moved_the_champion_since(workspace, capsys):
+    """After `medflow rollback`, the unchanged run's summary must not claim its version is champion."""
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+
+    from components import paths
+    from components.registry.history import HistoryEvent, record_event
+    from flows.cli import print_summary
+    from flows.summary import champion_change
+
+    client = MlflowClient(paths.tracking_uri())
+    client.create_registered_model("m")
+    record_event(client, "m", HistoryEvent(kind="promotion", version="3", verdict="promoted", champion_before="1",
+                                           champion_after="3", at="2026-12-01T10:00:00.000+00:00"))
+    record_event(client, "m", HistoryEvent(kind="rollback", version="1", verdict="rolled back", champion_before="3",
+                                           champion_after="1", at="2026-12-01T11:30:05.123+00:00"))
+    change = champion_change(client, "m", since="2026-12-01T10:00:01+00:00", then="3", now="1")
+    assert change == "medflow rollback on 2026-12-01 11:30:05 UTC made version 1 champion (was version 3)"
+    assert champion_change(client, "m", since="2026-12-01T10:00:01+00:00", then="1", now="1") == ""
+
+    run = dataclasses.replace(_summary(promoted=True), version="3", champion="1", reused=True,
+                              finished="2026-12-01T10:00:01+00:00", champion_change=change)
+    print_summary(run)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Promoted when it ran: version 3 became m@champion" in out
+    assert ("Since then: medflow rollback on 2026-12-01 11:30:05 UTC made version 1 champion (was version 3); "
+            "m@champion is version 1") in out
+    assert "Promoted: m@champion is version 1" not in out
