@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import DataLoader, Dataset
-from rich.progress import track
 
 from components.errors import EvaluationError
+from components.progress import track
 from components.training.forward import predict_batches, sliding_window
 from components.training.preprocess import (
     PreprocessSpec, SegmentationSpec, array_transform, segmentation_array_transform, training_transforms,
@@ -33,8 +33,30 @@ def predict_frame(model: torch.nn.Module, spec: PreprocessSpec, frame: pd.DataFr
     records = [{"image": str(root / p)} for p in frame["image"]]
     loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
     logits, _ = predict_batches(model, loader, CPU,
-                                progress=lambda it: track(it, description=description, transient=True))
+                                progress=lambda it: track(it, description=description))
     return logits if len(logits) else np.zeros((0, 2), dtype=np.float32)
+
+
+MIN_SIDE = 16  # the smallest image side medflow trains at (data.image_size): below it there is nothing to see
+
+
+def check_images(images: np.ndarray, *, trained: tuple[int, ...]) -> None:
+    """Refuse input a model cannot answer: values that are not finite (NaN, infinity), or a side smaller than
+    ``MIN_SIDE`` pixels (or the training input's own side, when smaller), which resizing would only blur
+    into a confident guess.
+
+    Raises:
+        EvaluationError: naming the image and what is wrong with it.
+    """
+    finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise EvaluationError(f"image {int(bad[0])} (of {len(images)}) holds values that are not finite (NaN or "
+                              f"infinity){f'; {len(bad)} images do' if len(bad) > 1 else ''}: nothing was predicted")
+    least = min(MIN_SIDE, *trained)
+    if min(images.shape[1:]) < least:
+        raise EvaluationError(f"images of shape {tuple(images.shape[1:])} are smaller than the model can see (each "
+                              f"side at least {least} pixels; it was trained on {tuple(trained)}): nothing was predicted")
 
 
 def predict_arrays(
@@ -52,6 +74,7 @@ def predict_arrays(
         images = images[None]
     if images.ndim != 3:
         raise EvaluationError(f"expected images of shape (N, H, W) or (H, W), got {images.shape}")
+    check_images(images, trained=tuple(spec.spatial_size))
     transform = array_transform(spec)
     loader = DataLoader([{"image": transform(img)} for img in images], batch_size=batch_size)
     logits, _ = predict_batches(model, loader, CPU)
@@ -87,6 +110,7 @@ def segment_arrays(
         images = images[None]
     if images.ndim != dims + 1:
         raise EvaluationError(f"expected {dims}D images of shape (N, *spatial) or (*spatial), got {images.shape}")
+    check_images(images, trained=tuple(spec.patch_size))
     out = [torch.softmax(torch.as_tensor(segment_tensor(model, spec, img)) / temperature, dim=0)[None]
            for img in images]
     return torch.cat(out).numpy().astype(np.float32)

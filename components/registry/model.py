@@ -12,7 +12,9 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.exceptions import MlflowException
 
+from components.errors import EvaluationError
 from components.inference.model import load_checkpoint
 from components.inference.predict import predict_arrays, segment_arrays
 from components.training.preprocess import SegmentationSpec
@@ -30,7 +32,10 @@ class MedflowModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002 (pyfunc signature)
         """Calibrated probabilities: (N, K) for 2D images (N, H, W) of a classifier (per label for a multi-label
         one); (N, K, *spatial) for images (N, *spatial) of a segmentation network."""
-        if isinstance(self.spec, SegmentationSpec):
-            return segment_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature)
-        return predict_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature,
-                              multilabel=self.multilabel)
+        try:
+            if isinstance(self.spec, SegmentationSpec):
+                return segment_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature)
+            return predict_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature,
+                                  multilabel=self.multilabel)
+        except EvaluationError as exc:  # MLflow's scoring server answers this kind with HTTP 400 and the message
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc

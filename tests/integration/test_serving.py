@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.error
 import urllib.request
 
 import mlflow
@@ -72,6 +73,18 @@ def test_register_promote_and_serve_the_champion(workspace, small_dataset, postg
             )
             with urllib.request.urlopen(request, timeout=60) as response:
                 served = np.asarray(json.loads(response.read())["predictions"])
+            # a NaN image is refused with 400 and the reason, not answered with NaN (which is not JSON)
+            nan = images[:1].copy()
+            nan[0, 0, 0] = np.nan
+            bad = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": nan.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(bad, timeout=60)
+                raise AssertionError("a NaN image was answered")
+            except urllib.error.HTTPError as refused:
+                assert refused.code == 400
+                assert "holds values that are not finite" in refused.read().decode()
         finally:
             serving.terminate()
             serving.wait(timeout=30)

@@ -62,3 +62,14 @@ def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset)
     np.testing.assert_allclose(prob[:, 1], predictions.loc[test["case_id"], "prob"].to_numpy(), rtol=1e-4, atol=1e-5)
     assert served.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1)
     assert served.predict(np.zeros((2, 50, 40), dtype=np.float32)).shape == (2, 2)  # resized to the training size
+    # nonsense is refused with MLflow's "invalid parameter" (the scoring server's HTTP 400), not answered
+    from mlflow.exceptions import MlflowException
+
+    nan = images.copy()
+    nan[1, 3, 3] = np.nan
+    with pytest.raises(MlflowException, match=r"image 1 \(of 5\) holds values that are not finite") as raised:
+        served.predict(nan)
+    assert raised.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match=r"images of shape \(1, 1\) are smaller than the model can see") as raised:
+        served.predict(np.ones((1, 1, 1), dtype=np.float32))
+    assert raised.value.get_http_status_code() == 400
