@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from components import paths
+from components.progress import make_console
 from components.config import load_config
 from components.errors import AuthenticationFailed, MedflowError, PromotionRefused, ServerUnavailable
 from flows.cli_data import data_app, ingest, init
@@ -27,8 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="MLOps for medical imaging: ingest, validate, train, evaluate, register and promote.",
 )
-console = Console()
-err = Console(stderr=True)
+console = make_console()
+err = make_console(stderr=True)
 app.add_typer(data_app, name="data")
 app.command()(ingest)
 app.command()(init)
@@ -305,7 +305,10 @@ def _gate_table(gates) -> Table:
         table.add_column(column)
     for gate in gates:
         value = "null" if gate.value is None else f"{gate.value:.4f}"
-        verdict = "[green]pass[/]" if gate.passed else f"[red]fail[/] {gate.reason}"
+        rule = f"{gate.metric} {gate.op} {gate.threshold:g}"
+        # a plain failure's reason restates the rule and its value, which the row already shows
+        said = not gate.reason or gate.reason.startswith(rule)
+        verdict = "[green]pass[/]" if gate.passed else "[red]fail[/]" + ("" if said else f" ({gate.reason})")
         table.add_row(f"{gate.metric} {gate.op} {gate.threshold:g}", value, verdict)
     return table
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from components import paths
+from components.progress import make_console
 from components.config import load_config
 
-console = Console()
+console = make_console()
 data_app = typer.Typer(no_args_is_help=True, help="Data versions: list them, restore one.")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from components import paths
+from components.progress import make_console
 from components.errors import UiError
 
-console = Console()
+console = make_console()
 STARTUP_TIMEOUT_S = 120
 
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from rich.progress import track
 
 from components.data.incremental import (
     STATE_VERSION, content_hash, fingerprint, load_state, matches_state, save_state,
@@ -36,6 +35,7 @@ from components.data.labels import LABEL_SEPARATOR, parse_label_set
 from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, pseudonymise
 from components.data.splits import assign_splits
 from components.errors import BadInputData, IngestError
+from components.progress import track
 
 REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("patient_id", "sex", "age", "race", "site")
@@ -171,11 +171,11 @@ def _run_jobs(jobs: list[CaseJob], workers: int) -> list[ConvertedCase | list[st
     """Convert every job, in worker processes when there are enough of them; with a progress bar."""
     description = f"Converting {len(jobs)} case(s)"
     if workers <= 1 or len(jobs) < PARALLEL_MIN_CASES:
-        return [convert_case(j) for j in track(jobs, description=description, transient=True)]
+        return [convert_case(j) for j in track(jobs, description=description)]
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         chunk = max(1, min(64, len(jobs) // (workers * 8)))
-        return list(track(pool.map(convert_case, jobs, chunksize=chunk), total=len(jobs), description=description, transient=True))
+        return list(track(pool.map(convert_case, jobs, chunksize=chunk), total=len(jobs), description=description))
 
 
 def default_workers() -> int:

@@ -16,7 +16,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from rich.progress import track
 
 from components.config import RunConfig
 from components.data.ingest import load_manifest
@@ -26,6 +25,7 @@ from components.evaluation.html_report import render_segmentation_html
 from components.evaluation.segmentation import calibration_bins, ece_from_bins, evaluate_segmentation
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.inference.predict import segment_file
+from components.progress import track
 from components.training.preprocess import SegmentationSpec
 
 VOXELS_PER_CASE = 20_000  # validation voxels per case the temperature is fitted on
@@ -56,15 +56,14 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
     rng = np.random.default_rng(config.evaluate.seed)
     sampled = [_sample_voxels(segment_file(model, spec, root / image)[0], np.asarray(nib.load(root / label).dataobj), rng)
-               for image, label in track(list(zip(val["image"], val["label"])), description="Segmenting val",
-                                         transient=True)]
+               for image, label in track(list(zip(val["image"], val["label"])), description="Segmenting val")]
     temperature = fit_temperature(np.concatenate([s[0] for s in sampled]), np.concatenate([s[1] for s in sampled]))
     binary = config.data.num_classes == 2
     masks_dir = out_dir / "masks"
     masks_dir.mkdir(parents=True, exist_ok=True)
     rows, bins_before = [], 0
     for case, image, label in track(list(zip(test["case_id"], test["image"], test["label"])),
-                                    description="Segmenting test", transient=True):
+                                    description="Segmenting test"):
         logits, affine = segment_file(model, spec, root / image)
         prob = _softmax(logits, temperature)
         mask_rel = f"masks/{case}_mask.nii.gz"

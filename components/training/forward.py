@@ -12,9 +12,9 @@ import pandas as pd
 import torch
 from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
-from rich.progress import track
 from torch import nn
 
+from components.progress import track
 from components.training.preprocess import PreprocessSpec, training_transforms
 
 SW_BATCH = 4
@@ -52,7 +52,7 @@ def extract_features(encoder: nn.Module, spec: PreprocessSpec, frame: pd.DataFra
     loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
     encoder.to(device)
     features, _ = predict_batches(encoder, loader, device,
-                                  progress=lambda it: track(it, description=description, transient=True))
+                                  progress=lambda it: track(it, description=description))
     return features
 
 

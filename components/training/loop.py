@@ -40,6 +40,7 @@ from torch.utils.data import DistributedSampler
 
 from components import lineage, paths
 from components.config import RunConfig
+from components.progress import interactive
 from components.errors import ConfigError
 from components.training.checkpoint import (
     TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, training_key,
@@ -227,7 +228,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
             mlflow.set_tag("medflow.resumed_from_epoch", str(resumed.epoch))
         columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
-        with Progress(*columns, transient=True, disable=not lead) as progress:
+        with Progress(*columns, transient=True, disable=not lead or not interactive()) as progress:
             task = progress.add_task("train", total=epochs, completed=first_epoch - 1, status="")
             for epoch in range(first_epoch, epochs + 1):
                 if sampler is not None:

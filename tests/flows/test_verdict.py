@@ -70,3 +70,20 @@ def test_a_reprinted_summary_says_a_rollback_moved_the_champion_since(workspace,
     assert ("Since then: medflow rollback on 2026-12-01 11:30:05 UTC made version 1 champion (was version 3); "
             "m@champion is version 1") in out
     assert "Promoted: m@champion is version 1" not in out
+
+
+def test_the_summary_in_a_log_keeps_its_lines_whole_and_says_each_rule_once(capsys):
+    """Piped or logged (no terminal), the summary does not wrap at 80 columns and a failed rule is not
+    repeated in its verdict."""
+    import dataclasses
+
+    from flows.cli import print_summary
+
+    metrics = {"auc": 0.9515, "accuracy": 0.913, "ece": 0.0554, "brier": 0.0801, "temperature": 0.962}
+    print_summary(dataclasses.replace(_summary(promoted=False), metrics=metrics))
+    lines = capsys.readouterr().out.splitlines()
+    assert "Test metrics auc 0.952  accuracy 0.913  ece 0.055  brier 0.080  temperature 0.962" in [
+        line.rstrip() for line in lines]
+    row = next(line for line in lines if "overall.auc >= 0.99" in line)
+    assert row.count("overall.auc") == 1 and "fail" in row
+    assert not any(line.strip() == "" for line in lines[1:-1] if "Reason" in line)
