@@ -13,9 +13,14 @@ def workspace_root() -> Path:
     return Path.cwd()
 
 
+def medflow_home_path() -> Path:
+    """State folder: ``$MEDFLOW_HOME`` or ``./.medflow``, without creating it."""
+    return Path(os.environ.get(HOME_ENV) or workspace_root() / ".medflow").resolve()
+
+
 def medflow_home() -> Path:
     """State folder: ``$MEDFLOW_HOME`` or ``./.medflow``; created on first use."""
-    home = Path(os.environ.get(HOME_ENV) or workspace_root() / ".medflow").resolve()
+    home = medflow_home_path()
     home.mkdir(parents=True, exist_ok=True)
     return home
 

@@ -34,15 +34,7 @@ def workspace_lock(command: str, *, wait_s: float = 0.0) -> Iterator[Path]:
     try:
         lock.acquire(timeout=wait_s)
     except Timeout:
-        try:
-            who = json.loads(holder.read_text())
-            by = f"`medflow {who['command']}` (pid {who['pid']}, since {who['since']})"
-        except (OSError, ValueError, KeyError):
-            by = "another medflow command"
-        raise WorkspaceBusy(
-            f"{by} is writing to this workspace ({paths.workspace_root()}); wait for it to finish, "
-            f"or pass --wait SECONDS to wait for the lock"
-        ) from None
+        raise _busy(holder) from None
     try:
         holder.write_text(json.dumps({"command": command, "pid": os.getpid(),
                                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
@@ -50,3 +42,32 @@ def workspace_lock(command: str, *, wait_s: float = 0.0) -> Iterator[Path]:
     finally:
         holder.unlink(missing_ok=True)
         lock.release()
+
+
+def _busy(holder: Path) -> WorkspaceBusy:
+    try:
+        who = json.loads(holder.read_text())
+        by = f"`medflow {who['command']}` (pid {who['pid']}, since {who['since']})"
+    except (OSError, ValueError, KeyError):
+        by = "another medflow command"
+    return WorkspaceBusy(f"{by} is writing to this workspace ({paths.workspace_root()}); wait for it to finish, "
+                         f"or pass --wait SECONDS to wait for the lock")
+
+
+def refuse_if_busy() -> None:
+    """Say at once when another command holds the workspace lock, taking no lock and creating nothing (a
+    command checks this before its slow preflight, then takes the lock with :func:`workspace_lock`).
+
+    Raises:
+        WorkspaceBusy: naming the holder.
+    """
+    home = paths.medflow_home_path()
+    lock_path = home / "workspace.lock"
+    if not lock_path.exists():
+        return
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise _busy(home / "workspace.lock.holder") from None
+    lock.release()

@@ -146,7 +146,7 @@ def run(
     """
     import json  # noqa: PLC0415
 
-    from components.workspace import workspace_lock  # noqa: PLC0415
+    from components.workspace import refuse_if_busy, workspace_lock  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])
     if cfg.placement and not os.environ.get("PREFECT_API_URL"):
@@ -156,11 +156,12 @@ def run(
             f"placement {dict(cfg.placement)} sends steps to work pools, which needs a Prefect server with workers: "
             "set PREFECT_API_URL (the embedded server has no deployments and no workers)"
         )
-    # the lock before the preflight: a busy workspace is said at once, not after torch and MONAI have loaded
-    with workspace_lock("run", wait_s=wait):
-        from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
+    if not wait:  # a busy workspace is said at once, not after torch and MONAI have loaded for the preflight
+        refuse_if_busy()
+    from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
 
-        cfg = check_run(cfg)  # a registered backbone's alias pinned
+    cfg = check_run(cfg)  # a registered backbone's alias pinned
+    with workspace_lock("run", wait_s=wait):
         result = _run_locked(cfg, force=force)
     print_summary(result)
     if summary:

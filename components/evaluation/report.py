@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components.data.labels import label_matrix, parse_label_set
 from components.errors import EvaluationError
 from components.evaluation.bootstrap import bootstrap_ci
 from components.evaluation.fairness import fairness_summary, group_metrics
@@ -34,6 +35,10 @@ NAN_VALUES = "{path}: NaN in {column} for case_id(s): {ids}"
 OUT_OF_RANGE = "{path}: probabilities outside [0, 1] for case_id(s): {ids}"
 NOT_NORMALISED = "{path}: class probabilities do not sum to 1 for case_id(s): {ids}"
 BAD_LABELS = "{path}: y_true not in the class set {classes} for case_id(s): {ids}"
+TEXT_LABELS = ("{path}: {column} holds text ({values}); give class numbers 0..{last} in the order of the probability "
+               "columns (e.g. map {example})")
+CONTRADICTED = ("{path}: y_true differs from the manifest's label for {count} of {n} cases ({ids}); are these "
+                "predictions for this manifest, or were the labels recoded?")
 LABEL_COLUMNS = "{path}: multi-label tables need y_true_j and prob_j for the same labels, got {y} and {prob}"
 UNKNOWN_ATTRIBUTE = "manifest has no column {attribute!r} for the declared attribute"
 
@@ -140,10 +145,19 @@ def check_predictions(
         bad = ids[np.abs(prob.sum(axis=1) - 1) > PROB_TOLERANCE]
         if len(bad):
             raise EvaluationError(NOT_NORMALISED.format(path=path, ids=_ids(bad)))
-    y_float = predictions[targets].to_numpy(dtype=np.float64)
+    for column in targets:
+        if not pd.api.types.is_numeric_dtype(predictions[column]) and not pd.api.types.is_bool_dtype(predictions[column]):
+            numbers = pd.to_numeric(predictions[column], errors="coerce")
+            if numbers.isna().any():
+                values = sorted(map(str, predictions[column][numbers.isna()].unique()))
+                example = ", ".join(f"{v}={i}" for i, v in enumerate(values[:n_classes]))
+                raise EvaluationError(TEXT_LABELS.format(path=path, column=column, last=n_classes - 1, example=example,
+                                                         values=", ".join(repr(v) for v in values[:MAX_LISTED])))
+    y_float = predictions[targets].apply(pd.to_numeric).to_numpy(dtype=np.float64)
     bad = ids[~np.isin(y_float, np.arange(n_classes)).all(axis=1)]
     if len(bad):
         raise EvaluationError(BAD_LABELS.format(path=path, classes=list(range(n_classes)), ids=_ids(bad)))
+    _check_against_manifest(ids, y_float, manifest, n_classes=n_classes, multilabel=multilabel, path=path)
     if not multilabel:
         y_float = y_float[:, 0]
         # contract layout: (N,) positive-class probability for binary tables, given either way
@@ -152,6 +166,33 @@ def check_predictions(
     extra = extra.assign(case_id=extra["case_id"].astype(str)).drop_duplicates("case_id")
     joined = predictions.assign(case_id=ids).merge(extra, on="case_id", how="left", validate="one_to_one")
     return joined, y_float.astype(int), prob
+
+
+def _check_against_manifest(ids: pd.Series, y: np.ndarray, manifest: pd.DataFrame, *, n_classes: int,
+                            multilabel: bool, path: str) -> None:
+    """Refuse labels that contradict the manifest's own ``label`` column, where it holds class labels
+    (class numbers, or ``0|2`` sets for multi-label; mask paths and text are not compared)."""
+    if "label" not in manifest.columns:
+        return
+    labels = manifest.assign(case_id=manifest["case_id"].astype(str)).drop_duplicates("case_id").set_index("case_id")
+    cells = labels["label"].reindex(ids.to_numpy())
+    if multilabel:
+        sets = cells.map(lambda v: parse_label_set(v, n_classes) if isinstance(v, str) else None)
+        known = sets.notna().to_numpy()
+        if not known.any():
+            return
+        expected = label_matrix(sets[known].fillna(""), n_classes)
+        differs = np.zeros(len(ids), dtype=bool)
+        differs[known] = (expected != y[known]).any(axis=1)
+    else:
+        expected = pd.to_numeric(cells, errors="coerce").to_numpy(dtype=np.float64)
+        known = ~np.isnan(expected)
+        if not known.any():
+            return
+        differs = known & (expected != y[:, 0])
+    if differs.any():
+        raise EvaluationError(CONTRADICTED.format(path=path, count=int(differs.sum()), n=len(ids),
+                                                  ids=_ids(ids[differs])))
 
 
 def evaluate_predictions(

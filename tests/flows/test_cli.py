@@ -72,6 +72,38 @@ def test_evaluate_bad_input_is_one_line_and_no_report(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_evaluate_refuses_text_labels_in_one_line(tmp_path, capsys):
+    predictions, manifest = _write_tables(tmp_path, "csv")
+    table = pd.read_csv(predictions)
+    table["y_true"] = table["y_true"].map({0: "benign", 1: "malignant"})
+    table.to_csv(predictions, index=False)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--predictions", str(predictions), "--manifest", str(manifest), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"medflow: error: {predictions}: y_true holds text ('benign', 'malignant'); give class numbers 0..1 in the "
+        "order of the probability columns (e.g. map benign=0, malignant=1)")
+    assert not out.exists()
+
+
+def test_evaluate_refuses_labels_that_contradict_the_manifest(tmp_path, capsys):
+    predictions, manifest = _write_tables(tmp_path, "csv")
+    table, cases = pd.read_csv(predictions), pd.read_csv(manifest)
+    cases["label"] = table["y_true"]  # the manifest knows the truth
+    cases.to_csv(manifest, index=False)
+    table["y_true"] = 1 - table["y_true"]  # a flipped export: AUC near 0 without a word, before
+    table.to_csv(predictions, index=False)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--predictions", str(predictions), "--manifest", str(manifest), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"medflow: error: {predictions}: y_true differs from the manifest's label for 300 of 300 "
+                          "cases (C0, C1, C2, C3, C4")
+    assert len(err.splitlines()) == 1 and not out.exists()
+    table["y_true"] = 1 - table["y_true"]  # agreeing labels are evaluated as before
+    table.to_csv(predictions, index=False)
+    assert main(["evaluate", "--predictions", str(predictions), "--manifest", str(manifest), "--out", str(out),
+                 "--n-bootstrap", "0"]) == 0
+
+
 def test_validate_exits_2_and_names_the_failures(small_dataset, tmp_path, capsys):
     manifest = pd.read_parquet(small_dataset)
     manifest.loc[0, "label"] = 9

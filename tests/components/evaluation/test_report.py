@@ -113,3 +113,18 @@ def test_declared_attribute_must_exist():
     with pytest.raises(EvaluationError) as info:
         evaluate_predictions(predictions, manifest, attributes=["ethnicity"], n_bootstrap=0)
     assert str(info.value) == UNKNOWN_ATTRIBUTE.format(attribute="ethnicity")
+
+
+def test_multilabel_truth_is_checked_against_the_manifests_label_sets():
+    rng = np.random.default_rng(0)
+    n = 40
+    truth = rng.integers(0, 2, size=(n, 3))
+    ids = [f"c{i}" for i in range(n)]
+    predictions = pd.DataFrame({"case_id": ids, **{f"y_true_{j}": truth[:, j] for j in range(3)},
+                                **{f"prob_{j}": rng.random(n) for j in range(3)}})
+    sets = ["|".join(str(j) for j in range(3) if row[j]) for row in truth]
+    manifest = pd.DataFrame({"case_id": ids, "patient_id": ids, "label": sets})
+    evaluate_predictions(predictions, manifest, n_bootstrap=0)  # agreeing: fine
+    predictions.loc[[3, 9], "y_true_1"] = 1 - predictions.loc[[3, 9], "y_true_1"]
+    with pytest.raises(EvaluationError, match=r"y_true differs from the manifest's label for 2 of 40 cases \(c3, c9\)"):
+        evaluate_predictions(predictions, manifest, n_bootstrap=0)
