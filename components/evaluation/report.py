@@ -157,7 +157,7 @@ def check_predictions(
     bad = ids[~np.isin(y_float, np.arange(n_classes)).all(axis=1)]
     if len(bad):
         raise EvaluationError(BAD_LABELS.format(path=path, classes=list(range(n_classes)), ids=_ids(bad)))
-    _check_against_manifest(ids, y_float, manifest, n_classes=n_classes, multilabel=multilabel, path=path)
+    _check_against_manifest(ids, y_float, manifest, multilabel=multilabel, path=path)
     if not multilabel:
         y_float = y_float[:, 0]
         # contract layout: (N,) positive-class probability for binary tables, given either way
@@ -168,8 +168,8 @@ def check_predictions(
     return joined, y_float.astype(int), prob
 
 
-def _check_against_manifest(ids: pd.Series, y: np.ndarray, manifest: pd.DataFrame, *, n_classes: int,
-                            multilabel: bool, path: str) -> None:
+def _check_against_manifest(ids: pd.Series, y: np.ndarray, manifest: pd.DataFrame, *, multilabel: bool,
+                            path: str) -> None:
     """Refuse labels that contradict the manifest's own ``label`` column, where it holds class labels
     (class numbers, or ``0|2`` sets for multi-label; mask paths and text are not compared)."""
     if "label" not in manifest.columns:
@@ -177,11 +177,12 @@ def _check_against_manifest(ids: pd.Series, y: np.ndarray, manifest: pd.DataFram
     labels = manifest.assign(case_id=manifest["case_id"].astype(str)).drop_duplicates("case_id").set_index("case_id")
     cells = labels["label"].reindex(ids.to_numpy())
     if multilabel:
-        sets = cells.map(lambda v: parse_label_set(v, n_classes) if isinstance(v, str) else None)
+        n_labels = y.shape[1]
+        sets = cells.map(lambda v: parse_label_set(v, n_labels) if isinstance(v, str) else None)
         known = sets.notna().to_numpy()
         if not known.any():
             return
-        expected = label_matrix(sets[known].fillna(""), n_classes)
+        expected = label_matrix(sets[known], n_labels)
         differs = np.zeros(len(ids), dtype=bool)
         differs[known] = (expected != y[known]).any(axis=1)
     else:
