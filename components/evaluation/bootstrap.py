@@ -1,5 +1,15 @@
 """Patient-level bootstrap confidence intervals, vectorised over resamples.
 
+Intervals are BCa (bias-corrected and accelerated) as ``scipy.stats.bootstrap``
+defines it: the bias correction from the share of resamples below the estimate,
+the acceleration from a leave-one-patient-out jackknife (over at most
+``JACKKNIFE_GROUPS`` groups of patients, so a large test set costs at most that
+many extra evaluations). ECE, MCE and the fairness gaps are biased upward on
+resampling, so the plain percentile interval can miss its own estimate; BCa
+corrects for that. Where even BCa's interval misses the estimate (nearly every
+resample on one side of it), the interval is widened to reach it, so that a
+reported interval always holds its estimate.
+
 A resample draws patients with replacement; every image of a drawn patient
 comes along, so a resample is a (B, N) matrix of case weights (how often each
 case was drawn). Each metric is computed for all B resamples at once as a
@@ -16,10 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
+from scipy.special import ndtr, ndtri
 
 from components.evaluation.declarations import ECE_BINS, WeightedSums, metrics_for
 
 CHUNK = 32
+JACKKNIFE_GROUPS = 200  # at most this many leave-a-group-out rows; one patient per group up to 200 patients
 WEIGHTED = tuple(m for m in metrics_for("binary") if m.weighted is not None)  # the same for every classification task
 EPS = np.finfo(np.float64).eps
 
@@ -156,9 +168,52 @@ def weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -
     return WeightedMetrics._auc(indicator, np.asarray(weights, dtype=np.float64))
 
 
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
-    """The percentile interval of bootstrap values (NaNs dropped), or None when none is defined."""
-    return _percentile_ci([np.asarray(values, dtype=np.float64)], level)
+def jackknife_rows(n_patients: int, *, groups: int = JACKKNIFE_GROUPS, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+    """Leave-one-out weight rows over patients, ``chunk`` rows at a time: (rows, P) arrays of ones with one
+    patient (or, past ``groups`` patients, one of ``groups`` interleaved groups of patients) set to zero."""
+    n_groups = min(n_patients, groups)
+    member = np.arange(n_patients) % n_groups
+    for start in range(0, n_groups, chunk):
+        left_out = np.arange(start, min(start + chunk, n_groups))
+        yield (member[None, :] != left_out[:, None]).astype(np.float64)
+
+
+def bca_interval(estimate: float | None, resampled: np.ndarray, jackknifed: np.ndarray,
+                 level: float = 0.95) -> list[float] | None:
+    """BCa interval of a statistic, as ``scipy.stats.bootstrap(method="BCa")`` computes it, widened to hold
+    ``estimate`` when it does not (see the module docstring); the percentile interval where BCa is undefined
+    (every resample on one side, or no estimate). NaN resamples (an AUC of one class) are dropped.
+
+    Args:
+        estimate: the statistic on the whole sample.
+        resampled: (B,) the statistic on each bootstrap resample.
+        jackknifed: (J,) the statistic on each leave-one-out row (:func:`jackknife_rows`).
+        level: two-sided confidence level.
+    """
+    values = np.asarray(resampled, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return None
+    alpha = (1 - level) / 2
+    alphas = np.array([alpha, 1 - alpha])
+    if estimate is not None and np.isfinite(estimate):
+        share = (np.count_nonzero(values < estimate) + np.count_nonzero(values <= estimate)) / (2 * len(values))
+        z0 = ndtri(share)
+        jack = np.asarray(jackknifed, dtype=np.float64)
+        jack = jack[~np.isnan(jack)]
+        spread = jack.mean() - jack if len(jack) else np.zeros(0)
+        denominator = np.sum(spread ** 2) ** 1.5
+        accel = np.sum(spread ** 3) / (6 * denominator) if denominator > 0 else 0.0
+        if np.isfinite(z0):
+            z = np.array([ndtri(alpha), -ndtri(alpha)])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bca = ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
+            if np.all(np.isfinite(bca)):
+                alphas = np.clip(bca, 0.0, 1.0)
+    low, high = (float(v) for v in np.quantile(values, alphas))
+    if estimate is not None and np.isfinite(estimate):
+        low, high = min(low, float(estimate)), max(high, float(estimate))
+    return [low, high]
 
 
 def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, *, threshold: float) -> dict:
@@ -173,19 +228,10 @@ def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, 
     return WeightedMetrics(y_true, prob, threshold=threshold)(weights)
 
 
-def _percentile_ci(chunks: list[np.ndarray], level: float) -> list[float] | None:
-    values = np.concatenate(chunks)
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return None
-    alpha = (1 - level) / 2 * 100
-    return [float(np.percentile(values, alpha)), float(np.percentile(values, 100 - alpha))]
-
-
 @dataclass(frozen=True)
 class BootstrapIntervals:
-    """Percentile intervals: ``overall[metric]``, ``groups[attribute][group][metric]`` and
-    ``gaps[attribute]`` (``auc_gap``, ``es_auc``); None where undefined in every resample."""
+    """BCa intervals: ``overall[metric]``, ``groups[attribute][group][metric]`` and ``gaps[attribute]``
+    (``auc_gap``, ``es_auc``); None where undefined in every resample."""
 
     overall: dict
     groups: dict
@@ -204,7 +250,7 @@ def bootstrap_ci(
     groups: Mapping[str, np.ndarray] | None = None,
     compared: Mapping[str, Sequence[str]] | None = None,
 ) -> BootstrapIntervals:
-    """Percentile confidence intervals of every metric, resampling patients.
+    """BCa confidence intervals of every metric, resampling patients (see the module docstring).
 
     Args:
         y_true: (N,) classes.
@@ -224,12 +270,10 @@ def bootstrap_ci(
     if n_resamples == 0:
         return BootstrapIntervals({}, {}, {})
     codes = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
+    n_patients = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
     labels = {a: np.asarray(v).astype(str) for a, v in groups.items()}
     members = {a: {g: lab == g for g in np.unique(lab)} for a, lab in labels.items()}
-    overall: dict[str, list] = {}
-    by_group: dict[str, dict[str, dict[str, list]]] = {a: {g: {} for g in m} for a, m in members.items()}
-    gaps: dict[str, dict[str, list]] = {a: {"auc_gap": [], "es_auc": []} for a in members}
     evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold, units=codes)
     evaluate_group, group_patients = {}, {}
     for attribute, masks in members.items():
@@ -241,29 +285,53 @@ def bootstrap_ci(
             evaluate_group[attribute][group] = WeightedMetrics(
                 np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=local
             )
-    for weights in resample_patients(int(codes.max()) + 1, n_resamples=n_resamples, rng=rng):
-        metrics = evaluate_all(weights)
-        for name, values in metrics.items():
-            overall.setdefault(name, []).append(values)
-        for attribute, masks in members.items():
-            aucs = []
-            for group in masks:
-                group_metrics = evaluate_group[attribute][group](weights[:, group_patients[attribute, group]])
-                for name, values in group_metrics.items():
-                    by_group[attribute][group].setdefault(name, []).append(values)
-                if compared is None or group in compared.get(attribute, masks):
-                    aucs.append(group_metrics["auc"])
-            stacked = np.stack(aucs) if aucs else np.full((1, len(weights)), np.nan)
-            with np.errstate(invalid="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples are dropped below
-                defined = (~np.isnan(stacked)).sum(axis=0)
-                gap = np.where(defined >= 2, np.nanmax(stacked, axis=0) - np.nanmin(stacked, axis=0), np.nan)
-                spread = np.nansum(np.abs(stacked - metrics["auc"]), axis=0)
-                es = np.where(defined >= 1, metrics["auc"] / (1 + spread), np.nan)
-            gaps[attribute]["auc_gap"].append(gap)
-            gaps[attribute]["es_auc"].append(es)
+
+    def statistics(weight_chunks) -> tuple[dict, dict, dict]:
+        """Every metric, group metric and gap for each weight row: ``{name: (rows,)}`` (and nested)."""
+        overall: dict[str, list] = {}
+        by_group: dict[str, dict[str, dict[str, list]]] = {a: {g: {} for g in m} for a, m in members.items()}
+        gaps: dict[str, dict[str, list]] = {a: {"auc_gap": [], "es_auc": []} for a in members}
+        for weights in weight_chunks:
+            metrics = evaluate_all(weights)
+            for name, values in metrics.items():
+                overall.setdefault(name, []).append(values)
+            for attribute, masks in members.items():
+                aucs = []
+                for group in masks:
+                    group_metrics = evaluate_group[attribute][group](weights[:, group_patients[attribute, group]])
+                    for name, values in group_metrics.items():
+                        by_group[attribute][group].setdefault(name, []).append(values)
+                    if compared is None or group in compared.get(attribute, masks):
+                        aucs.append(group_metrics["auc"])
+                stacked = np.stack(aucs) if aucs else np.full((1, len(weights)), np.nan)
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows are dropped by the interval
+                    defined = (~np.isnan(stacked)).sum(axis=0)
+                    gap = np.where(defined >= 2, np.nanmax(stacked, axis=0) - np.nanmin(stacked, axis=0), np.nan)
+                    spread = np.nansum(np.abs(stacked - metrics["auc"]), axis=0)
+                    es = np.where(defined >= 1, metrics["auc"] / (1 + spread), np.nan)
+                gaps[attribute]["auc_gap"].append(gap)
+                gaps[attribute]["es_auc"].append(es)
+        join = lambda chunks: np.concatenate(chunks)  # noqa: E731
+        return ({n: join(c) for n, c in overall.items()},
+                {a: {g: {n: join(c) for n, c in gm.items()} for g, gm in ag.items()} for a, ag in by_group.items()},
+                {a: {n: join(c) for n, c in gm.items()} for a, gm in gaps.items()})
+
+    resampled = statistics(resample_patients(n_patients, n_resamples=n_resamples, rng=rng))
+    jackknifed = statistics(jackknife_rows(n_patients))
+    point = statistics([np.ones((1, n_patients))])
+
+    def interval(path: tuple[str, ...]) -> list[float] | None:
+        def at(tree):
+            for key in path:
+                tree = tree[key]
+            return tree
+        estimate = float(at(point)[0])
+        return bca_interval(None if np.isnan(estimate) else estimate, at(resampled), at(jackknifed), level)
+
+    overall_names, group_names = resampled[0], resampled[1]
     return BootstrapIntervals(
-        overall={name: _percentile_ci(chunks, level) for name, chunks in overall.items()},
-        groups={a: {g: {n: _percentile_ci(c, level) for n, c in m.items()} for g, m in gm.items()} for a, gm in by_group.items()},
-        gaps={a: {n: _percentile_ci(c, level) for n, c in gm.items()} for a, gm in gaps.items()},
+        overall={name: interval((0, name)) for name in overall_names},
+        groups={a: {g: {n: interval((1, a, g, n)) for n in m} for g, m in gm.items()} for a, gm in group_names.items()},
+        gaps={a: {n: interval((2, a, n)) for n in gm} for a, gm in resampled[2].items()},
     )

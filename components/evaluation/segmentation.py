@@ -22,7 +22,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
 from components.errors import EvaluationError
-from components.evaluation.bootstrap import resample_weights
+from components.evaluation.bootstrap import bca_interval, jackknife_rows, resample_weights
 from components.evaluation.fairness import equity_scaled
 from components.evaluation.metrics import ECE_BINS
 from components.evaluation.report import DEFAULT_ATTRIBUTES, DUPLICATE_IDS, MISSING_COLUMN, UNKNOWN_IDS, EvaluationReport, _ids
@@ -84,8 +84,9 @@ def _mean_ci(values: np.ndarray, patients: np.ndarray, *, n_resamples: int, seed
     means = []
     for w in resample_weights(codes, n_resamples=n_resamples, rng=np.random.default_rng(seed)):
         means.append(w @ values[known] / w.sum(axis=1))
-    means = np.concatenate(means)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    jackknifed = [(rows[:, codes] @ values[known]) / rows[:, codes].sum(axis=1)
+                  for rows in jackknife_rows(int(codes.max()) + 1)]
+    return bca_interval(float(values[known].mean()), np.concatenate(means), np.concatenate(jackknifed))
 
 
 def evaluate_segmentation(

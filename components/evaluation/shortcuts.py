@@ -4,7 +4,7 @@ For each declared attribute (sex, age group, race, site), a linear probe (scikit
 logistic regression on standardised features) is fitted on the training split's
 penultimate features and scored on the test split: ``shortcuts.<attribute>.auc`` is its
 ROC AUC (macro one-vs-rest over the attribute's groups; 0.5 means the features do not
-tell the groups apart), with a patient-level bootstrap interval over the test cases.
+tell the groups apart), with a patient-level bootstrap (BCa) interval over the test cases.
 After "Disentanglement and Assessment of Shortcuts in Ophthalmological Retinal Imaging
 Exams" (a probe on frozen features; a high AUC is a shortcut the classifier may use).
 
@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from components.evaluation.bootstrap import percentile_interval, resample_patients, weighted_auc
+from components.evaluation.bootstrap import bca_interval, jackknife_rows, resample_patients, weighted_auc
 
 PROBE_MAX_ITER = 1000
 
@@ -73,9 +73,11 @@ def audit_attribute(
     if n_bootstrap:
         codes = np.unique(np.asarray(test_patients)[test_mask], return_inverse=True)[1]
         rng = np.random.default_rng(seed)
+        n_patients = int(codes.max()) + 1
         values = [macro_auc(y_test, prob, classes, drawn[:, codes])
-                  for drawn in resample_patients(int(codes.max()) + 1, n_resamples=n_bootstrap, rng=rng)]
-        out["ci95"] = percentile_interval(np.concatenate(values), level)
+                  for drawn in resample_patients(n_patients, n_resamples=n_bootstrap, rng=rng)]
+        jackknifed = [macro_auc(y_test, prob, classes, rows[:, codes]) for rows in jackknife_rows(n_patients)]
+        out["ci95"] = bca_interval(out["auc"], np.concatenate(values), np.concatenate(jackknifed), level)
     return out
 
 

@@ -76,3 +76,33 @@ def test_integer_weights_equal_repeated_rows(data, draw):
             assert np.isnan(weighted[name][0])
         else:
             assert weighted[name][0] == pytest.approx(value, abs=1e-9), name
+
+
+@st.composite
+def grouped_predictions(draw):
+    y, prob = draw(binary_predictions(min_size=12, max_size=60))
+    n = len(y)
+    sex = np.array(draw(st.lists(st.sampled_from(["F", "M"]), min_size=n, max_size=n)))
+    patients = np.arange(n) // draw(st.integers(1, 3))
+    return y, prob, sex, patients
+
+
+@settings(max_examples=40, deadline=None)
+@given(grouped_predictions(), st.integers(0, 10_000))
+def test_every_reported_interval_holds_its_estimate(data, seed):
+    """Overall metrics, group metrics and fairness gaps: a 95% interval never leaves out its own estimate."""
+    y, prob, sex, patients = data
+    ids = [f"C{i}" for i in range(len(y))]
+    predictions = pd.DataFrame({"case_id": ids, "y_true": y, "prob": prob})
+    manifest = pd.DataFrame({"case_id": ids, "patient_id": [f"P{p}" for p in patients], "sex": sex})
+    report = evaluate_predictions(predictions, manifest, attributes=["sex"], n_bootstrap=60, seed=seed,
+                                  min_group_size=1).to_dict()
+    pairs = [(report["overall"][m], ci) for m, ci in report["ci95"].items()]
+    for group in report["groups"]["sex"].values():
+        pairs += [(group[m], ci) for m, ci in (group.get("ci95") or {}).items()]
+    fairness = report["fairness"]["sex"]
+    pairs += [(fairness[m], ci) for m, ci in (fairness.get("ci95") or {}).items()]
+    for estimate, interval in pairs:
+        if estimate is None or interval is None:
+            continue
+        assert interval[0] - 1e-9 <= estimate <= interval[1] + 1e-9, (estimate, interval)

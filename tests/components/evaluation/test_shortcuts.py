@@ -46,10 +46,17 @@ def test_the_shortcut_auc_equals_scikit_learns_probe(groups):
     assert audit["groups"] == sorted(groups) and audit["ci95"] is None
 
 
-def test_the_interval_resamples_patients_as_a_loop_over_scikit_learn_does():
+def test_the_interval_is_scipys_bca_over_scikit_learns_aucs_of_the_same_resamples():
+    """One case per patient: the resampled AUCs are scikit-learn's with the resample's case weights, and the
+    interval is scipy.stats.bootstrap's BCa interval of that distribution (its jackknife over the cases)."""
+    from types import SimpleNamespace
+
+    from scipy import stats
+
     rng = np.random.default_rng(2)
     train_f, train = split(rng, 160, ["F", "M"], 1.0)
     test_f, test = split(rng, 80, ["F", "M"], 1.0)
+    test["patient_id"] = [f"p{i}" for i in range(80)]
     audit = audit_attribute(train_f, train["attr"], test_f, test["attr"], test["patient_id"].to_numpy(),
                             n_bootstrap=200, seed=5, min_group_size=5)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(train_f, train["attr"])
@@ -57,8 +64,12 @@ def test_the_interval_resamples_patients_as_a_loop_over_scikit_learn_does():
     codes = np.unique(test["patient_id"], return_inverse=True)[1]
     weights = np.concatenate(list(resample_patients(int(codes.max()) + 1, n_resamples=200,
                                                     rng=np.random.default_rng(5))))[:, codes]
-    values = [roc_auc_score(positive, score, sample_weight=w) for w in weights]
-    assert audit["ci95"] == pytest.approx(np.percentile(values, [2.5, 97.5]).tolist(), abs=1e-12)
+    values = np.array([roc_auc_score(positive, score, sample_weight=w) for w in weights])
+    reference = stats.bootstrap((positive, score), lambda a, b: roc_auc_score(a, b), paired=True, vectorized=False,
+                                method="BCa", n_resamples=0,
+                                bootstrap_result=SimpleNamespace(bootstrap_distribution=values))
+    low, high = reference.confidence_interval
+    assert audit["ci95"] == pytest.approx([min(low, audit["auc"]), max(high, audit["auc"])], abs=1e-12)
     assert audit["ci95"][0] <= audit["auc"] <= audit["ci95"][1]
 
 
