@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from components import paths
 from components.config import RunConfig
+from components.data.versioning import check_workspace
 from components.registry.noninferiority import check_noninferiority
 from components.training.backbones import pin_backbone
 from components.training.train import check_trainable
 
 
 def check_run(config: RunConfig) -> RunConfig:
-    """Refuse, before ingestion, a run that a later step would refuse: a network, loss, backbone or policy
-    that does not fit the task, or a non-inferiority metric that is not declared (``placement`` names are
-    checked when the config is loaded). Returns the config the run uses: a registered backbone's alias
+    """Refuse, before ingestion, a run that a later step would refuse: a folder where DVC could not record
+    a data version, a network, loss, backbone or policy that does not fit the task, or a non-inferiority
+    metric that is not declared (``placement`` names are checked when the config is loaded). Returns the config the run uses: a registered backbone's alias
     pinned to its version (:func:`components.training.backbones.pin_backbone`).
 
     Raises:
         ConfigError: naming what to change.
     """
+    check_workspace(paths.workspace_root(), config.data.name)
     config = pin_backbone(config)
     check_trainable(config)
     check_noninferiority(config.promotion.non_inferiority)

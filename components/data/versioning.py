@@ -19,6 +19,7 @@ import yaml
 from components.errors import IngestError
 
 REMOTE_NAME = "medflow"
+STATE_DIR = ".medflow/"
 
 
 @dataclass(frozen=True)
@@ -55,19 +56,47 @@ def ensure_repository(root: Path) -> None:
         if top.returncode != 0 or (not own_repo and _git(root, "check-ignore", "-q", ".").returncode == 0):
             if _git(root, "init", "-q").returncode != 0:
                 raise IngestError(f"cannot initialise a git repository in {root}")
-            with (root / ".gitignore").open("a") as ignore:
-                ignore.write(".medflow/\n")
-            own_git = True
         elif Path(top.stdout.strip()).resolve() != root.resolve():
             subdir = True
+        # medflow's state (the pseudonym key, the MLflow store) must never be one `git add -A` from a push
+        _ignore(root, STATE_DIR)
     with _quiet_dvc():
         repo = Repo.init(root_dir=str(root), no_scm=no_scm, subdir=subdir)
         with repo.config.edit("repo") as conf:
             conf["core"]["analytics"] = False
             conf["core"]["check_update"] = False
         repo.close()
-    if own_git:  # medflow made this repository: record the project set-up as its first commit
+    if not no_scm:  # the project set-up is committed (in the user's repository too): DVC reads it at every revision
         commit_paths(root, [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"], "medflow: initialise the DVC project")
+
+
+def _ignore(root: Path, pattern: str) -> None:
+    """Append ``pattern`` to ``root/.gitignore`` unless git ignores it already."""
+    if _git(root, "check-ignore", "-q", f"{pattern.rstrip('/')}/state").returncode == 0:
+        return
+    ignore = root / ".gitignore"
+    text = ignore.read_text() if ignore.exists() else ""
+    ignore.write_text(text + ("" if not text or text.endswith("\n") else "\n") + f"{pattern}\n")
+
+
+def check_workspace(root: Path, dataset: str) -> None:
+    """Refuse, before any work, a folder where DVC could not record a data version: one inside a git
+    repository (not ignoring the folder) that ignores ``data/<dataset>.dvc``, such as medflow's own checkout.
+
+    Raises:
+        IngestError: naming the ignore rule and what to do.
+    """
+    if shutil.which("git") is None or (root / ".dvc").is_dir():
+        return
+    inside = _git(root, "rev-parse", "--show-toplevel").returncode == 0
+    if not inside or (not (root / ".git").exists() and _git(root, "check-ignore", "-q", ".").returncode == 0):
+        return  # no repository, or one that ignores this folder: medflow makes the folder its own
+    target = f"data/{dataset}.dvc"
+    rule = _git(root, "check-ignore", "-v", target)
+    if rule.returncode == 0:
+        source = rule.stdout.split("\t")[0].strip()
+        raise IngestError(f"{root / target} would be ignored by git ({source}), so DVC could not record the data "
+                          f"version; run medflow in a folder of its own (mkdir demo && cd demo), or stop ignoring it")
 
 
 @contextmanager

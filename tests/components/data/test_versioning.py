@@ -93,3 +93,39 @@ def test_read_version_refuses_other_files(tmp_path, content):
     path.write_text(content)
     with pytest.raises(IngestError, match=r"x.dvc is not a DVC file of one output"):
         read_version(path)
+
+
+def test_a_users_own_repository_reads_its_first_version_after_a_second_and_keeps_state_out(tmp_path):
+    """A folder the user made a git repository: the DVC set-up is committed with the first version, so
+    the earlier version stays readable (the drift check reads it), and .medflow/ is ignored."""
+    from components.data.versioning import read_file_at
+
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "README.md").write_text("my study\n")
+    _git(tmp_path, "add", "README.md")
+    _git(tmp_path, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "start")
+    folder = _dataset(tmp_path, {"manifest.parquet": b"first"})
+    first = version_dataset(tmp_path, folder, remote=str(tmp_path / "remote"))
+    (folder / "manifest.parquet").write_bytes(b"second")
+    second = version_dataset(tmp_path, folder, remote=str(tmp_path / "remote"))
+    assert first.version != second.version and first.commit != second.commit
+    assert read_file_at(tmp_path, first.dvc_file, first.commit, "manifest.parquet") == b"first"
+    tracked = _git(tmp_path, "ls-files").split("\n")
+    assert {".dvc/config", ".dvcignore", ".gitignore", "data/toy.dvc"} <= set(tracked)
+    assert subprocess.run(["git", "check-ignore", "-q", ".medflow/pseudonym.key"], cwd=tmp_path).returncode == 0
+    assert _git(tmp_path, "status", "--porcelain", "--", ".dvc", ".dvcignore", ".gitignore") == ""
+
+
+def test_a_checkout_that_ignores_data_is_refused_before_any_work(tmp_path):
+    """medflow's own clone ignores data/: DVC could not commit data/demo.dvc there, so say it first."""
+    from components.data.versioning import check_workspace
+
+    _git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("*.pyc\ndata/\n")
+    with pytest.raises(IngestError, match=r"data/demo.dvc would be ignored by git \(.gitignore:2:data/\), so DVC "
+                                          r"could not record the data version; run medflow in a folder of its own"):
+        check_workspace(tmp_path, "demo")
+    assert not (tmp_path / ".dvc").exists() and not (tmp_path / "data").exists()
+    (tmp_path / ".gitignore").write_text("*.pyc\ndata/\n/demo/\n")
+    (tmp_path / "demo").mkdir()
+    check_workspace(tmp_path / "demo", "demo")  # a folder the checkout ignores becomes a repository of its own
