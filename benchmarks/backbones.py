@@ -36,7 +36,7 @@ SIDE = 112
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true")
-    parser.add_argument("--images", type=int, default=480, help="synthetic patients (one image each)")
+    parser.add_argument("--images", type=int, default=480, help="synthetic patients (about two images each)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
@@ -92,9 +92,11 @@ def main() -> int:
         extract_features(encoder, backbone.spec, manifest, report.manifest.parent, cpu, batch_size=batch_size)
 
     ours()  # warm-up
+    theirs()
     times = {"bare": [], "medflow": [], "files": []}
-    for _ in range(args.repeat):
-        for name, fn in (("bare", theirs), ("medflow", ours), ("files", from_files)):
+    order = [("bare", theirs), ("medflow", ours), ("files", from_files)]
+    for repeat in range(args.repeat + 2):  # the order alternates, so neither side always runs first
+        for name, fn in order if repeat % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -156,7 +158,8 @@ def main() -> int:
             f"(no GPU was lent to this session: extraction with AMP is still to be measured), Python "
             f"{platform.python_version()}, torch {torch.__version__}; a DINOv2-small-shaped backbone (384 wide, 12 "
             f"layers, patch 14) with random weights in Hugging Face format, {n} synthetic images at {SIDE}x{SIDE}, "
-            f"best of {args.repeat}.\n\n{table}\n\n"
+            f"extraction best of {args.repeat + 2} in alternating order, steps best of {args.repeat + 1}."
+            f"\n\n{table}\n\n"
             f"Targets: extraction at least 0.95x the bare forward pass on the same batches: "
             f"{'met' if bare_s / ours_s >= 0.95 else 'not met'}; the probe on cached features under a tenth of "
             f"the probe that extracts them: {'met' if warm / cold < 0.1 else 'not met'}. Reading and preprocessing "

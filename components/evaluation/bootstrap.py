@@ -31,7 +31,7 @@ from scipy.special import ndtr, ndtri
 from components.evaluation.declarations import ECE_BINS, WeightedSums, metrics_for
 
 CHUNK = 32
-JACKKNIFE_GROUPS = 200  # at most this many leave-a-group-out rows; one patient per group up to 200 patients
+JACKKNIFE_GROUPS = 100  # at most this many leave-a-group-out rows; one patient per group up to 100 patients
 WEIGHTED = tuple(m for m in metrics_for("binary") if m.weighted is not None)  # the same for every classification task
 EPS = np.finfo(np.float64).eps
 

@@ -120,7 +120,7 @@ def test_patient_weights_equal_the_same_weights_on_every_case_of_the_patient(k):
 
 @pytest.mark.parametrize("metric", ["auc", "ece", "brier"])
 def test_bca_intervals_equal_scipys_on_the_same_resamples(metric):
-    """One case per patient, fewer than 200 patients (an exact jackknife): our BCa interval is scipy's for the
+    """One case per patient, at most 100 patients (an exact jackknife): our BCa interval is scipy's for the
     bootstrap distribution we drew (passed to scipy.stats.bootstrap, which adds no resample of its own)."""
     from types import SimpleNamespace
 
@@ -129,11 +129,11 @@ def test_bca_intervals_equal_scipys_on_the_same_resamples(metric):
     from components.evaluation.bootstrap import bca_interval, jackknife_rows, resample_patients
     from components.evaluation.declarations import metric as declared
 
-    y, prob, _ = synthetic_predictions(150, seed=11)
+    y, prob, _ = synthetic_predictions(100, seed=11)
     point = declared(metric).point
     resampled = np.concatenate([weighted_metrics(y, prob, w, threshold=0.5)[metric]
-                                for w in resample_patients(150, n_resamples=400, rng=np.random.default_rng(2))])
-    jackknifed = np.concatenate([weighted_metrics(y, prob, w, threshold=0.5)[metric] for w in jackknife_rows(150)])
+                                for w in resample_patients(100, n_resamples=400, rng=np.random.default_rng(2))])
+    jackknifed = np.concatenate([weighted_metrics(y, prob, w, threshold=0.5)[metric] for w in jackknife_rows(100)])
     ours = bca_interval(point(y, prob, 0.5), resampled, jackknifed)
 
     reference = stats.bootstrap((y, prob), lambda a, b: point(a, b, 0.5), paired=True, vectorized=False,
