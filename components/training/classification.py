@@ -145,4 +145,5 @@ def train_classifier(
     set_determinism(seed=config.train.seed)
     device = select_device(config.train.device)
     recipe = classification_recipe(manifest_path, config, device)
-    return fit(recipe, config=config, data_version=data_version, device=device, params_out=params_out)
+    return fit(recipe, config=config, data_version=data_version, device=device, params_out=params_out,
+               manifest_path=manifest_path)

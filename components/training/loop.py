@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -150,8 +151,26 @@ def run_name(config: RunConfig, data_version: str) -> str:
     return f"train {config.train.model} on {config.data.name}@{data_version[:8]} {when}"
 
 
+def dataset_input(manifest_path: Path, config: RunConfig, data_version: str):
+    """The data version as an MLflow dataset (the runs table's Dataset column, the run's inputs): the manifest's
+    schema and row count, the DVC directory hash as digest, the DVC remote as source."""
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    manifest = pd.read_parquet(manifest_path)
+    remote = config.data.remote or str(paths.dvc_remote_default())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "can be interpreted in multiple ways": a local path is one
+        try:
+            return mlflow.data.from_pandas(manifest, source=remote, name=config.data.name, digest=data_version,
+                                           targets="label")
+        except MlflowException:  # a remote MLflow has no source type for (ssh://, azure://, ...): the .dvc file
+            dvc_file = manifest_path.parent.with_name(f"{manifest_path.parent.name}.dvc")
+            return mlflow.data.from_pandas(manifest, source=str(dvc_file), name=config.data.name,
+                                           digest=data_version, targets="label")
+
+
 def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.device,
-        params_out: Path | None = None) -> TrainResult:
+        params_out: Path | None = None, manifest_path: Path | None = None) -> TrainResult:
     """Train ``recipe`` for ``train.epochs`` (or until early stopping), checkpointing every epoch.
 
     After every epoch the whole training state is checkpointed under
@@ -165,6 +184,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
         data_version: the DVC hash of the dataset, tagged on the run.
         device: where the network lives.
         params_out: when given, save this rank's final parameters there as ``rank<r>.pt`` (for checks).
+        manifest_path: the dataset's manifest: logged as the run's MLflow dataset input (context ``training``).
 
     Returns:
         The MLflow run id and the best epoch (the run id is empty on ranks other than 0).
@@ -224,6 +244,10 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
             mlflow.log_dict(config.model_dump(mode="json"), "config.json")
             for artifact, content in recipe.records.items():
                 mlflow.log_dict(content, artifact)
+            if manifest_path is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # MLflow's schema hints about integer columns
+                    mlflow.log_input(dataset_input(manifest_path, config, data_version), context="training")
         elif lead:
             mlflow.set_tag("medflow.resumed_from_epoch", str(resumed.epoch))
         columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),

@@ -35,6 +35,12 @@ def test_training_logs_every_epoch_and_the_best_checkpoint(workspace, small_data
     assert description["network"] == "densenet" and spec.spatial_size == (32, 32)
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
     assert json.loads(Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="config.json")).read_text())["train"]["epochs"] == 2
+    # the data version is the run's MLflow dataset: the runs table's Dataset column shows it
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == "demo" and used.dataset.digest == "abc123"
+    assert json.loads(used.dataset.source)["uri"] == str(paths.dvc_remote_default())
+    assert [t.value for t in used.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert json.loads(used.dataset.profile)["num_rows"] == len(__import__("pandas").read_parquet(small_dataset))
 
 
 def test_training_is_deterministic_for_a_seed(workspace, small_dataset):
