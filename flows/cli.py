@@ -344,6 +344,36 @@ def rollback(model: ModelOption) -> None:
 
 
 @app.command()
+def compare(
+    model: ModelOption,
+    a: Annotated[str, typer.Argument(help="The version whose test cases both models are judged on.")],
+    b: Annotated[str | None, typer.Argument(help="The version to compare with (default: the champion).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the comparison as JSON here.")] = None,
+    n_bootstrap: Annotated[int, typer.Option(help="Paired patient-level resamples.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Two versions side by side on A's test cases: every metric, the paired difference A - B and its 95% CI."""
+    from components.registry.compare import compare_versions  # noqa: PLC0415
+
+    result = compare_versions(model_name=model, a=a, b=b, n_resamples=n_bootstrap, seed=seed)
+    console.print(f"{model}: version {result.a} (A) and version {result.b} (B) on A's test set: {result.n} images of "
+                  f"{result.n_patients} patients, data version {result.data_version[:12]}", markup=False,
+                  soft_wrap=True)
+    for title, rows in (("Metrics", result.metrics), ("Fairness", result.fairness)):
+        table = Table(title=title, title_justify="left")
+        for column in ("metric", "A", "B", "A - B", "95% CI (paired)", "better"):
+            table.add_column(column)
+        for row in rows:
+            ci = "-" if row.ci95 is None else f"{row.ci95[0]:+.4f} .. {row.ci95[1]:+.4f}"
+            better = {"a": "A", "b": "B"}.get(row.better, "neither")
+            table.add_row(row.name, _num(row.a), _num(row.b), "-" if row.difference is None else f"{row.difference:+.4f}",
+                          ci, better)
+        console.print(table)
+    if json_out:
+        result.write_json(json_out)
+
+
+@app.command()
 def history(model: ModelOption) -> None:
     """Every promotion decision and rollback of a model, oldest first."""
     from components.registry.history import read_history  # noqa: PLC0415

@@ -238,6 +238,71 @@ class BootstrapIntervals:
     gaps: dict
 
 
+class ResampledStatistics:
+    """Every metric of one set of predictions, each attribute's group metrics and the fairness gaps, for
+    many patient weight rows at once (bootstrap resamples, jackknife rows, or a row of ones for the point).
+
+    Calling it with chunks of (rows, P) patient weights gives ``(overall, groups, gaps)``:
+    ``{metric: (rows,)}``, ``{attribute: {group: {metric: (rows,)}}}`` and
+    ``{attribute: {"auc_gap": (rows,), "es_auc": (rows,)}}``.
+    """
+
+    def __init__(self, y_true: np.ndarray, prob: np.ndarray, codes: np.ndarray, *, threshold: float,
+                 groups: Mapping[str, np.ndarray] | None = None,
+                 compared: Mapping[str, Sequence[str]] | None = None) -> None:
+        labels = {a: np.asarray(v).astype(str) for a, v in dict(groups or {}).items()}
+        self.members = {a: {g: lab == g for g in np.unique(lab)} for a, lab in labels.items()}
+        self.compared = compared
+        self.evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold, units=codes)
+        self.evaluate_group, self.group_patients = {}, {}
+        for attribute, masks in self.members.items():
+            self.evaluate_group[attribute] = {}
+            for group, mask in masks.items():
+                # the group's own patients, renumbered 0..P_g-1; a call takes their columns of the counts
+                present, local = np.unique(codes[mask], return_inverse=True)
+                self.group_patients[attribute, group] = present
+                self.evaluate_group[attribute][group] = WeightedMetrics(
+                    np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=local
+                )
+
+    def __call__(self, weight_chunks) -> tuple[dict, dict, dict]:
+        members, compared = self.members, self.compared
+        overall: dict[str, list] = {}
+        by_group: dict[str, dict[str, dict[str, list]]] = {a: {g: {} for g in m} for a, m in members.items()}
+        gaps: dict[str, dict[str, list]] = {a: {"auc_gap": [], "es_auc": []} for a in members}
+        for weights in weight_chunks:
+            metrics = self.evaluate_all(weights)
+            for name, values in metrics.items():
+                overall.setdefault(name, []).append(values)
+            for attribute, masks in members.items():
+                aucs = []
+                for group in masks:
+                    group_metrics = self.evaluate_group[attribute][group](
+                        weights[:, self.group_patients[attribute, group]])
+                    for name, values in group_metrics.items():
+                        by_group[attribute][group].setdefault(name, []).append(values)
+                    if compared is None or group in compared.get(attribute, masks):
+                        aucs.append(group_metrics["auc"])
+                stacked = np.stack(aucs) if aucs else np.full((1, len(weights)), np.nan)
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows are dropped by the interval
+                    defined = (~np.isnan(stacked)).sum(axis=0)
+                    gap = np.where(defined >= 2, np.nanmax(stacked, axis=0) - np.nanmin(stacked, axis=0), np.nan)
+                    spread = np.nansum(np.abs(stacked - metrics["auc"]), axis=0)
+                    es = np.where(defined >= 1, metrics["auc"] / (1 + spread), np.nan)
+                gaps[attribute]["auc_gap"].append(gap)
+                gaps[attribute]["es_auc"].append(es)
+        join = lambda chunks: np.concatenate(chunks)  # noqa: E731
+        return ({n: join(c) for n, c in overall.items()},
+                {a: {g: {n: join(c) for n, c in gm.items()} for g, gm in ag.items()} for a, ag in by_group.items()},
+                {a: {n: join(c) for n, c in gm.items()} for a, gm in gaps.items()})
+
+
+def patient_codes(patient_ids: np.ndarray) -> np.ndarray:
+    """Each case's patient as 0..P-1."""
+    return np.unique(np.asarray(patient_ids), return_inverse=True)[1]
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     prob: np.ndarray,
@@ -266,62 +331,16 @@ def bootstrap_ci(
     The same resamples serve the overall, group and gap intervals, so a gap's
     interval reflects the groups' joint variation.
     """
-    groups = dict(groups or {})
     if n_resamples == 0:
         return BootstrapIntervals({}, {}, {})
-    codes = np.unique(np.asarray(patient_ids), return_inverse=True)[1]
+    codes = patient_codes(patient_ids)
     n_patients = int(codes.max()) + 1
-    rng = np.random.default_rng(seed)
-    labels = {a: np.asarray(v).astype(str) for a, v in groups.items()}
-    members = {a: {g: lab == g for g in np.unique(lab)} for a, lab in labels.items()}
-    evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold, units=codes)
-    evaluate_group, group_patients = {}, {}
-    for attribute, masks in members.items():
-        evaluate_group[attribute] = {}
-        for group, mask in masks.items():
-            # the group's own patients, renumbered 0..P_g-1; a call takes their columns of the counts
-            present, local = np.unique(codes[mask], return_inverse=True)
-            group_patients[attribute, group] = present
-            evaluate_group[attribute][group] = WeightedMetrics(
-                np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=local
-            )
-
-    def statistics(weight_chunks) -> tuple[dict, dict, dict]:
-        """Every metric, group metric and gap for each weight row: ``{name: (rows,)}`` (and nested)."""
-        overall: dict[str, list] = {}
-        by_group: dict[str, dict[str, dict[str, list]]] = {a: {g: {} for g in m} for a, m in members.items()}
-        gaps: dict[str, dict[str, list]] = {a: {"auc_gap": [], "es_auc": []} for a in members}
-        for weights in weight_chunks:
-            metrics = evaluate_all(weights)
-            for name, values in metrics.items():
-                overall.setdefault(name, []).append(values)
-            for attribute, masks in members.items():
-                aucs = []
-                for group in masks:
-                    group_metrics = evaluate_group[attribute][group](weights[:, group_patients[attribute, group]])
-                    for name, values in group_metrics.items():
-                        by_group[attribute][group].setdefault(name, []).append(values)
-                    if compared is None or group in compared.get(attribute, masks):
-                        aucs.append(group_metrics["auc"])
-                stacked = np.stack(aucs) if aucs else np.full((1, len(weights)), np.nan)
-                with np.errstate(invalid="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows are dropped by the interval
-                    defined = (~np.isnan(stacked)).sum(axis=0)
-                    gap = np.where(defined >= 2, np.nanmax(stacked, axis=0) - np.nanmin(stacked, axis=0), np.nan)
-                    spread = np.nansum(np.abs(stacked - metrics["auc"]), axis=0)
-                    es = np.where(defined >= 1, metrics["auc"] / (1 + spread), np.nan)
-                gaps[attribute]["auc_gap"].append(gap)
-                gaps[attribute]["es_auc"].append(es)
-        join = lambda chunks: np.concatenate(chunks)  # noqa: E731
-        return ({n: join(c) for n, c in overall.items()},
-                {a: {g: {n: join(c) for n, c in gm.items()} for g, gm in ag.items()} for a, ag in by_group.items()},
-                {a: {n: join(c) for n, c in gm.items()} for a, gm in gaps.items()})
-
-    resampled = statistics(resample_patients(n_patients, n_resamples=n_resamples, rng=rng))
+    statistics = ResampledStatistics(y_true, prob, codes, threshold=threshold, groups=groups, compared=compared)
+    resampled = statistics(resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed)))
     jackknifed = statistics(jackknife_rows(n_patients))
     point = statistics([np.ones((1, n_patients))])
 
-    def interval(path: tuple[str, ...]) -> list[float] | None:
+    def interval(path: tuple) -> list[float] | None:
         def at(tree):
             for key in path:
                 tree = tree[key]
@@ -329,9 +348,8 @@ def bootstrap_ci(
         estimate = float(at(point)[0])
         return bca_interval(None if np.isnan(estimate) else estimate, at(resampled), at(jackknifed), level)
 
-    overall_names, group_names = resampled[0], resampled[1]
     return BootstrapIntervals(
-        overall={name: interval((0, name)) for name in overall_names},
-        groups={a: {g: {n: interval((1, a, g, n)) for n in m} for g, m in gm.items()} for a, gm in group_names.items()},
+        overall={name: interval((0, name)) for name in resampled[0]},
+        groups={a: {g: {n: interval((1, a, g, n)) for n in m} for g, m in gm.items()} for a, gm in resampled[1].items()},
         gaps={a: {n: interval((2, a, n)) for n in gm} for a, gm in resampled[2].items()},
     )

@@ -107,6 +107,18 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert "Reused" not in forced.stdout and "version 3 (alias challenger)" in forced.stdout
 
+    # version 3 retrained the champion's config on the same data: side by side, nothing tells them apart
+    compared = _cli(tmp_path, "compare", "--model", "medflow-demo-classifier", "3", "1", "--json", "compare.json",
+                    "--n-bootstrap", "200")
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "version 3 (A) and version 1 (B) on A's test set" in " ".join(compared.stdout.split())
+    table = json.loads((tmp_path / "compare.json").read_text())
+    auc = next(r for r in table["metrics"] if r["name"] == "auc")
+    assert auc["ci95"][0] <= auc["difference"] <= auc["ci95"][1] and auc["better"] != "b"
+    assert {r["name"] for r in table["fairness"]} >= {"sex.auc_gap", "sex.es_auc"}
+    unknown = _cli(tmp_path, "compare", "--model", "medflow-demo-classifier", "9")
+    assert unknown.returncode == 1 and len(unknown.stderr.strip().splitlines()) == 1
+
     outputs = [r.stdout + r.stderr for r in (first, again, cached, strict, second, history, refused, forced, back, forced)]
     leaks = _identifiers_found(tmp_path, outputs)
     assert not leaks, f"patient identifiers written by medflow: {sorted(leaks)[:10]}"

@@ -1,0 +1,154 @@
+"""Compare two registered versions on the same test cases: every metric of each, their paired
+patient-level difference and its BCa interval (both models' predictions resampled by the same patients,
+as non-inferiority resamples them), and the fairness gaps the same way.
+
+The first version's evaluation (its test predictions, as ``medflow run`` logged them) fixes the cases;
+the second version's pyfunc predicts those images, so the two models are judged on identical patients.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from components import lineage, paths
+from components.data.versioning import read_version
+from components.errors import RegistryError
+from components.evaluation.bootstrap import (
+    ResampledStatistics, bca_interval, jackknife_rows, patient_codes, resample_patients,
+)
+from components.evaluation.declarations import METRICS, metric as declared
+from components.evaluation.report import DEFAULT_ATTRIBUTES, check_predictions, read_table
+from components.inference.predict import predict_images
+from components.inference.results import REPORT_DIR
+from components.registry.promote import check_version
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compared quantity: each version's value, ``a - b`` and its paired interval."""
+
+    name: str
+    a: float | None
+    b: float | None
+    difference: float | None
+    ci95: list[float] | None
+    better: str  # "a", "b" or "" (the interval holds 0, or the quantity has no direction)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two versions on the first one's test cases."""
+
+    model: str
+    a: str
+    b: str
+    n: int
+    n_patients: int
+    data_version: str
+    metrics: list[Row]
+    fairness: list[Row]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def _row(name: str, point_a, point_b, resampled, jackknifed, *, higher_is_better: bool | None) -> Row:
+    a, b = float(point_a[0]), float(point_b[0])
+    if np.isnan(a) or np.isnan(b):
+        return Row(name, None if np.isnan(a) else a, None if np.isnan(b) else b, None, None, "")
+    difference = a - b
+    ci = bca_interval(difference, resampled, jackknifed)
+    better = ""
+    if ci is not None and higher_is_better is not None and not ci[0] <= 0 <= ci[1]:
+        better = "a" if (ci[0] > 0) == higher_is_better else "b"
+    return Row(name, a, b, difference, ci, better)
+
+
+def compare_predictions(y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, patient_ids: np.ndarray, *,
+                        groups: dict[str, np.ndarray], threshold: float = 0.5, n_resamples: int = 1000,
+                        seed: int = 0) -> tuple[list[Row], list[Row]]:
+    """Metric rows and fairness rows of two sets of predictions of the same cases (see the module docstring)."""
+    codes = patient_codes(patient_ids)
+    n_patients = int(codes.max()) + 1
+    stats_a = ResampledStatistics(y_true, prob_a, codes, threshold=threshold, groups=groups)
+    stats_b = ResampledStatistics(y_true, prob_b, codes, threshold=threshold, groups=groups)
+
+    def paired(rows_of):  # the same weight rows through both models: their statistics, and the differences
+        first, second = stats_a(rows_of()), stats_b(rows_of())
+        return first, second
+
+    draws = lambda: resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed))  # noqa: E731
+    (res_a, res_b), (jack_a, jack_b) = paired(draws), paired(lambda: jackknife_rows(n_patients))
+    point_a, point_b = stats_a([np.ones((1, n_patients))]), stats_b([np.ones((1, n_patients))])
+    metrics = [
+        _row(m.name, point_a[0][m.name], point_b[0][m.name], res_a[0][m.name] - res_b[0][m.name],
+             jack_a[0][m.name] - jack_b[0][m.name], higher_is_better=m.higher_is_better)
+        for m in METRICS if m.weighted is not None and m.name in point_a[0]
+    ]
+    fairness = [
+        _row(f"{attribute}.{name}", point_a[2][attribute][name], point_b[2][attribute][name],
+             res_a[2][attribute][name] - res_b[2][attribute][name],
+             jack_a[2][attribute][name] - jack_b[2][attribute][name],
+             higher_is_better=declared(name).higher_is_better)
+        for attribute in point_a[2] for name in ("auc_gap", "es_auc")
+    ]
+    return metrics, fairness
+
+
+def compare_versions(*, model_name: str, a: str, b: str | None = None, n_resamples: int = 1000, seed: int = 0,
+                     threshold: float = 0.5) -> Comparison:
+    """Version ``a`` against ``b`` (default: the champion) on ``a``'s test cases.
+
+    Raises:
+        RegistryError: an unknown model or version, no champion to compare with, an evaluation missing from
+            ``a``'s run, or a workspace that does not hold ``a``'s test data.
+    """
+    mlflow.set_tracking_uri(paths.tracking_uri())
+    client = MlflowClient()
+    check_version(client, model_name, a)
+    if b is None:
+        try:
+            b = str(client.get_model_version_by_alias(model_name, "champion").version)
+        except MlflowException as exc:
+            raise RegistryError(f"{model_name} has no champion to compare version {a} with; name a version") from exc
+    check_version(client, model_name, b)
+    version = client.get_model_version(model_name, a)
+    dataset, data_version = version.tags.get(lineage.TAG_DATASET, ""), version.tags.get(lineage.TAG_DATA_VERSION, "")
+    dvc_file, manifest_path = paths.data_root() / f"{dataset}.dvc", paths.data_root() / dataset / "manifest.parquet"
+    if not (dataset and dvc_file.exists() and manifest_path.exists() and read_version(dvc_file) == data_version):
+        raise RegistryError(f"this workspace does not hold the test data of version {a} ({dataset}@{data_version[:12]}); "
+                            f"run from its workspace, or restore it with medflow data checkout")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=REPORT_DIR,
+                                                              dst_path=tmp))
+        except MlflowException as exc:
+            raise RegistryError(f"version {a} of {model_name} has no evaluation in run {version.run_id}") from exc
+        report = json.loads((folder / "report.json").read_text())
+        if report["task"] == "segmentation":
+            raise RegistryError("medflow compare compares classifiers; segmentation versions are not supported yet")
+        table = read_table(folder / "predictions.parquet")
+    manifest = read_table(manifest_path)
+    joined, y_true, prob_a = check_predictions(table, manifest, path=f"version {a}'s predictions")
+    prob_b = predict_images(f"models:/{model_name}/{b}", [manifest_path.parent / p for p in joined["image"]])
+    if prob_b.ndim == 2 and prob_b.shape[1] == 2 and prob_a.ndim == 1:
+        prob_b = prob_b[:, 1]
+    attributes = [x for x in DEFAULT_ATTRIBUTES if x in joined.columns]
+    groups = {x: joined[x].fillna("unknown").astype(str).to_numpy() for x in attributes}
+    metrics, fairness = compare_predictions(y_true, prob_a, prob_b, joined["patient_id"].astype(str).to_numpy(),
+                                            groups=groups, threshold=threshold, n_resamples=n_resamples, seed=seed)
+    return Comparison(model=model_name, a=a, b=b, n=len(joined), n_patients=int(joined["patient_id"].nunique()),
+                      data_version=data_version, metrics=metrics, fairness=fairness)
