@@ -130,6 +130,21 @@ def test_pools_and_every_deployment_are_registered(prefect):
     assert resources["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
 
 
+def test_a_deploy_without_its_two_variables_is_refused_at_deploy_time(prefect):
+    """Without MEDFLOW_SOURCE and MEDFLOW_WORKSPACE the paths resolved to empty strings and the scheduled run
+    crashed later on the worker; now `prefect deploy` stops, saying which to set, and changes nothing."""
+    env, workspace, _ = prefect
+    bare = {k: v for k, v in env.items() if k not in ("MEDFLOW_SOURCE", "MEDFLOW_WORKSPACE")}
+    done = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "weekly", "--prefect-file",
+                           "infra/prefect.yaml"], cwd=REPO, env=bare, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "medflow: set MEDFLOW_SOURCE (the checkout the process workers run) and MEDFLOW_WORKSPACE" in (
+        done.stdout + done.stderr)
+    weekly = _client_call(env, lambda c: c.read_deployment_by_name("medflow-retrain-workspace/weekly"))
+    assert weekly.parameters["workspace"] == str(workspace)  # the registered deployment is untouched
+    assert weekly.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
+
+
 def test_a_process_worker_runs_the_weekly_deployment_with_training_placed_on_its_pool(prefect):
     env, workspace, _ = prefect
     flow_run = _start(env, "medflow-retrain-workspace/weekly", {"overrides": ["placement.train=medflow-local"]})
