@@ -19,6 +19,7 @@ from components.data.ingest import load_manifest
 from components.data.step import DatasetVersion
 from components.data.versioning import read_version
 from components.errors import RegistryError
+from components.evaluation.declarations import metrics_for
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.registry.card import model_card_markdown, write_model_card
 from components.registry.noninferiority import comparison_gates
@@ -28,6 +29,7 @@ from components.steps import get_step
 from components.tracking import describe_mlflow_error, is_permission_denied, use_experiment
 
 logger = logging.getLogger("medflow.registry")
+DESCRIPTION_LIMIT = 4000  # MLflow's SQL stores keep 5000 characters of a version's description
 
 
 def register_challenger(evaluation: ModelEvaluation, dataset: DatasetVersion, config: RunConfig) -> RegisteredModel:
@@ -95,12 +97,34 @@ def promote_version(
         write_model_card(card, Path(tmp))
         try:
             client.log_artifacts(model_version.run_id, tmp, "model_card")
+            # the registry's own description field, which the MLflow UI shows on the version's page
+            client.update_model_version(model_name, version, description=version_description(
+                report=report, decision=decision, data=model_version.tags, run_id=model_version.run_id))
         except (MlflowException, requests.HTTPError) as exc:  # the artifact proxy answers with plain HTTP errors
             if decision.promoted or not is_permission_denied(exc):
                 raise
             logger.warning("the model card of refused version %s is not logged: %s", version,
                            describe_mlflow_error(exc, client.tracking_uri))
     return decision
+
+
+def version_description(*, report: dict, decision: PromotionDecision, data: dict, run_id: str) -> str:
+    """A model version's description: what it is, its key test figures with intervals, and the decision
+    (the model card, too long for the registry's field, is an artifact of the run)."""
+    overall, ci = report["overall"], report.get("ci95", {})
+    figures = []
+    for m in metrics_for(report["task"]):
+        if m.tagged and overall.get(m.name) is not None:
+            interval = ci.get(m.name)
+            figures.append(f"{m.title} {overall[m.name]:.3f}"
+                           + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
+    verdict = "Promoted to champion" if decision.promoted else "Refused"
+    text = (f"{report['task'].capitalize()} model trained by medflow on {data.get(lineage.TAG_DATASET, '?')} "
+            f"(data version {data.get(lineage.TAG_DATA_VERSION, '?')[:12]}). Test split, {report['n']} images of "
+            f"{report['n_patients']} patients: {'; '.join(figures)}. {verdict} on {decision.decided_at}"
+            + (f": {decision.reason}" if decision.reason else "")
+            + f". Model card: artifact model_card/model_card.md of run {run_id}.")
+    return text if len(text) <= DESCRIPTION_LIMIT else text[:DESCRIPTION_LIMIT - 1] + "…"
 
 
 def promote_challenger(model: RegisteredModel, evaluation: ModelEvaluation, dataset: DatasetVersion,

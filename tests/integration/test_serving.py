@@ -47,6 +47,10 @@ def test_register_promote_and_serve_the_champion(workspace, small_dataset, postg
                                    evaluation_dir=evaluation.report.parent, manifest=small_dataset)
         assert decision.promoted
         client = MlflowClient(server.url)
+        described = client.get_model_version("tiny", model.version).description
+        assert described.startswith("Binary model trained by medflow on demo (data version ")
+        assert "Test split, " in described and " AUC " in described and "Promoted to champion on " in described
+        assert f"model_card/model_card.md of run {trained.run_id}" in described
         card = client.list_artifacts(trained.run_id, "model_card")
         assert sorted(a.path for a in card) == ["model_card/model_card.html", "model_card/model_card.md"]
 
