@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -217,7 +218,9 @@ def test_a_prefect_server_that_does_not_answer_is_one_line(workspace, monkeypatc
     assert len(err.splitlines()) == 1 and not (workspace / "data").exists()
 
 
-def test_a_second_command_in_a_busy_workspace_is_refused_naming_the_first(workspace, capsys):
+@contextlib.contextmanager
+def held_lock():
+    """Another process holding the workspace lock (as a running `medflow run` does); yields that process."""
     import multiprocessing
 
     from components.workspace import workspace_lock
@@ -233,38 +236,32 @@ def test_a_second_command_in_a_busy_workspace_is_refused_naming_the_first(worksp
     holder.start()
     try:
         assert ready.wait(30)
+        yield holder
+    finally:
+        release.set()
+        holder.join(30)
+
+
+def test_a_second_command_in_a_busy_workspace_is_refused_naming_the_first(workspace, capsys):
+    from components.workspace import workspace_lock
+
+    with held_lock() as holder:
         assert main(["run", "--set", "data.n_patients=20"]) == 4
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"medflow: error: `medflow run` (pid {holder.pid}, since ")
         assert err.endswith("wait for it to finish, or pass --wait SECONDS to wait for the lock")
         assert main(["ingest", "--set", "data.n_patients=20"]) == 4
         assert not (workspace / "data").exists()
-    finally:
-        release.set()
-        holder.join(30)
     with workspace_lock("ingest", wait_s=5):  # released when its holder ends
         pass
 
 
 def test_a_busy_workspace_is_said_before_the_preflight_loads_torch(workspace):
     """The refusal comes at once: before the network checks import torch and MONAI (seconds)."""
-    import multiprocessing
     import subprocess
     import sys
 
-    from components.workspace import workspace_lock
-
-    ready, release = multiprocessing.Event(), multiprocessing.Event()
-
-    def hold():
-        with workspace_lock("run"):
-            ready.set()
-            release.wait(60)
-
-    holder = multiprocessing.get_context("fork").Process(target=hold)
-    holder.start()
-    try:
-        assert ready.wait(30)
+    with held_lock():
         probe = ("import sys; from flows.cli import main; code = main(['run']); "
                  "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
         done = subprocess.run([sys.executable, "-c", probe], cwd=workspace, capture_output=True, text=True,
@@ -272,9 +269,6 @@ def test_a_busy_workspace_is_said_before_the_preflight_loads_torch(workspace):
         assert done.returncode == 4, done.stderr[-2000:]
         assert done.stdout.strip() == "torch not loaded"
         assert "is writing to this workspace" in done.stderr
-    finally:
-        release.set()
-        holder.join(30)
 
 
 def test_a_run_in_a_checkout_that_ignores_data_stops_before_touching_it(workspace, capsys):
