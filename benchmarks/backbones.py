@@ -49,7 +49,8 @@ def main() -> int:
     from components.config import load_config
     from components.data.ingest import IngestSettings, ingest_export
     from components.data.synthetic import generate_export
-    from components.training.backbones import BackboneClassifier, add_lora, load_backbone
+    from components.training.backbones import load_backbone
+    from components.training.heads import BackboneClassifier, add_lora
     from components.training.classification import train_classifier
     from components.training.forward import extract_features, predict_batches
     from components.training.preprocess import training_transforms

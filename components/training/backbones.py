@@ -22,19 +22,20 @@ import copy
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from monai.networks.utils import copy_model_state
 from torch import nn
 
 from components import paths, steps
 from components.lineage import TAG_BACKBONE
 from components.config import BackboneConfig, RunConfig, Task
 from components.errors import ConfigError
+from components.training.heads import BackboneClassifier, KNNHead, lora_targets
 from components.training.loop import CHECKPOINT_DIR
 from components.training.models import build_classifier, build_segmenter, classifier_kwargs
 from components.training.preprocess import PreprocessSpec
@@ -46,9 +47,6 @@ REGISTRY_PREFIX = "models:/"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                    "pytorch_model.bin.index.json")
-# The attention projections LoRA adapts by default: Hugging Face ViT/DINOv2 (query/key/value, or
-# q_proj/k_proj/v_proj), fused ones (qkv: MONAI's and timm's ViT blocks).
-ATTENTION_PROJECTIONS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "qkv")
 # ImageNet's normalisation: what a checkpoint without a preprocessor_config.json was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,45 +128,6 @@ class HuggingFaceEncoder(nn.Module):
         return (pooled if pooled is not None else out.last_hidden_state[:, 0]).flatten(1)
 
 
-class BackboneClassifier(nn.Module):
-    """An encoder and a head: logits = head(encoder(images))."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
-class KNNHead(nn.Module):
-    """k nearest neighbours (Euclidean) among the training features; the output is the log of the
-    neighbours' vote share per class (the logit of each label's share for multi-label), so that the
-    softmax (sigmoid) every stage applies gives back the votes, as scikit-learn's
-    ``KNeighborsClassifier.predict_proba`` with uniform weights computes them.
-
-    torch rather than scikit-learn: the bank travels in the model's state_dict (tensors only, no pickle)
-    and the served pyfunc needs nothing else."""
-
-    EPS = 1e-6
-
-    def __init__(self, n_bank: int, feature_dim: int, num_classes: int, *, k: int, multilabel: bool) -> None:
-        super().__init__()
-        self.k, self.multilabel = k, multilabel
-        self.register_buffer("bank", torch.zeros(n_bank, feature_dim))
-        self.register_buffer("targets", torch.zeros(n_bank, num_classes))
-
-    def votes(self, features: torch.Tensor) -> torch.Tensor:
-        distances = torch.cdist(features.float(), self.bank)
-        nearest = distances.topk(min(self.k, len(self.bank)), largest=False).indices
-        return self.targets[nearest].mean(dim=1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        share = self.votes(features).clamp(self.EPS, 1 - self.EPS if self.multilabel else 1.0)
-        return torch.log(share) - (torch.log1p(-share) if self.multilabel else 0.0)
-
-
 def detect_format(source: str) -> str:
     """``huggingface`` for a folder with ``config.json``, ``monai`` for a state_dict file.
 
@@ -239,14 +198,12 @@ def load_matching(network: nn.Module, state: dict[str, torch.Tensor], *, source:
             raise ConfigError(f"train.backbone.source {source} does not fit the network: {key} has shape "
                               f"{tuple(tensor.shape)} in the file but {tuple(own[key].shape)} in the network; "
                               "is train.model (and train.model_kwargs) the network the weights were saved from?")
-    matched = {k: v for k, v in state.items() if k in own}
-    if not matched:
+    if not any(k in own for k in state):
         raise ConfigError(f"train.backbone.source {source} matches none of the network's weights (file: "
                           f"{next(iter(state), 'empty')}, network: {next(iter(own), 'none')}); "
                           "is train.model the network the weights were saved from?")
-    network.load_state_dict(matched, strict=False)
-    return LoadReport(matched=len(matched), missing=tuple(k for k in own if k not in state),
-                      unexpected=tuple(k for k in state if k not in own))
+    _, updated, unchanged = copy_model_state(network, state, inplace=True)  # MONAI: the tensors both have
+    return LoadReport(matched=len(updated), missing=tuple(unchanged), unexpected=tuple(k for k in state if k not in own))
 
 
 def strip_head(network: nn.Module, num_classes: int) -> tuple[nn.Module, int, str]:
@@ -503,63 +460,6 @@ def penultimate(model: nn.Module, num_classes: int) -> nn.Module:
         return model.encoder
     encoder, _, _ = strip_head(copy.deepcopy(model), num_classes)
     return encoder
-
-
-def lora_targets(encoder: nn.Module, backbone: BackboneConfig, *, network: str) -> list[str]:
-    """The module-name suffixes LoRA adapts: ``train.backbone.lora_targets``, else the attention projections.
-
-    Raises:
-        ConfigError: the network has no such linear layers.
-    """
-    wanted = backbone.lora_targets or ATTENTION_PROJECTIONS
-    linear = [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
-    found = sorted({suffix for suffix in wanted for name in linear if name == suffix or name.endswith(f".{suffix}")})
-    if not found:
-        what = f"the layers {list(backbone.lora_targets)}" if backbone.lora_targets else "attention projections"
-        raise ConfigError(f"train.backbone.regime is 'lora' but {network} has no {what} to adapt; use finetune "
-                          "or linear_probe, or name its linear layers in train.backbone.lora_targets")
-    return found
-
-
-def add_lora(encoder: nn.Module, backbone: BackboneConfig, *, network: str) -> nn.Module:
-    """The encoder with peft's LoRA adapters on its attention projections; only the adapters train."""
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 (peft only for lora)
-
-    targets = lora_targets(encoder, backbone, network=network)
-    return get_peft_model(encoder, LoraConfig(r=backbone.lora_rank, lora_alpha=backbone.lora_alpha,
-                                              lora_dropout=backbone.lora_dropout, target_modules=targets))
-
-
-def merge_lora(network: BackboneClassifier) -> BackboneClassifier:
-    """A copy of ``network`` with its LoRA adapters merged into the weights (a plain encoder again)."""
-    merged = copy.deepcopy(network)
-    merged.encoder = merged.encoder.merge_and_unload()
-    return merged
-
-
-_LAYER = re.compile(r"\.(?:layer|layers|blocks|block)\.(\d+)\.")
-
-
-def layer_decay_groups(network: BackboneClassifier, *, lr: float, decay: float) -> list[dict]:
-    """Parameter groups for layer-wise learning-rate decay (BEiT, MAE): the head and final norms at ``lr``,
-    transformer layer i of L at ``lr * decay ** (L - i)``, the embeddings at ``lr * decay ** (L + 1)``.
-    (PyTorch's optimizers take groups but no rule that assigns layers to them.)"""
-    named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
-    indices = [int(m.group(1)) for n, _ in named if (m := _LAYER.search(n))]
-    depth = max(indices) + 1 if indices else 0
-    groups: dict[int, list[torch.nn.Parameter]] = {}
-    for name, parameter in named:
-        match = _LAYER.search(name)
-        if name.startswith("head."):
-            level = depth + 1
-        elif match:
-            level = int(match.group(1)) + 1
-        elif "embed" in name:
-            level = 0
-        else:
-            level = depth + 1
-        groups.setdefault(level, []).append(parameter)
-    return [{"params": params, "lr": lr * decay ** (depth + 1 - level)} for level, params in sorted(groups.items())]
 
 
 def check_backbone(config: RunConfig) -> None:

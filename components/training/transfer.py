@@ -31,10 +31,8 @@ from torch import nn
 
 from components import paths, steps
 from components.config import RunConfig
-from components.training.backbones import (
-    FROZEN_REGIMES, Backbone, BackboneClassifier, KNNHead, add_lora, describe_report, layer_decay_groups,
-    load_backbone, merge_lora,
-)
+from components.training.backbones import FROZEN_REGIMES, Backbone, describe_report, load_backbone
+from components.training.heads import BackboneClassifier, KNNHead, add_lora, layer_decay_groups, merge_lora
 from components.training.forward import extract_features
 from components.training.loop import Recipe, make_dataset
 from components.training.preprocess import PreprocessSpec, training_transforms

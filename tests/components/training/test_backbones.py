@@ -25,9 +25,8 @@ from components.errors import ConfigError
 from components.inference.evaluate import evaluate_run
 from components.inference.model import load_run_model
 from components.registry.register import ALIAS_CHALLENGER, register_model
-from components.training.backbones import (
-    KNNHead, check_backbone, layer_decay_groups, load_backbone, BackboneClassifier,
-)
+from components.training.backbones import check_backbone, load_backbone
+from components.training.heads import BackboneClassifier, KNNHead, layer_decay_groups
 from components.training.checkpoint import training_key
 from components.training.classification import classification_recipe, train_classifier
 from components.training.loop import select_device
