@@ -71,3 +71,13 @@ class PlacedStepFailed(MedflowError):
 
 class UiError(MedflowError):
     """A dashboard could not be started."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (what Kubernetes sends before evicting a pod) stopped the work.
+
+    A ``KeyboardInterrupt``, not a :class:`MedflowError`, so that Prefect records the run as
+    crashed, not failed; the CLI prints its message in one line and exits 130.
+    """
+
+    exit_code = 130

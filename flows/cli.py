@@ -6,6 +6,7 @@ non-zero; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -13,15 +14,30 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from components import paths
 from components.progress import make_console
 from components.config import load_config
-from components.errors import AuthenticationFailed, MedflowError, PromotionRefused, ServerUnavailable
+from components.errors import AuthenticationFailed, Interrupted, MedflowError, PromotionRefused, ServerUnavailable
 from flows.cli_data import data_app, ingest, init
 from flows.cli_ui import ui
 
+class _Stopped(Exception):
+    """A command's KeyboardInterrupt (Ctrl-C, SIGTERM), carried past typer, which turns one into a silent
+    exit 130 and drops it, to :func:`main`, which says what was interrupted."""
+
+
+class _Commands(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Stopped() from exc
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -74,6 +90,38 @@ def use_embedded_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    if not os.environ.get("PREFECT_API_URL"):
+        shield_embedded_server()
+
+
+def shield_embedded_server() -> None:
+    """Let Prefect's embedded server outlive a Ctrl-C, so that the interrupted flow run is recorded.
+
+    Ctrl-C reaches every process of the terminal's foreground group, the embedded server's too: it died
+    first, the flow run stayed "Running" for good, and Prefect's exit-time drain waited over a minute on
+    a server that was gone. Prefect starts the server lazily in its client (one instance for the process,
+    :class:`SubprocessASGIServer` with no port); this wraps that instance's launch so the server process
+    starts with SIGINT blocked (a blocked signal is inherited, and uvicorn installs handlers but never
+    unblocks it). Prefect still stops the server at exit, with SIGTERM. Prefect has no setting for this.
+    """
+    import signal  # noqa: PLC0415
+
+    from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
+
+    server = SubprocessASGIServer()  # the instance Prefect's clients start (one per port; None: any free port)
+    launch = getattr(server, "_run_uvicorn_command", None)
+    if launch is None or getattr(launch, "medflow_shielded", False):
+        return
+
+    def launch_shielded():
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return launch()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    launch_shielded.medflow_shielded = True
+    server._run_uvicorn_command = launch_shielded
 
 
 def check_prefect_server(timeout_s: float = 10.0) -> None:
@@ -125,7 +173,7 @@ class _UserErrorsWithoutTraceback:
         from mlflow.exceptions import MlflowException  # noqa: PLC0415 (imported by the flow already)
 
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, MedflowError | MlflowException):
+        if isinstance(exc, MedflowError | MlflowException | KeyboardInterrupt):
             record.msg, record.args = f"{type(exc).__name__}: {exc}", ()
             record.exc_info = record.exc_text = None
         return True
@@ -418,9 +466,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medflow`` console script; returns the exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        code = app(args=argv, standalone_mode=False)
+        with sigterm_interrupts():
+            code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:
             return code
+    except (_Stopped, KeyboardInterrupt) as exc:
+        return _interrupted(exc.__cause__ if isinstance(exc, _Stopped) else exc, debug=debug)
+    except typer.Abort:
+        err.print("medflow: aborted")
+        return Interrupted.exit_code
     except MedflowError as exc:
         if debug:
             raise
@@ -428,9 +482,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
-        err.print("medflow: aborted")
-        return 130
     except typer.TyperException as exc:  # usage errors: typer's click raises these
         exc.show()
         return getattr(exc, "exit_code", 2)
@@ -444,6 +495,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medflow: error: {describe_mlflow_error(exc, paths.tracking_uri())}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(cause: BaseException | None, *, debug: bool) -> int:
+    """Ctrl-C or SIGTERM: one line (what was interrupted and what the next run does), exit 130."""
+    if debug and cause is not None:
+        raise cause
+    print(f"medflow: {cause if isinstance(cause, Interrupted) else 'interrupted'}", file=sys.stderr)
+    return Interrupted.exit_code
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a ``kill``, or Kubernetes before it evicts a pod) stops a command as Ctrl-C does: with
+    Python's default it ended the process at once, the MLflow run left RUNNING. Inside a flow Prefect's
+    own handler takes over (its TerminationSignal) and gives this one back after."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:

@@ -86,7 +86,11 @@ def save_checkpoint(path: Path, state: TrainingState) -> None:
     """Write ``state`` atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state.__dict__, tmp)
+    try:
+        torch.save(state.__dict__, tmp)
+    except BaseException:  # an error or an interrupt while writing: the previous checkpoint stays, no half file
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 

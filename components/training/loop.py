@@ -42,7 +42,7 @@ from torch.utils.data import DistributedSampler
 from components import lineage, paths
 from components.config import RunConfig
 from components.progress import interactive
-from components.errors import ConfigError
+from components.errors import ConfigError, Interrupted
 from components.training.checkpoint import (
     TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, training_key,
 )
@@ -169,6 +169,19 @@ def dataset_input(manifest_path: Path, config: RunConfig, data_version: str):
                                            digest=data_version, targets="label")
 
 
+def interrupted(saved_epoch: int, *, resumable: bool, lead: bool) -> Interrupted:
+    """The interruption of a training whose checkpoint holds ``saved_epoch``: the MLflow run ends KILLED
+    (not FAILED: nothing went wrong) and the message says what the next ``medflow run`` does."""
+    if lead:
+        mlflow.end_run("KILLED")
+    if not saved_epoch:
+        return Interrupted("interrupted in epoch 1, before its checkpoint; `medflow run` trains again from the start")
+    if not resumable:
+        return Interrupted(f"interrupted after epoch {saved_epoch}; train.resume is off, so `medflow run` trains "
+                           "again from the start")
+    return Interrupted(f"interrupted after epoch {saved_epoch}, which is checkpointed; `medflow run` resumes from there")
+
+
 def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.device,
         params_out: Path | None = None, manifest_path: Path | None = None) -> TrainResult:
     """Train ``recipe`` for ``train.epochs`` (or until early stopping), checkpointing every epoch.
@@ -250,61 +263,69 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                     mlflow.log_input(dataset_input(manifest_path, config, data_version), context="training")
         elif lead:
             mlflow.set_tag("medflow.resumed_from_epoch", str(resumed.epoch))
-        columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-                   TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
-        with Progress(*columns, transient=True, disable=not lead or not interactive()) as progress:
-            task = progress.add_task("train", total=epochs, completed=first_epoch - 1, status="")
-            for epoch in range(first_epoch, epochs + 1):
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                model.train()
-                total, seen = 0.0, 0
-                for batch in train_loader if trainable else ():
-                    images, labels = batch["image"].to(device), batch["label"].to(device)
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device_type=device.type, enabled=amp):
-                        loss = recipe.loss(model(images), labels)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    total += loss.item() * len(images)
-                    seen += len(images)
-                if size > 1:  # the mean training loss over every rank's shard
-                    sums = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
-                    dist.all_reduce(sums)
-                    total, seen = float(sums[0]), int(sums[1])
-                    # DDP keeps parameters equal; BatchNorm statistics follow each rank's shard, so every rank
-                    # takes rank 0's (as DDP's own broadcast_buffers does before each forward) before validating
-                    for buffer in network.buffers():
-                        dist.broadcast(buffer, src=0)
-                lr = scheduler.get_last_lr()[0]
-                if trainable:
-                    scheduler.step()
-                scores = recipe.validate(network)
-                value = scores.get(recipe.metric)
-                metrics = {**({"train_loss": total / seen, "lr": lr} if seen else {}), **scores}
-                score = (float("-inf") if value is None else value, -scores["val_loss"])
-                if best_score is None or score > best_score:
-                    best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-                    best_score, best_metric, best_epoch = score, value, epoch
-                    stale = 0
-                else:
-                    stale += 1
-                last_epoch = epoch
-                if lead:  # the epoch's metrics first: a run resumed from this checkpoint has no gap in its history
-                    mlflow.log_metrics(metrics, step=epoch)
-                    save_checkpoint(saved_at, TrainingState(
-                        epoch=epoch, run_id=run.info.run_id, model=network.state_dict(),
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict() if amp else None,
-                        best_state=None if best_epoch == epoch else best_state,  # None: the model itself
-                        best_score=best_score,
-                        best_metric=best_metric, best_epoch=best_epoch, stale_epochs=stale,
-                        rng=capture_rng(generator=generator, transforms=augment),
-                    ))
-                progress.update(task, advance=1, status=f"{recipe.metric} {value if value is None else round(value, 3)}")
-                if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
-                    break
+        saved_epoch = first_epoch - 1  # the epoch the checkpoint on disk holds
+        try:
+            columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
+                       TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+            with Progress(*columns, transient=True, disable=not lead or not interactive()) as progress:
+                task = progress.add_task("train", total=epochs, completed=first_epoch - 1, status="")
+                for epoch in range(first_epoch, epochs + 1):
+                    if sampler is not None:
+                        sampler.set_epoch(epoch)
+                    model.train()
+                    total, seen = 0.0, 0
+                    for batch in train_loader if trainable else ():
+                        images, labels = batch["image"].to(device), batch["label"].to(device)
+                        optimizer.zero_grad(set_to_none=True)
+                        with torch.autocast(device_type=device.type, enabled=amp):
+                            loss = recipe.loss(model(images), labels)
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        total += loss.item() * len(images)
+                        seen += len(images)
+                    if size > 1:  # the mean training loss over every rank's shard
+                        sums = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
+                        dist.all_reduce(sums)
+                        total, seen = float(sums[0]), int(sums[1])
+                        # DDP keeps parameters equal; BatchNorm statistics follow each rank's shard, so every rank
+                        # takes rank 0's (as DDP's own broadcast_buffers does before each forward) before validating
+                        for buffer in network.buffers():
+                            dist.broadcast(buffer, src=0)
+                    lr = scheduler.get_last_lr()[0]
+                    if trainable:
+                        scheduler.step()
+                    scores = recipe.validate(network)
+                    value = scores.get(recipe.metric)
+                    metrics = {**({"train_loss": total / seen, "lr": lr} if seen else {}), **scores}
+                    score = (float("-inf") if value is None else value, -scores["val_loss"])
+                    if best_score is None or score > best_score:
+                        best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+                        best_score, best_metric, best_epoch = score, value, epoch
+                        stale = 0
+                    else:
+                        stale += 1
+                    last_epoch = epoch
+                    if lead:  # the epoch's metrics first: a run resumed from this checkpoint has no gap in its history
+                        mlflow.log_metrics(metrics, step=epoch)
+                        save_checkpoint(saved_at, TrainingState(
+                            epoch=epoch, run_id=run.info.run_id, model=network.state_dict(),
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            scaler=scaler.state_dict() if amp else None,
+                            best_state=None if best_epoch == epoch else best_state,  # None: the model itself
+                            best_score=best_score,
+                            best_metric=best_metric, best_epoch=best_epoch, stale_epochs=stale,
+                            rng=capture_rng(generator=generator, transforms=augment),
+                        ))
+                        saved_epoch = epoch
+                    shown = value if value is None else round(value, 3)
+                    progress.update(task, advance=1, status=f"{recipe.metric} {shown}")
+                    if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+                        break
+        except Exception:
+            raise  # an error: MLflow's context marks the run FAILED
+        except BaseException as exc:  # Ctrl-C (KeyboardInterrupt), SIGTERM (Prefect's TerminationSignal), an exit
+            raise interrupted(saved_epoch, resumable=cfg.resume, lead=lead) from exc
         if params_out is not None:
             params_out.mkdir(parents=True, exist_ok=True)
             torch.save({k: v.cpu() for k, v in network.state_dict().items()}, params_out / f"rank{rank}.pt")

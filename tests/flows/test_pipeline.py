@@ -176,3 +176,43 @@ def test_failed_validation_stops_before_training_with_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
     assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_ctrl_c_during_training_exits_130_in_seconds_with_the_runs_recorded_as_stopped(tmp_path):
+    """Ctrl-C reaches the whole foreground process group, Prefect's embedded server too: the run used to
+    wait over a minute for that dead server, print tracebacks and leave its flow run "Running" for good."""
+    import signal  # noqa: PLC0415
+    import sqlite3  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFLOW", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
+    env["PREFECT_HOME"] = str(tmp_path / ".medflow" / "prefect")
+    settings = [*SMALL[:2], "train.epochs=500"]
+    run = subprocess.Popen([MEDFLOW, "run", *[arg for item in settings for arg in ("--set", item)]], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoints = tmp_path / ".medflow" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while run.poll() is None and time.monotonic() < deadline and not list(checkpoints.glob("*.pt")):
+        time.sleep(0.2)
+    assert run.poll() is None, run.communicate()[1][-3000:]
+    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    sent = time.monotonic()
+    try:
+        _, stderr = run.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail(f"medflow run still running 60 s after Ctrl-C: {run.communicate()[1][-3000:]}")
+    assert run.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - sent < 30
+    assert "Traceback" not in stderr
+    said = [line for line in stderr.splitlines() if line.startswith("medflow:")]
+    assert len(said) == 1 and re.fullmatch(
+        r"medflow: interrupted after epoch \d+, which is checkpointed; `medflow run` resumes from there", said[0]
+    ), stderr[-3000:]
+    assert list(checkpoints.glob("*.pt"))
+    with sqlite3.connect(tmp_path / ".medflow" / "prefect" / "prefect.db") as db:  # the flow run as Prefect keeps it
+        states = dict(db.execute("select f.name, r.state_type from flow_run r join flow f on f.id = r.flow_id"))
+    assert states == {"medflow-retrain": "CRASHED"}
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["KILLED"]

@@ -1,4 +1,5 @@
-"""Checkpoint every epoch; a run killed with SIGKILL resumes into the same MLflow run; early stopping; losses."""
+"""Checkpoint every epoch; a run killed with SIGKILL resumes into the same MLflow run; Ctrl-C and SIGTERM end
+it KILLED with its checkpoint intact; early stopping; losses."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from components import paths
 from components.config import load_config
-from components.errors import ConfigError
+from components.errors import ConfigError, Interrupted
 from components.training.checkpoint import checkpoint_path, load_checkpoint, training_key
 from components.training.classification import train_classifier
 from components.training.losses import build_loss, class_weights
@@ -61,6 +63,35 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_into_the_same_mlflow_run(
     steps = [m.step for m in client.get_metric_history(result.run_id, "train_loss")]
     assert sorted(set(steps)) == list(range(1, 13))
     assert not saved.exists()  # finished: the next run starts afresh
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_ends_the_mlflow_run_killed_and_keeps_the_checkpoint_to_resume_from(workspace, small_dataset,
+                                                                                        signum):
+    from flows.cli import sigterm_interrupts  # noqa: PLC0415 (SIGTERM becomes an interrupt, as in `medflow`)
+
+    config = load_config(overrides=[*TINY, "train.epochs=12"], environ={})
+    saved = checkpoint_path(training_key(config, "v1"))
+
+    def interrupt_after_epoch_2():
+        while (state := load_checkpoint(saved)) is None or state.epoch < 2:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signum)  # to this process: its main thread, which trains, gets it
+
+    threading.Thread(target=interrupt_after_epoch_2, daemon=True).start()
+    with pytest.raises(Interrupted) as stopped, sigterm_interrupts():
+        train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    kept = load_checkpoint(saved)
+    assert kept is not None and 2 <= kept.epoch < 12
+    assert str(stopped.value) == (f"interrupted after epoch {kept.epoch}, which is checkpointed; `medflow run` "
+                                  "resumes from there")
+    assert not list(saved.parent.glob("*.tmp*"))  # no half-written checkpoint beside it
+    client = MlflowClient(paths.tracking_uri())
+    assert client.get_run(kept.run_id).info.status == "KILLED"  # stopped, not failed
+
+    resumed = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    assert resumed.run_id == kept.run_id and resumed.resumed_from_epoch == kept.epoch
+    assert client.get_run(kept.run_id).info.status == "FINISHED"
 
 
 def test_early_stopping_ends_training_when_validation_stops_improving(workspace, small_dataset):
