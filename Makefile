@@ -15,10 +15,12 @@ export DO_NOT_TRACK ?= 1
 setup: $(STAMP)
 
 # torch first, pinned, so that pip takes the CPU build on disk instead of a multi-GB CUDA one.
-$(STAMP): pyproject.toml constraints.txt
+# Then the pinned styles and scripts Data Docs load, from the npm registry, so that they render offline.
+$(STAMP): pyproject.toml constraints.txt components/validation/offline_docs.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m components.validation.offline_docs
 	touch $@
 
 # The whole pipeline on embedded defaults, in its own working folder ($(DEMO_DIR)/).

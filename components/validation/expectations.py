@@ -22,6 +22,7 @@ import pandas as pd
 
 from components.data.splits import SPLITS
 from components.validation import checks
+from components.validation.offline_docs import make_offline
 
 REQUIRED_COLUMNS = ("case_id", "patient_id", "split", "image", "label", "sha256", "nan_count")
 NOT_NULL = ("case_id", "patient_id", "split", "image", "label")
@@ -264,6 +265,7 @@ def validate_manifest(
                 )
                 (warnings if str(config.severity.value) == "warning" else failures).append(failure)
     if docs_dir is not None:
+        make_offline(staging)
         shutil.rmtree(docs_dir, ignore_errors=True)
         staging.rename(docs_dir)
     return ValidationReport(
