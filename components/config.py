@@ -88,6 +88,9 @@ class DataConfig(_Section):
     def _source_for_format(self) -> DataConfig:
         if self.format is not SourceFormat.SYNTHETIC and self.source is None:
             raise ValueError(f"data.source is required when data.format is '{self.format.value}'")
+        if self.format is SourceFormat.SYNTHETIC and self.source is not None:  # it ingested the demo instead
+            raise ValueError(f"data.source is {self.source}, but data.format is 'synthetic' (the demo generator, "
+                             "which reads no source): set data.format (--format) to dicom, nifti or png")
         if self.format is SourceFormat.SYNTHETIC and self.num_classes != 2:
             raise ValueError("the synthetic generator makes binary labels: data.num_classes must be 2")
         if self.format is SourceFormat.SYNTHETIC and self.task is Task.MULTILABEL:

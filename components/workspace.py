@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,3 +72,35 @@ def refuse_if_busy() -> None:
     except Timeout:
         raise _busy(home / "workspace.lock.holder") from None
     lock.release()
+
+
+# What a first command makes in a folder before its first data version: medflow's state, the dataset folder, and
+# the git and DVC project medflow initialises (``.git`` only when it made its own repository: a user's repository
+# keeps what it committed there).
+OWN_PROJECT = (".git", ".dvc", ".dvcignore", ".gitignore")
+
+
+@contextmanager
+def undone_on_failure(*, before_removal: Callable[[], None] | None = None) -> Iterator[None]:
+    """A command that fails (or is interrupted) before the workspace's first data version leaves the folder as
+    it found it: what it made there (the state folder with its pseudonym key, ``data/``, its own git and DVC
+    project) is removed. Once a data version exists, nothing is: that is a workspace worth keeping.
+
+    Args:
+        before_removal: called first when something is removed (to stop a server that writes into the state
+            folder, the embedded Prefect's).
+    """
+    root, home = paths.workspace_root(), paths.medflow_home_path()
+    made = [p for p in (home, paths.data_root()) if not p.exists()]
+    if not (root / ".git").exists():
+        made += [root / name for name in OWN_PROJECT if not (root / name).exists()]
+    try:
+        yield
+    except BaseException:
+        made = [p for p in made if p.exists() or p.is_symlink()]
+        if made and not any(paths.data_root().glob("*.dvc")):
+            if before_removal is not None:
+                before_removal()
+            for path in made:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        raise

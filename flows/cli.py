@@ -94,6 +94,20 @@ def use_embedded_prefect() -> None:
         shield_embedded_server()
 
 
+def stop_embedded_server() -> None:
+    """Send Prefect's queued logs and events, then stop its embedded server, so that its folder can go
+    (Prefect stops it at exit otherwise; a server writing into a removed folder kept the run waiting)."""
+    if os.environ.get("PREFECT_API_URL") or "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker  # noqa: PLC0415
+    from prefect.logging.handlers import APILogWorker  # noqa: PLC0415
+    from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)
+    SubprocessASGIServer().stop()
+
+
 def shield_embedded_server() -> None:
     """Let Prefect's embedded server outlive a Ctrl-C, so that the interrupted flow run is recorded.
 
@@ -194,7 +208,7 @@ def run(
     """
     import json  # noqa: PLC0415
 
-    from components.workspace import refuse_if_busy, workspace_lock  # noqa: PLC0415
+    from components.workspace import refuse_if_busy, undone_on_failure, workspace_lock  # noqa: PLC0415
 
     cfg = load_config(config, overrides=set_ or [])
     if cfg.placement and not os.environ.get("PREFECT_API_URL"):
@@ -204,13 +218,14 @@ def run(
             f"placement {dict(cfg.placement)} sends steps to work pools, which needs a Prefect server with workers: "
             "set PREFECT_API_URL (the embedded server has no deployments and no workers)"
         )
-    if not wait:  # a busy workspace is said at once, not after torch and MONAI have loaded for the preflight
-        refuse_if_busy()
-    from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
+    with undone_on_failure(before_removal=stop_embedded_server):  # a first run that fails leaves no trace
+        if not wait:  # a busy workspace is said at once, not after torch and MONAI have loaded for the preflight
+            refuse_if_busy()
+        from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
 
-    cfg = check_run(cfg)  # a registered backbone's alias pinned
-    with workspace_lock("run", wait_s=wait):
-        result = _run_locked(cfg, force=force)
+        cfg = check_run(cfg)  # a registered backbone's alias pinned
+        with workspace_lock("run", wait_s=wait):
+            result = _run_locked(cfg, force=force)
     print_summary(result)
     if summary:
         summary.parent.mkdir(parents=True, exist_ok=True)

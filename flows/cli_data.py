@@ -35,14 +35,15 @@ def ingest(
     wait: WaitOption = 0.0,
 ) -> None:
     """Ingest an export into data/NAME, version it with DVC (one directory), push and commit it."""
-    from components.data.step import ingest_dataset  # noqa: PLC0415
-    from components.workspace import workspace_lock  # noqa: PLC0415
+    from components.data.step import check_source, ingest_dataset  # noqa: PLC0415
+    from components.workspace import undone_on_failure, workspace_lock  # noqa: PLC0415
 
     flags = {"data.source": source, "data.format": format_, "data.labels": labels, "data.name": dataset,
              "data.task": task, "data.skip_bad": True if skip_bad else None}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(config, overrides=[*overrides, *(set_ or [])])
-    with workspace_lock("ingest", wait_s=wait):
+    check_source(cfg)
+    with undone_on_failure(), workspace_lock("ingest", wait_s=wait):  # a first ingest that fails leaves no trace
         result = ingest_dataset(cfg)
     report_path = paths.medflow_home() / "ingest" / f"{cfg.data.name}-report.json"
     report = json.loads(report_path.read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from components import paths
 from components.config import RunConfig
+from components.data.step import check_source
 from components.data.versioning import check_workspace
 from components.registry.noninferiority import check_noninferiority
 from components.training.backbones import pin_backbone
@@ -11,7 +12,8 @@ from components.training.train import check_trainable
 
 
 def check_run(config: RunConfig) -> RunConfig:
-    """Refuse, before ingestion, a run that a later step would refuse: a folder where DVC could not record
+    """Refuse, before ingestion, a run that a later step would refuse: a source folder or labels file that
+    is not there, a folder where DVC could not record
     a data version, a network, loss, backbone or policy that does not fit the task, or a non-inferiority
     metric that is not declared (``placement`` names are checked when the config is loaded). Returns the config the run uses: a registered backbone's alias
     pinned to its version (:func:`components.training.backbones.pin_backbone`).
@@ -19,6 +21,7 @@ def check_run(config: RunConfig) -> RunConfig:
     Raises:
         ConfigError: naming what to change.
     """
+    check_source(config)
     check_workspace(paths.workspace_root(), config.data.name)
     config = pin_backbone(config)
     check_trainable(config)

@@ -44,6 +44,22 @@ class DatasetVersion:
         return self.version
 
 
+def check_source(config: RunConfig) -> None:
+    """Refuse, before anything is written, a source folder or labels file that is not there.
+
+    Raises:
+        IngestError: naming the missing path.
+    """
+    if config.data.format is SourceFormat.SYNTHETIC:
+        return
+    source, labels = _source(config, generate=False)
+    if not source.is_dir():
+        raise IngestError(f"the source folder {source} does not exist (data.source, --source)")
+    if not labels.is_file():
+        raise IngestError(f"the labels file {labels} does not exist: put labels.csv in {source} or name it with "
+                          "data.labels (--labels)")
+
+
 def _source(config: RunConfig, *, generate: bool = True) -> tuple[Path, Path]:
     """Export folder and labels CSV of the configured source; the synthetic demo export (DICOM images for
     classification, NIfTI volumes and masks for segmentation) is generated once under ``.medflow/exports``

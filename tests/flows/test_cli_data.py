@@ -90,3 +90,35 @@ def test_no_identifier_of_the_export_reaches_data(workspace, export):
         ds = pydicom.dcmread(export.folder / path, stop_before_pixels=True)
         for value in (str(ds.PatientName), ds.PatientID, ds.SOPInstanceUID, Path(path).stem):
             assert value.encode() not in everything
+
+
+def test_a_first_ingest_that_fails_leaves_the_folder_as_it_found_it(workspace, export, capsys):
+    """It used to leave .medflow/ with the pseudonym key, the lock and the ingest report behind."""
+    (workspace / "notes.txt").write_text("the user's own file\n")
+    with (export.folder / "early.csv").open("a") as f:
+        f.write("nowhere.dcm,0,F,50,W,a\n")
+    assert _ingest(export, "early.csv") == 2
+    assert "nowhere.dcm: file not found" in capsys.readouterr().err
+    assert sorted(p.name for p in workspace.iterdir()) == ["notes.txt"]
+
+    assert _ingest(export, "labels.csv") == 0  # a first data version: from now on a failure keeps the workspace
+    made = sorted(p.name for p in workspace.iterdir())
+    assert _ingest(export, "early.csv") == 2
+    assert sorted(p.name for p in workspace.iterdir()) == made
+    assert (workspace / ".medflow" / "secrets" / "pseudonym.key").is_file()
+
+
+def test_a_missing_source_or_labels_file_is_refused_before_anything_is_written(workspace, export, capsys):
+    assert main(["ingest", "--source", str(workspace / "nowhere"), "--format", "dicom"]) == 1
+    assert f"the source folder {workspace / 'nowhere'} does not exist" in capsys.readouterr().err
+    (workspace / "empty").mkdir()
+    assert main(["ingest", "--source", "empty", "--format", "png"]) == 1
+    assert "the labels file empty/labels.csv does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in workspace.iterdir()) == ["empty"]
+
+
+def test_a_source_without_a_format_is_refused_not_replaced_by_the_demo(workspace, export, capsys):
+    """The demo config's format is the synthetic generator: --source alone used to ingest the demo instead."""
+    assert main(["ingest", "--source", str(export.folder)]) == 1
+    assert "data.format is 'synthetic' (the demo generator, which reads no source)" in capsys.readouterr().err
+    assert list(workspace.iterdir()) == []

@@ -216,3 +216,16 @@ def test_ctrl_c_during_training_exits_130_in_seconds_with_the_runs_recorded_as_s
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert list(runs["status"]) == ["KILLED"]
+
+
+def test_a_first_run_that_fails_in_ingest_leaves_the_folder_as_it_found_it(tmp_path):
+    """The flow had started (Prefect's embedded server writes under .medflow/): its state, the pseudonym key
+    and the MLflow store all went with the failure, since no data version was made."""
+    source = tmp_path / "export"
+    source.mkdir()
+    (source / "labels.csv").write_text("path,label,patient_id\nmissing.dcm,1,p1\n")
+    failed = _cli(tmp_path, "run", "--set", f"data.source={source}", "--set", "data.format=dicom")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "missing.dcm: file not found" in failed.stderr
+    assert "Beginning flow run" in failed.stdout + failed.stderr  # it failed inside the flow, not in the preflight
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
