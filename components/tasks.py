@@ -18,13 +18,14 @@ evaluation never retry: running the same computation again gives the same error.
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from components import steps
+from components import lineage, steps
 
 RETRIES = 3
 BACKOFF_SECONDS = 2
@@ -84,7 +85,21 @@ def make_task(step: steps.Step) -> Task:
     if taken != (*step.inputs, "config"):
         raise TypeError(f"step {step.name}: {step.function} takes {taken}, the table says {(*step.inputs, 'config')}")
     caching = {"cache_key_fn": step_cache_key, "persist_result": True} if step.cached else {"cache_policy": NO_CACHE}
-    return task(fn, name=step.name, **caching, **(_IO_RETRIES if step.retries else {}))
+
+    @functools.wraps(fn)
+    def in_flow_run(*args, **kwargs):
+        with lineage.orchestrated_by(flow_run_facts()):
+            return fn(*args, **kwargs)
+
+    return task(in_flow_run, name=step.name, **caching, **(_IO_RETRIES if step.retries else {}))
+
+
+def flow_run_facts() -> dict[str, str]:
+    """The Prefect flow run a task runs in, for the MLflow run's tags: its id, name and (on a server with a UI
+    address, ``PREFECT_UI_URL``) its page."""
+    from prefect.runtime import flow_run  # noqa: PLC0415
+
+    return {"flow_run_id": flow_run.id or "", "flow_run_name": flow_run.name or "", "flow_run_url": flow_run.ui_url or ""}
 
 
 TASKS: dict[str, Task] = {step.name: make_task(step) for step in steps.STEPS}

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from prefect import State, flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.states import Completed
 
 from components import paths, tasks
@@ -84,6 +84,8 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     dataset = step("version", prepared=prepared)
     report = step("validate", dataset=dataset)
     trained = step("train", dataset=dataset, validation_report=report)
+    create_link_artifact(key="mlflow-run", link=mlflow_run_link(trained.run_id), link_text=f"MLflow run {trained.run_id}",
+                         description="The training run in MLflow: its metrics, evaluation report and model card")
     evaluation = step("evaluate", run_id=trained.run_id, dataset=dataset)
     model = step("register", evaluation=evaluation, dataset=dataset)
     decision = step("promote", model=model, evaluation=evaluation, dataset=dataset)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from components import paths
+from components import lineage, paths
 from components.config import RunConfig
 from components.errors import ConfigError, DistributedTrainingError
 
@@ -67,7 +67,8 @@ def launch_training(*, manifest_path: Path, data_version: str, config: RunConfig
             "--config", str(config_file), "--result", str(result_file),
             *(["--params-out", str(params_out)] if params_out else []),
         ]
-        env = os.environ | {"MLFLOW_TRACKING_URI": paths.tracking_uri(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = os.environ | {"MLFLOW_TRACKING_URI": paths.tracking_uri(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                            lineage.ORCHESTRATION_ENV: json.dumps(lineage.orchestration())}
         tail: collections.deque[str] = collections.deque(maxlen=15)
         with subprocess.Popen(command, env=env, cwd=paths.workspace_root(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) as ranks:

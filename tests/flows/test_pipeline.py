@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,16 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
     client = MlflowClient()
+    (trained,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    with sqlite3.connect(tmp_path / ".medflow" / "prefect" / "prefect.db") as db:  # each side names the other
+        flow_runs = dict(db.execute("select r.id, r.name from flow_run r join flow f on f.id = r.flow_id "
+                                    "where f.name = 'medflow-retrain'"))
+        links = [link for (link,) in db.execute("select data from artifact where key = 'mlflow-run'")]
+    assert trained.data.tags["medflow.prefect.flow_run_id"] in flow_runs
+    assert trained.data.tags["medflow.prefect.flow_run_name"] == flow_runs[trained.data.tags["medflow.prefect.flow_run_id"]]
+    assert any(trained.info.run_id in link for link in links)
+    v1_tags = client.get_model_version("medflow-demo-classifier", "1").tags
+    assert v1_tags["medflow.prefect.flow_run_id"] in flow_runs
     strict = _run(tmp_path, 'promotion.rules=[{metric: overall.auc, op: ">=", value: 0.99}]')  # a new policy only
     assert strict.returncode == 3, strict.stderr[-3000:]  # refused: a scheduler can tell
     assert "Not promoted: medflow-demo-classifier@champion stays at version 1" in strict.stdout
@@ -182,7 +193,6 @@ def test_ctrl_c_during_training_exits_130_in_seconds_with_the_runs_recorded_as_s
     """Ctrl-C reaches the whole foreground process group, Prefect's embedded server too: the run used to
     wait over a minute for that dead server, print tracebacks and leave its flow run "Running" for good."""
     import signal  # noqa: PLC0415
-    import sqlite3  # noqa: PLC0415
     import time  # noqa: PLC0415
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFLOW", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
