@@ -1,6 +1,7 @@
 """report.html: the evaluation for people. One static file with its images inline:
 the overall table with CIs, a table per attribute, ROC curves and reliability
-diagrams per group, and a chart of the subgroup gaps.
+diagrams per group (with their bin counts), and a chart of the subgroup gaps; for
+segmentation, group Dice with CIs and a few test cases overlaid.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -75,25 +77,55 @@ def roc_figure(y_true: np.ndarray, prob: np.ndarray, labels: np.ndarray, attribu
     return _png(fig)
 
 
+MIN_PER_BIN = 10  # a group too small for ECE_BINS bins of this many cases gets fewer, of equal counts
+
+
+def reliability_bins(n: int) -> tuple[int, str]:
+    """Bins of a reliability curve for ``n`` cases: ECE's equal-width bins when each could hold
+    MIN_PER_BIN cases, else fewer bins of equal counts (quantiles), at least two."""
+    if n >= ECE_BINS * MIN_PER_BIN:
+        return ECE_BINS, "uniform"
+    return max(2, n // MIN_PER_BIN), "quantile"
+
+
+def reliability_points(hit: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """scikit-learn's calibration curve (mean confidence, observed frequency per non-empty bin) with the
+    number of cases behind each point, which ``calibration_curve`` does not return: they are counted with
+    its own bin edges and assignment. Also the binning used (:func:`reliability_bins`)."""
+    n_bins, strategy = reliability_bins(len(hit))
+    observed, predicted = calibration_curve(hit, confidence, n_bins=n_bins, strategy=strategy)
+    edges = (np.linspace(0, 1, n_bins + 1) if strategy == "uniform"
+             else np.percentile(confidence, np.linspace(0, 100, n_bins + 1)))
+    counts = np.bincount(np.searchsorted(edges[1:-1], confidence), minlength=n_bins)
+    return predicted, observed, counts[counts > 0], strategy
+
+
 def reliability_figure(y_true: np.ndarray, prob: np.ndarray, labels: np.ndarray, attribute: str) -> str:
-    """Reliability diagram per group: observed frequency against predicted probability."""
-    fig, ax = plt.subplots(figsize=(5, 4.4))
+    """Reliability diagram per group: observed frequency against predicted probability, each point sized by
+    its bin's count (a small group gets fewer, equal-count bins), and below it how many cases fall where."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if prob.ndim == 2:  # multiclass: top-label confidence against accuracy
         confidence, hit = prob.max(axis=1), (prob.argmax(axis=1) == y_true).astype(int)
         xlabel, ylabel = "top-label confidence", "accuracy"
     else:
         confidence, hit = prob, y_true
         xlabel, ylabel = "predicted probability", "observed frequency"
-    for name in ["overall", *sorted(set(labels))]:
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    for i, name in enumerate(["overall", *sorted(set(labels))]):
         mask = np.ones(len(y_true), dtype=bool) if name == "overall" else labels == name
         if mask.sum() < 2:
             continue
-        observed, predicted = calibration_curve(hit[mask], confidence[mask], n_bins=ECE_BINS, strategy="uniform")
-        ax.plot(predicted, observed, marker="o", ms=3, lw=2.2 if name == "overall" else 1.2,
-                color="black" if name == "overall" else None, label=name)
+        predicted, observed, per_bin, strategy = reliability_points(hit[mask], confidence[mask])
+        color = "black" if name == "overall" else f"C{i - 1}"
+        ax.plot(predicted, observed, lw=2.2 if name == "overall" else 1.2, color=color,
+                label=f"{name} (n={int(mask.sum())}" + (f", {len(per_bin)} equal-count bins)" if strategy == "quantile"
+                                                        else ")"))
+        ax.scatter(predicted, observed, s=12 + 60 * per_bin / per_bin.max(), color=color, zorder=3)
+        counts.hist(confidence[mask], bins=edges, histtype="step", color=color, lw=1.6 if name == "overall" else 1)
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1), title=f"Reliability by {attribute}")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set(ylabel=ylabel, xlim=(0, 1), ylim=(0, 1), title=f"Reliability by {attribute} (point size: cases in the bin)")
+    ax.legend(fontsize=7, loc="upper left")
+    counts.set(xlabel=xlabel, ylabel="cases")
     return _png(fig)
 
 
@@ -108,10 +140,16 @@ def gap_figure(report: Mapping) -> str:
     ax.set_yticks(range(len(rows)), [f"{a} = {g}" for a, g, _, _ in rows])
     if report["overall"]["auc"] is not None:
         ax.axvline(report["overall"]["auc"], color="black", ls="--", lw=1, label="overall AUC")
-        ax.legend(fontsize=8, loc="lower left")
+        _legend_below(ax)
     ax.invert_yaxis()
     ax.set(xlabel="AUC (95% CI, patient-level bootstrap)", title="Subgroup AUC")
     return _png(fig)
+
+
+def _legend_below(ax) -> None:
+    """The legend under the axes, where it hides no interval."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.25 / ax.figure.get_figheight()),
+              frameon=False)
 
 
 def shortcut_figure(shortcuts: Mapping) -> str:
@@ -123,7 +161,7 @@ def shortcut_figure(shortcuts: Mapping) -> str:
         ax.errorbar(auc, i, xerr=err, fmt="o", color=f"C{i}", capsize=3)
     ax.set_yticks(range(len(rows)), [a for a, _, _ in rows])
     ax.axvline(0.5, color="black", ls="--", lw=1, label="chance: the features do not tell the groups apart")
-    ax.legend(fontsize=8, loc="lower left")
+    _legend_below(ax)
     ax.invert_yaxis()
     ax.set(xlabel="AUC of a linear probe on the model's features (95% CI)", xlim=(0.3, 1.0),
            title="Shortcuts: attributes predicted from the penultimate features")
@@ -214,8 +252,44 @@ def write_html_report(report: Mapping, predictions: pd.DataFrame, manifest: pd.D
     return path
 
 
-def render_segmentation_html(report: Mapping, *, title: str = "Segmentation evaluation") -> str:
-    """The page of a segmentation report: overall Dice/HD95 with CIs, gaps, groups, a chart of group Dice."""
+@dataclass(frozen=True)
+class Overlay:
+    """One test case for the page: its image, true and predicted masks (2D or 3D, same shape) and its Dice."""
+
+    case_id: str
+    image: np.ndarray
+    truth: np.ndarray
+    prediction: np.ndarray
+    dice: float | None
+
+
+def overlay_figure(overlays: Sequence[Overlay]) -> str:
+    """Each case's image beside the same image with the true (green) and predicted (red) outlines; for a
+    volume, the axial slice with the most true foreground."""
+    fig, axes = plt.subplots(len(overlays), 2, figsize=(6, 3 * len(overlays)), squeeze=False)
+    for (plain, outlined), case in zip(axes, overlays):
+        image, truth, prediction = case.image, case.truth, case.prediction
+        if image.ndim == truth.ndim + 1:  # channels last: the first
+            image = image[..., 0]
+        if image.ndim == 3:
+            z = int(np.argmax((truth > 0).sum(axis=(0, 1)))) if (truth > 0).any() else image.shape[2] // 2
+            image, truth, prediction = image[..., z], truth[..., z], prediction[..., z]
+        for ax in (plain, outlined):
+            ax.imshow(image.T, cmap="gray", origin="lower")
+            ax.axis("off")
+        for mask, color in ((truth, "lime"), (prediction, "red")):
+            if (mask > 0).any() and not (mask > 0).all():
+                outlined.contour((mask > 0).T.astype(float), levels=[0.5], colors=color, linewidths=1.2)
+        plain.set_title(case.case_id, fontsize=8)
+        outlined.set_title("truth (green), prediction (red)" + (f": Dice {case.dice:.3f}" if case.dice is not None
+                                                                  else ""), fontsize=8)
+    return _png(fig)
+
+
+def render_segmentation_html(report: Mapping, *, title: str = "Segmentation evaluation",
+                             overlays: Sequence[Overlay] = ()) -> str:
+    """The page of a segmentation report: overall Dice/HD95 with CIs, gaps, groups with their Dice CIs in a
+    chart, and (``overlays``) a few test cases with their true and predicted outlines."""
     overall, ci = report["overall"], report.get("ci95", {})
     parts = [
         f"<h1>{html.escape(title)}</h1>",
@@ -229,20 +303,30 @@ def render_segmentation_html(report: Mapping, *, title: str = "Segmentation eval
     ]
     if report.get("warnings"):
         parts.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
-    bars = [(f"{a} = {g}", m["dice"]) for a, groups in report["groups"].items() for g, m in groups.items() if m["dice"] is not None]
-    if bars:
-        fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(bars), 4) + 1))
-        ax.barh([b[0] for b in bars], [b[1] for b in bars], color="C0")
+    rows = [(a, g, m["dice"], (m.get("ci95") or {}).get("dice"))
+            for a, groups in report["groups"].items() for g, m in groups.items() if m["dice"] is not None]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(rows), 4) + 1))
+        for i, (a, _, dice, interval) in enumerate(rows):
+            err = [[dice - interval[0]], [interval[1] - dice]] if interval else None
+            ax.errorbar(dice, i, xerr=err, fmt="o", color=f"C{list(report['groups']).index(a)}", capsize=3)
+        ax.set_yticks(range(len(rows)), [f"{a} = {g}" for a, g, _, _ in rows])
         if overall.get("dice") is not None:
             ax.axvline(overall["dice"], color="black", ls="--", lw=1, label="overall Dice")
-            ax.legend(fontsize=8)
+            _legend_below(ax)
         ax.invert_yaxis()
-        ax.set(xlabel="mean Dice", xlim=(0, 1), title="Subgroup Dice")
+        ax.set(xlabel="mean Dice (95% CI, patient-level bootstrap)", xlim=(0, 1), title="Subgroup Dice")
         parts.append(f"<div class='figs'><img alt='subgroup Dice chart' src='{_png(fig)}'></div>")
+    if overlays:
+        parts.append("<h2>Test cases</h2><p class='muted'>The slice with the most true foreground of the test cases "
+                     "with the lowest, median and highest Dice: the true mask's outline in green, the prediction's "
+                     "in red.</p>")
+        parts.append(f"<div class='figs'><img alt='test cases overlaid' src='{overlay_figure(overlays)}'></div>")
     for attribute, groups in report["groups"].items():
         parts.append(f"<h2>By {html.escape(attribute)}</h2>")
-        parts.append(_table([attribute, "n", "Dice", "HD95 (mm)"],
-                            [[html.escape(g), str(m["n"]), _fmt(m["dice"]), _fmt(m["hd95"])] for g, m in groups.items()]))
+        parts.append(_table([attribute, "n", "Dice", "95% CI", "HD95 (mm)"],
+                            [[html.escape(g), str(m["n"]), _fmt(m["dice"]), _ci((m.get("ci95") or {}).get("dice")),
+                              _fmt(m["hd95"])] for g, m in groups.items()]))
     body = "\n".join(parts)
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")

@@ -31,7 +31,7 @@ SEG_METRICS = ("dice", "hd95")
 BAD_VOLUME = "{case}: {what} {path} {problem}"
 
 
-def _load(path: Path, *, case: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(path: Path, *, case: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Voxel array and voxel spacing (mm) of a NIfTI file."""
     try:
         image = nib.load(path)
@@ -118,8 +118,8 @@ def evaluate_segmentation(
     rows, bins = [], np.zeros((3, ECE_BINS + 1))
     for record in predictions.assign(case_id=ids).itertuples(index=False):
         case = record.case_id
-        pred, _ = _load(predictions_root / record.mask, case=case, what="predicted mask")
-        truth, spacing = _load(manifest_root / cases.at[case, "label"], case=case, what="true mask")
+        pred, _ = load_volume(predictions_root / record.mask, case=case, what="predicted mask")
+        truth, spacing = load_volume(manifest_root / cases.at[case, "label"], case=case, what="true mask")
         if pred.shape != truth.shape:
             raise EvaluationError(BAD_VOLUME.format(case=case, what="predicted mask", path=record.mask,
                                                     problem=f"has shape {pred.shape}, its true mask {truth.shape}"))
@@ -128,7 +128,7 @@ def evaluate_segmentation(
                                                     problem=f"has labels outside 0..{num_classes - 1}"))
         rows.append({"case_id": case, **case_metrics(pred, truth, spacing=spacing, num_classes=num_classes)})
         if "prob_map" in predictions.columns and isinstance(record.prob_map, str):
-            prob, _ = _load(predictions_root / record.prob_map, case=case, what="probability map")
+            prob, _ = load_volume(predictions_root / record.prob_map, case=case, what="probability map")
             if prob.shape != truth.shape or np.nanmin(prob) < 0 or np.nanmax(prob) > 1 or np.isnan(prob).any():
                 raise EvaluationError(BAD_VOLUME.format(case=case, what="probability map", path=record.prob_map,
                                                         problem="must match its mask's shape and lie in [0, 1]"))
@@ -150,8 +150,11 @@ def evaluate_segmentation(
         groups[attribute] = {}
         for group, frame in per_case.groupby(labels, sort=True):
             dice = frame["dice"].astype(float)
+            members = (labels == group).to_numpy()
             groups[attribute][group] = {"n": len(frame), "dice": float(dice.mean()) if dice.notna().any() else None,
-                                        "hd95": float(frame["hd95"].astype(float).mean()) if frame["hd95"].notna().any() else None}
+                                        "hd95": float(frame["hd95"].astype(float).mean()) if frame["hd95"].notna().any() else None,
+                                        "ci95": {"dice": _mean_ci(values["dice"][members], patients[members],
+                                                                  n_resamples=n_bootstrap, seed=seed)}}
             if len(frame) < min_group_size:
                 notices.append(f"{attribute}={group}: {len(frame)} cases, below min_group_size {min_group_size}; "
                                 "left out of the fairness gaps")

@@ -21,8 +21,10 @@ from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.evaluation.calibration import fit_temperature
 from components.evaluation.declarations import FAIRNESS, metrics_for
-from components.evaluation.html_report import render_segmentation_html
-from components.evaluation.segmentation import calibration_bins, ece_from_bins, evaluate_segmentation
+from components.evaluation.html_report import Overlay, render_segmentation_html
+from components.evaluation.segmentation import (
+    calibration_bins, case_metrics, ece_from_bins, evaluate_segmentation, load_volume,
+)
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.inference.predict import segment_file
 from components.progress import track
@@ -42,6 +44,25 @@ def _sample_voxels(logits: np.ndarray, mask: np.ndarray, rng: np.random.Generato
 
 def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits) / temperature, dim=0).numpy()
+
+
+def _overlays(test: pd.DataFrame, *, root: Path, out_dir: Path, num_classes: int) -> list[Overlay]:
+    """The test cases with the lowest, median and highest Dice, for the report's pictures."""
+    scored = []
+    for case, image, label in zip(test["case_id"], test["image"], test["label"]):
+        truth, spacing = load_volume(root / label, case=case, what="true mask")
+        prediction, _ = load_volume(out_dir / f"masks/{case}_mask.nii.gz", case=case, what="predicted mask")
+        dice = case_metrics(prediction, truth, spacing=spacing, num_classes=num_classes)["dice"]
+        scored.append((np.inf if dice is None or np.isnan(dice) else dice, case, image, label))
+    if not scored:
+        return []
+    scored.sort(key=lambda s: (s[0], s[1]))
+    picked = {0: scored[0], len(scored) // 2: scored[len(scored) // 2], len(scored) - 1: scored[-1]}
+    return [Overlay(case_id=case, image=np.asarray(nib.load(root / image).dataobj, dtype=np.float32),
+                    truth=np.asarray(nib.load(root / label).dataobj),
+                    prediction=np.asarray(nib.load(out_dir / f"masks/{case}_mask.nii.gz").dataobj),
+                    dice=None if np.isinf(dice) else float(dice))
+            for _, (dice, case, image, label) in sorted(picked.items())]
 
 
 def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec, run_id: str, manifest_path: Path,
@@ -91,7 +112,8 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     report = dataclasses.replace(report, calibration=calibration)
     report_path = report.write_json(out_dir / "report.json")
     (out_dir / "report.html").write_text(render_segmentation_html(
-        report.to_dict(), title=f"Evaluation of run {run_id} on {len(test)} test images"))
+        report.to_dict(), title=f"Evaluation of run {run_id} on {len(test)} test images",
+        overlays=_overlays(test, root=root, out_dir=out_dir, num_classes=config.data.num_classes)))
     (out_dir / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifacts(str(out_dir), REPORT_DIR)

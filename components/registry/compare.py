@@ -4,6 +4,8 @@ as non-inferiority resamples them), and the fairness gaps the same way.
 
 The first version's evaluation (its test predictions, as ``medflow run`` logged them) fixes the cases;
 the second version's pyfunc predicts those images, so the two models are judged on identical patients.
+Segmentation versions are compared on per-case Dice and HD95 (the first version's logged masks, the
+second's pyfunc segmenting the same volumes) and on each attribute's Dice gap.
 """
 
 from __future__ import annotations
@@ -108,6 +110,78 @@ def compare_predictions(y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarr
     return metrics, fairness
 
 
+def _segmentation_statistics(values: dict[str, np.ndarray], codes: np.ndarray, blocks,
+                             groups: dict[str, tuple[np.ndarray, list[str]]]) -> dict[str, np.ndarray]:
+    """Mean Dice and HD95 (over the cases that have them) and each attribute's Dice gap (between the groups
+    the report compared) for every weight row of ``blocks`` (patients' weights)."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in [*values, *(f"{a}.dice_gap" for a in groups)]}
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without a group's cases: no mean
+        for rows in blocks:
+            weights = rows[:, codes]
+            for name, v in values.items():
+                known = ~np.isnan(v)
+                out[name].append(weights[:, known] @ v[known] / weights[:, known].sum(axis=1))
+            dice, known = values["dice"], ~np.isnan(values["dice"])
+            for attribute, (labels, compared) in groups.items():
+                means = np.array([weights[:, (labels == g) & known] @ dice[(labels == g) & known]
+                                  / weights[:, (labels == g) & known].sum(axis=1) for g in compared])
+                gap = np.nanmax(means, axis=0) - np.nanmin(means, axis=0) if len(compared) >= 2 else np.full(len(rows), np.nan)
+                out[f"{attribute}.dice_gap"].append(gap)
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def compare_segmentations(a: dict[str, np.ndarray], b: dict[str, np.ndarray], patient_ids: np.ndarray, *,
+                          groups: dict[str, tuple[np.ndarray, list[str]]], n_resamples: int = 1000,
+                          seed: int = 0) -> tuple[list[Row], list[Row]]:
+    """Metric rows (Dice, HD95) and fairness rows (Dice gaps) of two models' per-case ``dice`` and ``hd95`` on
+    the same cases, the differences resampled by patient as for classifiers."""
+    codes = patient_codes(patient_ids)
+    n_patients = int(codes.max()) + 1
+
+    def both(blocks):
+        blocks = list(blocks)
+        first, second = _segmentation_statistics(a, codes, blocks, groups), _segmentation_statistics(b, codes, blocks, groups)
+        return first, second
+
+    (point_a, point_b) = both([np.ones((1, n_patients))])
+    res_a, res_b = both(resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed)))
+    jack_a, jack_b = both(jackknife_rows(n_patients))
+
+    def row(name: str, higher_is_better: bool) -> Row:
+        return _row(name, point_a[name], point_b[name], res_a[name] - res_b[name], jack_a[name] - jack_b[name],
+                    higher_is_better=higher_is_better)
+
+    metrics = [row("dice", True), row("hd95", False)]
+    fairness = [row(f"{attribute}.dice_gap", False) for attribute in groups]
+    return metrics, fairness
+
+
+def _segmentation_cases(folder: Path, table, manifest_path: Path, model_uri: str) -> tuple[dict, dict, object]:
+    """Per-case Dice and HD95 of the evaluated version (its logged masks) and of ``model_uri`` (its pyfunc
+    segmenting the same volumes), and the joined manifest rows."""
+    import nibabel as nib  # noqa: PLC0415
+
+    from components.evaluation.segmentation import case_metrics, load_volume  # noqa: PLC0415
+    from components.progress import track  # noqa: PLC0415
+
+    manifest = read_table(manifest_path).assign(case_id=lambda m: m["case_id"].astype(str)).set_index("case_id")
+    joined = manifest.loc[table["case_id"].astype(str)].reset_index()
+    model = mlflow.pyfunc.load_model(model_uri)
+    first, second = {"dice": [], "hd95": []}, {"dice": [], "hd95": []}
+    for mask, image, label in track(list(zip(table["mask"], joined["image"], joined["label"])),
+                                    description="Segmenting with the second version"):
+        truth, spacing = load_volume(manifest_path.parent / label, case=str(mask), what="true mask")
+        volume = nib.load(manifest_path.parent / image).get_fdata(dtype=np.float32)
+        prob = model.predict(volume[None])
+        classes = prob.shape[1]
+        for scores, predicted in ((first, np.asarray(nib.load(folder / mask).dataobj)), (second, prob[0].argmax(axis=0))):
+            case = case_metrics(predicted, truth, spacing=spacing, num_classes=classes)
+            for name in scores:
+                scores[name].append(np.nan if case[name] is None else case[name])
+    as_arrays = lambda d: {k: np.asarray(v, dtype=float) for k, v in d.items()}  # noqa: E731
+    return as_arrays(first), as_arrays(second), joined
+
+
 def compare_versions(*, model_name: str, a: str, b: str | None = None, n_resamples: int = 1000, seed: int = 0,
                      threshold: float = 0.5) -> Comparison:
     """Version ``a`` against ``b`` (default: the champion) on ``a``'s test cases.
@@ -138,9 +212,15 @@ def compare_versions(*, model_name: str, a: str, b: str | None = None, n_resampl
         except MlflowException as exc:
             raise RegistryError(f"version {a} of {model_name} has no evaluation in run {version.run_id}") from exc
         report = json.loads((folder / "report.json").read_text())
-        if report["task"] == "segmentation":
-            raise RegistryError("medflow compare compares classifiers; segmentation versions are not supported yet")
         table = read_table(folder / "predictions.parquet")
+        if report["task"] == "segmentation":
+            first, second, joined = _segmentation_cases(folder, table, manifest_path, f"models:/{model_name}/{b}")
+            groups = {x: (joined[x].fillna("unknown").astype(str).to_numpy(), f["groups_compared"])
+                      for x, f in report["fairness"].items() if x in joined.columns}
+            metrics, fairness = compare_segmentations(first, second, joined["patient_id"].astype(str).to_numpy(),
+                                                      groups=groups, n_resamples=n_resamples, seed=seed)
+            return Comparison(model=model_name, a=a, b=b, n=len(joined), n_patients=int(joined["patient_id"].nunique()),
+                              data_version=data_version, metrics=metrics, fairness=fairness)
     manifest = read_table(manifest_path)
     joined, y_true, prob_a = check_predictions(table, manifest, path=f"version {a}'s predictions")
     prob_b = predict_images(f"models:/{model_name}/{b}", [manifest_path.parent / p for p in joined["image"]])

@@ -39,6 +39,10 @@ def test_segmentation_demo_runs_end_to_end_and_the_served_model_reproduces_its_m
     report = json.loads((evaluation / "report.json").read_text())
     assert report["task"] == "segmentation" and report["overall"]["dice"] == pytest.approx(summary["metrics"]["dice"])
     assert report["calibration"]["after"]["voxel_ece"] < report["calibration"]["before"]["voxel_ece"]
+    for groups in report["groups"].values():  # each group's Dice with its interval, drawn in the page
+        assert all(g["ci95"]["dice"][0] <= g["dice"] <= g["ci95"]["dice"][1] for g in groups.values() if g["dice"])
+    page = (evaluation / "report.html").read_text()
+    assert "<h2>Test cases</h2>" in page and page.count("data:image/png;base64,") == 2
     metrics = client.get_run(run_id).data.metrics
     assert metrics["test_dice"] == pytest.approx(report["overall"]["dice"]) and "test_sex_dice_gap" in metrics
     version = client.get_model_version_by_alias("medflow-demo-segmenter", "champion")
@@ -56,3 +60,14 @@ def test_segmentation_demo_runs_end_to_end_and_the_served_model_reproduces_its_m
     np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
     written = np.asarray(nib.load(evaluation / case["mask"]).dataobj)
     assert (served[0].argmax(axis=0) == written).mean() > 0.999
+
+    # a version compared with itself on its test set: its logged masks against its pyfunc's, nothing between them
+    compared = subprocess.run([MEDFLOW, "compare", "--model", "medflow-demo-segmenter", "1", "1", "--json", "cmp.json",
+                               "--n-bootstrap", "200"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    table = json.loads((tmp_path / "cmp.json").read_text())
+    dice = next(r for r in table["metrics"] if r["name"] == "dice")
+    assert dice["a"] == pytest.approx(report["overall"]["dice"], abs=1e-6)
+    assert abs(dice["difference"]) < 0.01 and dice["better"] == ""
+    assert {r["name"] for r in table["fairness"]} == {f"{a}.dice_gap" for a in report["fairness"]}

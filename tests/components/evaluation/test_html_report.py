@@ -66,3 +66,43 @@ def test_headless_chromium_renders_the_page(tmp_path):
     dark = (image.sum(axis=2) < 300).mean()  # text, lines and markers
     colour = (np.ptp(image, axis=2) > 60).mean()  # the coloured curves of the figures
     assert dark > 0.005 and colour > 0.001
+
+
+@pytest.mark.parametrize("n", [1000, 150, 40])
+def test_reliability_points_are_scikit_learns_curve_with_each_bins_count(n):
+    from sklearn.calibration import calibration_curve  # noqa: PLC0415
+
+    from components.evaluation.html_report import MIN_PER_BIN, reliability_points  # noqa: PLC0415
+
+    rng = np.random.default_rng(n)
+    confidence = rng.beta(2, 5, n)
+    hit = (rng.random(n) < confidence).astype(int)
+    predicted, observed, counts, strategy = reliability_points(hit, confidence)
+    n_bins = 15 if n >= 15 * MIN_PER_BIN else n // MIN_PER_BIN  # a small group: fewer bins, of equal counts
+    assert strategy == ("uniform" if n >= 15 * MIN_PER_BIN else "quantile")
+    expected_observed, expected_predicted = calibration_curve(hit, confidence, n_bins=n_bins, strategy=strategy)
+    np.testing.assert_allclose(predicted, expected_predicted)
+    np.testing.assert_allclose(observed, expected_observed)
+    edges = np.linspace(0, 1, n_bins + 1) if strategy == "uniform" else np.percentile(confidence, np.linspace(0, 100, n_bins + 1))
+    expected_counts = np.histogram(confidence, bins=edges)[0]  # numpy's own binning, for the cases behind each point
+    np.testing.assert_array_equal(counts, expected_counts[expected_counts > 0])
+    assert counts.sum() == n
+    if strategy == "quantile":
+        assert counts.min() >= MIN_PER_BIN - 1
+
+
+def test_segmentation_page_has_group_dice_intervals_and_overlaid_cases():
+    from components.evaluation.html_report import Overlay, render_segmentation_html  # noqa: PLC0415
+
+    report = {"n": 4, "n_patients": 4, "overall": {"dice": 0.8, "hd95": 2.0}, "ci95": {"dice": [0.7, 0.9]},
+              "fairness": {"sex": {"dice_gap": 0.1, "es_dice": 0.7}},
+              "groups": {"sex": {"F": {"n": 2, "dice": 0.75, "hd95": 2.5, "ci95": {"dice": [0.6, 0.85]}},
+                                 "M": {"n": 2, "dice": 0.85, "hd95": 1.5, "ci95": {"dice": [0.8, 0.9]}}}}}
+    truth = np.zeros((16, 16, 4), dtype=np.uint8)
+    truth[4:10, 4:10, 2] = 1
+    case = Overlay("case-a", np.random.default_rng(0).random((16, 16, 4)), truth, np.roll(truth, 2, axis=0), 0.67)
+    page = render_segmentation_html(report, overlays=[case])
+    assert "<td>0.600 – 0.850</td>" in page  # the group's interval in its table
+    assert "Test cases" in page and "case-a" not in page.split("Test cases")[0]
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == 2  # the Dice forest and the overlays
+    assert "Test cases" not in render_segmentation_html(report)

@@ -105,3 +105,31 @@ def test_bad_volumes_name_the_case(tmp_path, case):
     with pytest.raises(EvaluationError) as info:
         _evaluate(tmp_path, predictions, manifest)
     assert str(info.value).startswith(expected)
+
+
+def test_group_dice_intervals_are_scipys_bca_intervals_of_the_group_mean(tmp_path):
+    from scipy import stats  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "data" / "labels").mkdir(parents=True)
+    (tmp_path / "pred").mkdir()
+    rows, preds = [], []
+    for i in range(30):  # one case per patient, Dice varying case to case
+        truth = _sphere((24, 24, 12), (12, 12, 6), 5)
+        pred = _sphere((24, 24, 12), (12 + int(rng.integers(0, 5)), 12, 6), int(rng.integers(3, 7)))
+        nib.save(nib.Nifti1Image(truth, np.eye(4)), tmp_path / "data" / "labels" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(pred, np.eye(4)), tmp_path / "pred" / f"c{i}.nii.gz")
+        rows.append({"case_id": f"c{i}", "patient_id": f"p{i}", "label": f"labels/c{i}.nii.gz", "sex": "FM"[i % 2]})
+        preds.append({"case_id": f"c{i}", "mask": f"c{i}.nii.gz"})
+    predictions, manifest = pd.DataFrame(preds), pd.DataFrame(rows)
+    report = evaluate_segmentation(predictions, manifest, predictions_root=tmp_path / "pred",
+                                   manifest_root=tmp_path / "data", n_bootstrap=4000, min_group_size=5)
+    for sex, group in report.groups["sex"].items():
+        dice = np.array([case_metrics(np.asarray(nib.load(tmp_path / "pred" / f"c{i}.nii.gz").dataobj),
+                                      np.asarray(nib.load(tmp_path / "data" / "labels" / f"c{i}.nii.gz").dataobj),
+                                      spacing=(1, 1, 1), num_classes=2)["dice"] for i in range(30) if "FM"[i % 2] == sex])
+        low, high = group["ci95"]["dice"]
+        assert group["dice"] == pytest.approx(dice.mean()) and low <= group["dice"] <= high
+        reference = stats.bootstrap((dice,), np.mean, method="BCa", n_resamples=4000,
+                                    rng=np.random.default_rng(0)).confidence_interval
+        assert (low, high) == pytest.approx((reference.low, reference.high), abs=0.01)

@@ -51,3 +51,34 @@ def test_a_model_compared_with_itself_differs_by_nothing():
     for row in [*metrics, *fairness]:
         if row.difference is not None:
             assert row.difference == 0 and row.ci95 == [0.0, 0.0] and row.better == ""
+
+
+def test_segmentations_compare_on_mean_dice_and_hd95_with_scipys_bca_of_the_paired_means():
+    from components.registry.compare import compare_segmentations  # noqa: PLC0415
+
+    rng = np.random.default_rng(7)
+    n = 60
+    sex = np.array(["F", "M"] * (n // 2))
+    dice_a = np.clip(rng.normal(0.85, 0.05, n), 0, 1)
+    dice_b = np.clip(dice_a - 0.04 - 0.05 * (sex == "F") + rng.normal(0, 0.03, n), 0, 1)  # worse, more so for F
+    hd_a, hd_b = rng.gamma(2, 1.5, n), rng.gamma(2, 2.0, n)
+    dice_a[3] = dice_b[3] = np.nan  # an empty true mask: no Dice, left out of the means
+    patients = np.arange(n)  # one case per patient: scipy's jackknife leaves out the same units as ours
+    metrics, fairness = compare_segmentations({"dice": dice_a, "hd95": hd_a}, {"dice": dice_b, "hd95": hd_b}, patients,
+                                              groups={"sex": (sex, ["F", "M"])}, n_resamples=300, seed=4)
+    dice, hd95 = metrics
+    assert dice.a == pytest.approx(np.nanmean(dice_a)) and dice.b == pytest.approx(np.nanmean(dice_b))
+    assert hd95.difference == pytest.approx(hd_a.mean() - hd_b.mean())
+    known = ~np.isnan(dice_a)
+    weights = np.concatenate(list(resample_patients(n, n_resamples=300, rng=np.random.default_rng(4))))
+    diffs = np.array([np.average(dice_a[known] - dice_b[known], weights=w[known]) for w in weights])
+    reference = stats.bootstrap((dice_a[known] - dice_b[known],), np.mean, method="BCa", n_resamples=0,
+                                bootstrap_result=SimpleNamespace(bootstrap_distribution=diffs))
+    low, high = reference.confidence_interval
+    # scipy's jackknife leaves out each of the 59 known cases; ours each of 60 patients (one with no Dice), the same
+    assert dice.ci95 == pytest.approx([low, high], abs=1e-9) and dice.better == "a"
+    (gap,) = fairness
+    by_group = lambda d: [np.nanmean(d[sex == g]) for g in ("F", "M")]  # noqa: E731
+    assert gap.name == "sex.dice_gap"
+    assert gap.a == pytest.approx(np.ptp(by_group(dice_a))) and gap.b == pytest.approx(np.ptp(by_group(dice_b)))
+    assert gap.ci95[0] <= gap.difference <= gap.ci95[1] and gap.better == "a"
