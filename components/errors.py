@@ -73,6 +73,10 @@ class UiError(MedflowError):
     """A dashboard could not be started."""
 
 
+class PredictError(MedflowError):
+    """A model, source or output folder that ``medflow predict`` cannot use; nothing was written."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM (what Kubernetes sends before evicting a pod) stopped the work.
 

@@ -225,3 +225,36 @@ def test_a_run_cancelled_mid_training_registers_nothing_and_the_next_run_is_clea
     later = _start(env, "medflow-retrain-workspace/weekly", {"overrides": ["train.epochs=2"]})
     assert _wait(env, later.id).state.type.value == "COMPLETED"
     assert len(_registered_versions(workspace)) == len(before) + 1
+
+
+def test_a_drifting_batch_of_new_studies_triggers_a_retraining_run(prefect):
+    """The champion predicts a batch from a scanner three times brighter than training's: medflow predict says
+    so, announces medflow.drift.detected, and the on-drift deployment's automation retrains."""
+    import nibabel as nib  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    import pandas as pd  # noqa: PLC0415
+
+    env, workspace, run = prefect
+    assert run(str(BIN / "medflow"), "run", cwd=workspace).returncode in (0, 3)  # a champion to predict with
+    manifest = pd.read_parquet(workspace / "data" / "demo" / "manifest.parquet")
+    brighter = workspace / "brighter"
+    brighter.mkdir(exist_ok=True)
+    for image in manifest[manifest["split"] == "test"]["image"]:
+        scan = nib.load(workspace / "data" / "demo" / image)
+        nib.save(nib.Nifti1Image(scan.get_fdata(dtype=np.float32) * 3, scan.affine), brighter / Path(image).name)
+    predicted = run(str(BIN / "medflow"), "predict", "--model", "medflow-demo-classifier@champion", "--source",
+                    "brighter", "--format", "nifti", "--out", "predictions", cwd=workspace)
+    assert predicted.returncode == 0, predicted.stdout + predicted.stderr
+    assert "DRIFT in input.mean" in predicted.stdout and "Announced medflow.drift.detected" in predicted.stdout
+
+    async def triggered(client):
+        found = await client.read_deployment_by_name("medflow-retrain-workspace/on-drift")
+        return [r for r in await client.read_flow_runs() if r.deployment_id == found.id]
+
+    deadline = time.monotonic() + 120
+    while not (runs := _client_call(env, triggered)) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert runs, "the automation started no run"
+    finished = _wait(env, runs[0].id)
+    assert finished.state.type.value == "COMPLETED", finished.state.message
+    assert finished.parameters["workspace"] == str(workspace)

@@ -1,0 +1,165 @@
+"""medflow predict: a registered version on a folder of new studies, with lineage, drift and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components import paths
+from components.config import load_config
+from components.data.sources import pseudonymise
+from components.errors import PredictError, RegistryError
+from components.monitoring.predict import predict_source
+from components.inference.evaluate import evaluate_run
+from components.registry.register import register_model
+from components.training.classification import train_classifier
+from tests.conftest import SALT
+
+TINY = ["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=20", "registry.experiment=test-predict",
+        "registry.model_name=tiny", "evaluate.min_group_size=2", "data.name=small"]
+
+
+@pytest.fixture
+def registered(workspace, small_dataset) -> Path:
+    """A tiny classifier registered as tiny@challenger (version 1), its data version v1 held by the workspace."""
+    config = load_config(overrides=TINY, environ={})
+    trained = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    evaluation = evaluate_run(run_id=trained.run_id, manifest_path=small_dataset, config=config, out_dir=workspace / "eval")
+    register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
+                   report_path=evaluation.report, config=config)
+    shutil.copytree(small_dataset.parent, workspace / "data" / "small")
+    (workspace / "data" / "small.dvc").write_text("outs:\n- md5: v1.dir\n  path: small\n")
+    return small_dataset
+
+
+def _logged_text(run_id: str) -> str:
+    """Everything the batch's MLflow run holds: params, metrics, tags and the text of its artifacts."""
+    client = MlflowClient(paths.tracking_uri())
+    run = client.get_run(run_id)
+    texts = [json.dumps([run.data.params, run.data.metrics, run.data.tags])]
+    for artifact in client.list_artifacts(run_id):
+        texts.append(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact.path)).read_text())
+    return "\n".join(texts)
+
+
+def test_a_dicom_export_gets_one_row_per_file_equal_to_the_pyfuncs_probabilities(registered, small_export, workspace):
+    out = workspace / "out"
+    result = predict_source("tiny@challenger", small_export.folder, "dicom", out)
+    files = sorted(p for p in small_export.folder.rglob("*.dcm"))
+    table = pd.read_csv(out / "predictions.csv", dtype={"version": str, "data_version": str})
+    assert result.n_predicted == len(table) == len(files) and result.skipped == []
+    assert set(table["path"]) == {str(p.relative_to(small_export.folder)) for p in files}
+    assert (table["model"] == "tiny").all() and (table["version"] == "1").all() and (table["data_version"] == "v1").all()
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), table, check_dtype=False)
+
+    # the same cases as ingestion wrote them (found by their pseudonym), through the pyfunc
+    manifest = pd.read_parquet(registered).set_index("case_id")
+    case_ids = [pseudonymise(str(pydicom.dcmread(small_export.folder / p, stop_before_pixels=True).SOPInstanceUID),
+                             salt=SALT, prefix="C") for p in table["path"]]
+    images = np.stack([nib.load(registered.parent / manifest.at[c, "image"]).get_fdata(dtype=np.float32) for c in case_ids])
+    expected = mlflow.pyfunc.load_model("models:/tiny/1").predict(images)
+    np.testing.assert_allclose(table[["prob_0", "prob_1"]].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    threshold = json.loads((workspace / "eval" / "report.json").read_text())["threshold"]
+    assert (table["prediction"] == (table["prob_1"] >= threshold).astype(int)).all()
+
+    record = json.loads((out / "predict.json").read_text())
+    assert record["model"]["name"] == "tiny" and record["model"]["data_version"] == "v1"
+    assert record["n_inputs"] == len(files) and record["mlflow_run_id"] == result.run_id
+    drift = json.loads((out / "drift.json").read_text())
+    assert drift["notes"] == [] and {t["fact"] for t in drift["tests"]} >= {"input.mean", "input.modality",
+                                                                              "prediction.confidence"}
+    # what medflow logs holds counts and figures, never a source path or a DICOM UID
+    logged = _logged_text(result.run_id)
+    run = MlflowClient(paths.tracking_uri()).get_run(result.run_id)
+    assert run.data.metrics["n_predicted"] == len(files) and run.data.params["version"] == "1"
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:20]]
+    assert not [x for x in [*table["path"][:20], *uids, str(small_export.folder)] if x in logged]
+
+
+def test_a_batch_from_a_brighter_scanner_drifts_and_the_same_images_do_not(registered, workspace):
+    manifest = pd.read_parquet(registered)
+    test = manifest[manifest["split"] == "test"]
+    same, brighter = workspace / "same", workspace / "brighter"
+    for folder, gain in ((same, 1.0), (brighter, 2.5)):
+        folder.mkdir()
+        for image in test["image"]:
+            nifti = nib.load(registered.parent / image)
+            nib.save(nib.Nifti1Image(nifti.get_fdata(dtype=np.float32) * gain, nifti.affine), folder / Path(image).name)
+    steady = predict_source("tiny/1", same, "nifti", workspace / "p1")
+    assert steady.drift["detected"] is False, (steady.drift["drifted"], steady.drift["tests"])
+    shifted = predict_source("tiny/1", brighter, "nifti", workspace / "p2")
+    assert "input.mean" in shifted.drift["drifted"] and shifted.drift["detected"]
+    mean = next(t for t in shifted.drift["tests"] if t["fact"] == "input.mean")
+    assert mean["p_value"] < shifted.drift["alpha_per_test"]
+    run = MlflowClient(paths.tracking_uri()).get_run(shifted.run_id)
+    assert run.data.metrics["drift_detected"] == 1.0 and run.data.metrics["drift_input_mean_p_value"] == mean["p_value"]
+
+
+def test_bad_input_is_one_line_and_nothing_is_half_written(registered, small_export, workspace):
+    with pytest.raises(RegistryError, match="no registered model version 'nope@champion'"):
+        predict_source("nope@champion", small_export.folder, "dicom", workspace / "out")
+    with pytest.raises(RegistryError, match="names no version"):
+        predict_source("tiny", small_export.folder, "dicom", workspace / "out")
+    (workspace / "empty").mkdir()
+    with pytest.raises(PredictError, match="holds no nifti input"):
+        predict_source("tiny/1", workspace / "empty", "nifti", workspace / "out")
+    with pytest.raises(PredictError, match="does not exist"):
+        predict_source("tiny/1", workspace / "nowhere", "dicom", workspace / "out")
+
+    broken = workspace / "broken"
+    shutil.copytree(small_export.folder, broken)
+    (broken / "images" / "zz_truncated.dcm").write_bytes((broken / "images").glob("*.dcm").__next__().read_bytes()[:300])
+    with pytest.raises(PredictError, match="zz_truncated.dcm.*--strict: nothing was predicted"):
+        predict_source("tiny/1", broken, "dicom", workspace / "out", strict=True)
+    assert not (workspace / "out").exists() and not list(workspace.glob(".out.*"))
+    result = predict_source("tiny/1", broken, "dicom", workspace / "out")
+    assert [s["path"] for s in result.skipped] == ["images/zz_truncated.dcm"]
+    assert len(pd.read_csv(workspace / "out" / "predictions.csv")) == result.n_inputs - 1
+
+    (workspace / "out" / "predict.json").write_text(json.dumps({"model": {"name": "other", "version": "7"}}))
+    with pytest.raises(PredictError, match="already holds predictions of other version 7.*--overwrite"):
+        predict_source("tiny/1", broken, "dicom", workspace / "out")
+    predict_source("tiny/1", broken, "dicom", workspace / "out", overwrite=True)
+    assert json.loads((workspace / "out" / "predict.json").read_text())["model"]["name"] == "tiny"
+
+
+def test_a_segmentation_version_writes_each_volumes_mask_as_its_pyfunc_segments_it(workspace, seg_dataset):
+    from components.training.segmentation import train_segmenter  # noqa: PLC0415
+
+    config = load_config(overrides=["data.task=segmentation", "train.model=unet", "train.model_kwargs={}",
+                                    "train.epochs=1", "train.batch_size=4", "train.samples_per_volume=2",
+                                    "train.patch_size=[16, 16, 8]", "evaluate.n_bootstrap=0", "registry.model_name=seg",
+                                    "registry.experiment=test-predict-seg", "data.name=seg"], environ={})
+    trained = train_segmenter(manifest_path=seg_dataset, data_version="v1", config=config)
+    evaluation = evaluate_run(run_id=trained.run_id, manifest_path=seg_dataset, config=config, out_dir=workspace / "eval")
+    register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
+                   report_path=evaluation.report, config=config)
+    manifest = pd.read_parquet(seg_dataset)
+    shutil.copytree(seg_dataset.parent, workspace / "data" / "seg")  # the training data version, for drift
+    (workspace / "data" / "seg.dvc").write_text("outs:\n- md5: v1.dir\n  path: seg\n")
+    source = workspace / "new"
+    source.mkdir()
+    for image in manifest[manifest["split"] == "test"]["image"]:
+        shutil.copy(seg_dataset.parent / image, source / Path(image).name)
+    (source / "flat.nii.gz").write_bytes(b"")  # unreadable: listed, the rest predicted
+    result = predict_source("seg@challenger", source, "nifti", workspace / "out")
+    assert [s["path"] for s in result.skipped] == ["flat.nii.gz"] and "not a readable NIfTI" in result.skipped[0]["reason"]
+    table = pd.read_csv(workspace / "out" / "predictions.csv")
+    served = mlflow.pyfunc.load_model("models:/seg/1")
+    for row in table.itertuples():
+        volume = nib.load(source / row.path)
+        written = nib.load(workspace / "out" / row.mask)
+        expected = served.predict(volume.get_fdata(dtype=np.float32)[None])[0].argmax(axis=0)
+        np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+        np.testing.assert_allclose(written.affine, volume.affine)
+        assert row.foreground == pytest.approx((expected > 0).mean())
+    assert "prediction.foreground" in {t["fact"] for t in result.drift["tests"]}
