@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/training.py --write
 	$(BIN)/python benchmarks/load.py --write
 	$(BIN)/python benchmarks/backbones.py --write
+	$(BIN)/python benchmarks/predict.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

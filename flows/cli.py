@@ -34,6 +34,11 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:
             raise _Stopped() from exc
+        except BaseException as exc:  # SIGTERM inside a flow: Prefect's TerminationSignal (Prefect is loaded then)
+            termination = getattr(sys.modules.get("prefect.exceptions"), "TerminationSignal", None)
+            if termination is not None and isinstance(exc, termination):
+                raise _Stopped() from exc
+            raise
 
 
 app = typer.Typer(
@@ -555,7 +560,14 @@ def _interrupted(cause: BaseException | None, *, debug: bool) -> int:
     """Ctrl-C or SIGTERM: one line (what was interrupted and what the next run does), exit 130."""
     if debug and cause is not None:
         raise cause
-    print(f"medflow: {cause if isinstance(cause, Interrupted) else 'interrupted'}", file=sys.stderr)
+    said, seen = "interrupted", set()
+    while cause is not None and id(cause) not in seen:  # what training said, wherever Prefect chained it
+        if isinstance(cause, Interrupted) or hasattr(cause, "medflow_interrupted"):
+            said = getattr(cause, "medflow_interrupted", str(cause))
+            break
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    print(f"medflow: {said}", file=sys.stderr)
     return Interrupted.exit_code
 
 

@@ -325,7 +325,13 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
         except Exception:
             raise  # an error: MLflow's context marks the run FAILED
         except BaseException as exc:  # Ctrl-C (KeyboardInterrupt), SIGTERM (Prefect's TerminationSignal), an exit
-            raise interrupted(saved_epoch, resumable=cfg.resume, lead=lead) from exc
+            stopped = interrupted(saved_epoch, resumable=cfg.resume, lead=lead)
+            if isinstance(exc, KeyboardInterrupt):
+                raise stopped from exc
+            # Prefect's own signal keeps its type (Prefect tells a cancellation from a crash by it); it carries
+            # the message for the command line
+            exc.medflow_interrupted = str(stopped)
+            raise
         if params_out is not None:
             params_out.mkdir(parents=True, exist_ok=True)
             torch.save({k: v.cpu() for k, v in network.state_dict().items()}, params_out / f"rank{rank}.pt")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 from mlflow.tracking import MlflowClient
@@ -130,7 +131,14 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     unknown = _cli(tmp_path, "compare", "--model", "medflow-demo-classifier", "9")
     assert unknown.returncode == 1 and len(unknown.stderr.strip().splitlines()) == 1
 
-    outputs = [r.stdout + r.stderr for r in (first, again, cached, strict, second, history, refused, forced, back, forced)]
+    # the champion on the export as new studies: nothing identifying reaches what medflow versions or logs
+    export = next((tmp_path / ".medflow" / "exports").iterdir())
+    predicted = _cli(tmp_path, "predict", "--model", "medflow-demo-classifier@champion", "--source", str(export),
+                     "--format", "dicom", "--out", "predictions")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "predictions" / "predictions.csv")) == len(list(export.rglob("*.dcm")))
+    outputs = [r.stdout + r.stderr for r in (first, again, cached, strict, second, history, refused, forced, back, forced,
+                                             predicted)]
     leaks = _identifiers_found(tmp_path, outputs)
     assert not leaks, f"patient identifiers written by medflow: {sorted(leaks)[:10]}"
     some = pydicom.dcmread(next((tmp_path / ".medflow" / "exports").rglob("*.dcm")), stop_before_pixels=True)

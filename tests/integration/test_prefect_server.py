@@ -109,6 +109,20 @@ def _registered_versions(workspace: Path) -> list[str]:
     return sorted(str(v.version) for v in client.search_model_versions("name='medflow-demo-classifier'"))
 
 
+def _triggered_run(env: dict, deployment: str, timeout: float = 120.0):
+    """The first run an automation started for ``deployment``, waited for up to ``timeout`` seconds."""
+
+    async def triggered(client):
+        found = await client.read_deployment_by_name(deployment)
+        return [r for r in await client.read_flow_runs() if r.deployment_id == found.id]
+
+    deadline = time.monotonic() + timeout
+    while not (runs := _client_call(env, triggered)) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert runs, f"the automation started no run of {deployment}"
+    return runs[0]
+
+
 def test_pools_and_every_deployment_are_registered(prefect):
     env, _, _ = prefect
 
@@ -182,16 +196,7 @@ def test_a_new_data_version_triggers_a_retraining_run(prefect):
     before = _registered_versions(workspace)
     ingested = run(str(BIN / "medflow"), "ingest", "--config", "medflow.yaml", cwd=workspace)
     assert ingested.returncode == 0 and "Announced medflow.data.version.created" in ingested.stdout, ingested.stderr
-
-    async def triggered(client):
-        found = await client.read_deployment_by_name("medflow-retrain-workspace/on-new-data")
-        return [r for r in await client.read_flow_runs() if r.deployment_id == found.id]
-
-    deadline = time.monotonic() + 120
-    while not (runs := _client_call(env, triggered)) and time.monotonic() < deadline:
-        time.sleep(2)
-    assert runs, "the automation started no run"
-    finished = _wait(env, runs[0].id)
+    finished = _wait(env, _triggered_run(env, "medflow-retrain-workspace/on-new-data").id)
     assert finished.state.type.value == "COMPLETED", finished.state.message
     assert finished.parameters["workspace"] == str(workspace)
     assert len(_registered_versions(workspace)) == len(before) + 1
@@ -246,15 +251,6 @@ def test_a_drifting_batch_of_new_studies_triggers_a_retraining_run(prefect):
                     "brighter", "--format", "nifti", "--out", "predictions", cwd=workspace)
     assert predicted.returncode == 0, predicted.stdout + predicted.stderr
     assert "DRIFT in input.mean" in predicted.stdout and "Announced medflow.drift.detected" in predicted.stdout
-
-    async def triggered(client):
-        found = await client.read_deployment_by_name("medflow-retrain-workspace/on-drift")
-        return [r for r in await client.read_flow_runs() if r.deployment_id == found.id]
-
-    deadline = time.monotonic() + 120
-    while not (runs := _client_call(env, triggered)) and time.monotonic() < deadline:
-        time.sleep(2)
-    assert runs, "the automation started no run"
-    finished = _wait(env, runs[0].id)
+    finished = _wait(env, _triggered_run(env, "medflow-retrain-workspace/on-drift").id)
     assert finished.state.type.value == "COMPLETED", finished.state.message
     assert finished.parameters["workspace"] == str(workspace)

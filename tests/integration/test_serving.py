@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -94,5 +95,15 @@ def test_register_promote_and_serve_the_champion(workspace, small_dataset, postg
             serving.wait(timeout=30)
         np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
         assert served.shape == (3, 2)
+        # medflow predict on the same images as files: the served model's probabilities, row for row
+        from components.monitoring.predict import predict_source  # noqa: PLC0415
+
+        new = tmp_path / "new"
+        new.mkdir()
+        for i, image in enumerate(test["image"]):
+            shutil.copy(small_dataset.parent / image, new / f"{i}.nii.gz")
+        predict_source("tiny@champion", new, "nifti", tmp_path / "predicted")
+        table = pd.read_csv(tmp_path / "predicted" / "predictions.csv").sort_values("path")
+        np.testing.assert_allclose(table[["prob_0", "prob_1"]].to_numpy(), served, rtol=1e-5, atol=1e-6)
     finally:
         server.stop()
