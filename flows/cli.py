@@ -21,6 +21,7 @@ from components.progress import make_console
 from components.config import load_config
 from components.errors import AuthenticationFailed, Interrupted, MedflowError, PromotionRefused, ServerUnavailable
 from flows.cli_data import data_app, ingest, init
+from flows.cli_predict import predict
 from flows.cli_ui import ui
 
 class _Stopped(Exception):
@@ -54,6 +55,7 @@ app.add_typer(data_app, name="data")
 app.command()(ingest)
 app.command()(init)
 app.command()(ui)
+app.command()(predict)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set train.epochs=2.")]
@@ -409,45 +411,6 @@ def rollback(model: ModelOption) -> None:
 
     event = roll_back(_client(), model)
     console.print(f"Rolled back: {model}@champion is version {event.champion_after} (was {event.champion_before})")
-
-
-@app.command()
-def predict(
-    model: Annotated[str, typer.Option("--model", "-m", help="A registered version: NAME@ALIAS or NAME/VERSION.")],
-    source: Annotated[Path, typer.Option(help="Folder of new studies (DICOM files or series folders, NIfTI, PNG).")],
-    format_: Annotated[str, typer.Option("--format", help="dicom, nifti or png.")],
-    out: Annotated[Path, typer.Option(help="Output folder (written whole, or not at all).")] = Path("predictions"),
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse the batch when any input cannot be read.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another model's predictions in --out.")] = False,
-    drift_alpha: Annotated[float, typer.Option(help="Significance of the drift tests (Bonferroni-corrected).")] = 0.01,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-) -> None:
-    """Predict a folder of new studies with a registered version: predictions.csv/.parquet, masks, predict.json
-    (lineage and unreadable inputs) and drift.json (against the model's training data)."""
-    from components.monitoring.predict import predict_source  # noqa: PLC0415
-
-    result = predict_source(model, source, format_, out, strict=strict, overwrite=overwrite, batch_size=batch_size,
-                            drift_alpha=drift_alpha)
-    m = result.model
-    console.print(f"Predicted    {result.n_predicted} of {result.n_inputs} inputs with {m.name} version {m.version} "
-                  f"({m.task}, trained on {m.dataset}@{m.data_version[:12]}) -> {out}", markup=False, soft_wrap=True)
-    for item in result.skipped[:20]:
-        console.print(f"  skipped {item['path']}: {item['reason']}", markup=False, soft_wrap=True)
-    if len(result.skipped) > 20:
-        console.print(f"  ... and {len(result.skipped) - 20} more (all in {out / 'predict.json'})", markup=False)
-    drift = result.drift or {}
-    verdict = (f"DRIFT in {', '.join(drift['drifted'])}" if drift.get("detected")
-               else "none detected" + (f" ({len(drift.get('tests', []))} tests)" if drift.get("tests") else ""))
-    console.print(f"Drift        {verdict} (drift.json)", markup=False, soft_wrap=True)
-    for note in drift.get("notes", []):
-        console.print(f"  {note}", markup=False, soft_wrap=True)
-    console.print(f"MLflow run   {result.run_id} (counts, model version and drift figures; no paths)", markup=False,
-                  soft_wrap=True)
-    if drift.get("detected") and os.environ.get("PREFECT_API_URL"):  # the on-drift deployment's trigger
-        from flows.predict import DRIFT_EVENT, announce_drift  # noqa: PLC0415
-
-        announce_drift(result)
-        console.print(f"Announced {DRIFT_EVENT} to the Prefect server", markup=False)
 
 
 @app.command()
