@@ -37,6 +37,9 @@ def predict(
         console.print(f"  skipped {item['path']}: {item['reason']}", markup=False, soft_wrap=True)
     if len(result.skipped) > 20:
         console.print(f"  ... and {len(result.skipped) - 20} more (all in {out / 'predict.json'})", markup=False)
+    if result.no_dicom:
+        console.print(f"  {len(result.no_dicom)} predicted without a DICOM result (reasons in predict.json), e.g. "
+                      f"{result.no_dicom[0]['path']}: {result.no_dicom[0]['reason']}", markup=False, soft_wrap=True)
     drift = result.drift or {}
     verdict = (f"DRIFT in {', '.join(drift['drifted'])}" if drift.get("detected")
                else "none detected" + (f" ({len(drift.get('tests', []))} tests)" if drift.get("tests") else ""))

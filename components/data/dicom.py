@@ -118,7 +118,7 @@ def _frame_rescales(ds: pydicom.Dataset, frames: int) -> tuple[np.ndarray, np.nd
     return slopes, intercepts
 
 
-def _plane(ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def frame_plane(ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(orientation 6-vector, position 3-vector, (row, col) spacing) of frame ``index``, or None."""
     orientation = ds.get("ImageOrientationPatient")
     position = ds.get("ImagePositionPatient")
@@ -212,7 +212,7 @@ def _volume(datasets: list[tuple[Path, pydicom.Dataset]], where: Path) -> tuple[
         pixels = _pixels(ds, path)
         for i in range(pixels.shape[0]):
             frames.append(pixels[i])
-            planes.append(_plane(ds, i))
+            planes.append(frame_plane(ds, i))
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise IngestError(f"{where}: slices of different sizes in one series: {sorted(shapes)}")

@@ -1,4 +1,5 @@
-"""A synthetic segmentation export for the demo: NIfTI volumes, their masks and a labels CSV.
+"""A synthetic segmentation export for the demo: NIfTI volumes (or CT series in DICOM), their masks and a
+labels CSV.
 
 Each volume is smooth tissue texture with one to three bright ellipsoidal
 lesions; the mask marks every voxel inside a lesion (label 1). As in the
@@ -17,11 +18,57 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from components.data.dicom import LPS_TO_RAS
 from components.data.synthetic import BIASED_GROUP, RACES, SITES, SyntheticExport
 from components.errors import ConfigError
 
 LESION_AMPLITUDE = 0.8
 VOXEL_MM = (0.8, 0.8, 2.0)
+DICOM_SLOPE = 0.001  # stored integers are thousandths of the volume's values
+
+
+def dicom_affine(spacing: tuple[float, float, float] = VOXEL_MM) -> np.ndarray:
+    """The RAS affine ingestion reads from a series written by :func:`write_dicom_series` (axial slices, rows
+    along the patient's posterior axis, columns along its left axis, slices upwards from the origin)."""
+    row_mm, col_mm, slice_mm = spacing
+    lps = np.array([[0, col_mm, 0, 0], [row_mm, 0, 0, 0], [0, 0, slice_mm, 0], [0, 0, 0, 1]], dtype=float)
+    return LPS_TO_RAS @ lps
+
+
+def write_dicom_series(folder: Path, volume: np.ndarray, *, patient_id: str, seed: int,
+                       spacing: tuple[float, float, float] = VOXEL_MM) -> None:
+    """Write ``volume`` (rows, columns, slices) as a CT series, one file per slice, into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entropy = [str(seed), patient_id]
+    study, series, frame = (generate_uid(entropy_srcs=[*entropy, kind]) for kind in ("study", "series", "frame"))
+    stored = np.round(volume / DICOM_SLOPE).astype(np.int16)
+    for k in range(volume.shape[2]):
+        sop_uid = generate_uid(entropy_srcs=[*entropy, str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.PatientSex, ds.PatientBirthDate = f"Synthetic^{patient_id}", patient_id, "O", ""
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "20260101", "120000", "", "", "1"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 1, k + 1, "medflow-synthetic"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, k * spacing[2]]
+        ds.PixelSpacing, ds.SliceThickness = [spacing[0], spacing[1]], spacing[2]
+        ds.Rows, ds.Columns = volume.shape[:2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = DICOM_SLOPE, 0, "US"
+        ds.KVP, ds.PositionReferenceIndicator = 120, ""
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k]).tobytes()
+        pydicom.dcmwrite(folder / f"slice{k:04d}.dcm", ds, enforce_file_format=True)
 
 
 def make_volume(
@@ -50,8 +97,9 @@ def generate_segmentation_export(
     depth: int = 16,
     bias: float = 0.0,
     seed: int = 7,
+    fmt: str = "nifti",
 ) -> SyntheticExport:
-    """Write NIfTI images and masks and ``labels.csv`` (``path,label,patient_id,sex,age,race,site``).
+    """Write images and NIfTI masks and ``labels.csv`` (``path,label,patient_id,sex,age,race,site``).
 
     Args:
         folder: output folder; ``images/``, ``masks/`` and ``labels.csv`` are written inside.
@@ -60,12 +108,16 @@ def generate_segmentation_export(
         depth: slices per volume; 0 writes 2D images.
         bias: in [0, 1]; how much fainter the lesions of women are.
         seed: random seed; the same seed gives the same export.
+        fmt: ``nifti`` (one file per volume) or ``dicom`` (one CT series folder per volume; volumes only).
     """
     if not 0.0 <= bias <= 1.0:
         raise ConfigError(f"bias must be in [0, 1], got {bias}")
+    if fmt not in ("nifti", "dicom") or (fmt == "dicom" and not depth):
+        raise ConfigError(f"fmt must be nifti, or dicom for volumes (depth > 0); got {fmt!r} with depth {depth}")
     rng = np.random.default_rng(seed)
     shape = (image_size, image_size, depth) if depth else (image_size, image_size)
-    affine = np.diag([*VOXEL_MM[: len(shape)], *([1.0] * (4 - len(shape)))])
+    affine = (dicom_affine() if fmt == "dicom"
+              else np.diag([*VOXEL_MM[: len(shape)], *([1.0] * (4 - len(shape)))]))
     for sub in ("images", "masks"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -78,7 +130,11 @@ def generate_segmentation_export(
         contrast, noise = SITES[site]
         image, mask = make_volume(rng, shape=shape, lesion=LESION_AMPLITUDE * faint, contrast=contrast, noise=noise)
         image_path, mask_path = f"images/p{p:04d}.nii.gz", f"masks/p{p:04d}_seg.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), folder / image_path)
+        if fmt == "dicom":
+            image_path = f"images/p{p:04d}"
+            write_dicom_series(folder / image_path, image, patient_id=f"SYN{seed}-{p:05d}", seed=seed)
+        else:
+            nib.save(nib.Nifti1Image(image, affine), folder / image_path)
         nib.save(nib.Nifti1Image(mask, affine), folder / mask_path)
         rows.append({"path": image_path, "label": mask_path, "patient_id": f"SYN{seed}-{p:05d}",
                      "sex": sex, "age": age, "race": race, "site": site})

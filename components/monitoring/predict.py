@@ -8,6 +8,8 @@ version's pyfunc (its preprocessing and temperature) in batches of equal shapes.
   version and the data version it was trained on, each class's probability and the decision at the model's
   threshold; for segmentation the mask file and its foreground fraction);
 - ``masks/`` (segmentation): NIfTI masks in the input's geometry;
+- ``dicom/`` (DICOM input): each result as a DICOM object for the PACS, a SEG for a mask and a TID 1500
+  structured report for a classification (see :mod:`components.monitoring.dicom_results`);
 - ``predict.json``: the lineage (model, version, run, training data version, source, counts) and every input
   that could not be predicted, with the reason;
 - ``drift.json``: this batch against the model's training data (see :mod:`components.monitoring.drift`).
@@ -75,6 +77,7 @@ class BatchResult:
     skipped: list[dict] = field(default_factory=list)
     drift: dict | None = None
     run_id: str = ""
+    no_dicom: list[dict] = field(default_factory=list)
 
 
 def resolve_model(reference: str) -> ModelRef:
@@ -195,7 +198,7 @@ def predict_source(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        rows, facts, skipped = _predict(pyfunc, model, inputs, fmt, source, staging, strict=strict, batch_size=batch_size)
+        rows, facts, skipped, no_dicom = _predict(pyfunc, model, inputs, fmt, source, staging, strict=strict, batch_size=batch_size)
         if not rows:
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
             raise PredictError(f"no input of {source} could be predicted ({len(skipped)} unreadable: {reasons})")
@@ -205,13 +208,13 @@ def predict_source(
         drift = batch_drift(model, facts=pd.DataFrame(facts), predictions=table, alpha=drift_alpha)
         (staging / "drift.json").write_text(json.dumps(drift, indent=2, default=str) + "\n")
         result = BatchResult(out_dir=out_dir, model=model, n_inputs=len(inputs), n_predicted=len(rows),
-                             skipped=skipped, drift=drift)
+                             skipped=skipped, drift=drift, no_dicom=no_dicom)
         result.run_id = _log_batch(result, fmt=fmt, experiment=experiment)
         (staging / PREDICT_RECORD).write_text(json.dumps({
             "model": asdict(model), "source": str(source), "format": fmt,
             "predicted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "code_version": lineage.code_version(), "mlflow_run_id": result.run_id,
-            "n_inputs": len(inputs), "n_predicted": len(rows), "skipped": skipped,
+            "n_inputs": len(inputs), "n_predicted": len(rows), "skipped": skipped, "no_dicom_result": no_dicom,
         }, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -223,9 +226,10 @@ def predict_source(
 
 
 def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path, staging: Path, *, strict: bool,
-             batch_size: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """Rows of predictions, the inputs' image facts (for drift), and the inputs skipped with their reasons."""
-    read, skipped = [], []
+             batch_size: int) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """Rows of predictions, the inputs' image facts (for drift), the inputs skipped with their reasons, and
+    the inputs predicted without a DICOM result, with theirs."""
+    read, skipped, no_dicom = [], [], []
     for path in track(inputs, description="Reading"):
         try:
             read.append((path, *_read(path, fmt, source, task=model.task)))
@@ -264,9 +268,35 @@ def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path
                 else:
                     row["prediction"] = int(prob.argmax())
                 row["confidence"] = float(prob.max())
+            if fmt == "dicom":
+                row["dicom"] = _write_dicom_result(model, path, prob, row, staging, index=len(rows), no_dicom=no_dicom,
+                                                   source=source)
             rows.append(row)
             facts.append({**image_facts(array, affine), "modality": modality})
-    return rows, facts, skipped
+    return rows, facts, skipped, no_dicom
+
+
+def _write_dicom_result(model: ModelRef, path: Path, prob: np.ndarray, row: dict, staging: Path, *, index: int,
+                        no_dicom: list[dict], source: Path) -> str:
+    """The result of one DICOM input as a SEG or SR under ``dicom/``; "" (and the reason in ``no_dicom``) when
+    the source's headers do not allow one, since the prediction itself stands."""
+    from components.monitoring.dicom_results import write_report, write_segmentation  # noqa: PLC0415 (DICOM only)
+
+    (staging / "dicom").mkdir(exist_ok=True)
+    names = [f"label {k}" for k in range(len(prob))]
+    try:
+        if model.task == "segmentation":
+            rel = f"dicom/{index:06d}_seg.dcm"
+            write_segmentation(prob.argmax(axis=0).astype(np.uint8), path, staging / rel, model,
+                               class_names=["background", *names[1:]])
+        else:
+            rel = f"dicom/{index:06d}_sr.dcm"
+            decision = str(row["prediction"])
+            write_report(prob, f"label {decision}" if decision else "no label", path, staging / rel, model, class_names=names)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom's refusals of incomplete headers
+        no_dicom.append({"path": str(path.relative_to(source)), "reason": str(exc)})
+        return ""
+    return rel
 
 
 def _log_batch(result: BatchResult, *, fmt: str, experiment: str) -> str:

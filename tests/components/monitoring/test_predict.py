@@ -9,14 +9,17 @@ from pathlib import Path
 import mlflow
 import nibabel as nib
 import numpy as np
+import highdicom as hd
 import pandas as pd
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 from mlflow.tracking import MlflowClient
 
 from components import paths
 from components.config import load_config
 from components.data.sources import pseudonymise
+from components.data.synthetic_segmentation import write_dicom_series
 from components.errors import PredictError, RegistryError
 from components.monitoring.predict import predict_source
 from components.inference.evaluate import evaluate_run
@@ -70,6 +73,25 @@ def test_a_dicom_export_gets_one_row_per_file_equal_to_the_pyfuncs_probabilities
     np.testing.assert_allclose(table[["prob_0", "prob_1"]].to_numpy(), expected, rtol=1e-5, atol=1e-6)
     threshold = json.loads((workspace / "eval" / "report.json").read_text())["threshold"]
     assert (table["prediction"] == (table["prob_1"] >= threshold).astype(int)).all()
+
+    # each result as a TID 1500 structured report in the source's study, referencing the source image
+    assert result.no_dicom == [] and table["dicom"].str.endswith("_sr.dcm").all()
+    for _, row in table.iloc[:5].iterrows():
+        source = pydicom.dcmread(small_export.folder / row["path"])
+        report = hd.sr.srread(out / row["dicom"])
+        assert report.StudyInstanceUID == source.StudyInstanceUID and report.PatientID == source.PatientID
+        assert report.SeriesInstanceUID != source.SeriesInstanceUID
+        (group,) = report.content.get_image_measurement_groups()
+        assert [image.referenced_sop_instance_uid for image in group.source_images] == [source.SOPInstanceUID]
+        algorithm = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+                     for item in group[0].ContentSequence if item.ValueType == "TEXT"}  # TID 4019, no getter
+        assert algorithm["Algorithm Name"] == "tiny" and algorithm["Algorithm Version"] == "1"
+        probabilities = {m.name.value: m.value for m in group.get_measurements()}
+        assert probabilities.keys() == {"P0", "P1"}
+        np.testing.assert_allclose([probabilities["P0"], probabilities["P1"]], row[["prob_0", "prob_1"]].to_numpy(float),
+                                   atol=1e-6)
+        (finding,) = hd.sr.utils.find_content_items(group[0], name=codes.DCM.Finding)
+        assert finding.ConceptCodeSequence[0].CodeMeaning == f"label {row['prediction']}"
 
     record = json.loads((out / "predict.json").read_text())
     assert record["model"]["name"] == "tiny" and record["model"]["data_version"] == "v1"
@@ -163,3 +185,19 @@ def test_a_segmentation_version_writes_each_volumes_mask_as_its_pyfunc_segments_
         np.testing.assert_allclose(written.affine, volume.affine)
         assert row.foreground == pytest.approx((expected > 0).mean())
     assert "prediction.foreground" in {t["fact"] for t in result.drift["tests"]}
+
+    # the same volumes as CT series: a DICOM SEG per series that reads back as its NIfTI mask
+    series = workspace / "series"
+    for image in manifest[manifest["split"] == "test"]["image"]:
+        write_dicom_series(series / Path(image).name.split(".")[0], nib.load(seg_dataset.parent / image).get_fdata(),
+                           patient_id=Path(image).name, seed=1)
+    dicom = predict_source("seg@challenger", series, "dicom", workspace / "out-dicom")
+    table = pd.read_csv(workspace / "out-dicom" / "predictions.csv")
+    assert dicom.n_predicted == len(table) == len(list(series.iterdir())) and dicom.no_dicom == []
+    for row in table.itertuples():
+        mask = np.asarray(nib.load(workspace / "out-dicom" / row.mask).dataobj)
+        seg = hd.seg.segread(workspace / "out-dicom" / row.dicom)
+        slices = sorted(map(pydicom.dcmread, (series / row.path).iterdir()), key=lambda ds: float(ds.ImagePositionPatient[2]))
+        read = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in slices], combine_segments=True)
+        np.testing.assert_array_equal(np.moveaxis(read, 0, -1) > 0, mask > 0)
+        assert seg.StudyInstanceUID == slices[0].StudyInstanceUID
