@@ -21,7 +21,7 @@ from components.progress import make_console
 from components.config import load_config
 from components.errors import AuthenticationFailed, Interrupted, MedflowError, PromotionRefused, ServerUnavailable
 from flows.cli_data import data_app, ingest, init
-from flows.cli_predict import predict
+from flows.cli_predict import export, predict
 from flows.cli_ui import ui
 
 class _Stopped(Exception):
@@ -56,6 +56,7 @@ app.command()(ingest)
 app.command()(init)
 app.command()(ui)
 app.command()(predict)
+app.command()(export)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the packaged demo).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set train.epochs=2.")]

@@ -53,3 +53,27 @@ def predict(
 
         announce_drift(result)
         console.print(f"Announced {DRIFT_EVENT} to the Prefect server", markup=False)
+
+
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="A registered version: NAME@ALIAS or NAME/VERSION.")],
+    format_: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="The file to write (default NAME-vVERSION.onnx).")] = None,
+    input_size: Annotated[tuple[int, int] | None, typer.Option(
+        help="Height and width of the images the graph takes (default: the training size).")] = None,
+) -> None:
+    """Export a registered classifier with its preprocessing and temperature as ONNX, checked against its pyfunc
+    with onnxruntime, and log it to the version."""
+    from components.monitoring.export import export_model  # noqa: PLC0415
+    from components.monitoring.predict import resolve_model  # noqa: PLC0415
+
+    if out is None:
+        ref = resolve_model(model)
+        out = Path(f"{ref.name}-v{ref.version}.{format_}")
+    result = export_model(model, out, fmt=format_, input_size=input_size)
+    m = result.model
+    console.print(f"Exported     {m.name} version {m.version} -> {result.path} (input images N x {result.input_size[0]} x "
+                  f"{result.input_size[1]}, output calibrated probabilities)", markup=False, soft_wrap=True)
+    console.print(f"Checked      max |onnxruntime - pyfunc| = {result.max_abs_diff:.2g} on {result.checked_on}",
+                  markup=False, soft_wrap=True)
+    console.print(f"Logged       {result.artifact_uri} (version tag medflow.onnx)", markup=False, soft_wrap=True)

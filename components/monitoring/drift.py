@@ -36,12 +36,19 @@ CATEGORICAL_FACTS = ("modality", "shape", "spacing")
 UNKNOWN_MODALITY = "OT"  # what ingestion records for NIfTI and PNG input, which carry no modality: never new
 
 
-def training_facts(dataset: str, data_version: str) -> pd.DataFrame | None:
-    """The training split's manifest of ``dataset`` at ``data_version``, when this workspace holds that version."""
+def data_manifest(dataset: str, data_version: str) -> pd.DataFrame | None:
+    """The manifest of ``dataset`` at ``data_version``, when this workspace holds that version."""
     dvc_file, manifest = paths.data_root() / f"{dataset}.dvc", paths.data_root() / dataset / "manifest.parquet"
     if not (dataset and dvc_file.is_file() and manifest.is_file() and read_version(dvc_file) == data_version):
         return None
-    frame = pd.read_parquet(manifest)
+    return pd.read_parquet(manifest)
+
+
+def training_facts(dataset: str, data_version: str) -> pd.DataFrame | None:
+    """The training split's manifest of ``dataset`` at ``data_version``, when this workspace holds that version."""
+    frame = data_manifest(dataset, data_version)
+    if frame is None:
+        return None
     return frame[frame["split"] == "train"] if "split" in frame.columns else frame
 
 

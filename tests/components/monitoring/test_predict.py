@@ -6,42 +6,25 @@ import json
 import shutil
 from pathlib import Path
 
+import highdicom as hd
 import mlflow
 import nibabel as nib
 import numpy as np
-import highdicom as hd
 import pandas as pd
 import pydicom
 import pytest
-from pydicom.sr.codedict import codes
 from mlflow.tracking import MlflowClient
+from pydicom.sr.codedict import codes
 
 from components import paths
 from components.config import load_config
 from components.data.sources import pseudonymise
 from components.data.synthetic_segmentation import write_dicom_series
 from components.errors import PredictError, RegistryError
-from components.monitoring.predict import predict_source
 from components.inference.evaluate import evaluate_run
+from components.monitoring.predict import predict_source
 from components.registry.register import register_model
-from components.training.classification import train_classifier
 from tests.conftest import SALT
-
-TINY = ["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=20", "registry.experiment=test-predict",
-        "registry.model_name=tiny", "evaluate.min_group_size=2", "data.name=small"]
-
-
-@pytest.fixture
-def registered(workspace, small_dataset) -> Path:
-    """A tiny classifier registered as tiny@challenger (version 1), its data version v1 held by the workspace."""
-    config = load_config(overrides=TINY, environ={})
-    trained = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
-    evaluation = evaluate_run(run_id=trained.run_id, manifest_path=small_dataset, config=config, out_dir=workspace / "eval")
-    register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
-                   report_path=evaluation.report, config=config)
-    shutil.copytree(small_dataset.parent, workspace / "data" / "small")
-    (workspace / "data" / "small.dvc").write_text("outs:\n- md5: v1.dir\n  path: small\n")
-    return small_dataset
 
 
 def _logged_text(run_id: str) -> str:
@@ -155,7 +138,7 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(registered, small_exp
 
 
 def test_a_segmentation_version_writes_each_volumes_mask_as_its_pyfunc_segments_it(workspace, seg_dataset):
-    from components.training.segmentation import train_segmenter  # noqa: PLC0415
+    from components.training.segmentation import train_segmenter
 
     config = load_config(overrides=["data.task=segmentation", "train.model=unet", "train.model_kwargs={}",
                                     "train.epochs=1", "train.batch_size=4", "train.samples_per_volume=2",
