@@ -43,7 +43,7 @@ def predict(
     drift = result.drift or {}
     verdict = (f"DRIFT in {', '.join(drift['drifted'])}" if drift.get("detected")
                else "none detected" + (f" ({len(drift.get('tests', []))} tests)" if drift.get("tests") else ""))
-    console.print(f"Drift        {verdict} (drift.json)", markup=False, soft_wrap=True)
+    console.print(f"Drift        {verdict} (drift.json; plots in drift.html)", markup=False, soft_wrap=True)
     for note in drift.get("notes", []):
         console.print(f"  {note}", markup=False, soft_wrap=True)
     console.print(f"MLflow run   {result.run_id} (counts, model version and drift figures; no paths)", markup=False,

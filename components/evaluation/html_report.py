@@ -36,14 +36,14 @@ th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}th{background:
 """
 
 
-def _png(fig) -> str:
+def png_uri(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _fmt(value: object) -> str:
+def fmt_value(value: object) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -55,7 +55,7 @@ def _ci(interval: object) -> str:
     return f"{interval[0]:.3f} – {interval[1]:.3f}" if isinstance(interval, list) else "–"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -74,7 +74,7 @@ def roc_figure(y_true: np.ndarray, prob: np.ndarray, labels: np.ndarray, attribu
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC by {attribute}")
     ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
+    return png_uri(fig)
 
 
 MIN_PER_BIN = 10  # a group too small for ECE_BINS bins of this many cases gets fewer, of equal counts
@@ -126,7 +126,7 @@ def reliability_figure(y_true: np.ndarray, prob: np.ndarray, labels: np.ndarray,
     ax.set(ylabel=ylabel, xlim=(0, 1), ylim=(0, 1), title=f"Reliability by {attribute} (point size: cases in the bin)")
     ax.legend(fontsize=7, loc="upper left")
     counts.set(xlabel=xlabel, ylabel="cases")
-    return _png(fig)
+    return png_uri(fig)
 
 
 def gap_figure(report: Mapping) -> str:
@@ -143,7 +143,7 @@ def gap_figure(report: Mapping) -> str:
         _legend_below(ax)
     ax.invert_yaxis()
     ax.set(xlabel="AUC (95% CI, patient-level bootstrap)", title="Subgroup AUC")
-    return _png(fig)
+    return png_uri(fig)
 
 
 def _legend_below(ax) -> None:
@@ -165,7 +165,7 @@ def shortcut_figure(shortcuts: Mapping) -> str:
     ax.invert_yaxis()
     ax.set(xlabel="AUC of a linear probe on the model's features (95% CI)", xlim=(0.3, 1.0),
            title="Shortcuts: attributes predicted from the penultimate features")
-    return _png(fig)
+    return png_uri(fig)
 
 
 def shortcuts_section(shortcuts: Mapping) -> list[str]:
@@ -174,8 +174,8 @@ def shortcuts_section(shortcuts: Mapping) -> list[str]:
              "<p class='muted'>A logistic-regression probe on the model's penultimate features, fitted on the "
              "training split, predicts each attribute on the test split. 0.5: the features do not encode it; "
              "near 1: the model could use the attribute as a shortcut.</p>",
-             _table(["attribute", "shortcut AUC", "95% CI", "train / test cases", "groups", "note"],
-                    [[html.escape(a), _fmt(s["auc"]), _ci(s.get("ci95")), f"{s['n_train']} / {s['n_test']}",
+             html_table(["attribute", "shortcut AUC", "95% CI", "train / test cases", "groups", "note"],
+                    [[html.escape(a), fmt_value(s["auc"]), _ci(s.get("ci95")), f"{s['n_train']} / {s['n_test']}",
                       html.escape(", ".join(s["groups"])), html.escape(s.get("reason") or "")]
                      for a, s in shortcuts.items()])]
     if any(s["auc"] is not None for s in shortcuts.values()):
@@ -195,8 +195,8 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
         f"<p class='muted'>{report['task']} task, {report['n']} cases of {report['n_patients']} patients, "
         f"decision threshold {report['threshold']:g}. Intervals: 95%, patient-level bootstrap.</p>",
         "<h2>Overall</h2>",
-        _table(["metric", "value", "95% CI"],
-               [[m.name, _fmt(overall.get(m.name)), _ci(ci.get(m.name))] for m in metrics_for(report["task"])]),
+        html_table(["metric", "value", "95% CI"],
+               [[m.name, fmt_value(overall.get(m.name)), _ci(ci.get(m.name))] for m in metrics_for(report["task"])]),
     ]
     if report.get("warnings"):
         parts.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
@@ -206,16 +206,16 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
         parts.append(f"<p class='muted'>Temperature scaling fitted on the {html.escape(str(cal.get('fitted_on', 'validation')))} "
                      f"split: T = {cal['temperature']:.3f}.</p>")
         calibration = metrics_for(report["task"], kind=(CALIBRATION,))
-        parts.append(_table(["", *(m.title for m in calibration)], [
-            [label, *(_fmt(cal[key][m.name]) for m in calibration)]
+        parts.append(html_table(["", *(m.title for m in calibration)], [
+            [label, *(fmt_value(cal[key][m.name]) for m in calibration)]
             for label, key in (("before scaling", "before"), ("after scaling", "after"))
         ]))
     parts.append("<h2>Subgroup gaps</h2>")
-    parts.append(_table(
+    parts.append(html_table(
         ["attribute", "AUC gap", "95% CI", "ES-AUC", "95% CI", "equalized odds diff.", "demographic parity diff."],
-        [[a, _fmt(f["auc_gap"]), _ci((f.get("ci95") or {}).get("auc_gap")), _fmt(f["es_auc"]),
-          _ci((f.get("ci95") or {}).get("es_auc")), _fmt(f["equalized_odds_difference"]),
-          _fmt(f["demographic_parity_difference"])] for a, f in report["fairness"].items()],
+        [[a, fmt_value(f["auc_gap"]), _ci((f.get("ci95") or {}).get("auc_gap")), fmt_value(f["es_auc"]),
+          _ci((f.get("ci95") or {}).get("es_auc")), fmt_value(f["equalized_odds_difference"]),
+          fmt_value(f["demographic_parity_difference"])] for a, f in report["fairness"].items()],
     ))
     if report["groups"]:
         parts.append(f"<div class='figs'><img alt='subgroup AUC chart' src='{gap_figure(report)}'></div>")
@@ -226,11 +226,11 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
         parts.append(f"<h2>By {html.escape(attribute)}</h2>")
         if n_labels > 1:
             parts.append(f"<p class='muted'>Figures pool the {n_labels} labels of every case (micro average).</p>")
-        parts.append(_table(
+        parts.append(html_table(
             [attribute, "n", "AUC", "95% CI", "sensitivity", "specificity", "ECE", "Brier"],
-            [[html.escape(g), str(m["n"]), _fmt(m["auc"]) + (f" <span class='muted'>({html.escape(m['notes']['auc'])})</span>"
-              if m.get("notes", {}).get("auc") else ""), _ci((m.get("ci95") or {}).get("auc")), _fmt(m["sensitivity"]),
-              _fmt(m["specificity"]), _fmt(m["ece"]), _fmt(m["brier"])] for g, m in groups.items()],
+            [[html.escape(g), str(m["n"]), fmt_value(m["auc"]) + (f" <span class='muted'>({html.escape(m['notes']['auc'])})</span>"
+              if m.get("notes", {}).get("auc") else ""), _ci((m.get("ci95") or {}).get("auc")), fmt_value(m["sensitivity"]),
+              fmt_value(m["specificity"]), fmt_value(m["ece"]), fmt_value(m["brier"])] for g, m in groups.items()],
         ))
         figures = [reliability_figure(y_true, prob, labels, attribute)]
         if prob.ndim == 1:
@@ -283,7 +283,7 @@ def overlay_figure(overlays: Sequence[Overlay]) -> str:
         plain.set_title(case.case_id, fontsize=8)
         outlined.set_title("truth (green), prediction (red)" + (f": Dice {case.dice:.3f}" if case.dice is not None
                                                                   else ""), fontsize=8)
-    return _png(fig)
+    return png_uri(fig)
 
 
 def render_segmentation_html(report: Mapping, *, title: str = "Segmentation evaluation",
@@ -296,10 +296,10 @@ def render_segmentation_html(report: Mapping, *, title: str = "Segmentation eval
         f"<p class='muted'>{report['n']} cases of {report['n_patients']} patients. Dice: mean over foreground "
         "classes per case; HD95 in mm. Intervals: 95%, patient-level bootstrap.</p>",
         "<h2>Overall</h2>",
-        _table(["metric", "value", "95% CI"], [[m, _fmt(v), _ci(ci.get(m))] for m, v in overall.items()]),
+        html_table(["metric", "value", "95% CI"], [[m, fmt_value(v), _ci(ci.get(m))] for m, v in overall.items()]),
         "<h2>Subgroup gaps</h2>",
-        _table(["attribute", "Dice gap", "ES-Dice"],
-               [[a, _fmt(f["dice_gap"]), _fmt(f["es_dice"])] for a, f in report["fairness"].items()]),
+        html_table(["attribute", "Dice gap", "ES-Dice"],
+               [[a, fmt_value(f["dice_gap"]), fmt_value(f["es_dice"])] for a, f in report["fairness"].items()]),
     ]
     if report.get("warnings"):
         parts.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
@@ -316,7 +316,7 @@ def render_segmentation_html(report: Mapping, *, title: str = "Segmentation eval
             _legend_below(ax)
         ax.invert_yaxis()
         ax.set(xlabel="mean Dice (95% CI, patient-level bootstrap)", xlim=(0, 1), title="Subgroup Dice")
-        parts.append(f"<div class='figs'><img alt='subgroup Dice chart' src='{_png(fig)}'></div>")
+        parts.append(f"<div class='figs'><img alt='subgroup Dice chart' src='{png_uri(fig)}'></div>")
     if overlays:
         parts.append("<h2>Test cases</h2><p class='muted'>The slice with the most true foreground of the test cases "
                      "with the lowest, median and highest Dice: the true mask's outline in green, the prediction's "
@@ -324,9 +324,9 @@ def render_segmentation_html(report: Mapping, *, title: str = "Segmentation eval
         parts.append(f"<div class='figs'><img alt='test cases overlaid' src='{overlay_figure(overlays)}'></div>")
     for attribute, groups in report["groups"].items():
         parts.append(f"<h2>By {html.escape(attribute)}</h2>")
-        parts.append(_table([attribute, "n", "Dice", "95% CI", "HD95 (mm)"],
-                            [[html.escape(g), str(m["n"]), _fmt(m["dice"]), _ci((m.get("ci95") or {}).get("dice")),
-                              _fmt(m["hd95"])] for g, m in groups.items()]))
+        parts.append(html_table([attribute, "n", "Dice", "95% CI", "HD95 (mm)"],
+                            [[html.escape(g), str(m["n"]), fmt_value(m["dice"]), _ci((m.get("ci95") or {}).get("dice")),
+                              fmt_value(m["hd95"])] for g, m in groups.items()]))
     body = "\n".join(parts)
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")

@@ -13,8 +13,15 @@ for small samples, no binning, one distribution-free p-value per fact, which is 
 few scalar facts needs; alibi-detect and evidently add a framework for the same test). The batch drifts on a
 fact when its p-value is under ``alpha`` divided by the number of facts tested (Bonferroni, so that checking
 more facts does not raise more false alarms). A categorical fact drifts when the batch holds values the
-training data never had (a new modality, shape or spacing). Embedding drift (MMD on the model's features) is
-not computed yet.
+training data never had (a new modality, shape or spacing).
+
+**Embedding drift** (classifiers): the batch's penultimate features (what the model computes before its head)
+against those of up to 500 training cases, by the maximum mean discrepancy with a Gaussian kernel (bandwidth:
+the median pairwise distance) and a permutation p-value from ``scipy.stats.permutation_test``. This catches a
+shift the scalar facts miss (new anatomy, another vendor's texture at the same brightness). The kernel
+statistic is written here over a precomputed kernel matrix, so each permutation only re-indexes it: scipy has
+no MMD, and alibi-detect's MMD detector brings TensorFlow or a pinned torch backend, a heavy dependency for one
+statistic that scikit-learn's ``rbf_kernel`` checks in the tests.
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from scipy import stats
+from scipy.spatial.distance import cdist
 
 from components import paths
 from components.data.versioning import read_version
 from components.inference.results import REPORT_DIR
 
 NUMERIC_FACTS = ("mean", "std")
+EMBEDDING_REFERENCE = 500  # training cases whose features the batch is compared with
+N_PERMUTATIONS = 500
 CATEGORICAL_FACTS = ("modality", "shape", "spacing")
 UNKNOWN_MODALITY = "OT"  # what ingestion records for NIfTI and PNG input, which carry no modality: never new
 
@@ -75,16 +85,83 @@ def _prediction_scores(table: pd.DataFrame, task: str) -> dict[str, np.ndarray]:
     return scores
 
 
-def _ks(name: str, batch: np.ndarray, reference: np.ndarray) -> dict:
+def mmd_test(batch: np.ndarray, reference: np.ndarray, *, n_resamples: int = N_PERMUTATIONS, seed: int = 0) -> dict:
+    """Unbiased squared MMD between two samples of features (rows), with its permutation p-value."""
+    pooled = np.vstack([batch, reference]).astype(np.float64)
+    distances = cdist(pooled, pooled, "sqeuclidean")
+    off_diagonal = distances[np.triu_indices(len(pooled), 1)]
+    bandwidth = float(np.median(off_diagonal)) if len(off_diagonal) and np.median(off_diagonal) > 0 else 1.0
+    kernel = np.exp(-distances / bandwidth)
+
+    def mean_within(index: np.ndarray) -> float:
+        block = kernel[np.ix_(index, index)]
+        return float((block.sum() - np.trace(block)) / (len(index) * (len(index) - 1)))
+
+    def statistic(x: np.ndarray, y: np.ndarray) -> float:
+        x, y = x.astype(int), y.astype(int)
+        return mean_within(x) + mean_within(y) - 2 * float(kernel[np.ix_(x, y)].mean())
+
+    test = stats.permutation_test((np.arange(len(batch)), np.arange(len(batch), len(pooled))), statistic,
+                                  permutation_type="independent", vectorized=False, n_resamples=n_resamples,
+                                  alternative="greater", random_state=seed)
+    return {"fact": "embedding.features", "test": "mmd_permutation", "statistic": float(test.statistic),
+            "p_value": float(test.pvalue), "bandwidth": bandwidth, "n_batch": len(batch), "n_reference": len(reference)}
+
+
+def embedding_drift(python_model, model, arrays: list[np.ndarray], num_classes: int,
+                    samples: dict | None = None) -> dict | str:
+    """The MMD test of the batch's penultimate features against the training split's, or why there is none;
+    the two feature matrices go into ``samples`` (for the page's plot) when given."""
+    from components.inference.predict import CPU  # noqa: PLC0415 (torch, for classifiers only)
+    from components.training.backbones import penultimate  # noqa: PLC0415
+    from components.training.forward import extract_features, predict_batches  # noqa: PLC0415
+    from components.training.preprocess import array_transform  # noqa: PLC0415
+    from monai.data import DataLoader  # noqa: PLC0415
+
+    if model.task == "segmentation":
+        return "embedding drift not computed: it compares a classifier's features"
+    reference = training_facts(model.dataset, model.data_version)
+    if reference is None or len(reference) < 2 or len(arrays) < 2:
+        return "embedding drift not computed: it needs the training data and at least two predicted inputs"
+    encoder = penultimate(python_model.model, num_classes)
+    spec = python_model.spec
+    transform = array_transform(spec)
+    loader = DataLoader([{"image": transform(a)} for a in arrays], batch_size=64)
+    batch, _ = predict_batches(encoder, loader, CPU)
+    sample = reference.sample(min(len(reference), EMBEDDING_REFERENCE), random_state=0)
+    seen = extract_features(encoder, spec, sample, paths.data_root() / model.dataset, CPU,
+                            description="Features of training cases")
+    batch, seen = batch.reshape(len(batch), -1), seen.reshape(len(seen), -1)
+    if samples is not None:
+        samples["embedding.features"] = (batch, seen)
+    return mmd_test(batch, seen)
+
+
+def ks_test(name: str, batch: np.ndarray, reference: np.ndarray) -> dict:
+    """scipy's two-sample Kolmogorov-Smirnov test of one fact (finite values only)."""
     batch, reference = batch[np.isfinite(batch)], reference[np.isfinite(reference)]
     test = stats.ks_2samp(batch, reference)
     return {"fact": name, "test": "ks_2samp", "statistic": float(test.statistic), "p_value": float(test.pvalue),
             "n_batch": int(len(batch)), "n_reference": int(len(reference))}
 
 
-def batch_drift(model, *, facts: pd.DataFrame, predictions: pd.DataFrame, alpha: float = 0.01) -> dict:
-    """The batch's drift report (``drift.json``): every test, which drifted, and flat metrics for MLflow."""
+def batch_drift(model, *, facts: pd.DataFrame, predictions: pd.DataFrame, alpha: float = 0.01,
+                embedding: dict | str | None = None, samples: dict | None = None) -> dict:
+    """The batch's drift report (``drift.json``): every test, which drifted, and flat metrics for MLflow.
+    ``embedding`` is :func:`embedding_drift`'s test, or its reason for none; each numeric fact's batch and
+    reference values go into ``samples`` when given (for the page's plots)."""
     tests, notes = [], []
+    samples = {} if samples is None else samples
+
+    def _ks(name: str, batch: np.ndarray, reference: np.ndarray) -> dict:
+        batch, reference = batch[np.isfinite(batch)], reference[np.isfinite(reference)]
+        samples[name] = (batch, reference)
+        return ks_test(name, batch, reference)
+
+    if isinstance(embedding, dict):
+        tests.append(embedding)
+    elif embedding:
+        notes.append(embedding)
     reference = training_facts(model.dataset, model.data_version)
     if reference is None:
         notes.append(f"input facts not compared: this workspace does not hold {model.dataset}@{model.data_version[:12]}, "

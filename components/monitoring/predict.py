@@ -12,7 +12,8 @@ version's pyfunc (its preprocessing and temperature) in batches of equal shapes.
   structured report for a classification (see :mod:`components.monitoring.dicom_results`);
 - ``predict.json``: the lineage (model, version, run, training data version, source, counts) and every input
   that could not be predicted, with the reason;
-- ``drift.json``: this batch against the model's training data (see :mod:`components.monitoring.drift`).
+- ``drift.json`` and ``drift.html`` (with a plot per test): this batch against the model's training data (see
+  :mod:`components.monitoring.drift`).
 
 It is written to a temporary folder and moved into place, so a failure leaves nothing half-written. The
 batch's MLflow run (experiment ``<registry experiment>-predict``) holds counts, the model version and the
@@ -40,7 +41,8 @@ from components import lineage, paths
 from components.data.dicom import IGNORED_NAMES
 from components.data.sources import FORMATS, NIFTI_SUFFIXES, PNG_SUFFIXES, image_facts, read_source
 from components.errors import IngestError, PredictError, RegistryError
-from components.monitoring.drift import batch_drift
+from components.monitoring.drift import batch_drift, embedding_drift
+from components.monitoring.drift_page import write_drift_html
 from components.inference.results import REPORT_DIR
 from components.progress import track
 
@@ -187,9 +189,14 @@ def predict_source(
 
     Raises:
         RegistryError: an unknown model, alias or version.
-        PredictError: a missing or empty source, an output folder holding another model's predictions, no
-            input the model can read, or (``strict``) any unreadable input.
+        PredictError: a batch size under 1 or a drift alpha outside (0, 1), a missing or empty source, an
+            output folder holding another model's predictions, no input the model can read, or (``strict``)
+            any unreadable input.
     """
+    if batch_size < 1:
+        raise PredictError(f"--batch-size must be at least 1, not {batch_size}")
+    if not 0 < drift_alpha < 1:
+        raise PredictError(f"--drift-alpha must be between 0 and 1, not {drift_alpha:g}")
     model = resolve_model(reference)
     inputs = list_inputs(source, fmt)
     _check_output(out_dir, model, overwrite=overwrite)
@@ -198,18 +205,23 @@ def predict_source(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        rows, facts, skipped, no_dicom = _predict(pyfunc, model, inputs, fmt, source, staging, strict=strict, batch_size=batch_size)
+        rows, facts, skipped, no_dicom, arrays = _predict(pyfunc, model, inputs, fmt, source, staging, strict=strict, batch_size=batch_size)
         if not rows:
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
             raise PredictError(f"no input of {source} could be predicted ({len(skipped)} unreadable: {reasons})")
         table = pd.DataFrame(rows)
         table.to_csv(staging / "predictions.csv", index=False)
         table.to_parquet(staging / "predictions.parquet", index=False)
-        drift = batch_drift(model, facts=pd.DataFrame(facts), predictions=table, alpha=drift_alpha)
+        n_classes = sum(str(c).startswith("prob_") for c in table.columns)
+        samples: dict = {}
+        embedding = embedding_drift(pyfunc.unwrap_python_model(), model, arrays, n_classes, samples=samples)
+        drift = batch_drift(model, facts=pd.DataFrame(facts), predictions=table, alpha=drift_alpha, embedding=embedding,
+                            samples=samples)
         (staging / "drift.json").write_text(json.dumps(drift, indent=2, default=str) + "\n")
+        write_drift_html(drift, samples, staging / "drift.html")
         result = BatchResult(out_dir=out_dir, model=model, n_inputs=len(inputs), n_predicted=len(rows),
                              skipped=skipped, drift=drift, no_dicom=no_dicom)
-        result.run_id = _log_batch(result, fmt=fmt, experiment=experiment)
+        result.run_id = _log_batch(result, fmt=fmt, experiment=experiment, page=staging / "drift.html")
         (staging / PREDICT_RECORD).write_text(json.dumps({
             "model": asdict(model), "source": str(source), "format": fmt,
             "predicted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -226,9 +238,9 @@ def predict_source(
 
 
 def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path, staging: Path, *, strict: bool,
-             batch_size: int) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    """Rows of predictions, the inputs' image facts (for drift), the inputs skipped with their reasons, and
-    the inputs predicted without a DICOM result, with theirs."""
+             batch_size: int) -> tuple[list[dict], list[dict], list[dict], list[dict], list[np.ndarray]]:
+    """Rows of predictions, the inputs' image facts (for drift), the inputs skipped with their reasons, the
+    inputs predicted without a DICOM result, with theirs, and the predicted arrays (for embedding drift)."""
     read, skipped, no_dicom = [], [], []
     for path in track(inputs, description="Reading"):
         try:
@@ -237,7 +249,7 @@ def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path
             if strict:
                 raise PredictError(f"{exc} (--strict: nothing was predicted)") from exc
             skipped.append({"path": str(path.relative_to(source)), "reason": str(exc).removeprefix(f"{path}: ")})
-    rows, facts = [], []
+    rows, facts, arrays = [], [], []
     by_shape = defaultdict(list)
     for item in read:
         by_shape[item[1].shape].append(item)
@@ -273,7 +285,8 @@ def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path
                                                    source=source)
             rows.append(row)
             facts.append({**image_facts(array, affine), "modality": modality})
-    return rows, facts, skipped, no_dicom
+            arrays.append(array)
+    return rows, facts, skipped, no_dicom, arrays
 
 
 def _write_dicom_result(model: ModelRef, path: Path, prob: np.ndarray, row: dict, staging: Path, *, index: int,
@@ -299,7 +312,7 @@ def _write_dicom_result(model: ModelRef, path: Path, prob: np.ndarray, row: dict
     return rel
 
 
-def _log_batch(result: BatchResult, *, fmt: str, experiment: str) -> str:
+def _log_batch(result: BatchResult, *, fmt: str, experiment: str, page: Path) -> str:
     """The batch's MLflow run: counts, the model version and the drift figures; no path, no UID."""
     from components.tracking import use_experiment  # noqa: PLC0415
 
@@ -315,5 +328,6 @@ def _log_batch(result: BatchResult, *, fmt: str, experiment: str) -> str:
         mlflow.log_metrics({"n_inputs": result.n_inputs, "n_predicted": result.n_predicted,
                             "n_skipped": len(result.skipped), **(result.drift or {}).get("metrics", {})})
         mlflow.log_dict(result.drift or {}, "drift.json")
+        mlflow.log_artifact(str(page))  # figures of intensities, probabilities and features: no path, no UID
         return run.info.run_id
 

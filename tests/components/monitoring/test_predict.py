@@ -81,7 +81,7 @@ def test_a_dicom_export_gets_one_row_per_file_equal_to_the_pyfuncs_probabilities
     assert record["n_inputs"] == len(files) and record["mlflow_run_id"] == result.run_id
     drift = json.loads((out / "drift.json").read_text())
     assert drift["notes"] == [] and {t["fact"] for t in drift["tests"]} >= {"input.mean", "input.modality",
-                                                                              "prediction.confidence"}
+                                                                              "prediction.confidence", "embedding.features"}
     # what medflow logs holds counts and figures, never a source path or a DICOM UID
     logged = _logged_text(result.run_id)
     run = MlflowClient(paths.tracking_uri()).get_run(result.run_id)
@@ -101,10 +101,18 @@ def test_a_batch_from_a_brighter_scanner_drifts_and_the_same_images_do_not(regis
             nib.save(nib.Nifti1Image(nifti.get_fdata(dtype=np.float32) * gain, nifti.affine), folder / Path(image).name)
     steady = predict_source("tiny/1", same, "nifti", workspace / "p1")
     assert steady.drift["detected"] is False, (steady.drift["drifted"], steady.drift["tests"])
+    embedding = next(t for t in steady.drift["tests"] if t["fact"] == "embedding.features")
+    assert embedding["test"] == "mmd_permutation" and embedding["n_batch"] == len(test)
     shifted = predict_source("tiny/1", brighter, "nifti", workspace / "p2")
     assert "input.mean" in shifted.drift["drifted"] and shifted.drift["detected"]
     mean = next(t for t in shifted.drift["tests"] if t["fact"] == "input.mean")
     assert mean["p_value"] < shifted.drift["alpha_per_test"]
+    page = (workspace / "p2" / "drift.html").read_text()
+    assert f"<b>Drift detected</b> in {', '.join(shifted.drift['drifted'])}." in page
+    assert "embedding.features" in shifted.drift["drifted"]  # the brighter images move the features too
+    plotted = [t for t in shifted.drift["tests"] if "p_value" in t]
+    assert page.count("<img alt='drift figure'") == len(plotted) >= 4  # mean, std, confidence, probability, features
+    assert "No drift detected" in (workspace / "p1" / "drift.html").read_text()
     run = MlflowClient(paths.tracking_uri()).get_run(shifted.run_id)
     assert run.data.metrics["drift_detected"] == 1.0 and run.data.metrics["drift_input_mean_p_value"] == mean["p_value"]
 
@@ -114,6 +122,10 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(registered, small_exp
         predict_source("nope@champion", small_export.folder, "dicom", workspace / "out")
     with pytest.raises(RegistryError, match="names no version"):
         predict_source("tiny", small_export.folder, "dicom", workspace / "out")
+    with pytest.raises(PredictError, match="--batch-size must be at least 1, not 0"):
+        predict_source("tiny/1", small_export.folder, "dicom", workspace / "out", batch_size=0)
+    with pytest.raises(PredictError, match="--drift-alpha must be between 0 and 1, not 5"):
+        predict_source("tiny/1", small_export.folder, "dicom", workspace / "out", drift_alpha=5)
     (workspace / "empty").mkdir()
     with pytest.raises(PredictError, match="holds no nifti input"):
         predict_source("tiny/1", workspace / "empty", "nifti", workspace / "out")
