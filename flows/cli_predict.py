@@ -23,12 +23,15 @@ def predict(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another model's predictions in --out.")] = False,
     drift_alpha: Annotated[float, typer.Option(help="Significance of the drift tests (Bonferroni-corrected).")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    dicom: Annotated[bool, typer.Option("--dicom/--no-dicom", help="For DICOM input, also write each result as "
+                                        "DICOM (SEG or structured report) into dicom/.")] = True,
 ) -> None:
     """Predict a folder of new studies with a registered version: predictions.csv/.parquet, masks, predict.json
     (lineage and unreadable inputs) and drift.json (against the model's training data)."""
     from components.monitoring.predict import predict_source  # noqa: PLC0415
 
     result = predict_source(model, source, format_, out, strict=strict, overwrite=overwrite, batch_size=batch_size,
+                            dicom_results=dicom,
                             drift_alpha=drift_alpha)
     m = result.model
     console.print(f"Predicted    {result.n_predicted} of {result.n_inputs} inputs with {m.name} version {m.version} "

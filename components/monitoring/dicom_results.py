@@ -16,19 +16,26 @@ logged to MLflow.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from components.data.dicom import IGNORED_NAMES, frame_plane
+from components.progress import track
 
 MANUFACTURER = "medflow"
 SCHEME = "99MEDFLOW"  # a private coding scheme (PS3.3 8.2) for the model's own class names
 SERIES_NUMBER = {"seg": 9801, "sr": 9802}
+PARALLEL_MIN = 32  # results below this are written in this process (a worker pool costs about a second)
 PROCEDURES = {"CT": codes.cid100.CTUnspecifiedBodyRegion, "MR": codes.cid100.MRIUnspecifiedBodyRegion,
               "PT": codes.cid100.PETUnspecifiedBodyRegion, "NM": codes.cid100.NMUnspecifiedBodyRegion,
               "CR": codes.cid100.XRUnspecifiedBodyRegion, "DX": codes.cid100.XRUnspecifiedBodyRegion}  # CID 100
@@ -133,3 +140,51 @@ def write_report(probabilities: np.ndarray, decision: str, source: Path, out_pat
         series_description=f"{model.name} v{model.version} result"[:64],
     )
     sr.save_as(out_path)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The model as a result names it."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class ResultJob:
+    """One DICOM result to write: a SEG from the NIfTI ``mask`` file, or an SR from ``probabilities``."""
+
+    source: Path
+    out: Path
+    algorithm: Algorithm
+    class_names: tuple[str, ...]
+    mask: Path | None = None
+    probabilities: tuple[float, ...] = ()
+    decision: str = ""
+
+
+def write_result(job: ResultJob) -> str:
+    """Write one result; "" when written, else why the source's headers do not allow one."""
+    try:
+        if job.mask is not None:
+            mask = np.asarray(nib.load(job.mask).dataobj).astype(np.uint8)
+            write_segmentation(mask, job.source, job.out, job.algorithm, class_names=list(job.class_names))
+        else:
+            write_report(np.asarray(job.probabilities), job.decision, job.source, job.out, job.algorithm,
+                         class_names=list(job.class_names))
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom's refusals of incomplete headers
+        job.out.unlink(missing_ok=True)
+        return str(exc) or type(exc).__name__
+    return ""
+
+
+def write_results(jobs: list[ResultJob], *, workers: int | None = None) -> list[str]:
+    """Write every job (in worker processes when there are many: highdicom builds each object in Python, some
+    tens of milliseconds apiece); for each, "" or why it could not be written."""
+    workers = workers or max(1, min(8, len(os.sched_getaffinity(0))))
+    description = f"Writing {len(jobs)} DICOM result(s)"
+    if workers <= 1 or len(jobs) < PARALLEL_MIN:
+        return [write_result(j) for j in track(jobs, description=description)]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        chunk = max(1, min(32, len(jobs) // (workers * 8)))
+        return list(track(pool.map(write_result, jobs, chunksize=chunk), total=len(jobs), description=description))

@@ -15,11 +15,11 @@ fact when its p-value is under ``alpha`` divided by the number of facts tested (
 more facts does not raise more false alarms). A categorical fact drifts when the batch holds values the
 training data never had (a new modality, shape or spacing).
 
-**Embedding drift** (classifiers): the batch's penultimate features (what the model computes before its head)
-against those of up to 500 training cases, by the maximum mean discrepancy with a Gaussian kernel (bandwidth:
+**Embedding drift** (classifiers): the batch's penultimate features (what the model computes before its head;
+up to 1,000 inputs drawn from a larger batch) against those of up to 500 training cases, by the maximum mean discrepancy with a Gaussian kernel (bandwidth:
 the median pairwise distance) and a permutation p-value from ``scipy.stats.permutation_test``. This catches a
 shift the scalar facts miss (new anatomy, another vendor's texture at the same brightness). The kernel
-statistic is written here over a precomputed kernel matrix, so each permutation only re-indexes it: scipy has
+statistic is written here over a precomputed kernel matrix, all permutations at once as matrix products: scipy has
 no MMD, and alibi-detect's MMD detector brings TensorFlow or a pinned torch backend, a heavy dependency for one
 statistic that scikit-learn's ``rbf_kernel`` checks in the tests.
 """
@@ -41,6 +41,7 @@ from components.inference.results import REPORT_DIR
 
 NUMERIC_FACTS = ("mean", "std")
 EMBEDDING_REFERENCE = 500  # training cases whose features the batch is compared with
+EMBEDDING_BATCH = 1000  # predicted inputs drawn for the test from a larger batch (the kernel is quadratic)
 N_PERMUTATIONS = 500
 CATEGORICAL_FACTS = ("modality", "shape", "spacing")
 UNKNOWN_MODALITY = "OT"  # what ingestion records for NIfTI and PNG input, which carry no modality: never new
@@ -92,18 +93,23 @@ def mmd_test(batch: np.ndarray, reference: np.ndarray, *, n_resamples: int = N_P
     off_diagonal = distances[np.triu_indices(len(pooled), 1)]
     bandwidth = float(np.median(off_diagonal)) if len(off_diagonal) and np.median(off_diagonal) > 0 else 1.0
     kernel = np.exp(-distances / bandwidth)
+    n, m = len(pooled), len(batch)
+    diagonal = np.diag(kernel)
 
-    def mean_within(index: np.ndarray) -> float:
-        block = kernel[np.ix_(index, index)]
-        return float((block.sum() - np.trace(block)) / (len(index) * (len(index) - 1)))
+    def statistic(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        # one row per permutation: the batch's members as an indicator, the three kernel block sums from it
+        members = np.zeros((*x.shape[:-1], n))
+        np.put_along_axis(members, x.astype(int), 1.0, axis=-1)
+        others = 1.0 - members
+        weighted = members @ kernel
+        within_x = (weighted * members).sum(-1) - members @ diagonal
+        within_y = (others @ kernel * others).sum(-1) - others @ diagonal
+        between = (weighted * others).sum(-1)
+        return within_x / (m * (m - 1)) + within_y / ((n - m) * (n - m - 1)) - 2 * between / (m * (n - m))
 
-    def statistic(x: np.ndarray, y: np.ndarray) -> float:
-        x, y = x.astype(int), y.astype(int)
-        return mean_within(x) + mean_within(y) - 2 * float(kernel[np.ix_(x, y)].mean())
-
-    test = stats.permutation_test((np.arange(len(batch)), np.arange(len(batch), len(pooled))), statistic,
-                                  permutation_type="independent", vectorized=False, n_resamples=n_resamples,
-                                  alternative="greater", random_state=seed)
+    test = stats.permutation_test((np.arange(m), np.arange(m, n)), statistic, permutation_type="independent",
+                                  vectorized=True, n_resamples=n_resamples, alternative="greater", random_state=seed,
+                                  batch=100)
     return {"fact": "embedding.features", "test": "mmd_permutation", "statistic": float(test.statistic),
             "p_value": float(test.pvalue), "bandwidth": bandwidth, "n_batch": len(batch), "n_reference": len(reference)}
 
@@ -126,11 +132,21 @@ def embedding_drift(python_model, model, arrays: list[np.ndarray], num_classes: 
     encoder = penultimate(python_model.model, num_classes)
     spec = python_model.spec
     transform = array_transform(spec)
+    if len(arrays) > EMBEDDING_BATCH:
+        arrays = [arrays[i] for i in np.random.default_rng(0).choice(len(arrays), EMBEDDING_BATCH, replace=False)]
     loader = DataLoader([{"image": transform(a)} for a in arrays], batch_size=64)
     batch, _ = predict_batches(encoder, loader, CPU)
-    sample = reference.sample(min(len(reference), EMBEDDING_REFERENCE), random_state=0)
-    seen = extract_features(encoder, spec, sample, paths.data_root() / model.dataset, CPU,
-                            description="Features of training cases")
+    # the training cases' features are the same for every batch of this version: kept in the workspace
+    cache = paths.medflow_home() / "cache" / "drift" / f"{model.run_id}-{model.data_version}-{EMBEDDING_REFERENCE}.npy"
+    if cache.is_file():
+        seen = np.load(cache)
+    else:
+        sample = reference.sample(min(len(reference), EMBEDDING_REFERENCE), random_state=0)
+        seen = extract_features(encoder, spec, sample, paths.data_root() / model.dataset, CPU,
+                                description="Features of training cases")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache.with_suffix(".tmp.npy"), seen)
+        cache.with_suffix(".tmp.npy").replace(cache)
     batch, seen = batch.reshape(len(batch), -1), seen.reshape(len(seen), -1)
     if samples is not None:
         samples["embedding.features"] = (batch, seen)

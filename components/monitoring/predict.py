@@ -184,6 +184,7 @@ def _read(path: Path, fmt: str, source: Path, *, task: str) -> tuple[np.ndarray,
 def predict_source(
     reference: str, source: Path, fmt: str, out_dir: Path, *, strict: bool = False, overwrite: bool = False,
     batch_size: int = BATCH_SIZE, drift_alpha: float = 0.01, experiment: str = "medflow-predict",
+    dicom_results: bool = True,
 ) -> BatchResult:
     """Predict every input of ``source`` with the registered version ``reference`` into ``out_dir``.
 
@@ -205,7 +206,8 @@ def predict_source(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        rows, facts, skipped, no_dicom, arrays = _predict(pyfunc, model, inputs, fmt, source, staging, strict=strict, batch_size=batch_size)
+        rows, facts, skipped, no_dicom, arrays = _predict(pyfunc, model, inputs, fmt, source, staging, strict=strict,
+                                                          batch_size=batch_size, dicom_results=dicom_results)
         if not rows:
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
             raise PredictError(f"no input of {source} could be predicted ({len(skipped)} unreadable: {reasons})")
@@ -238,7 +240,7 @@ def predict_source(
 
 
 def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path, staging: Path, *, strict: bool,
-             batch_size: int) -> tuple[list[dict], list[dict], list[dict], list[dict], list[np.ndarray]]:
+             batch_size: int, dicom_results: bool = True) -> tuple[list[dict], list[dict], list[dict], list[dict], list[np.ndarray]]:
     """Rows of predictions, the inputs' image facts (for drift), the inputs skipped with their reasons, the
     inputs predicted without a DICOM result, with theirs, and the predicted arrays (for embedding drift)."""
     read, skipped, no_dicom = [], [], []
@@ -249,7 +251,7 @@ def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path
             if strict:
                 raise PredictError(f"{exc} (--strict: nothing was predicted)") from exc
             skipped.append({"path": str(path.relative_to(source)), "reason": str(exc).removeprefix(f"{path}: ")})
-    rows, facts, arrays = [], [], []
+    rows, facts, arrays, jobs = [], [], [], []
     by_shape = defaultdict(list)
     for item in read:
         by_shape[item[1].shape].append(item)
@@ -280,36 +282,34 @@ def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path
                 else:
                     row["prediction"] = int(prob.argmax())
                 row["confidence"] = float(prob.max())
-            if fmt == "dicom":
-                row["dicom"] = _write_dicom_result(model, path, prob, row, staging, index=len(rows), no_dicom=no_dicom,
-                                                   source=source)
+            if fmt == "dicom" and dicom_results:
+                jobs.append(_dicom_job(model, path, prob, row, staging, index=len(rows)))
             rows.append(row)
             facts.append({**image_facts(array, affine), "modality": modality})
             arrays.append(array)
+    if jobs:
+        from components.monitoring.dicom_results import write_results  # noqa: PLC0415 (DICOM only)
+
+        (staging / "dicom").mkdir(exist_ok=True)
+        for row, job, reason in zip(rows, jobs, write_results(jobs)):
+            row["dicom"] = "" if reason else str(job.out.relative_to(staging))
+            if reason:
+                no_dicom.append({"path": row["path"], "reason": reason})
     return rows, facts, skipped, no_dicom, arrays
 
 
-def _write_dicom_result(model: ModelRef, path: Path, prob: np.ndarray, row: dict, staging: Path, *, index: int,
-                        no_dicom: list[dict], source: Path) -> str:
-    """The result of one DICOM input as a SEG or SR under ``dicom/``; "" (and the reason in ``no_dicom``) when
-    the source's headers do not allow one, since the prediction itself stands."""
-    from components.monitoring.dicom_results import write_report, write_segmentation  # noqa: PLC0415 (DICOM only)
+def _dicom_job(model: ModelRef, path: Path, prob: np.ndarray, row: dict, staging: Path, *, index: int):
+    """The DICOM result of one predicted DICOM input, to be written into ``staging/dicom/``."""
+    from components.monitoring.dicom_results import Algorithm, ResultJob  # noqa: PLC0415 (DICOM only)
 
-    (staging / "dicom").mkdir(exist_ok=True)
-    names = [f"label {k}" for k in range(len(prob))]
-    try:
-        if model.task == "segmentation":
-            rel = f"dicom/{index:06d}_seg.dcm"
-            write_segmentation(prob.argmax(axis=0).astype(np.uint8), path, staging / rel, model,
-                               class_names=["background", *names[1:]])
-        else:
-            rel = f"dicom/{index:06d}_sr.dcm"
-            decision = str(row["prediction"])
-            write_report(prob, f"label {decision}" if decision else "no label", path, staging / rel, model, class_names=names)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom's refusals of incomplete headers
-        no_dicom.append({"path": str(path.relative_to(source)), "reason": str(exc)})
-        return ""
-    return rel
+    names = tuple(f"label {k}" for k in range(len(prob)))
+    algorithm = Algorithm(model.name, model.version)
+    if model.task == "segmentation":
+        return ResultJob(source=path, out=staging / f"dicom/{index:06d}_seg.dcm", algorithm=algorithm,
+                         class_names=("background", *names[1:]), mask=staging / row["mask"])
+    decision = str(row["prediction"])
+    return ResultJob(source=path, out=staging / f"dicom/{index:06d}_sr.dcm", algorithm=algorithm, class_names=names,
+                     probabilities=tuple(map(float, prob)), decision=f"label {decision}" if decision else "no label")
 
 
 def _log_batch(result: BatchResult, *, fmt: str, experiment: str, page: Path) -> str:

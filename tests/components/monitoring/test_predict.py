@@ -101,6 +101,8 @@ def test_a_batch_from_a_brighter_scanner_drifts_and_the_same_images_do_not(regis
             nib.save(nib.Nifti1Image(nifti.get_fdata(dtype=np.float32) * gain, nifti.affine), folder / Path(image).name)
     steady = predict_source("tiny/1", same, "nifti", workspace / "p1")
     assert steady.drift["detected"] is False, (steady.drift["drifted"], steady.drift["tests"])
+    cached = list((paths.medflow_home() / "cache" / "drift").glob("*.npy"))  # the training features, once a version
+    assert len(cached) == 1 and np.load(cached[0]).shape[0] == (pd.read_parquet(registered)["split"] == "train").sum()
     embedding = next(t for t in steady.drift["tests"] if t["fact"] == "embedding.features")
     assert embedding["test"] == "mmd_permutation" and embedding["n_batch"] == len(test)
     shifted = predict_source("tiny/1", brighter, "nifti", workspace / "p2")
