@@ -74,6 +74,8 @@ class DataConfig(_Section):
     skip_bad: bool = False
     workers: int = Field(0, ge=0, description="conversion processes; 0 = one per core (at most 8)")
     num_classes: int = Field(2, ge=2)
+    ordinal: bool = Field(False, description="the classes are ordered grades (0 < 1 < ...): reports quadratic "
+                                             "weighted kappa")
     n_patients: int = Field(160, ge=10)
     image_size: int = Field(64, ge=16)
     depth: int = Field(16, ge=0, description="synthetic segmentation volumes: slices each (0 makes 2D images)")
@@ -93,6 +95,8 @@ class DataConfig(_Section):
                              "which reads no source): set data.format (--format) to dicom, nifti or png")
         if self.format is SourceFormat.SYNTHETIC and self.num_classes != 2:
             raise ValueError("the synthetic generator makes binary labels: data.num_classes must be 2")
+        if self.ordinal and self.task is not Task.CLASSIFICATION:
+            raise ValueError(f"data.ordinal grades one class per image; a {self.task.value} task has none to grade")
         if self.format is SourceFormat.SYNTHETIC and self.task is Task.MULTILABEL:
             raise ValueError("the synthetic generator makes one label per image: a multi-label run needs "
                              "data.format dicom, nifti or png and a labels CSV")
@@ -168,12 +172,14 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    """Evaluation: decision threshold, bootstrap and subgroup sizes."""
+    """Evaluation: decision threshold, bootstrap, subgroup sizes and the specificity sensitivity is read at."""
 
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     n_bootstrap: int = Field(1000, ge=0)
     seed: int = 0
     min_group_size: int = Field(10, ge=1)
+    target_specificity: float = Field(0.9, gt=0.0, lt=1.0, description="where overall.sensitivity_at_specificity "
+                                                                        "is read")
 
 
 class Operator(str, Enum):

@@ -312,13 +312,17 @@ def evaluate(
     n_bootstrap: Annotated[int, typer.Option(help="Patient-level bootstrap resamples; 0 skips the CIs.")] = 1000,
     min_group_size: Annotated[int, typer.Option(help="Smaller groups are warned about and left out of the gaps.")] = 10,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    target_specificity: Annotated[float, typer.Option(help="Specificity at which sensitivity is read.")] = 0.9,
+    ordinal: Annotated[bool, typer.Option("--ordinal", help="The classes are ordered grades: adds quadratic "
+                                                            "weighted kappa.")] = False,
 ) -> None:
     """Evaluate any predictions table against a manifest and write report.json."""
     from components.evaluation.files import evaluate_files  # noqa: PLC0415
 
     report = evaluate_files(
         predictions, manifest, out=out, html=html, attributes=attribute or None, threshold=threshold,
-        n_bootstrap=n_bootstrap, seed=seed, min_group_size=min_group_size,
+        n_bootstrap=n_bootstrap, seed=seed, min_group_size=min_group_size, target_specificity=target_specificity,
+        ordinal=ordinal,
     )
     o = report.overall
     if report.task == "segmentation":

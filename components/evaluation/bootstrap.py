@@ -28,12 +28,16 @@ import numpy as np
 from scipy import sparse
 from scipy.special import ndtr, ndtri
 
-from components.evaluation.declarations import ECE_BINS, WeightedSums, metrics_for
+from components.evaluation.declarations import ECE_BINS, MetricSettings, WeightedSums, metrics_for
 
 CHUNK = 32
 JACKKNIFE_GROUPS = 100  # at most this many leave-a-group-out rows; one patient per group up to 100 patients
-WEIGHTED = tuple(m for m in metrics_for("binary") if m.weighted is not None)  # the same for every classification task
+
+def weighted_declarations(settings: MetricSettings) -> tuple:
+    """The metrics with a weighted form for these settings (the graded ones too when ordinal)."""
+    return tuple(m for m in metrics_for("binary", ordinal=settings.ordinal) if m.weighted is not None)
 EPS = np.finfo(np.float64).eps
+UNDEFINED_IN_A_RESAMPLE = ("auc", "sensitivity_at_specificity")  # NaN where a resample lacks a class
 
 
 def resample_patients(
@@ -77,14 +81,18 @@ class WeightedMetrics:
 
     def __init__(
         self, y_true: np.ndarray, prob: np.ndarray, *, threshold: float, n_bins: int = ECE_BINS,
-        units: np.ndarray | None = None,
+        units: np.ndarray | None = None, settings: MetricSettings = MetricSettings(),
     ) -> None:
         y = np.asarray(y_true).astype(int)
         prob = np.asarray(prob, dtype=np.float64)
-        # multi-label: one binary evaluator per label, macro-averaged in __call__
-        self.labels = [WeightedMetrics(y[:, j], prob[:, j], threshold=threshold, n_bins=n_bins, units=units)
+        self.settings, self.declared = settings, weighted_declarations(settings)
+        # multi-label: one binary evaluator per label, macro-averaged in __call__ (a label has no grades)
+        label_settings = MetricSettings(specificity=settings.specificity)
+        self.labels = [WeightedMetrics(y[:, j], prob[:, j], threshold=threshold, n_bins=n_bins, units=units,
+                                       settings=label_settings)
                        for j in range(y.shape[1])] if y.ndim == 2 else []
         if self.labels:
+            self.declared = weighted_declarations(label_settings)
             return
         # weights are given per unit (a patient: all its cases share the weight) or, by default, per case;
         # summing each case's terms into its unit once makes every call smaller
@@ -111,10 +119,11 @@ class WeightedMetrics:
         onehot = np.eye(n_bins + 1)[np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins)]
         confusion = [((pred == c) & (y == c), (pred == c) & (y != c), (pred != c) & (y == c)) for c in range(k)]
         self.k, self.n_levels = k, n_bins + 1
+        pairs = np.eye(k * k)[y * k + pred]  # (true, predicted) one-hot: the full confusion matrix, for kappa
         features = np.column_stack([
             onehot, onehot * accuracy[:, None], onehot * confidence[:, None],
             *[np.column_stack(parts) for parts in confusion],
-            brier, -np.log(np.clip(p_true, EPS, 1 - EPS)), np.ones(n),
+            pairs, brier, -np.log(np.clip(p_true, EPS, 1 - EPS)), np.ones(n),
         ])
         self.features = to_units @ features
         self.levels = [(self._level_indicator(scores[c], y == c) @ to_units.T).tocsr() for c in sorted(scores)]
@@ -129,10 +138,30 @@ class WeightedMetrics:
         return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(2 * u, n))
 
     @staticmethod
-    def _auc(indicator: sparse.csr_matrix, weights: np.ndarray) -> np.ndarray:
+    def _level_weights(indicator: sparse.csr_matrix, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positive and negative weight at each score level, ascending: (B, U) each."""
         counts = (indicator @ weights.T).T  # (B, 2U), rows by ascending score level
         u = counts.shape[1] // 2
-        pos_w, neg_w = counts[:, :u], counts[:, u:] - counts[:, :u]
+        return counts[:, :u], counts[:, u:] - counts[:, :u]
+
+    @staticmethod
+    def _sensitivity_at_specificity(indicator: sparse.csr_matrix, weights: np.ndarray, specificity: float) -> np.ndarray:
+        """The highest sensitivity among thresholds (each score level, predicting positive at or above it, and
+        one above every score) whose specificity reaches the target: (B,), NaN without positives or negatives."""
+        pos_w, neg_w = WeightedMetrics._level_weights(indicator, weights)
+        positives, negatives = pos_w.sum(axis=1), neg_w.sum(axis=1)
+        # weight at or above each level: totals minus what lies below it
+        tp = positives[:, None] - (np.cumsum(pos_w, axis=1) - pos_w)
+        fp = negatives[:, None] - (np.cumsum(neg_w, axis=1) - neg_w)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sensitivity = tp / positives[:, None]
+            allowed = 1 - fp / negatives[:, None] >= specificity - 1e-12
+            best = np.where(allowed, sensitivity, 0.0).max(axis=1, initial=0.0)
+            return np.where((positives > 0) & (negatives > 0), best, np.nan)
+
+    @staticmethod
+    def _auc(indicator: sparse.csr_matrix, weights: np.ndarray) -> np.ndarray:
+        pos_w, neg_w = WeightedMetrics._level_weights(indicator, weights)
         below = np.cumsum(neg_w, axis=1) - neg_w
         num = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
         denom = pos_w.sum(axis=1) * neg_w.sum(axis=1)
@@ -145,20 +174,24 @@ class WeightedMetrics:
             per_label = [evaluate(weights) for evaluate in self.labels]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no label's AUC gives NaN
-                return {name: np.nanmean([m[name] for m in per_label], axis=0) if name == "auc"
+                return {name: np.nanmean([m[name] for m in per_label], axis=0) if name in UNDEFINED_IN_A_RESAMPLE
                         else np.mean([m[name] for m in per_label], axis=0) for name in per_label[0]}
         z = weights @ self.features
         nb, k = self.n_levels, self.k
         conf = z[:, 3 * nb:3 * nb + 3 * k].reshape(len(z), k, 3)
         tp, fp, fn = conf[:, :, 0], conf[:, :, 1], conf[:, :, 2]
         total = z[:, -1]
+        start = 3 * nb + 3 * k
         sums = WeightedSums(
             binary=self.binary, bin_count=z[:, :nb], bin_accuracy=z[:, nb:2 * nb], bin_confidence=z[:, 2 * nb:3 * nb],
             tp=tp, fp=fp, fn=fn, tn=total[:, None] - tp - fp - fn, brier=z[:, -3], nll=z[:, -2], total=total,
             auc=np.mean([self._auc(ind, weights) for ind in self.levels], axis=0),
+            sensitivity_at_specificity=np.mean([self._sensitivity_at_specificity(ind, weights, self.settings.specificity)
+                                                for ind in self.levels], axis=0),
+            confusion=z[:, start:start + k * k].reshape(len(z), k, k),
         )
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {m.name: m.weighted(sums) for m in WEIGHTED}
+            return {m.name: m.weighted(sums) for m in self.declared}
 
 
 def weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -216,7 +249,8 @@ def bca_interval(estimate: float | None, resampled: np.ndarray, jackknifed: np.n
     return [low, high]
 
 
-def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, *, threshold: float) -> dict:
+def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, *, threshold: float,
+                     settings: MetricSettings = MetricSettings()) -> dict:
     """Every contract metric for each weight row: ``{metric: (B,) array}``.
 
     Args:
@@ -224,8 +258,9 @@ def weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, 
         prob: (N,) positive-class probability, (N, K) class probabilities or (N, L) label probabilities.
         weights: (B, N) non-negative case weights.
         threshold: decision threshold (binary).
+        settings: the target specificity, and whether the classes are ordered grades.
     """
-    return WeightedMetrics(y_true, prob, threshold=threshold)(weights)
+    return WeightedMetrics(y_true, prob, threshold=threshold, settings=settings)(weights)
 
 
 @dataclass(frozen=True)
@@ -249,11 +284,12 @@ class ResampledStatistics:
 
     def __init__(self, y_true: np.ndarray, prob: np.ndarray, codes: np.ndarray, *, threshold: float,
                  groups: Mapping[str, np.ndarray] | None = None,
-                 compared: Mapping[str, Sequence[str]] | None = None) -> None:
+                 compared: Mapping[str, Sequence[str]] | None = None,
+                 settings: MetricSettings = MetricSettings()) -> None:
         labels = {a: np.asarray(v).astype(str) for a, v in dict(groups or {}).items()}
         self.members = {a: {g: lab == g for g in np.unique(lab)} for a, lab in labels.items()}
         self.compared = compared
-        self.evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold, units=codes)
+        self.evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold, units=codes, settings=settings)
         self.evaluate_group, self.group_patients = {}, {}
         for attribute, masks in self.members.items():
             self.evaluate_group[attribute] = {}
@@ -262,7 +298,7 @@ class ResampledStatistics:
                 present, local = np.unique(codes[mask], return_inverse=True)
                 self.group_patients[attribute, group] = present
                 self.evaluate_group[attribute][group] = WeightedMetrics(
-                    np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=local
+                    np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=local, settings=settings
                 )
 
     def __call__(self, weight_chunks) -> tuple[dict, dict, dict]:
@@ -314,6 +350,7 @@ def bootstrap_ci(
     level: float = 0.95,
     groups: Mapping[str, np.ndarray] | None = None,
     compared: Mapping[str, Sequence[str]] | None = None,
+    settings: MetricSettings = MetricSettings(),
 ) -> BootstrapIntervals:
     """BCa confidence intervals of every metric, resampling patients (see the module docstring).
 
@@ -327,6 +364,7 @@ def bootstrap_ci(
         level: two-sided confidence level.
         groups: attribute -> (N,) group label of each case, for group intervals.
         compared: attribute -> the groups the fairness gaps compare (default: all).
+        settings: the target specificity, and whether the classes are ordered grades.
 
     The same resamples serve the overall, group and gap intervals, so a gap's
     interval reflects the groups' joint variation.
@@ -335,7 +373,8 @@ def bootstrap_ci(
         return BootstrapIntervals({}, {}, {})
     codes = patient_codes(patient_ids)
     n_patients = int(codes.max()) + 1
-    statistics = ResampledStatistics(y_true, prob, codes, threshold=threshold, groups=groups, compared=compared)
+    statistics = ResampledStatistics(y_true, prob, codes, threshold=threshold, groups=groups, compared=compared,
+                                     settings=settings)
     resampled = statistics(resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed)))
     jackknifed = statistics(jackknife_rows(n_patients))
     point = statistics([np.ones((1, n_patients))])
@@ -353,3 +392,26 @@ def bootstrap_ci(
         groups={a: {g: {n: interval((1, a, g, n)) for n in m} for g, m in gm.items()} for a, gm in resampled[1].items()},
         gaps={a: {n: interval((2, a, n)) for n in gm} for a, gm in resampled[2].items()},
     )
+
+
+def per_class_intervals(y_true: np.ndarray, prob: np.ndarray, patient_ids: np.ndarray, *, n_resamples: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
+    """BCa intervals of each class's one-vs-rest (or each label's) AUC over the same patient resamples as
+    :func:`bootstrap_ci` draws with this seed: ``{"<k>": [low, high] or None}``."""
+    y = np.asarray(y_true).astype(int)
+    codes = patient_codes(patient_ids)
+    n_patients = int(codes.max()) + 1
+    to_units = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_patients, len(codes)))
+    intervals = {}
+    for k in range(prob.shape[1]):
+        positive = y[:, k] == 1 if y.ndim == 2 else y == k
+        indicator = (WeightedMetrics._level_indicator(np.asarray(prob[:, k], dtype=np.float64), positive) @ to_units.T).tocsr()
+
+        def auc(rows, indicator=indicator):
+            return np.concatenate([WeightedMetrics._auc(indicator, w) for w in rows])
+
+        resampled = auc(resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed)))
+        estimate = float(auc([np.ones((1, n_patients))])[0])
+        intervals[str(k)] = bca_interval(None if np.isnan(estimate) else estimate, resampled,
+                                         auc(jackknife_rows(n_patients)), level)
+    return intervals

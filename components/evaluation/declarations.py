@@ -21,11 +21,13 @@ import torch
 from sklearn.metrics import (
     accuracy_score,
     brier_score_loss,
+    cohen_kappa_score,
     confusion_matrix,
     f1_score,
     log_loss,
     recall_score,
     roc_auc_score,
+    roc_curve,
 )
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
@@ -34,6 +36,16 @@ CLASSIFICATION_TASKS = frozenset({"binary", "multiclass", "multilabel"})
 SEGMENTATION_TASKS = frozenset({"segmentation"})
 PERFORMANCE, CALIBRATION, FAIRNESS = "performance", "calibration", "fairness"
 SHORTCUT = "shortcut"  # how well the model's features predict a declared attribute (report.json ``shortcuts``)
+DEFAULT_SPECIFICITY = 0.9
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """What some metrics need beyond the predictions: the specificity at which sensitivity is read
+    (``evaluate.target_specificity``), and whether the classes are ordered grades (``data.ordinal``)."""
+
+    specificity: float = DEFAULT_SPECIFICITY
+    ordinal: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class WeightedSums:
     nll: np.ndarray  # (B,) weighted sum of -log p(true class)
     total: np.ndarray  # (B,) total weight
     auc: np.ndarray  # (B,) weighted (macro one-vs-rest) AUC
+    sensitivity_at_specificity: np.ndarray  # (B,) at the settings' specificity (macro one-vs-rest)
+    confusion: np.ndarray  # (B, K, K) weighted confusion matrix, rows true class, columns predicted
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,8 @@ class MetricDeclaration:
             ``medflow.<attribute>_<name>`` for a fairness gap).
         summary: ``medflow run`` prints it in its summary.
         key: its key inside its section of report.json when not ``name`` (``shortcuts.<attribute>.auc``).
+        settings: the point function takes the :class:`MetricSettings` as a fourth argument.
+        ordinal: reported only for ordered grades (``data.ordinal``).
     """
 
     name: str
@@ -84,6 +100,13 @@ class MetricDeclaration:
     tagged: bool = False
     summary: bool = False
     key: str | None = None
+    settings: bool = False
+    ordinal: bool = False
+
+    def compute(self, y_true: np.ndarray, prob: np.ndarray, threshold: float,
+                settings: MetricSettings = MetricSettings()) -> float | None:
+        """The point value for one set of predictions."""
+        return self.point(y_true, prob, threshold, settings) if self.settings else self.point(y_true, prob, threshold)
 
     @property
     def field(self) -> str:
@@ -157,6 +180,40 @@ def _nll(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> float:  # no
     return float(log_loss(y_true, full, labels=_classes(prob)))
 
 
+def _sensitivity_at_specificity(y_true: np.ndarray, prob: np.ndarray, threshold: float,  # noqa: ARG001
+                                settings: MetricSettings) -> float | None:
+    """The highest sensitivity on the ROC curve (scikit-learn's, every threshold kept) whose specificity is at
+    least the target: of the positive class (binary), else the mean over classes one-vs-rest."""
+    scores = {1: prob} if prob.ndim == 1 else {c: prob[:, c] for c in range(prob.shape[1])}
+    values = []
+    for c, score in scores.items():
+        positive = y_true == c
+        if positive.all() or not positive.any():
+            return None
+        fpr, tpr, _ = roc_curve(positive, score, drop_intermediate=False)
+        values.append(float(tpr[fpr <= 1 - settings.specificity + 1e-12].max()))
+    return float(np.mean(values))
+
+
+def _qwk(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> float | None:
+    k = 2 if prob.ndim == 1 else prob.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = cohen_kappa_score(y_true, _predicted(prob, threshold), weights="quadratic", labels=np.arange(k))
+    return None if np.isnan(value) else float(value)
+
+
+def _weighted_qwk(s: WeightedSums) -> np.ndarray:
+    """Quadratic weighted kappa of each weighted confusion matrix (as cohen_kappa_score with sample_weight)."""
+    observed = s.confusion
+    k = observed.shape[-1]
+    cost = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2 / max(k - 1, 1) ** 2
+    total = observed.sum(axis=(1, 2))
+    expected = observed.sum(axis=2)[:, :, None] * observed.sum(axis=1)[:, None, :] / np.where(total > 0, total, 1)[:, None, None]
+    disagreement = (cost * expected).sum(axis=(1, 2))
+    return np.where(disagreement > 0, 1 - (cost * observed).sum(axis=(1, 2)) / np.where(disagreement > 0, disagreement, 1),
+                    np.nan)
+
+
 def _per_class(s: WeightedSums, values: np.ndarray) -> np.ndarray:
     """The positive class's value (binary) or the macro mean over classes."""
     return values[:, 1] if s.binary else values.mean(axis=1)
@@ -183,6 +240,11 @@ METRICS: tuple[MetricDeclaration, ...] = (
                       weighted=lambda s: _per_class(s, _ratio(s.tn, s.tn + s.fp))),
     MetricDeclaration("f1", "F1", True, CLASSIFICATION_TASKS, point=_f1,
                       weighted=lambda s: _per_class(s, _ratio(2 * s.tp, 2 * s.tp + s.fp + s.fn))),
+    MetricDeclaration("sensitivity_at_specificity", "sensitivity at specificity", True, CLASSIFICATION_TASKS,
+                      point=_sensitivity_at_specificity, weighted=lambda s: s.sensitivity_at_specificity, settings=True),
+    # ordered grades (diabetic retinopathy 0-4, Kellgren-Lawrence): quadratic weighted Cohen's kappa
+    MetricDeclaration("qwk", "quadratic weighted kappa", True, frozenset({"binary", "multiclass"}), point=_qwk,
+                      weighted=_weighted_qwk, ordinal=True, tagged=True, summary=True),
     MetricDeclaration("ece", "ECE", False, CLASSIFICATION_TASKS, kind=CALIBRATION, point=_calibration_error("l1"),
                       weighted=lambda s: _bin_gaps(s).sum(axis=1) / s.total, tagged=True, summary=True),
     MetricDeclaration("mce", "MCE", False, CLASSIFICATION_TASKS, kind=CALIBRATION, point=_calibration_error("max"),
@@ -216,12 +278,20 @@ def metric(name: str) -> MetricDeclaration:
     return BY_NAME[name]
 
 
-def metrics_for(task: str, *, kind: tuple[str, ...] | None = (PERFORMANCE, CALIBRATION)) -> tuple[MetricDeclaration, ...]:
+def metrics_for(task: str, *, kind: tuple[str, ...] | None = (PERFORMANCE, CALIBRATION),
+                ordinal: bool = False) -> tuple[MetricDeclaration, ...]:
     """The declarations of a report task (binary, multiclass, multilabel, segmentation), in report order,
-    of the kinds given (performance and calibration by default; None: every kind)."""
-    return tuple(m for m in METRICS if task in m.tasks and (kind is None or m.kind in kind))
+    of the kinds given (performance and calibration by default; None: every kind); those of ordered grades
+    only when ``ordinal``."""
+    return tuple(m for m in METRICS if task in m.tasks and (kind is None or m.kind in kind) and (ordinal or not m.ordinal))
 
 
-def weighted_metrics_names() -> tuple[str, ...]:
-    """The metrics with a weighted form: those the bootstrap and non-inferiority compute."""
-    return tuple(m.name for m in METRICS if m.weighted is not None)
+def report_metrics(report, *, kind: tuple[str, ...] | None = (PERFORMANCE, CALIBRATION)) -> tuple[MetricDeclaration, ...]:
+    """The declarations a report.json holds: those of its task, and of ordered grades when it says ``ordinal``."""
+    return metrics_for(report["task"], kind=kind, ordinal=bool(report.get("ordinal")))
+
+
+def weighted_metrics_names(*, ordinal: bool = False) -> tuple[str, ...]:
+    """The metrics with a weighted form: those the bootstrap and non-inferiority compute (the graded ones only
+    for ordered grades)."""
+    return tuple(m.name for m in METRICS if m.weighted is not None and (ordinal or not m.ordinal))

@@ -15,11 +15,13 @@ import numpy as np
 import pandas as pd
 from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
 
+from components.evaluation.declarations import MetricSettings
 from components.evaluation.metrics import classification_metrics
 
 
 def group_metrics(
-    y_true: np.ndarray, prob: np.ndarray, groups: pd.Series, *, threshold: float
+    y_true: np.ndarray, prob: np.ndarray, groups: pd.Series, *, threshold: float,
+    settings: MetricSettings = MetricSettings(),
 ) -> dict[str, dict]:
     """Metrics of every group of one attribute: ``{group: {"n": ..., metric: ...}}``.
 
@@ -31,7 +33,8 @@ def group_metrics(
     """
     features = groups.fillna("unknown").astype(str).to_numpy()
     frame = MetricFrame(
-        metrics={"all": lambda yt, yp: classification_metrics(yt, yp, threshold=threshold), "n": lambda yt, yp: len(yt)},
+        metrics={"all": lambda yt, yp: classification_metrics(yt, yp, threshold=threshold, settings=settings),
+                 "n": lambda yt, yp: len(yt)},
         y_true=np.asarray(y_true),
         y_pred=np.asarray(prob),
         sensitive_features=features,

@@ -21,6 +21,8 @@ def evaluate_files(
     n_bootstrap: int = 1000,
     seed: int = 0,
     min_group_size: int = 10,
+    target_specificity: float = 0.9,
+    ordinal: bool = False,
 ) -> EvaluationReport:
     """Evaluate a predictions table (CSV or Parquet) against a manifest and write the report.
 
@@ -44,6 +46,7 @@ def evaluate_files(
     report = evaluate_predictions(
         predictions_table, manifest_table, attributes=attributes, threshold=threshold,
         n_bootstrap=n_bootstrap, seed=seed, min_group_size=min_group_size, source=str(predictions),
+        target_specificity=target_specificity, ordinal=ordinal,
     )
     report.write_json(out)
     if html:

@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from components.evaluation.declarations import CALIBRATION, ECE_BINS, metrics_for  # noqa: E402
+from components.evaluation.declarations import CALIBRATION, ECE_BINS, report_metrics  # noqa: E402
 from components.evaluation.report import check_predictions  # noqa: E402
 
 CSS = """
@@ -196,8 +196,18 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
         f"decision threshold {report['threshold']:g}. Intervals: 95%, patient-level bootstrap.</p>",
         "<h2>Overall</h2>",
         html_table(["metric", "value", "95% CI"],
-               [[m.name, fmt_value(overall.get(m.name)), _ci(ci.get(m.name))] for m in metrics_for(report["task"])]),
+               [[m.name, fmt_value(overall.get(m.name)), _ci(ci.get(m.name))] for m in report_metrics(report)]),
     ]
+    parts.append(f"<p class='muted'>sensitivity_at_specificity: the highest sensitivity at a specificity of at "
+                 f"least {report.get('target_specificity', 0.9):g}"
+                 + ("; qwk: quadratic weighted Cohen's kappa of the ordered grades" if report.get("ordinal") else "")
+                 + ".</p>")
+    if report.get("per_class"):
+        parts.append("<h2>Per class</h2>")
+        parts.append(html_table(["class", "positive cases", "AUC (one-vs-rest)", "95% CI"], [
+            [html.escape(k), str(c["n_positive"]), fmt_value(c["auc"]) + (
+                f" <span class='muted'>({html.escape(c['note'])})</span>" if c.get("note") else ""),
+             _ci((c.get("ci95") or {}).get("auc"))] for k, c in report["per_class"].items()]))
     if report.get("warnings"):
         parts.append("<ul class='warn'>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
     if report.get("calibration"):
@@ -205,7 +215,7 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
         parts.append("<h2>Calibration</h2>")
         parts.append(f"<p class='muted'>Temperature scaling fitted on the {html.escape(str(cal.get('fitted_on', 'validation')))} "
                      f"split: T = {cal['temperature']:.3f}.</p>")
-        calibration = metrics_for(report["task"], kind=(CALIBRATION,))
+        calibration = report_metrics(report, kind=(CALIBRATION,))
         parts.append(html_table(["", *(m.title for m in calibration)], [
             [label, *(fmt_value(cal[key][m.name]) for m in calibration)]
             for label, key in (("before scaling", "before"), ("after scaling", "after"))

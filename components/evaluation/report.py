@@ -19,9 +19,10 @@ import pandas as pd
 
 from components.data.labels import label_matrix, parse_label_set
 from components.errors import EvaluationError
-from components.evaluation.bootstrap import bootstrap_ci
+from components.evaluation.bootstrap import bootstrap_ci, per_class_intervals
+from components.evaluation.declarations import DEFAULT_SPECIFICITY, MetricSettings
 from components.evaluation.fairness import fairness_summary, group_metrics
-from components.evaluation.metrics import classification_metrics
+from components.evaluation.metrics import classification_metrics, per_class_auc
 
 DEFAULT_ATTRIBUTES = ("sex", "age_group", "race", "site")
 MAX_LISTED = 5
@@ -58,6 +59,9 @@ class EvaluationReport:
     warnings: list[str] = field(default_factory=list)
     calibration: dict | None = None  # temperature scaling: the temperature and the metrics before/after
     shortcuts: dict | None = None  # attribute -> the shortcut audit (components.evaluation.shortcuts)
+    per_class: dict | None = None  # multiclass and multi-label: "<k>" -> n_positive, auc and its ci95
+    target_specificity: float = DEFAULT_SPECIFICITY  # where overall.sensitivity_at_specificity is read
+    ordinal: bool = False  # ordered grades: overall.qwk
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +210,8 @@ def evaluate_predictions(
     seed: int = 0,
     min_group_size: int = 10,
     source: str = "predictions",
+    target_specificity: float = DEFAULT_SPECIFICITY,
+    ordinal: bool = False,
 ) -> EvaluationReport:
     """Evaluate predictions against the evaluation contract.
 
@@ -221,19 +227,26 @@ def evaluate_predictions(
         min_group_size: groups smaller than this are reported with a warning and
             left out of the fairness gaps.
         source: name of the predictions in error messages.
+        target_specificity: the specificity at which ``overall.sensitivity_at_specificity`` is read.
+        ordinal: the classes are ordered grades: adds ``overall.qwk`` (quadratic weighted kappa).
     """
     joined, y_true, prob = check_predictions(predictions, manifest, path=source)
+    if not 0 < target_specificity < 1:
+        raise EvaluationError(f"target specificity must be between 0 and 1, not {target_specificity:g}")
+    if ordinal and y_true.ndim == 2:
+        raise EvaluationError(f"{source}: ordinal grades need one class per case, not multi-label columns")
+    settings = MetricSettings(specificity=target_specificity, ordinal=ordinal)
     if attributes is None:
         attributes = [a for a in DEFAULT_ATTRIBUTES if a in joined.columns]
     for attribute in attributes:
         if attribute not in joined.columns:
             raise EvaluationError(UNKNOWN_ATTRIBUTE.format(attribute=attribute))
     patients = joined["patient_id"].astype(str).to_numpy() if "patient_id" in joined else joined["case_id"].to_numpy()
-    overall = classification_metrics(y_true, prob, threshold=threshold)
+    overall = classification_metrics(y_true, prob, threshold=threshold, settings=settings)
     groups, fairness, warnings = {}, {}, []
     for attribute in attributes:
         column = joined[attribute]
-        groups[attribute] = group_metrics(y_true, prob, column, threshold=threshold)
+        groups[attribute] = group_metrics(y_true, prob, column, threshold=threshold, settings=settings)
         for group, metrics in groups[attribute].items():
             if metrics["n"] < min_group_size:
                 warnings.append(
@@ -247,8 +260,12 @@ def evaluate_predictions(
     intervals = bootstrap_ci(
         y_true, prob, patients, threshold=threshold, n_resamples=n_bootstrap, seed=seed,
         groups={a: joined[a].fillna("unknown").astype(str).to_numpy() for a in attributes},
-        compared={a: fairness[a]["groups_compared"] for a in attributes},
+        compared={a: fairness[a]["groups_compared"] for a in attributes}, settings=settings,
     )
+    per_class = per_class_auc(y_true, prob) if prob.ndim == 2 else None
+    if per_class is not None and n_bootstrap:
+        for k, interval in per_class_intervals(y_true, prob, patients, n_resamples=n_bootstrap, seed=seed).items():
+            per_class[k]["ci95"] = {"auc": interval}
     if n_bootstrap:
         for attribute in attributes:
             for group, metrics in groups[attribute].items():
@@ -265,4 +282,7 @@ def evaluate_predictions(
         groups=groups,
         fairness=fairness,
         warnings=warnings,
+        per_class=per_class,
+        target_specificity=target_specificity,
+        ordinal=ordinal,
     )

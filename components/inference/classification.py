@@ -16,7 +16,7 @@ from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.data.labels import label_matrix
 from components.evaluation.calibration import fit_temperature, sigmoid, softmax
-from components.evaluation.declarations import FAIRNESS, metric, metrics_for
+from components.evaluation.declarations import FAIRNESS, MetricSettings, metric, metrics_for
 from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
@@ -89,10 +89,12 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
     report = evaluate_predictions(
         calibrated, manifest, attributes=attributes, threshold=ev.threshold,
         n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size,
+        target_specificity=ev.target_specificity, ordinal=config.data.ordinal,
     )
     uncalibrated = probabilities(test_logits)
     before = classification_metrics(
-        truth(test), uncalibrated if multilabel else contract_probabilities(uncalibrated), threshold=ev.threshold
+        truth(test), uncalibrated if multilabel else contract_probabilities(uncalibrated), threshold=ev.threshold,
+        settings=MetricSettings(specificity=ev.target_specificity, ordinal=config.data.ordinal),
     )
     calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}
     shortcuts = audit_shortcuts(model, spec, manifest, root, attributes=attributes, num_classes=k, config=config)

@@ -8,7 +8,7 @@ from pathlib import Path
 import markdown
 import pandas as pd
 
-from components.evaluation.declarations import CALIBRATION, metrics_for
+from components.evaluation.declarations import CALIBRATION, report_metrics
 from components.registry.promote import PromotionDecision
 
 CSS = (
@@ -77,8 +77,8 @@ def model_card_markdown(
     overall, ci = report["overall"], report.get("ci95", {})
     segmentation = report["task"] == "segmentation"
     metric_rows = [[m.name, overall.get(m.name), *(ci.get(m.name) or [None, None])]
-                   for m in metrics_for(report["task"]) if m.name in overall]
-    calibration_metrics = metrics_for(report["task"], kind=(CALIBRATION,))
+                   for m in report_metrics(report) if m.name in overall]
+    calibration_metrics = report_metrics(report, kind=(CALIBRATION,))
     sections = [
         f"# Model card: {model_name} version {version}",
         "## Intended use",

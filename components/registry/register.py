@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 import components
 from components import lineage
 from components.config import RunConfig
-from components.evaluation.declarations import SHORTCUT, metrics_for
+from components.evaluation.declarations import SHORTCUT, report_metrics
 from components.inference.model import download_checkpoint
 from components.tracking import use_experiment
 
@@ -82,7 +82,7 @@ def register_model(
     use_experiment(config.registry.experiment)
     client = MlflowClient()
     report = json.loads(report_path.read_text())
-    tagged = [m.name for m in metrics_for(report["task"], kind=None) if m.tagged]
+    tagged = [m.name for m in report_metrics(report, kind=None) if m.tagged]
     name = config.registry.model_name
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if reuse_existing else []
     if existing:
@@ -97,7 +97,7 @@ def register_model(
         **{f"medflow.test_{m}": str(report["overall"].get(m)) for m in tagged if m in report["overall"]},
         **{f"medflow.{a}_{m}": str(f[m]) for a, f in report["fairness"].items() for m in tagged if m in f},
         **{f"medflow.{a}_{m.name}": str(audit.get(m.field)) for a, audit in (report.get("shortcuts") or {}).items()
-           for m in metrics_for(report["task"], kind=(SHORTCUT,)) if m.tagged},
+           for m in report_metrics(report, kind=(SHORTCUT,)) if m.tagged},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

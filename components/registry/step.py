@@ -19,7 +19,7 @@ from components.data.ingest import load_manifest
 from components.data.step import DatasetVersion
 from components.data.versioning import read_version
 from components.errors import RegistryError
-from components.evaluation.declarations import metrics_for
+from components.evaluation.declarations import report_metrics
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.registry.card import model_card_markdown, write_model_card
 from components.registry.noninferiority import comparison_gates
@@ -113,7 +113,7 @@ def version_description(*, report: dict, decision: PromotionDecision, data: dict
     (the model card, too long for the registry's field, is an artifact of the run)."""
     overall, ci = report["overall"], report.get("ci95", {})
     figures = []
-    for m in metrics_for(report["task"]):
+    for m in report_metrics(report):
         if m.tagged and overall.get(m.name) is not None:
             interval = ci.get(m.name)
             figures.append(f"{m.title} {overall[m.name]:.3f}"

@@ -60,7 +60,8 @@ def test_a_non_inferiority_rule_over_an_undeclared_metric_is_refused_with_the_cl
         check_noninferiority([NonInferiorityRule(metric="aucc", margin=0.02)])
     assert str(info.value) == (
         "promotion.non_inferiority: 'aucc' is not a metric the paired bootstrap computes; metrics are "
-        "auc, accuracy, sensitivity, specificity, f1, ece, mce, brier, nll; did you mean 'auc'?")
+        "auc, accuracy, sensitivity, specificity, f1, sensitivity_at_specificity, ece, mce, brier, nll; did you mean "
+        "'auc'?")
     with pytest.raises(ConfigError, match="'dice' is not a metric the paired bootstrap computes"):
         check_noninferiority([NonInferiorityRule(metric="dice", margin=0.02)])
 
@@ -79,5 +80,5 @@ def test_tags_card_and_html_read_the_declarations():
     for m in metrics_for("binary"):
         assert f"| {m.name} |" in card
     assert {m.name for m in METRICS if m.tagged and m.kind not in (FAIRNESS, SHORTCUT)} == {
-        "auc", "ece", "brier", "dice", "hd95", "voxel_ece"}
+        "auc", "qwk", "ece", "brier", "dice", "hd95", "voxel_ece"}
     assert {m.name for m in METRICS if m.tagged and m.kind == SHORTCUT} == {"shortcut_auc"}
