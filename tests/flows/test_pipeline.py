@@ -139,6 +139,10 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert len(pd.read_csv(tmp_path / "predictions" / "predictions.csv")) == len(list(export.rglob("*.dcm")))
     outputs = [r.stdout + r.stderr for r in (first, again, cached, strict, second, history, refused, forced, back, forced,
                                              predicted)]
+    reports = sorted((tmp_path / "predictions" / "dicom").glob("*_sr.dcm"))  # for the PACS: in the source's study
+    assert len(reports) == len(list(export.rglob("*.dcm")))
+    studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in export.rglob("*.dcm")}
+    assert str(pydicom.dcmread(reports[0]).StudyInstanceUID) in studies
     leaks = _identifiers_found(tmp_path, outputs)
     assert not leaks, f"patient identifiers written by medflow: {sorted(leaks)[:10]}"
     some = pydicom.dcmread(next((tmp_path / ".medflow" / "exports").rglob("*.dcm")), stop_before_pixels=True)
@@ -158,7 +162,8 @@ def _identifiers_found(workspace: Path, outputs: list[str]) -> set[bytes]:
 
     Scanned: the workspace (dataset, DVC cache and remote, MLflow store and artifacts, Prefect's database and
     results, reports, model cards, ingest state), git history, and the console output. Not scanned: the
-    hospital export itself and the pseudonym key. Tokens shaped like identifiers are compared with the values.
+    hospital export itself, the pseudonym key, and ``predictions/``, the results that go back to the hospital
+    (its DICOM results must name the source study). Tokens shaped like identifiers are compared with the values.
     """
     exports = workspace / ".medflow" / "exports"
     values: set[bytes] = set()
@@ -177,7 +182,8 @@ def _identifiers_found(workspace: Path, outputs: list[str]) -> set[bytes]:
 
     for path in workspace.rglob("*"):
         rel = path.relative_to(workspace).parts
-        if path.is_file() and rel[:2] not in ((".medflow", "exports"), (".medflow", "secrets")) and rel[0] != ".git":
+        if (path.is_file() and rel[:2] not in ((".medflow", "exports"), (".medflow", "secrets"))
+                and rel[0] not in (".git", "predictions")):
             scan(path.read_bytes())
     history = subprocess.run(["git", "log", "-p", "--all"], cwd=workspace, capture_output=True, check=True)
     scan(history.stdout)
