@@ -224,6 +224,13 @@ class RegistryConfig(_Section):
     model_name: str = "medflow-classifier"
 
 
+class StudyConfig(_Section):
+    """A study design over the data version. ``external_sites``: patients of these sites are never trained or
+    tuned on; the evaluation reports them apart (``external``, ``external_delta``)."""
+
+    external_sites: tuple[str, ...] = ()
+
+
 class RunConfig(_Section):
     """A whole pipeline run.
 
@@ -238,12 +245,16 @@ class RunConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig = RegistryConfig()
+    study: StudyConfig = StudyConfig()
     placement: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _known_steps(self) -> RunConfig:
         for step in self.placement:
             get_step(step, where="placement")  # the step table's names, with "did you mean"
+        if self.study.external_sites and self.data.task is Task.SEGMENTATION:
+            raise ValueError("study.external_sites is for classifiers: a segmentation run cannot report external "
+                             "sites yet")
         return self
 
     def config_hash(self) -> str:

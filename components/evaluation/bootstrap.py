@@ -415,3 +415,34 @@ def per_class_intervals(y_true: np.ndarray, prob: np.ndarray, patient_ids: np.nd
         intervals[str(k)] = bca_interval(None if np.isnan(estimate) else estimate, resampled,
                                          auc(jackknife_rows(n_patients)), level)
     return intervals
+
+
+def difference_intervals(first: tuple[np.ndarray, np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray, np.ndarray],
+                         *, threshold: float, settings: MetricSettings = MetricSettings(), n_resamples: int = 1000,
+                         seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
+    """Intervals of ``second - first`` for every metric, where the two are predictions of different patients
+    (an internal and an external test set): each resample draws patients of each set independently, with
+    replacement, and the interval is the percentile interval of the resampled differences, widened to hold
+    the difference itself. Each set is ``(y_true, prob, patient_ids)``."""
+    alpha = (1 - level) / 2
+    draws = []
+    for offset, (y_true, prob, patient_ids) in enumerate((first, second)):
+        codes = patient_codes(patient_ids)
+        n_patients = int(codes.max()) + 1
+        evaluate = WeightedMetrics(y_true, prob, threshold=threshold, units=codes, settings=settings)
+        rows = resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng([seed, offset]))
+        resampled = [evaluate(w) for w in rows]
+        draws.append(({name: np.concatenate([r[name] for r in resampled]) for name in resampled[0]},
+                      evaluate(np.ones((1, n_patients)))))
+    (first_resampled, first_point), (second_resampled, second_point) = draws
+    intervals = {}
+    for name in first_point:
+        values = second_resampled[name] - first_resampled[name]
+        values = values[~np.isnan(values)]
+        estimate = float(second_point[name][0] - first_point[name][0])
+        if not len(values) or np.isnan(estimate):
+            intervals[name] = None
+            continue
+        low, high = (float(v) for v in np.quantile(values, [alpha, 1 - alpha]))
+        intervals[name] = [min(low, estimate), max(high, estimate)]
+    return intervals

@@ -202,6 +202,17 @@ def render_html(report: Mapping, predictions: pd.DataFrame, manifest: pd.DataFra
                  f"least {report.get('target_specificity', 0.9):g}"
                  + ("; qwk: quadratic weighted Cohen's kappa of the ordered grades" if report.get("ordinal") else "")
                  + ".</p>")
+    if report.get("external"):
+        external, delta = report["external"], report.get("external_delta") or {}
+        parts.append("<h2>External sites</h2>")
+        parts.append(f"<p class='muted'>{external['n']} cases of {external['n_patients']} patients from "
+                     f"{html.escape(', '.join(external['sites']))}, never trained or tuned on "
+                     "(study.external_sites). The difference's interval comes from independent patient "
+                     "resamples of the two test sets.</p>")
+        parts.append(html_table(["metric", "internal test", "external", "external - internal", "95% CI"], [
+            [m.name, fmt_value(overall.get(m.name)), fmt_value(external["overall"].get(m.name)),
+             fmt_value(delta.get(m.name)), _ci((delta.get("ci95") or {}).get(m.name))]
+            for m in report_metrics(report)]))
     if report.get("per_class"):
         parts.append("<h2>Per class</h2>")
         parts.append(html_table(["class", "positive cases", "AUC (one-vs-rest)", "95% CI"], [

@@ -62,6 +62,8 @@ class EvaluationReport:
     per_class: dict | None = None  # multiclass and multi-label: "<k>" -> n_positive, auc and its ci95
     target_specificity: float = DEFAULT_SPECIFICITY  # where overall.sensitivity_at_specificity is read
     ordinal: bool = False  # ordered grades: overall.qwk
+    external: dict | None = None  # study.external_sites: the contract on those sites' cases
+    external_delta: dict | None = None  # external minus internal, per metric, with ci95
 
     def to_dict(self) -> dict:
         return asdict(self)

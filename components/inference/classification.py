@@ -15,8 +15,10 @@ import torch
 from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.data.labels import label_matrix
+from components.data.study import EXTERNAL
 from components.evaluation.calibration import fit_temperature, sigmoid, softmax
 from components.evaluation.declarations import FAIRNESS, MetricSettings, metric, metrics_for
+from components.evaluation.external import external_evaluation
 from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
@@ -99,6 +101,18 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
     calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}
     shortcuts = audit_shortcuts(model, spec, manifest, root, attributes=attributes, num_classes=k, config=config)
     report = dataclasses.replace(report, calibration=calibration, shortcuts=shortcuts)
+    external = manifest[manifest["split"] == EXTERNAL]
+    if len(external):  # study.external_sites: never trained or tuned on, calibrated with the internal temperature
+        external_logits = predict_frame(model, spec, external, root, description="Predicting external sites")
+        external_table = predictions_frame(external, probabilities(external_logits, temperature=temperature),
+                                           multilabel=multilabel)
+        found, delta = external_evaluation(
+            report, calibrated, external_table, manifest, attributes=attributes, threshold=ev.threshold,
+            n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size,
+            settings=MetricSettings(specificity=ev.target_specificity, ordinal=config.data.ordinal))
+        report = dataclasses.replace(report, external=found, external_delta=delta)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        external_table.to_parquet(out_dir / "external_predictions.parquet", index=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = report.write_json(out_dir / "report.json")
     write_html_report(report.to_dict(), calibrated, manifest, out_dir / "report.html",
@@ -109,6 +123,9 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifacts(str(out_dir), REPORT_DIR)
         metrics = {f"test_{k}": v for k, v in report.overall.items() if isinstance(v, float)}
+        if report.external:
+            metrics |= {f"external_{k}": v for k, v in report.external["overall"].items() if isinstance(v, float)}
+            metrics |= {f"external_delta_{k}": v for k, v in report.external_delta.items() if isinstance(v, float)}
         metrics |= {
             f"test_{attr}_{name}": value
             for attr, summary in report.fairness.items()

@@ -46,6 +46,8 @@ def _keys(*overrides: str) -> dict[str, str]:
         ("registry.experiment=other", {"train", "evaluate", "register", "promote"}),
         ("validation.min_group_size=1", set()),
         ("placement.train=pool", set()),
+        ("study.external_sites=[site-c]", {"train", "evaluate"}),
+        ("data.ordinal=true", {"evaluate"}),
     ],
 )
 def test_a_step_is_rekeyed_only_by_the_config_sections_it_reads(workspace, override, rekeyed):

@@ -1,0 +1,71 @@
+"""Study designs over a data version: which cases a run trains, tunes and tests on.
+
+External validation (``study.external_sites``): the patients of the named sites are moved out of train, val
+and test into an ``external`` split before training, so the model never trains or tunes on them, and the
+evaluation reports them apart (``external`` and ``external_delta`` in report.json). The data version itself
+is not touched: the study's manifest is derived from it, written under ``.medflow/studies/`` with absolute
+image paths (the steps read images relative to their manifest's folder, and an absolute path stays itself),
+and named by its content, so the same study of the same version is the same file and the same step key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from components import paths
+from components.config import StudyConfig
+from components.data.ingest import load_manifest
+from components.errors import ConfigError
+
+EXTERNAL = "external"
+SITE = "site"
+
+
+def external_view(manifest: pd.DataFrame, external_sites: tuple[str, ...], *, where: str) -> pd.DataFrame:
+    """The manifest with the external sites' cases in the ``external`` split.
+
+    Raises:
+        ConfigError: no ``site`` column, a site no case has (with the closest present), or external sites
+            that leave no train, val or test case.
+    """
+    if SITE not in manifest.columns:
+        raise ConfigError(f"study.external_sites needs a {SITE!r} column in {where}; its columns are "
+                          f"{', '.join(map(str, manifest.columns))}")
+    present = sorted(manifest[SITE].dropna().astype(str).unique())
+    for site in external_sites:
+        if site not in present:
+            close = difflib.get_close_matches(site, present, n=1)
+            raise ConfigError(f"study.external_sites: no case of {where} is from site {site!r}; sites are "
+                              f"{', '.join(present)}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    view = manifest.copy()
+    external = view[SITE].astype(str).isin(external_sites)
+    view.loc[external, "split"] = EXTERNAL
+    left = view.loc[~external, "split"].value_counts()
+    empty = [split for split in ("train", "val", "test") if not left.get(split, 0)]
+    if empty:
+        raise ConfigError(f"study.external_sites {list(external_sites)} leave no {' or '.join(empty)} case in {where}: "
+                          f"the remaining sites are {', '.join(s for s in present if s not in external_sites) or 'none'}")
+    return view
+
+
+def study_manifest(manifest_path: Path, study: StudyConfig, *, segmentation: bool = False) -> Path:
+    """The manifest the run's steps read: ``manifest_path`` itself without a study, else the study's view of it
+    (see the module docstring)."""
+    if not study.external_sites:
+        return manifest_path
+    view = external_view(load_manifest(manifest_path), tuple(study.external_sites), where=str(manifest_path))
+    root = manifest_path.parent.resolve()
+    for column in ("image", *(("label",) if segmentation else ())):
+        view[column] = [str(root / p) for p in view[column]]
+    digest = hashlib.sha256(pd.util.hash_pandas_object(view, index=False).to_numpy().tobytes()).hexdigest()[:16]
+    out = paths.medflow_home() / "studies" / digest / "manifest.parquet"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.with_suffix(".tmp")
+        view.to_parquet(staged, index=False)
+        staged.replace(out)
+    return out
