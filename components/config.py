@@ -159,8 +159,11 @@ class TrainConfig(_Section):
     loss: Literal["cross_entropy", "focal", "dice", "dice_ce", "dice_focal"] = "cross_entropy"
     class_weights: Literal["none", "balanced"] | list[float] = "none"
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val score")
-    cache: Literal["memory", "disk", "none"] = Field(
-        "memory", description="keep preprocessed training samples: MONAI CacheDataset (memory), PersistentDataset (disk)")
+    cache: Literal["auto", "memory", "disk", "none"] = Field(
+        "auto", description="keep preprocessed samples: MONAI CacheDataset (memory), PersistentDataset (disk); auto: "
+                            "memory while they fit train.cache_max_gb, else disk")
+    cache_max_gb: float | None = Field(None, gt=0, description="auto cache: the memory budget of the cached samples; "
+                                                               "default a quarter of the memory available at start")
     patch_size: tuple[int, ...] | None = Field(
         None, description="segmentation: training patch and sliding-window size, one side per image axis")
     samples_per_volume: int = Field(4, ge=1, description="segmentation: patches cropped from each image per epoch")

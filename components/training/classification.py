@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import DataLoader
 from monai.utils import set_determinism
 from sklearn.metrics import roc_auc_score
 
@@ -22,7 +22,7 @@ from components.data.ingest import load_manifest
 from components.data.labels import label_matrix, parse_label_set
 from components.errors import ConfigError
 from components.training.forward import predict_batches
-from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
+from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device, splits
 from components.training.losses import build_loss, build_multilabel_loss, class_weights, positive_weights
 from components.training.models import build_classifier, classifier_kwargs
 from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms
@@ -119,15 +119,16 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
     ).to(device)
     augment = training_transforms(spec, augment=True)
     augment.set_random_state(seed=cfg.seed)  # MONAI's random transforms keep their own RandomState
-    key = f"{manifest_path.resolve()}-{spec}"
-    train_ds = make_dataset(records(train_df), augment, cache=cfg.cache, key=f"train-{key}")
-    val_loader = DataLoader(CacheDataset(records(val_df), training_transforms(spec, augment=False),
-                                         progress=False), batch_size=cfg.batch_size)
+    train_ds, val_ds, cache = cached_datasets(
+        cfg, records(train_df), records(val_df), augment=augment, plain=training_transforms(spec, augment=False),
+        key=f"{manifest_path.resolve()}-{spec}", sample_bytes=4 * spec.channels * int(np.prod(spec.spatial_size)))
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size)
     description = {**task_description, "network": cfg.model, "network_kwargs": network_kwargs,
                    "preprocess": spec.to_dict()}
     return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss_fn,
                   validate=make_validate(val_loader), metric="val_auc", description=description,
-                  params={"n_train": len(train_df), "n_val": len(val_df)})
+                  params={"n_train": len(train_df), "n_val": len(val_df), "cache": cache.mode},
+                  tags={"medflow.cache": cache.reason})
 
 
 def train_classifier(

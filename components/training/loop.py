@@ -21,6 +21,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -129,6 +130,43 @@ def splits(manifest: pd.DataFrame, manifest_path: Path) -> tuple[pd.DataFrame, p
     return train_df, val_df
 
 
+CACHE_SHARE = 0.25  # train.cache auto: of the memory available when training starts, unless cache_max_gb says
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Where the preprocessed samples of training and validation are kept, and why."""
+
+    mode: str  # memory, disk or none
+    reason: str
+
+
+def plan_cache(cfg, *, n_samples: int, sample_bytes: int) -> CachePlan:
+    """``train.cache`` resolved: ``auto`` keeps the samples in memory while all of them (training and validation)
+    fit the budget (``train.cache_max_gb``, default a quarter of the available memory), on disk beyond it.
+
+    Raises:
+        ConfigError: a budget that holds less than one batch.
+    """
+    import psutil  # noqa: PLC0415
+
+    if cfg.cache != "auto":
+        return CachePlan(cfg.cache, f"train.cache is {cfg.cache}")
+    gib = 2**30
+    budget = cfg.cache_max_gb * gib if cfg.cache_max_gb is not None else CACHE_SHARE * psutil.virtual_memory().available
+    batch = cfg.batch_size * sample_bytes
+    if budget < batch:
+        raise ConfigError(f"train.cache_max_gb={budget / gib:g} holds less than one batch of {cfg.batch_size} samples "
+                          f"({batch / gib:.3g} GB): raise it, lower train.batch_size, or set train.cache: disk")
+    need = n_samples * sample_bytes
+    where = f"{need / gib:.2f} GB of {n_samples} preprocessed samples"
+    source = "train.cache_max_gb" if cfg.cache_max_gb is not None else f"a quarter of the {budget / CACHE_SHARE / gib:.1f} GB available"
+    if need <= budget:
+        return CachePlan("memory", f"{where} fit the cache budget of {budget / gib:.2f} GB ({source})")
+    return CachePlan("disk", f"{where} exceed the cache budget of {budget / gib:.2f} GB ({source}): kept on disk "
+                             "under .medflow/cache/ instead")
+
+
 def make_dataset(records: list[dict], transform: Compose, *, cache: str, key: str) -> Dataset:
     """MONAI's CacheDataset (memory), PersistentDataset (disk, under ``.medflow/cache/``) or plain Dataset.
 
@@ -142,6 +180,15 @@ def make_dataset(records: list[dict], transform: Compose, *, cache: str, key: st
         folder.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(records, transform, cache_dir=folder)
     return Dataset(records, transform)
+
+
+def cached_datasets(cfg, train_records: list[dict], val_records: list[dict], *, augment: Compose, plain: Compose,
+                    key: str, sample_bytes: int) -> tuple[Dataset, Dataset, CachePlan]:
+    """The training and validation datasets, cached as :func:`plan_cache` decides (said in the log)."""
+    plan = plan_cache(cfg, n_samples=len(train_records) + len(val_records), sample_bytes=sample_bytes)
+    logging.getLogger("medflow.training").info("cache: %s: %s", plan.mode, plan.reason)
+    return (make_dataset(train_records, augment, cache=plan.mode, key=f"train-{key}"),
+            make_dataset(val_records, plain, cache=plan.mode, key=f"val-{key}"), plan)
 
 
 def run_name(config: RunConfig, data_version: str) -> str:

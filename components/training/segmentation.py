@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import DataLoader
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
@@ -25,7 +25,7 @@ from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.training.backbones import describe_report, init_segmenter
 from components.training.forward import sliding_window
-from components.training.loop import Recipe, TrainResult, fit, make_dataset, select_device, splits
+from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device, splits
 from components.training.losses import build_seg_loss, class_weights
 from components.training.models import MIN_PATCH, build_segmenter, patch_divisor, segmenter_kwargs
 from components.training.preprocess import SegmentationSpec, intensity_stats, segmentation_transforms
@@ -81,10 +81,12 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
     spec = SegmentationSpec(patch_size=patch, mean=mean, std=std)
     augment = segmentation_transforms(spec, augment=True, samples=cfg.samples_per_volume)
     augment.set_random_state(seed=cfg.seed)
-    train_ds = make_dataset(_records(train_df, root), augment, cache=cfg.cache,
-                            key=f"train-{manifest_path.resolve()}-{spec}")
-    val_loader = DataLoader(CacheDataset(_records(val_df, root), segmentation_transforms(spec, augment=False),
-                                         progress=False), batch_size=1)
+    train_ds, val_ds, cache = cached_datasets(  # an image and its mask, as float32, per cached sample
+        cfg, _records(train_df, root), _records(val_df, root), augment=augment,
+        plain=segmentation_transforms(spec, augment=False), key=f"{manifest_path.resolve()}-{spec}",
+        sample_bytes=8 * int(np.mean([i.size for i in images])))
+    tags = {**tags, "medflow.cache": cache.reason}
+    val_loader = DataLoader(val_ds, batch_size=1)
     voxels = None
     if cfg.class_weights == "balanced":
         masks = [np.asarray(nib.load(root / p).dataobj, dtype=np.int64).ravel() for p in sample["label"]]
@@ -119,7 +121,8 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
     }
     return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss_fn, validate=validate,
                   metric="val_dice", description=description, tags=tags, records=records,
-                  params={"n_train": len(train_df), "n_val": len(val_df), "patch_size": list(patch)})
+                  params={"n_train": len(train_df), "n_val": len(val_df), "patch_size": list(patch),
+                          "cache": cache.mode})
 
 
 def train_segmenter(

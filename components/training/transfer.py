@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 from torch import nn
 
@@ -34,7 +34,7 @@ from components.config import RunConfig
 from components.training.backbones import FROZEN_REGIMES, Backbone, describe_report, load_backbone
 from components.training.heads import BackboneClassifier, KNNHead, add_lora, layer_decay_groups, merge_lora
 from components.training.forward import extract_features
-from components.training.loop import Recipe, make_dataset
+from components.training.loop import Recipe, cached_datasets
 from components.training.preprocess import PreprocessSpec, training_transforms
 
 log = logging.getLogger("medflow.training")
@@ -150,10 +150,12 @@ def transfer_recipe(
               if settings.regime == "finetune" and settings.layer_decay else None)
     augment = training_transforms(spec, augment=True)
     augment.set_random_state(seed=cfg.seed)
-    key = f"{manifest_path.resolve()}-{spec}"
-    train_ds = make_dataset(records(train_df), augment, cache=cfg.cache, key=f"train-{key}")
-    val_loader = DataLoader(CacheDataset(records(val_df), training_transforms(spec, augment=False), progress=False),
-                            batch_size=cfg.batch_size)
+    train_ds, val_ds, cache = cached_datasets(
+        cfg, records(train_df), records(val_df), augment=augment, plain=training_transforms(spec, augment=False),
+        key=f"{manifest_path.resolve()}-{spec}", sample_bytes=4 * spec.channels * int(np.prod(spec.spatial_size)))
+    common["params"]["cache"] = cache.mode
+    common["tags"] = {**common["tags"], "medflow.cache": cache.reason}
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size)
     return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss,
                   validate=make_validate(val_loader), metric="val_auc", description=description,
                   param_groups=groups, export=export, **common)

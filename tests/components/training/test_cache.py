@@ -1,0 +1,48 @@
+"""train.cache auto: the preprocessed samples stay in memory while they fit the budget, on disk beyond it, and
+the run says which and why; a budget below one batch is refused."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from components import paths
+from components.config import load_config
+from components.errors import ConfigError
+from components.training.classification import train_classifier
+from components.training.loop import plan_cache
+
+TINY = ["train.epochs=1", "train.batch_size=16", "data.image_size=32", "registry.experiment=test-cache"]
+SAMPLE = 4 * 32 * 32  # one preprocessed 32x32 float32 image
+
+
+def test_auto_chooses_memory_within_the_budget_and_disk_beyond_it():
+    train = load_config(overrides=["train.cache_max_gb=0.001"], environ={}).train  # 1 MiB: 256 samples
+    fits, spills = plan_cache(train, n_samples=200, sample_bytes=SAMPLE), plan_cache(train, n_samples=300, sample_bytes=SAMPLE)
+    assert fits.mode == "memory" and "fit the cache budget of 0.00 GB (train.cache_max_gb)" in fits.reason
+    assert spills.mode == "disk" and "exceed the cache budget" in spills.reason and ".medflow/cache/" in spills.reason
+    default = plan_cache(load_config(environ={}).train, n_samples=200, sample_bytes=SAMPLE)
+    assert default.mode == "memory" and "a quarter of the" in default.reason  # the machine's available memory
+    chosen = plan_cache(load_config(overrides=["train.cache=none"], environ={}).train, n_samples=10**9, sample_bytes=SAMPLE)
+    assert (chosen.mode, chosen.reason) == ("none", "train.cache is none")
+
+
+def test_a_budget_below_one_batch_is_one_line():
+    train = load_config(overrides=["train.cache_max_gb=0.00001", "train.batch_size=32"], environ={}).train
+    with pytest.raises(ConfigError, match=r"train.cache_max_gb=1e-05 holds less than one batch of 32 samples .*"
+                                          r"raise it, lower train.batch_size, or set train.cache: disk"):
+        plan_cache(train, n_samples=100, sample_bytes=SAMPLE)
+
+
+def test_a_run_over_its_budget_trains_from_the_disk_cache_with_the_same_result(workspace, small_dataset):
+    runs = {}
+    for budget in ("1", "0.0002"):  # 1 GB holds the small dataset; 0.2 MB holds a batch but not the dataset
+        config = load_config(overrides=[*TINY, f"train.cache_max_gb={budget}"], environ={})
+        runs[budget] = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    client = mlflow.MlflowClient(paths.tracking_uri())
+    memory, disk = (client.get_run(runs[b].run_id).data for b in ("1", "0.0002"))
+    assert memory.params["cache"] == "memory" and disk.params["cache"] == "disk"
+    assert "kept on disk" in disk.tags["medflow.cache"]
+    assert any((workspace / ".medflow" / "cache").iterdir())
+    assert disk.metrics["val_auc"] == pytest.approx(memory.metrics["val_auc"], abs=1e-6)
+    assert disk.metrics["train_loss"] == pytest.approx(memory.metrics["train_loss"], rel=1e-5)
