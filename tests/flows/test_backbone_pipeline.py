@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import mlflow
 import nibabel as nib
 import numpy as np
+import onnxruntime
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -67,3 +69,22 @@ def test_a_probe_on_the_registered_champion_runs_end_to_end_and_serves_without_t
     predictions = pd.read_parquet(tmp_path / ".medflow" / "runs" / summary["run_id"] / "predictions.parquet")
     expected = predictions.set_index("case_id").loc[test["case_id"], "prob"].to_numpy()
     np.testing.assert_allclose(served.predict(images)[:, 1], expected, rtol=1e-4, atol=1e-5)
+
+    # medflow predict and medflow export take a backbone model as any other
+    new = tmp_path / "new"
+    new.mkdir()
+    for image in test["image"]:
+        shutil.copy(tmp_path / "data" / "demo" / image, new / Path(image).name)
+    predicted = _cli(tmp_path, "predict", "--model", "medflow-demo-probe@champion", "--source", str(new),
+                     "--format", "nifti", "--out", "predicted")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "predicted" / "predictions.csv")
+    by_name = dict(zip(test["image"].map(lambda p: Path(p).name), expected))
+    np.testing.assert_allclose(table["prob_1"], table["path"].map(by_name), rtol=1e-4, atol=1e-5)
+    drift = json.loads((tmp_path / "predicted" / "drift.json").read_text())
+    assert "embedding.features" in {t["fact"] for t in drift["tests"]}  # the backbone's features
+    exported = _cli(tmp_path, "export", "--model", "medflow-demo-probe@champion", "--out", "probe.onnx")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "max |onnxruntime - pyfunc|" in exported.stdout
+    session = onnxruntime.InferenceSession(str(tmp_path / "probe.onnx"))
+    np.testing.assert_allclose(session.run(None, {"images": images})[0][:, 1], expected, rtol=1e-4, atol=1e-5)
