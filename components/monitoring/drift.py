@@ -174,10 +174,6 @@ def batch_drift(model, *, facts: pd.DataFrame, predictions: pd.DataFrame, alpha:
         samples[name] = (batch, reference)
         return ks_test(name, batch, reference)
 
-    if isinstance(embedding, dict):
-        tests.append(embedding)
-    elif embedding:
-        notes.append(embedding)
     reference = training_facts(model.dataset, model.data_version)
     if reference is None:
         notes.append(f"input facts not compared: this workspace does not hold {model.dataset}@{model.data_version[:12]}, "
@@ -200,6 +196,10 @@ def batch_drift(model, *, facts: pd.DataFrame, predictions: pd.DataFrame, alpha:
     else:
         seen, now = _prediction_scores(earlier, model.task), _prediction_scores(predictions, model.task)
         tests += [_ks(f"prediction.{name}", now[name], seen[name]) for name in now if name in seen]
+    if isinstance(embedding, dict):  # last: inputs, then predictions, then the features
+        tests.append(embedding)
+    elif embedding:
+        notes.append(embedding)
     numeric = [t for t in tests if "p_value" in t]
     corrected = alpha / max(len(numeric), 1)
     for t in tests:
