@@ -162,6 +162,8 @@ class TrainConfig(_Section):
     cache: Literal["auto", "memory", "disk", "none"] = Field(
         "auto", description="keep preprocessed samples: MONAI CacheDataset (memory), PersistentDataset (disk); auto: "
                             "memory while they fit train.cache_max_gb, else disk")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes feeding training (0: the training "
+                                                  "process prepares the batches itself)")
     cache_max_gb: float | None = Field(None, gt=0, description="auto cache: the memory budget of the cached samples; "
                                                                "default a quarter of the memory available at start")
     patch_size: tuple[int, ...] | None = Field(

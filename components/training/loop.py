@@ -167,6 +167,18 @@ def plan_cache(cfg, *, n_samples: int, sample_bytes: int) -> CachePlan:
                              "under .medflow/cache/ instead")
 
 
+def check_workers(num_workers: int) -> None:
+    """Refuse more DataLoader workers than this process may use cores.
+
+    Raises:
+        ConfigError: naming the cores there are.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if num_workers > cores:
+        raise ConfigError(f"train.num_workers={num_workers}, but this machine lets medflow use {cores} core(s): "
+                          f"set train.num_workers to at most {cores} (0 prepares batches in the training process)")
+
+
 def make_dataset(records: list[dict], transform: Compose, *, cache: str, key: str) -> Dataset:
     """MONAI's CacheDataset (memory), PersistentDataset (disk, under ``.medflow/cache/``) or plain Dataset.
 
@@ -255,8 +267,13 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = (DistributedSampler(recipe.train_data, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed)
                if size > 1 else None)
+    check_workers(cfg.num_workers)
+    # MONAI's DataLoader seeds each worker's random transforms from the generator, so a run is reproducible
+    # for a seed and a worker count, and a resumed epoch draws the same seeds. Workers are started per epoch
+    # (not persistent): persistent ones would carry their random state across epochs, past a resume.
     train_loader = DataLoader(recipe.train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=generator if sampler is None else None)
+                              generator=generator if sampler is None else None, num_workers=cfg.num_workers,
+                              pin_memory=device.type == "cuda")
     groups = recipe.param_groups or [{"params": [p for p in network.parameters() if p.requires_grad]}]
     trainable = any(group["params"] for group in groups)
     epochs = cfg.epochs if trainable else 1  # nothing to train (k-NN): one validation
@@ -322,7 +339,8 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                     model.train()
                     total, seen = 0.0, 0
                     for batch in train_loader if trainable else ():
-                        images, labels = batch["image"].to(device), batch["label"].to(device)
+                        images = batch["image"].to(device, non_blocking=True)
+                        labels = batch["label"].to(device, non_blocking=True)
                         optimizer.zero_grad(set_to_none=True)
                         with torch.autocast(device_type=device.type, enabled=amp):
                             loss = recipe.loss(model(images), labels)

@@ -1,0 +1,52 @@
+"""DataLoader workers: reproducible for a seed and a worker count, and a resumed run continues exactly as an
+uninterrupted one, with workers as without."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from components import paths
+from components.config import load_config
+from components.errors import ConfigError, Interrupted
+from components.training import loop
+from components.training.classification import train_classifier
+
+TINY = ["train.batch_size=16", "data.image_size=32", "registry.experiment=test-workers", "train.device=cpu",
+        "train.epochs=3"]
+
+
+def _history(run_id: str, metric: str) -> list[float]:
+    client = mlflow.MlflowClient(paths.tracking_uri())
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(workspace, small_dataset, monkeypatch, workers):
+    config = load_config(overrides=[*TINY, f"train.num_workers={workers}"], environ={})
+    whole = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    again = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    assert _history(again.run_id, "train_loss") == pytest.approx(_history(whole.run_id, "train_loss"), rel=1e-6)
+
+    save = loop.save_checkpoint
+
+    def save_then_stop(path, state):  # Ctrl-C right after epoch 2 is checkpointed
+        save(path, state)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    resumed = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    assert resumed.resumed_from_epoch == 2
+    assert _history(resumed.run_id, "train_loss") == pytest.approx(_history(whole.run_id, "train_loss"), rel=1e-6)
+    assert _history(resumed.run_id, "val_auc") == pytest.approx(_history(whole.run_id, "val_auc"), abs=1e-9)
+
+
+def test_more_workers_than_cores_is_one_line(workspace, small_dataset, monkeypatch):
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: {0, 1})
+    config = load_config(overrides=[*TINY, "train.num_workers=3"], environ={})
+    with pytest.raises(ConfigError, match=r"train.num_workers=3, but this machine lets medflow use 2 core\(s\)"):
+        train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
