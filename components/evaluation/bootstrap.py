@@ -401,14 +401,12 @@ def per_class_intervals(y_true: np.ndarray, prob: np.ndarray, patient_ids: np.nd
     y = np.asarray(y_true).astype(int)
     codes = patient_codes(patient_ids)
     n_patients = int(codes.max()) + 1
-    to_units = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_patients, len(codes)))
     intervals = {}
     for k in range(prob.shape[1]):
         positive = y[:, k] == 1 if y.ndim == 2 else y == k
-        indicator = (WeightedMetrics._level_indicator(np.asarray(prob[:, k], dtype=np.float64), positive) @ to_units.T).tocsr()
 
-        def auc(rows, indicator=indicator):
-            return np.concatenate([WeightedMetrics._auc(indicator, w) for w in rows])
+        def auc(patient_rows, score=prob[:, k], positive=positive):
+            return np.concatenate([weighted_auc(score, positive, rows[:, codes]) for rows in patient_rows])
 
         resampled = auc(resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed)))
         estimate = float(auc([np.ones((1, n_patients))])[0])

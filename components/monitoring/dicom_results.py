@@ -17,7 +17,6 @@ logged to MLflow.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from components.data.dicom import IGNORED_NAMES, frame_plane
+from components.data.ingest import default_workers
 from components.progress import track
 
 MANUFACTURER = "medflow"
@@ -47,12 +47,13 @@ TYPE2_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "St
                "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def source_datasets(path: Path) -> list[pydicom.Dataset]:
-    """The DICOM datasets of one predicted case (a file, or a series folder), with their pixel data and the
-    patient and study attributes a result copies (empty where the source omits them)."""
+def source_datasets(path: Path, *, pixels: bool = True) -> list[pydicom.Dataset]:
+    """The DICOM datasets of one predicted case (a file, or a series folder), with the patient and study
+    attributes a result copies (empty where the source omits them); with their pixel data when ``pixels``
+    (a SEG checks its frames against them; a report only references them)."""
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name not in IGNORED_NAMES)
-    datasets = [pydicom.dcmread(f) for f in files]
+    datasets = [pydicom.dcmread(f, stop_before_pixels=not pixels) for f in files]
     for ds in datasets:
         for keyword in TYPE2_STUDY:
             if keyword not in ds:
@@ -110,7 +111,7 @@ def write_segmentation(mask: np.ndarray, source: Path, out_path: Path, model, *,
 def write_report(probabilities: np.ndarray, decision: str, source: Path, out_path: Path, model, *,
                  class_names: list[str]) -> None:
     """A classifier's result on ``source`` as a TID 1500 Measurement Report (Comprehensive 3D SR)."""
-    datasets = source_datasets(source)
+    datasets = source_datasets(source, pixels=False)
     first = datasets[0]
     image = hd.sr.SourceImageForMeasurementGroup.from_source_image(first)
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=str(model.version))
@@ -181,7 +182,7 @@ def write_result(job: ResultJob) -> str:
 def write_results(jobs: list[ResultJob], *, workers: int | None = None) -> list[str]:
     """Write every job (in worker processes when there are many: highdicom builds each object in Python, some
     tens of milliseconds apiece); for each, "" or why it could not be written."""
-    workers = workers or max(1, min(8, len(os.sched_getaffinity(0))))
+    workers = workers or default_workers()  # as ingestion converts: a process per core, at most 8
     description = f"Writing {len(jobs)} DICOM result(s)"
     if workers <= 1 or len(jobs) < PARALLEL_MIN:
         return [write_result(j) for j in track(jobs, description=description)]

@@ -127,3 +127,16 @@ def test_ordinal_is_refused_for_tasks_without_grades():
     with pytest.raises(ConfigError, match="data.ordinal grades one class per image; a segmentation task has none"):
         load_config(overrides=["data.task=segmentation", "data.ordinal=true"], environ={})
     assert load_config(overrides=["data.ordinal=true"], environ={}).data.ordinal
+
+
+def test_a_single_labels_interval_is_the_overall_auc_interval():
+    """One label: its per-class AUC interval comes from the same resamples and BCa as the report's own AUC
+    interval (itself checked against scipy and scikit-learn in test_bootstrap), so the two are equal."""
+    rng = np.random.default_rng(10)
+    y = rng.integers(0, 2, 300)
+    prob = np.clip(0.3 * y + rng.uniform(0, 0.7, 300), 0, 1)
+    table = pd.DataFrame({"case_id": [f"c{i}" for i in range(300)], "y_true_0": y, "prob_0": prob})
+    manifest = pd.DataFrame({"case_id": table["case_id"], "patient_id": [f"p{i // 3}" for i in range(300)]})
+    report = evaluate_predictions(table, manifest, attributes=[], n_bootstrap=300, seed=4)
+    assert report.per_class["0"]["auc"] == pytest.approx(report.overall["auc"])
+    assert report.per_class["0"]["ci95"]["auc"] == pytest.approx(report.ci95["auc"], abs=1e-12)
