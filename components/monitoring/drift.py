@@ -114,43 +114,35 @@ def mmd_test(batch: np.ndarray, reference: np.ndarray, *, n_resamples: int = N_P
             "p_value": float(test.pvalue), "bandwidth": bandwidth, "n_batch": len(batch), "n_reference": len(reference)}
 
 
-def embedding_drift(python_model, model, arrays: list[np.ndarray], num_classes: int,
+def embedding_drift(python_model, model, features: np.ndarray | None, num_classes: int,
                     samples: dict | None = None) -> dict | str:
-    """The MMD test of the batch's penultimate features against the training split's, or why there is none;
-    the two feature matrices go into ``samples`` (for the page's plot) when given."""
+    """The MMD test of the batch's penultimate features (N, D), taken from the pass that predicted them
+    (:func:`components.training.backbones.captured_features`), against the training split's, or why there is
+    none; the two feature matrices go into ``samples`` (for the page's plot) when given."""
     from components.inference.predict import CPU  # noqa: PLC0415 (torch, for classifiers only)
     from components.training.backbones import penultimate  # noqa: PLC0415
-    from components.training.forward import extract_features, predict_batches  # noqa: PLC0415
-    from components.training.preprocess import array_transform  # noqa: PLC0415
-    from monai.data import DataLoader  # noqa: PLC0415
+    from components.training.forward import extract_features  # noqa: PLC0415
 
     if model.task == "segmentation":
         return "embedding drift not computed: it compares a classifier's features"
     reference = training_facts(model.dataset, model.data_version)
-    if reference is None or len(reference) < 2 or len(arrays) < 2:
+    if reference is None or len(reference) < 2 or features is None or len(features) < 2:
         return "embedding drift not computed: it needs the training data and at least two predicted inputs"
-    encoder = penultimate(python_model.model, num_classes)
-    spec = python_model.spec
-    transform = array_transform(spec)
-    if len(arrays) > EMBEDDING_BATCH:
-        arrays = [arrays[i] for i in np.random.default_rng(0).choice(len(arrays), EMBEDDING_BATCH, replace=False)]
-    loader = DataLoader([{"image": transform(a)} for a in arrays], batch_size=64)
-    batch, _ = predict_batches(encoder, loader, CPU)
     # the training cases' features are the same for every batch of this version: kept in the workspace
     cache = paths.medflow_home() / "cache" / "drift" / f"{model.run_id}-{model.data_version}-{EMBEDDING_REFERENCE}.npy"
     if cache.is_file():
         seen = np.load(cache)
     else:
         sample = reference.sample(min(len(reference), EMBEDDING_REFERENCE), random_state=0)
-        seen = extract_features(encoder, spec, sample, paths.data_root() / model.dataset, CPU,
-                                description="Features of training cases")
+        seen = extract_features(penultimate(python_model.model, num_classes), python_model.spec, sample,
+                                paths.data_root() / model.dataset, CPU, description="Features of training cases")
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache.with_suffix(".tmp.npy"), seen)
         cache.with_suffix(".tmp.npy").replace(cache)
-    batch, seen = batch.reshape(len(batch), -1), seen.reshape(len(seen), -1)
+    features, seen = features.reshape(len(features), -1), seen.reshape(len(seen), -1)
     if samples is not None:
-        samples["embedding.features"] = (batch, seen)
-    return mmd_test(batch, seen)
+        samples["embedding.features"] = (features, seen)
+    return mmd_test(features, seen)
 
 
 def ks_test(name: str, batch: np.ndarray, reference: np.ndarray) -> dict:

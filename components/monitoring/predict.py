@@ -25,9 +25,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -39,9 +43,10 @@ from mlflow.tracking import MlflowClient
 
 from components import lineage, paths
 from components.data.dicom import IGNORED_NAMES
+from components.data.ingest import default_workers
 from components.data.sources import FORMATS, NIFTI_SUFFIXES, PNG_SUFFIXES, image_facts, read_source
 from components.errors import IngestError, PredictError, RegistryError
-from components.monitoring.drift import batch_drift, embedding_drift
+from components.monitoring.drift import EMBEDDING_BATCH, batch_drift, embedding_drift
 from components.monitoring.drift_page import write_drift_html
 from components.inference.results import REPORT_DIR
 from components.progress import track
@@ -206,7 +211,7 @@ def predict_source(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
-        rows, facts, skipped, no_dicom, arrays = _predict(pyfunc, model, inputs, fmt, source, staging, strict=strict,
+        rows, facts, skipped, no_dicom, features = _predict(pyfunc, model, inputs, fmt, source, staging, strict=strict,
                                                           batch_size=batch_size, dicom_results=dicom_results)
         if not rows:
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
@@ -216,7 +221,7 @@ def predict_source(
         table.to_parquet(staging / "predictions.parquet", index=False)
         n_classes = sum(str(c).startswith("prob_") for c in table.columns)
         samples: dict = {}
-        embedding = embedding_drift(pyfunc.unwrap_python_model(), model, arrays, n_classes, samples=samples)
+        embedding = embedding_drift(pyfunc.unwrap_python_model(), model, features, n_classes, samples=samples)
         drift = batch_drift(model, facts=pd.DataFrame(facts), predictions=table, alpha=drift_alpha, embedding=embedding,
                             samples=samples)
         (staging / "drift.json").write_text(json.dumps(drift, indent=2, default=str) + "\n")
@@ -239,63 +244,114 @@ def predict_source(
     return result
 
 
+def _read_ahead(inputs: list[Path], read: Callable[[Path], tuple], *, window: int,
+                workers: int) -> Iterator[tuple[int, Path, Future]]:
+    """Each input, in order, with its position and the future of its reading. Threads read up to ``window``
+    inputs ahead of the consumer, so memory holds a window of arrays however many inputs there are, and files
+    are read while the network computes (torch releases the GIL; a thread shares the arrays, where a process
+    would pickle each volume through a pipe)."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medflow-read") as pool:
+        pending: deque[tuple[int, Path, Future]] = deque()
+        for index, path in enumerate(inputs):
+            pending.append((index, path, pool.submit(read, path)))
+            if len(pending) > window:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+
+
 def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path, staging: Path, *, strict: bool,
-             batch_size: int, dicom_results: bool = True) -> tuple[list[dict], list[dict], list[dict], list[dict], list[np.ndarray]]:
-    """Rows of predictions, the inputs' image facts (for drift), the inputs skipped with their reasons, the
-    inputs predicted without a DICOM result, with theirs, and the predicted arrays (for embedding drift)."""
-    read, skipped, no_dicom = [], [], []
-    for path in track(inputs, description="Reading"):
+             batch_size: int, dicom_results: bool = True
+             ) -> tuple[list[dict], list[dict], list[dict], list[dict], np.ndarray | None]:
+    """Rows of predictions (in the inputs' order), the inputs' image facts (for drift), the inputs skipped with
+    their reasons, the inputs predicted without a DICOM result, with theirs, and the penultimate features of
+    up to ``EMBEDDING_BATCH`` inputs drawn at random (a classifier's, for embedding drift; else None).
+
+    Inputs are read ahead of the network and predicted as soon as ``batch_size`` of one shape are read, so
+    reading and predicting overlap and memory holds a few batches, not the whole source."""
+    rows, facts, skipped, jobs, features = [], [], [], [], []
+    drawn = (set(np.random.default_rng(0).choice(len(inputs), EMBEDDING_BATCH, replace=False).tolist())
+             if len(inputs) > EMBEDDING_BATCH else None)
+    from components.training.backbones import captured_features  # noqa: PLC0415 (torch, as the pyfunc)
+
+    python_model = pyfunc.unwrap_python_model()
+    capture = (nullcontext(None) if model.task == "segmentation"
+               else captured_features(python_model.model, python_model.num_classes))
+
+    def _refuse(message: str) -> None:
+        if strict:
+            raise PredictError(f"{message} (--strict: nothing was predicted)")
+
+    def _run(batch: list[tuple], captured: list | None) -> None:
         try:
-            read.append((path, *_read(path, fmt, source, task=model.task)))
-        except IngestError as exc:
-            if strict:
-                raise PredictError(f"{exc} (--strict: nothing was predicted)") from exc
-            skipped.append({"path": str(path.relative_to(source)), "reason": str(exc).removeprefix(f"{path}: ")})
-    rows, facts, arrays, jobs = [], [], [], []
-    by_shape = defaultdict(list)
-    for item in read:
-        by_shape[item[1].shape].append(item)
-    batches = [group[i:i + batch_size] for group in by_shape.values() for i in range(0, len(group), batch_size)]
-    for batch in track(batches, description=f"Predicting with {model.name} v{model.version}"):
-        try:
-            probabilities = np.asarray(pyfunc.predict(np.stack([array for _, array, _, _ in batch])))
+            probabilities = np.asarray(pyfunc.predict(np.stack([item[2] for item in batch])))
         except MlflowException as exc:  # the pyfunc's refusal (non-finite values, too small): the batch's inputs
-            if strict:
-                raise PredictError(f"{exc.message} (--strict: nothing was predicted)") from exc
-            skipped += [{"path": str(p.relative_to(source)), "reason": exc.message} for p, *_ in batch]
-            continue
-        for (path, array, affine, modality), prob in zip(batch, probabilities):
-            row = {"path": str(path.relative_to(source)), "model": model.name, "version": model.version,
-                   "data_version": model.data_version}
-            if model.task == "segmentation":
-                mask = prob.argmax(axis=0).astype(np.uint8)
-                (staging / "masks").mkdir(exist_ok=True)
-                mask_rel = f"masks/{len(rows):06d}_mask.nii.gz"
-                nib.save(nib.Nifti1Image(mask, affine), staging / mask_rel)
-                row |= {"mask": mask_rel, "foreground": float((mask > 0).mean()), "confidence": float(prob.max(axis=0).mean())}
-            else:
-                row |= {f"prob_{k}": float(p) for k, p in enumerate(prob)}
-                if model.task == "multilabel":
-                    row["prediction"] = "|".join(str(k) for k, p in enumerate(prob) if p >= model.threshold)
-                elif len(prob) == 2:
-                    row["prediction"] = int(prob[1] >= model.threshold)
-                else:
-                    row["prediction"] = int(prob.argmax())
-                row["confidence"] = float(prob.max())
+            _refuse(exc.message)
+            skipped.extend({"path": str(path.relative_to(source)), "reason": exc.message} for _, path, *_ in batch)
+            return
+        finally:
+            batch_features = np.concatenate([t.numpy() for t in captured]) if captured else None
+            if captured:
+                captured.clear()
+        for k, ((index, path, array, affine, modality), prob) in enumerate(zip(batch, probabilities)):
+            row = _row(model, path.relative_to(source), prob, affine, staging, index=len(rows))
             if fmt == "dicom" and dicom_results:
-                jobs.append(_dicom_job(model, path, prob, row, staging, index=len(rows)))
-            rows.append(row)
+                jobs.append((len(rows), _dicom_job(model, path, prob, row, staging, index=len(rows))))
+            rows.append((index, row))
             facts.append({**image_facts(array, affine), "modality": modality})
-            arrays.append(array)
+            if batch_features is not None and (drawn is None or index in drawn):
+                features.append(batch_features[k])
+
+    groups: dict[tuple, list[tuple]] = defaultdict(list)
+    read = partial(_read, fmt=fmt, source=source, task=model.task)
+    window = max(2 * batch_size, 8)
+    with capture as captured:
+        ahead = _read_ahead(inputs, read, window=window, workers=min(4, default_workers()))
+        description = f"Predicting with {model.name} v{model.version}"
+        for index, path, future in track(ahead, total=len(inputs), description=description):
+            try:
+                array, affine, modality = future.result()
+            except IngestError as exc:
+                _refuse(str(exc))
+                skipped.append({"path": str(path.relative_to(source)), "reason": str(exc).removeprefix(f"{path}: ")})
+                continue
+            group = groups[array.shape]
+            group.append((index, path, array, affine, modality))
+            if len(group) == batch_size:
+                _run(groups.pop(array.shape), captured)
+        for group in list(groups.values()):
+            _run(group, captured)
+    no_dicom = []
     if jobs:
         from components.monitoring.dicom_results import write_results  # noqa: PLC0415 (DICOM only)
 
         (staging / "dicom").mkdir(exist_ok=True)
-        for row, job, reason in zip(rows, jobs, write_results(jobs)):
+        for (position, job), reason in zip(jobs, write_results([job for _, job in jobs])):
+            row = rows[position][1]
             row["dicom"] = "" if reason else str(job.out.relative_to(staging))
             if reason:
                 no_dicom.append({"path": row["path"], "reason": reason})
-    return rows, facts, skipped, no_dicom, arrays
+    rows.sort(key=lambda item: item[0])
+    return [row for _, row in rows], facts, skipped, no_dicom, (np.stack(features) if features else None)
+
+
+def _row(model: ModelRef, rel_path: Path, prob: np.ndarray, affine: np.ndarray, staging: Path, *, index: int) -> dict:
+    """One input's row of ``predictions.csv``; a segmentation's mask is written into ``staging/masks/``."""
+    row = {"path": str(rel_path), "model": model.name, "version": model.version, "data_version": model.data_version}
+    if model.task == "segmentation":
+        mask = prob.argmax(axis=0).astype(np.uint8)
+        (staging / "masks").mkdir(exist_ok=True)
+        mask_rel = f"masks/{index:06d}_mask.nii.gz"
+        nib.save(nib.Nifti1Image(mask, affine), staging / mask_rel)
+        return row | {"mask": mask_rel, "foreground": float((mask > 0).mean()), "confidence": float(prob.max(axis=0).mean())}
+    row |= {f"prob_{k}": float(p) for k, p in enumerate(prob)}
+    if model.task == "multilabel":
+        row["prediction"] = "|".join(str(k) for k, p in enumerate(prob) if p >= model.threshold)
+    elif len(prob) == 2:
+        row["prediction"] = int(prob[1] >= model.threshold)
+    else:
+        row["prediction"] = int(prob.argmax())
+    return row | {"confidence": float(prob.max())}
 
 
 def _dicom_job(model: ModelRef, path: Path, prob: np.ndarray, row: dict, staging: Path, *, index: int):

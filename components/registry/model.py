@@ -28,6 +28,7 @@ class MedflowModel(mlflow.pyfunc.PythonModel):
         self.model, self.spec, description = load_checkpoint(folder)
         self.temperature = float(description.get("temperature", 1.0))
         self.multilabel = description.get("task") == "multilabel"
+        self.num_classes = int(description.get("num_classes", 0))
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002 (pyfunc signature)
         """Calibrated probabilities: (N, K) for 2D images (N, H, W) of a classifier (per label for a multi-label

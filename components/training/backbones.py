@@ -22,7 +22,8 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,14 +207,19 @@ def load_matching(network: nn.Module, state: dict[str, torch.Tensor], *, source:
     return LoadReport(matched=len(updated), missing=tuple(unchanged), unexpected=tuple(k for k in state if k not in own))
 
 
-def strip_head(network: nn.Module, num_classes: int) -> tuple[nn.Module, int, str]:
-    """The network without its classification head (its last linear layer with ``num_classes``
-    outputs, replaced by the identity): (encoder, feature dimension, the head's module name)."""
+def _head(network: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
+    """The classification head of a MONAI classifier: its last linear layer with ``num_classes`` outputs."""
     heads = [(name, m) for name, m in network.named_modules() if isinstance(m, nn.Linear)
              and m.out_features == num_classes]
     if not heads:
         raise ConfigError(f"found no classification head ({num_classes} outputs) to take features before")
-    name, head = heads[-1]
+    return heads[-1]
+
+
+def strip_head(network: nn.Module, num_classes: int) -> tuple[nn.Module, int, str]:
+    """The network without its classification head (its last linear layer with ``num_classes``
+    outputs, replaced by the identity): (encoder, feature dimension, the head's module name)."""
+    name, head = _head(network, num_classes)
     network.set_submodule(name, nn.Identity())
     return network, head.in_features, name
 
@@ -460,6 +466,20 @@ def penultimate(model: nn.Module, num_classes: int) -> nn.Module:
         return model.encoder
     encoder, _, _ = strip_head(copy.deepcopy(model), num_classes)
     return encoder
+
+
+@contextmanager
+def captured_features(model: nn.Module, num_classes: int) -> Iterator[list[torch.Tensor]]:
+    """While open, what enters the classifier's head on each forward pass, flattened to (B, D): the features
+    :func:`penultimate` computes, taken from the pass that predicts instead of a second one."""
+    head = model.head if isinstance(model, BackboneClassifier) else _head(model, num_classes)[1]
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(
+        lambda _module, args: captured.append(args[0].detach().float().reshape(len(args[0]), -1).cpu()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def check_backbone(config: RunConfig) -> None:

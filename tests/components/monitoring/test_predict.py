@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from pydicom.sr.codedict import codes
 
@@ -117,6 +118,47 @@ def test_a_batch_from_a_brighter_scanner_drifts_and_the_same_images_do_not(regis
     assert "No drift detected" in (workspace / "p1" / "drift.html").read_text()
     run = MlflowClient(paths.tracking_uri()).get_run(shifted.run_id)
     assert run.data.metrics["drift_detected"] == 1.0 and run.data.metrics["drift_input_mean_p_value"] == mean["p_value"]
+
+
+def test_inputs_stream_through_in_batches_of_one_shape_and_rows_keep_the_inputs_order(registered, workspace,
+                                                                                      monkeypatch):
+    import components.monitoring.predict as predict_module  # noqa: PLC0415 (its constant and drift call, patched)
+    from components.training.backbones import penultimate  # noqa: PLC0415
+    from components.training.preprocess import array_transform  # noqa: PLC0415
+
+    manifest = pd.read_parquet(registered)
+    folder = workspace / "mixed"
+    folder.mkdir()
+    images = []
+    for k, image in enumerate(manifest["image"][:23]):  # every third one larger: two shapes, interleaved
+        array = nib.load(registered.parent / image).get_fdata(dtype=np.float32)
+        array = np.kron(array, np.ones((2, 2), dtype=np.float32)) if k % 3 == 0 else array
+        images.append(array)
+        nib.save(nib.Nifti1Image(array, np.eye(4)), folder / f"case{k:02d}.nii.gz")
+    calls = []
+    monkeypatch.setattr(predict_module, "EMBEDDING_BATCH", 6)
+    original = predict_module.embedding_drift
+    monkeypatch.setattr(predict_module, "embedding_drift",
+                        lambda *args, **kwargs: calls.append(args[2]) or original(*args, **kwargs))
+    result = predict_source("tiny/1", folder, "nifti", workspace / "out", batch_size=4)
+
+    table = pd.read_csv(workspace / "out" / "predictions.csv")
+    assert list(table["path"]) == [f"case{k:02d}.nii.gz" for k in range(23)] and result.n_predicted == 23
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny/1")
+    expected = np.concatenate([pyfunc.predict(image[None]) for image in images])
+    np.testing.assert_allclose(table[["prob_0", "prob_1"]].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    # the embedding test compares the features of 6 inputs drawn at random, taken from the predicting pass
+    python_model = pyfunc.unwrap_python_model()
+    drawn = sorted(np.random.default_rng(0).choice(23, 6, replace=False))
+    encoder, transform = penultimate(python_model.model, 2), array_transform(python_model.spec)
+    with torch.no_grad():
+        wanted = {k: encoder(transform(images[k])[None]).reshape(-1).numpy() for k in drawn}
+    (features,) = calls
+    assert features.shape == (6, len(wanted[drawn[0]]))
+    for row in features:  # in the order batches were predicted: each row is one drawn input's features
+        assert min(np.abs(row - w).max() for w in wanted.values()) < 1e-4
+    embedding = next(t for t in result.drift["tests"] if t["fact"] == "embedding.features")
+    assert embedding["n_batch"] == 6
 
 
 def test_bad_input_is_one_line_and_nothing_is_half_written(registered, small_export, workspace):

@@ -25,7 +25,7 @@ from components.errors import ConfigError
 from components.inference.evaluate import evaluate_run
 from components.inference.model import load_run_model
 from components.registry.register import ALIAS_CHALLENGER, register_model
-from components.training.backbones import check_backbone, load_backbone
+from components.training.backbones import captured_features, check_backbone, load_backbone, penultimate
 from components.training.heads import BackboneClassifier, KNNHead, layer_decay_groups
 from components.training.checkpoint import training_key
 from components.training.classification import classification_recipe, train_classifier
@@ -132,6 +132,29 @@ def test_knn_equals_scikit_learns_neighbours_on_the_same_features():
     ours = torch.softmax(head(torch.as_tensor(queries, dtype=torch.float32)), dim=1).numpy()
     reference = KNeighborsClassifier(n_neighbors=7).fit(bank, labels).predict_proba(queries)
     np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("network", ["monai", "backbone"])
+def test_features_captured_while_predicting_equal_the_penultimate_encoders(network, hf_backbone):
+    torch.manual_seed(0)
+    if network == "monai":
+        model = build_classifier("densenet", spatial_dims=2, in_channels=1, num_classes=3, kwargs=DEMO_DENSENET)
+    else:
+        encoder = load_backbone(config_for(hf_backbone, "linear_probe")).encoder
+        model = BackboneClassifier(encoder, torch.nn.Linear(32, 3))
+    model.eval()
+    channels = 1 if network == "monai" else 3
+    images = torch.randn(5, channels, 32, 32)
+    with torch.no_grad(), captured_features(model, 3) as captured:
+        logits = model(images)
+        model(images[:2])
+    expected = penultimate(model, 3)(images).reshape(5, -1)
+    assert [tuple(t.shape) for t in captured] == [tuple(expected.shape), (2, expected.shape[1])]
+    torch.testing.assert_close(captured[0], expected)
+    assert captured[0].shape[1] != logits.shape[1]
+    captured.clear()
+    model(images)
+    assert captured == []  # the hook is gone once the block ends
 
 
 def test_lora_trains_only_the_adapters_and_the_head(workspace, hf_backbone, small_dataset):
