@@ -16,7 +16,7 @@ version's pyfunc (its preprocessing and temperature) in batches of equal shapes.
   :mod:`components.monitoring.drift`).
 
 It is written to a temporary folder and moved into place, so a failure leaves nothing half-written. The
-batch's MLflow run (experiment ``<registry experiment>-predict``) holds counts, the model version and the
+batch's MLflow run (experiment ``medflow-predict``) holds counts, the model version and the
 drift figures, never a path or a DICOM UID: predictions go back to the hospital, what medflow logs does not.
 """
 
@@ -373,9 +373,9 @@ def _log_batch(result: BatchResult, *, fmt: str, experiment: str, page: Path) ->
     from components.tracking import use_experiment  # noqa: PLC0415
 
     model = result.model
-    use_experiment(experiment)
+    experiment_id = use_experiment(experiment)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
-    with mlflow.start_run(run_name=f"predict {model.name} v{model.version} {stamp}",
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"predict {model.name} v{model.version} {stamp}",
                           tags={lineage.TAG_DATA_VERSION: model.data_version, lineage.TAG_DATASET: model.dataset,
                                 "medflow.model": model.name, "medflow.model_version": model.version,
                                 **{lineage.TAG_ORCHESTRATION + k: v for k, v in lineage.orchestration().items()}}) as run:

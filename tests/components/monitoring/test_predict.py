@@ -87,6 +87,7 @@ def test_a_dicom_export_gets_one_row_per_file_equal_to_the_pyfuncs_probabilities
     logged = _logged_text(result.run_id)
     run = MlflowClient(paths.tracking_uri()).get_run(result.run_id)
     assert run.data.metrics["n_predicted"] == len(files) and run.data.params["version"] == "1"
+    assert MlflowClient(paths.tracking_uri()).get_experiment(run.info.experiment_id).name == "medflow-predict"
     uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:20]]
     assert not [x for x in [*table["path"][:20], *uids, str(small_export.folder)] if x in logged]
 
