@@ -231,9 +231,28 @@ class RegistryConfig(_Section):
 
 class StudyConfig(_Section):
     """A study design over the data version. ``external_sites``: patients of these sites are never trained or
-    tuned on; the evaluation reports them apart (``external``, ``external_delta``)."""
+    tuned on; the evaluation reports them apart (``external``, ``external_delta``). ``train_fraction``: train on
+    that share of the training patients (a nested, label-stratified subset; val and test unchanged).
+    ``label_fractions``: one arm per fraction, each an ordinary training with that ``train_fraction``, run at
+    once on Dask workers (a local cluster of ``parallel`` processes, 0: one per core; or the cluster at
+    ``dask_address``), reported as the metric against the fraction; the largest fraction's model is registered."""
 
     external_sites: tuple[str, ...] = ()
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    label_fractions: tuple[float, ...] = ()
+    parallel: int = Field(0, ge=0)
+    dask_address: str | None = Field(None, description="a Dask scheduler (tcp://host:8786) to run the arms on")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> StudyConfig:
+        bad = [f for f in self.label_fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"label_fractions must each be in (0, 1], got {bad[0]:g}")
+        if len(set(self.label_fractions)) != len(self.label_fractions):
+            raise ValueError(f"label_fractions lists a fraction twice: {list(self.label_fractions)}")
+        if self.label_fractions and self.train_fraction != 1.0:
+            raise ValueError("set either label_fractions (one arm per fraction) or train_fraction (one run), not both")
+        return self
 
 
 class RunConfig(_Section):

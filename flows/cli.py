@@ -283,6 +283,17 @@ def print_summary(summary) -> None:
         console.print(f"[bold]Reused[/]       {', '.join(summary.cached_steps)} from the cache: what they read (data "
                       "version, config sections, upstream results, medflow's source) is unchanged (--force retrains)")
     metrics = "  ".join(f"{k} {v:.3f}" for k, v in summary.metrics.items() if v is not None)
+    study = Path(getattr(summary, "study", "") or "")
+    if study.is_file():
+        import json  # noqa: PLC0415
+
+        arms = json.loads(study.read_text())["arms"]
+        score = "auc" if "auc" in arms[-1]["metrics"] else next(iter(arms[-1]["metrics"]), None)
+        value = lambda a: a["metrics"][score]["value"]  # noqa: E731
+        curve = ", ".join(f"{a['fraction']:g} ({a['n_train_patients']} patients) {score} "
+                          + ("n/a" if value(a) is None else f"{value(a):.3f}") for a in arms) if score else ""
+        console.print(f"[bold]Study[/]        label fractions: {curve}; the model of the largest is registered "
+                      f"({study.with_name('study.html')})")
     console.print(f"[bold]Test metrics[/] {metrics}")
     console.print(_gate_table(summary.gates))
     change = getattr(summary, "champion_change", "")

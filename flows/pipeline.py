@@ -4,15 +4,24 @@ It only sequences the steps of the table (:mod:`components.steps`). Each step ru
 as its task in this flow's process unless the config places it on a work pool
 (``placement``); a placed step runs as its own flow's deployment
 (``medflow-<step>/<pool>``, see ``flows/steps.py`` and ``infra/prefect.yaml``).
+
+A study with ``study.label_fractions`` trains and evaluates one arm per fraction in the subflow
+``medflow-study``: the arms are Prefect tasks submitted at once to Prefect's Dask task runner (a local
+cluster of ``study.parallel`` worker processes, one per core by default, or the Dask cluster at
+``study.dask_address``), each arm's train and evaluate steps cached on their own keys, so a study
+killed half-way and run again trains only the arms that had not finished. The largest fraction's
+model is registered and gated as a plain run's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from prefect import State, flow
+from prefect import State, flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from components import paths, tasks
@@ -66,6 +75,90 @@ def run_step(config: RunConfig, name: str, /, *, force: bool = False, **inputs):
 SUMMARY_METRICS = tuple(m.name for m in METRICS if m.summary)
 
 
+@task(name="medflow-study-arm", cache_policy=NO_CACHE)
+def study_arm(config: RunConfig, dataset, validation_report: Path, workspace: str) -> tuple:
+    """One arm of a study, in the workspace (a Dask worker may start elsewhere: it needs shared storage): its
+    train and evaluate steps (each cached on its own key, or placed on its pool)."""
+    from flows.steps import enter_workspace  # noqa: PLC0415
+
+    enter_workspace(workspace)
+    trained, _ = run_step(config, "train", dataset=dataset, validation_report=validation_report)
+    evaluation, _ = run_step(config, "evaluate", run_id=trained.run_id, dataset=dataset)
+    return trained, evaluation
+
+
+@flow(name="medflow-study")
+def study_arms(arms: list[RunConfig], dataset, validation_report: Path) -> list[tuple]:
+    """Every arm at once on this flow's task runner; (trained, evaluation) per arm, in the arms' order."""
+    workspace = str(paths.workspace_root())
+    futures = [study_arm.submit(arm, dataset, validation_report, workspace) for arm in arms]
+    return [future.result() for future in futures]
+
+
+def run_label_fractions(config: RunConfig, dataset, validation_report: Path) -> tuple:
+    """Train and evaluate one arm per label fraction at once on Dask workers, write ``study.json`` and
+    ``study.html`` and log them as the study's MLflow run; the largest fraction's (trained, evaluation) and
+    the folder holding study.json and study.html."""
+    from components.data.ingest import default_workers  # noqa: PLC0415
+    from components.data.study import fraction_arms, study_manifest, training_patients  # noqa: PLC0415
+    from components.evaluation.study import Arm, fraction_study  # noqa: PLC0415
+
+    from components.tracking import use_experiment  # noqa: PLC0415
+
+    arms = fraction_arms(config)
+    use_experiment(config.registry.experiment)  # the store and experiment exist before the arms race to make them
+    from prefect_dask import DaskTaskRunner  # noqa: PLC0415 (studies only)
+
+    workers = min(len(arms), config.study.parallel or default_workers())
+    runner = (DaskTaskRunner(address=config.study.dask_address) if config.study.dask_address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}))
+    # the local cluster's nannies warn when a finished worker takes over 4 s to exit (torch's threads): not news
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+    results = study_arms.with_options(task_runner=runner)([c for _, c in arms], dataset, validation_report)
+    study = fraction_study([
+        Arm(fraction=fraction, n_train_patients=training_patients(study_manifest(dataset.manifest, arm.study)),
+            run_id=trained.run_id, report=json.loads(Path(evaluation.report).read_text()))
+        for (fraction, arm), (trained, evaluation) in zip(arms, results)])
+    study_run = log_study(config, study)
+    return (*results[-1], paths.medflow_home() / "studies" / study_run)
+
+
+def log_study(config: RunConfig, study: dict) -> str:
+    """The study's MLflow run in the run's experiment: each arm's metrics (``<metric>.fraction_<f>``), the
+    arms' runs, ``study.json`` and ``study.html``; each arm's training run is nested under it unless it already
+    has a parent (a cached arm shared with an earlier study). Returns the run id."""
+    import tempfile  # noqa: PLC0415
+
+    import mlflow  # noqa: PLC0415
+
+    from components.evaluation.study import write_study_html  # noqa: PLC0415
+    from components.tracking import use_experiment  # noqa: PLC0415
+
+    experiment_id = use_experiment(config.registry.experiment)
+    client = mlflow.MlflowClient()
+    fractions = ", ".join(f"{a['fraction']:g}" for a in study["arms"])
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"study: label fractions {fractions}",
+                          tags={"medflow.study": study["design"]}) as run:
+        mlflow.log_params({"design": study["design"], "fractions": fractions,
+                           "arms": ", ".join(a["run_id"] for a in study["arms"])})
+        mlflow.log_metrics({f"{name}.fraction_{a['fraction']:g}": a["metrics"][name]["value"] for a in study["arms"]
+                            for name in study["metrics"] if a["metrics"][name]["value"] is not None})
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "study.json").write_text(json.dumps(study, indent=2) + "\n")
+            write_study_html(study, Path(tmp) / "study.html")
+            mlflow.log_artifacts(tmp)
+            out = paths.medflow_home() / "studies" / run.info.run_id
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("study.json", "study.html"):
+                (out / name).write_bytes((Path(tmp) / name).read_bytes())
+        for arm in study["arms"]:
+            if "mlflow.parentRunId" not in client.get_run(arm["run_id"]).data.tags:
+                client.set_tag(arm["run_id"], "mlflow.parentRunId", run.info.run_id)
+    create_link_artifact(key="study", link=mlflow_run_link(run.info.run_id), link_text=f"study {run.info.run_id}",
+                         description="The study's MLflow run: each arm's metrics, study.json and study.html")
+    return run.info.run_id
+
+
 @flow(name="medflow-retrain")
 def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     """Retrain, evaluate and (if every gate passes) promote a model on the configured data.
@@ -83,10 +176,15 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     prepared = step("ingest")
     dataset = step("version", prepared=prepared)
     report = step("validate", dataset=dataset)
-    trained = step("train", dataset=dataset, validation_report=report)
+    study_dir = None
+    if config.study.label_fractions:
+        trained, evaluation, study_dir = run_label_fractions(config, dataset, report)
+    else:
+        trained = step("train", dataset=dataset, validation_report=report)
     create_link_artifact(key="mlflow-run", link=mlflow_run_link(trained.run_id), link_text=f"MLflow run {trained.run_id}",
                          description="The training run in MLflow: its metrics, evaluation report and model card")
-    evaluation = step("evaluate", run_id=trained.run_id, dataset=dataset)
+    if not config.study.label_fractions:
+        evaluation = step("evaluate", run_id=trained.run_id, dataset=dataset)
     model = step("register", evaluation=evaluation, dataset=dataset)
     decision = step("promote", model=model, evaluation=evaluation, dataset=dataset)
     overall = json.loads(Path(evaluation.report).read_text())["overall"]
@@ -106,6 +204,7 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
         reused="train" in cached,
         cached_steps=tuple(cached),
         data_unchanged=dataset.unchanged,
+        study=str(study_dir / "study.json") if study_dir else "",
     )
     return verdict_state(summary)
 

@@ -41,6 +41,7 @@ class PipelineSummary:
     data_unchanged: bool = False
     finished: str = ""
     champion_change: str = ""  # a reprinted summary: how the champion moved since the run (a rollback, ...)
+    study: str = ""  # a study's study.json (its arms' metrics; study.html beside it)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

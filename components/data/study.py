@@ -6,22 +6,29 @@ evaluation reports them apart (``external`` and ``external_delta`` in report.jso
 is not touched: the study's manifest is derived from it, written under ``.medflow/studies/`` with absolute
 image paths (the steps read images relative to their manifest's folder, and an absolute path stays itself),
 and named by its content, so the same study of the same version is the same file and the same step key.
+
+Label fractions (``study.train_fraction``, and an arm per entry of ``study.label_fractions``): only a share of the
+training patients keeps its labels; the others move to an ``unused`` split that no step reads. The share is
+taken per label (at least one patient of each), in an order fixed by a hash of each patient's pseudonym, so
+the subsets are nested (10 % holds the 1 %) and the same on every machine; val and test are not touched.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from components import paths
-from components.config import StudyConfig
+from components.config import RunConfig, StudyConfig
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
 
 EXTERNAL = "external"
+UNUSED = "unused"
 SITE = "site"
 
 
@@ -52,12 +59,33 @@ def external_view(manifest: pd.DataFrame, external_sites: tuple[str, ...], *, wh
     return view
 
 
+def fraction_view(manifest: pd.DataFrame, fraction: float, *, stratify: bool = True) -> pd.DataFrame:
+    """The manifest with all but ``fraction`` of the training patients in the ``unused`` split: per label
+    (``stratify``; a patient's label is that of its first case), the first ``ceil(fraction * n)`` patients in
+    the order of ``sha256(patient_id)``, so a smaller fraction's patients are always among a larger one's."""
+    view = manifest.copy()
+    train = view[view["split"] == "train"].sort_values("case_id")
+    patients = train.groupby("patient_id", sort=False)["label"].first().astype(str)
+    if not stratify:
+        patients[:] = ""
+    order = pd.DataFrame({"stratum": patients.to_numpy(), "rank": [
+        hashlib.sha256(f"label-fraction:{p}".encode()).hexdigest() for p in patients.index]},
+        index=patients.index).sort_values("rank")
+    keep = [p for _, group in order.groupby("stratum", sort=True) for p in group.index[:math.ceil(fraction * len(group))]]
+    view.loc[(view["split"] == "train") & ~view["patient_id"].isin(keep), "split"] = UNUSED
+    return view
+
+
 def study_manifest(manifest_path: Path, study: StudyConfig, *, segmentation: bool = False) -> Path:
     """The manifest the run's steps read: ``manifest_path`` itself without a study, else the study's view of it
     (see the module docstring)."""
-    if not study.external_sites:
+    if not study.external_sites and study.train_fraction == 1.0:
         return manifest_path
-    view = external_view(load_manifest(manifest_path), tuple(study.external_sites), where=str(manifest_path))
+    view = load_manifest(manifest_path)
+    if study.external_sites:
+        view = external_view(view, tuple(study.external_sites), where=str(manifest_path))
+    if study.train_fraction < 1.0:
+        view = fraction_view(view, study.train_fraction, stratify=not segmentation)
     root = manifest_path.parent.resolve()
     for column in ("image", *(("label",) if segmentation else ())):
         view[column] = [str(root / p) for p in view[column]]
@@ -69,3 +97,21 @@ def study_manifest(manifest_path: Path, study: StudyConfig, *, segmentation: boo
         view.to_parquet(staged, index=False)
         staged.replace(out)
     return out
+
+
+def fraction_arms(config: RunConfig) -> list[tuple[float, RunConfig]]:
+    """One run config per ``study.label_fractions``, smallest fraction first: the study's own with
+    ``study.train_fraction`` set and the fan-out settings cleared, so that each arm's step keys are those of an
+    ordinary run on that fraction (the 1.0 arm is the plain run, reused when it has run before)."""
+    arms = []
+    for fraction in sorted(config.study.label_fractions):
+        study = StudyConfig(external_sites=config.study.external_sites, train_fraction=fraction)
+        arms.append((fraction, config.model_copy(update={"study": study})))
+    return arms
+
+
+def training_patients(manifest_path: Path) -> int:
+    """Patients in the train split of a (study) manifest."""
+    manifest = pd.read_parquet(manifest_path, columns=["patient_id", "split"])
+    return int(manifest.loc[manifest["split"] == "train", "patient_id"].nunique())
+

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 
 from components import lineage, paths
-from components.config import RunConfig
+from components.config import RunConfig, Task
 from components.data.step import DatasetVersion
 from components.data.study import study_manifest
 from components.inference.classification import evaluate_classifier_run
@@ -45,8 +45,9 @@ def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir
 def evaluate_model(run_id: str, dataset: DatasetVersion, config: RunConfig) -> ModelEvaluation:
     """The evaluation step: evaluate the run's checkpoint on the test split, and on the external sites' cases
     of a study (report under ``.medflow/runs/<run_id>``), and tag the run with this step's key."""
-    evaluation = evaluate_run(run_id=run_id, manifest_path=study_manifest(dataset.manifest, config.study),
-                              config=config, out_dir=paths.medflow_home() / "runs" / run_id)
+    manifest = study_manifest(dataset.manifest, config.study, segmentation=config.data.task is Task.SEGMENTATION)
+    evaluation = evaluate_run(run_id=run_id, manifest_path=manifest, config=config,
+                              out_dir=paths.medflow_home() / "runs" / run_id)
     mlflow.MlflowClient().set_tag(run_id, lineage.step_tag("evaluate"),
                                   get_step("evaluate").key(config, {"run_id": run_id, "dataset": dataset}))
     return evaluation

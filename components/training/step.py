@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from components.config import RunConfig
+from components.config import RunConfig, Task
 from components.data.step import DatasetVersion
 from components.data.study import study_manifest
 from components.tracking import use_experiment
@@ -19,7 +19,8 @@ def train_dataset(dataset: DatasetVersion, validation_report: Path, config: RunC
     """The training step: train on a data version (under torchrun for several ranks or nodes) and attach
     its validation report and Data Docs to the run."""
     check_trainable(config)
-    manifest = study_manifest(dataset.manifest, config.study)  # external sites' patients out of train and val
+    # a study's view: external sites' patients out of train and val, training patients beyond a label fraction unused
+    manifest = study_manifest(dataset.manifest, config.study, segmentation=config.data.task is Task.SEGMENTATION)
     if config.train.nproc_per_node > 1 or config.train.nnodes > 1:
         from components.training.distributed import launch_training  # noqa: PLC0415 (torchrun only when asked)
 

@@ -1,14 +1,21 @@
-"""External validation's view of a data version: the named sites' patients leave train, val and test."""
+"""Study views of a data version: external sites' patients leave train, val and test; label fractions keep a
+nested, stratified share of the training patients."""
 
 from __future__ import annotations
+
+import hashlib
+import math
 
 import pandas as pd
 import pytest
 
-from components.config import StudyConfig
+from components.config import StudyConfig, load_config
 from components.data.ingest import load_manifest
-from components.data.study import EXTERNAL, external_view, study_manifest
+from components.data.study import (
+    EXTERNAL, UNUSED, external_view, fraction_arms, fraction_view, study_manifest, training_patients,
+)
 from components.errors import ConfigError
+from components.steps import get_step
 
 
 def test_the_external_sites_cases_and_only_theirs_leave_the_internal_splits(small_dataset, workspace):
@@ -34,3 +41,63 @@ def test_bad_external_sites_are_one_line(small_dataset):
         external_view(manifest, ("site-a", "site-b", "site-c"), where="m")
     with pytest.raises(ConfigError, match="needs a 'site' column in m"):
         external_view(manifest.drop(columns="site"), ("site-a",), where="m")
+
+
+def test_label_fractions_are_nested_stratified_and_leave_val_and_test_alone(small_dataset):
+    manifest = load_manifest(small_dataset)
+    train = manifest[manifest["split"] == "train"]
+    labels = train.sort_values("case_id").groupby("patient_id")["label"].first().astype(str)
+    kept = {}
+    for fraction in (0.1, 0.3, 0.6, 1.0):
+        view = fraction_view(manifest, fraction)
+        assert (view["case_id"] == manifest["case_id"]).all()
+        untouched = manifest["split"] != "train"
+        assert (view.loc[untouched, "split"] == manifest.loc[untouched, "split"]).all()
+        assert set(view.loc[~untouched, "split"]) <= {"train", UNUSED}
+        kept[fraction] = set(view.loc[view["split"] == "train", "patient_id"])
+        # per label, ceil(fraction x the label's training patients), a patient's cases together
+        for label, patients in labels.groupby(labels):
+            assert len(kept[fraction] & set(patients.index)) == math.ceil(fraction * len(patients))
+        assert not set(view.loc[view["split"] == UNUSED, "patient_id"]) & kept[fraction]
+        pd.testing.assert_frame_equal(fraction_view(manifest, fraction), view)  # the same every time
+    assert kept[0.1] < kept[0.3] < kept[0.6] < kept[1.0] == set(train["patient_id"])
+
+
+def test_a_label_fraction_keeps_one_patient_of_each_label_and_orders_patients_by_their_hash(small_dataset):
+    manifest = load_manifest(small_dataset)
+    tiny = fraction_view(manifest, 0.001)
+    assert set(tiny.loc[tiny["split"] == "train", "label"].astype(str)) == set(
+        manifest.loc[manifest["split"] == "train", "label"].astype(str))
+    # growing the dataset by new patients does not reorder the old ones: a kept patient outranks the dropped
+    view = fraction_view(manifest, 0.5, stratify=False)
+    rank = lambda p: hashlib.sha256(f"label-fraction:{p}".encode()).hexdigest()  # noqa: E731
+    kept = view.loc[view["split"] == "train", "patient_id"].map(rank)
+    dropped = view.loc[view["split"] == UNUSED, "patient_id"].map(rank)
+    assert kept.max() < dropped.min()
+
+
+def test_each_arm_is_an_ordinary_run_on_its_fraction(small_dataset, workspace):
+    config = load_config(overrides=["study.label_fractions=[1.0, 0.2]", "study.parallel=2"], environ={})
+    arms = fraction_arms(config)
+    assert [f for f, _ in arms] == [0.2, 1.0]
+    plain = load_config(environ={})
+    assert arms[1][1].study == plain.study  # the 1.0 arm is the plain run: the same step keys, reused
+    inputs = {"dataset": "v1", "validation_report": "report.json"}
+    key = get_step("train").key
+    assert key(arms[1][1], inputs) == key(plain, inputs) != key(arms[0][1], inputs)
+    path = study_manifest(small_dataset, arms[0][1].study)
+    view = fraction_view(load_manifest(small_dataset), 0.2)
+    assert training_patients(path) == view.loc[view["split"] == "train", "patient_id"].nunique()
+    assert training_patients(path) < training_patients(small_dataset)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["study.label_fractions=[0, 1]"], r"label_fractions must each be in \(0, 1\], got 0"),
+    (["study.label_fractions=[0.1, 1.5]"], r"label_fractions must each be in \(0, 1\], got 1.5"),
+    (["study.label_fractions=[0.1, 0.1]"], "lists a fraction twice"),
+    (["study.label_fractions=[0.1]", "study.train_fraction=0.5"], "not both"),
+    (["study.train_fraction=0"], "greater than 0"),
+])
+def test_bad_label_fractions_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides, environ={})

@@ -1,0 +1,79 @@
+"""End-to-end: a label-fraction study through ``medflow run``, its arms fanned out on Prefect's process pool."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from distributed import Client, LocalCluster
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+MEDFLOW = str(Path(sys.executable).with_name("medflow"))
+SMALL = ["data.n_patients=200", "data.image_size=32", "train.epochs=4", "evaluate.n_bootstrap=200",
+         'promotion.rules=[{metric: overall.auc, op: ">=", value: 0.6}]', "study.label_fractions=[0.25, 1.0]",
+         "study.parallel=2"]
+
+
+def _env(workspace: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFLOW", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
+    return env | {"PREFECT_HOME": str(workspace / ".medflow" / "prefect")}
+
+
+def _run(workspace: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = _env(workspace)
+    settings = [arg for item in (*SMALL, *extra) for arg in ("--set", item)]
+    return subprocess.run([MEDFLOW, "run", *settings, "--summary", "summary.json"], cwd=workspace, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_label_fractions_train_an_arm_each_at_once_report_the_curve_and_register_the_largest(tmp_path):
+    first = _run(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Study        label fractions: 0.25 (" in first.stdout and "1 (" in first.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    study = json.loads(Path(summary["study"]).read_text())
+    assert Path(summary["study"]).with_name("study.html").is_file()
+    quarter, full = study["arms"]
+    assert (quarter["fraction"], full["fraction"]) == (0.25, 1.0)
+    assert 0.2 < quarter["n_train_patients"] / full["n_train_patients"] < 0.35
+    assert full["run_id"] == summary["run_id"] != quarter["run_id"]  # the whole training set's model is registered
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
+    client = MlflowClient()
+    (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
+                                      "tags.`medflow.study` = 'label_fractions'")
+    assert Path(summary["study"]).parent.name == study_run.info.run_id
+    runs = {arm["run_id"]: client.get_run(arm["run_id"]) for arm in study["arms"]}
+    for arm in study["arms"]:
+        run = runs[arm["run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == study_run.info.run_id  # nested under the study in the UI
+        report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=arm["run_id"],
+                                                                     artifact_path="evaluation/report.json")).read_text())
+        assert arm["metrics"]["auc"] == {"value": report["overall"]["auc"], "ci95": report["ci95"]["auc"]}
+        assert study_run.data.metrics[f"auc.fraction_{arm['fraction']:g}"] == pytest.approx(report["overall"]["auc"])
+    a, b = runs.values()
+    assert study_run.info.experiment_id == a.info.experiment_id == b.info.experiment_id
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # the arms ran at once
+    trainings = lambda: len(client.search_runs([a.info.experiment_id]))  # noqa: E731
+    before = trainings()
+
+    for record in (tmp_path / ".medflow" / "runs").glob("summary-*.json"):
+        record.unlink()  # without the record the flow runs again: every arm's steps come from the cache
+    # again, on a Dask cluster of its own (workers started elsewhere, entering the workspace): nothing retrains
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={k: v for k, v in _env(tmp_path).items() if k.startswith("PREFECT")}) as cluster:
+        again = _run(tmp_path, f"study.dask_address={cluster.scheduler_address}")
+        with Client(cluster) as dask_client:  # what this cluster's scheduler was given, by task name
+            prefixes = dask_client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert prefixes == ["study_arm"]  # the arms ran on this cluster's workers
+    rerun = json.loads(Path(json.loads((tmp_path / "summary.json").read_text())["study"]).read_text())
+    assert [arm["run_id"] for arm in rerun["arms"]] == [arm["run_id"] for arm in study["arms"]]
+    assert trainings() == before + 1  # the new study run only: no arm trained again
