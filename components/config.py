@@ -235,13 +235,16 @@ class StudyConfig(_Section):
     that share of the training patients (a nested, label-stratified subset; val and test unchanged).
     ``label_fractions``: one arm per fraction, each an ordinary training with that ``train_fraction``, run at
     once on Dask workers (a local cluster of ``parallel`` processes, 0: one per core; or the cluster at
-    ``dask_address``), reported as the metric against the fraction; the largest fraction's model is registered."""
+    ``dask_address``), reported as the metric against the fraction; the largest fraction's model is registered.
+    ``leave_one_site_out``: one arm per site, trained on the others and tested on it as an external site, beside
+    the plain run on every site (the one registered); reported as the site-by-metric table."""
 
     external_sites: tuple[str, ...] = ()
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     label_fractions: tuple[float, ...] = ()
     parallel: int = Field(0, ge=0)
     dask_address: str | None = Field(None, description="a Dask scheduler (tcp://host:8786) to run the arms on")
+    leave_one_site_out: bool = False
 
     @model_validator(mode="after")
     def _fractions(self) -> StudyConfig:
@@ -252,6 +255,9 @@ class StudyConfig(_Section):
             raise ValueError(f"label_fractions lists a fraction twice: {list(self.label_fractions)}")
         if self.label_fractions and self.train_fraction != 1.0:
             raise ValueError("set either label_fractions (one arm per fraction) or train_fraction (one run), not both")
+        if self.leave_one_site_out and (self.label_fractions or self.external_sites or self.train_fraction != 1.0):
+            raise ValueError("leave_one_site_out is a study of its own: it holds out each site in turn, so it takes "
+                             "no label_fractions, external_sites or train_fraction")
         return self
 
 
@@ -276,9 +282,9 @@ class RunConfig(_Section):
     def _known_steps(self) -> RunConfig:
         for step in self.placement:
             get_step(step, where="placement")  # the step table's names, with "did you mean"
-        if self.study.external_sites and self.data.task is Task.SEGMENTATION:
-            raise ValueError("study.external_sites is for classifiers: a segmentation run cannot report external "
-                             "sites yet")
+        if (self.study.external_sites or self.study.leave_one_site_out) and self.data.task is Task.SEGMENTATION:
+            raise ValueError("study.external_sites and leave_one_site_out are for classifiers: a segmentation run "
+                             "cannot report external sites yet")
         return self
 
     def config_hash(self) -> str:

@@ -287,13 +287,20 @@ def print_summary(summary) -> None:
     if study.is_file():
         import json  # noqa: PLC0415
 
-        arms = json.loads(study.read_text())["arms"]
-        score = "auc" if "auc" in arms[-1]["metrics"] else next(iter(arms[-1]["metrics"]), None)
-        value = lambda a: a["metrics"][score]["value"]  # noqa: E731
-        curve = ", ".join(f"{a['fraction']:g} ({a['n_train_patients']} patients) {score} "
-                          + ("n/a" if value(a) is None else f"{value(a):.3f}") for a in arms) if score else ""
-        console.print(f"[bold]Study[/]        label fractions: {curve}; the model of the largest is registered "
-                      f"({study.with_name('study.html')})")
+        record = json.loads(study.read_text())
+        arms = record["arms"]
+        score = "auc" if "auc" in record["metrics"] else next(iter(record["metrics"]), None)
+        fmt = lambda point: "n/a" if point["value"] is None else f"{point['value']:.3f}"  # noqa: E731
+        if score and record["design"] == "leave_one_site_out":
+            curve = ", ".join(f"{a['site']} held out {score} {fmt(a['external'][score])} (internal "
+                              f"{fmt(a['internal'][score])})" for a in arms)
+            console.print(f"[bold]Study[/]        leave one site out: {curve}; the run on every site is registered "
+                          f"({study.with_name('study.html')})")
+        elif score:
+            curve = ", ".join(f"{a['fraction']:g} ({a['n_train_patients']} patients) {score} "
+                              f"{fmt(a['metrics'][score])}" for a in arms)
+            console.print(f"[bold]Study[/]        label fractions: {curve}; the model of the largest is registered "
+                          f"({study.with_name('study.html')})")
     console.print(f"[bold]Test metrics[/] {metrics}")
     console.print(_gate_table(summary.gates))
     change = getattr(summary, "champion_change", "")

@@ -5,12 +5,12 @@ as its task in this flow's process unless the config places it on a work pool
 (``placement``); a placed step runs as its own flow's deployment
 (``medflow-<step>/<pool>``, see ``flows/steps.py`` and ``infra/prefect.yaml``).
 
-A study with ``study.label_fractions`` trains and evaluates one arm per fraction in the subflow
-``medflow-study``: the arms are Prefect tasks submitted at once to Prefect's Dask task runner (a local
+A study (``study.label_fractions``: one arm per fraction; ``study.leave_one_site_out``: one arm per
+site held out, beside the plain run) trains and evaluates its arms in the subflow ``medflow-study``: the arms are Prefect tasks submitted at once to Prefect's Dask task runner (a local
 cluster of ``study.parallel`` worker processes, one per core by default, or the Dask cluster at
 ``study.dask_address``), each arm's train and evaluate steps cached on their own keys, so a study
 killed half-way and run again trains only the arms that had not finished. The largest fraction's
-model is registered and gated as a plain run's.
+model (the plain run's, leaving sites out) is registered and gated as a plain run's.
 """
 
 from __future__ import annotations
@@ -95,54 +95,68 @@ def study_arms(arms: list[RunConfig], dataset, validation_report: Path) -> list[
     return [future.result() for future in futures]
 
 
-def run_label_fractions(config: RunConfig, dataset, validation_report: Path) -> tuple:
-    """Train and evaluate one arm per label fraction at once on Dask workers, write ``study.json`` and
-    ``study.html`` and log them as the study's MLflow run; the largest fraction's (trained, evaluation) and
-    the folder holding study.json and study.html."""
-    from components.data.ingest import default_workers  # noqa: PLC0415
-    from components.data.study import fraction_arms, study_manifest, training_patients  # noqa: PLC0415
-    from components.evaluation.study import Arm, fraction_study  # noqa: PLC0415
-
-    from components.tracking import use_experiment  # noqa: PLC0415
-
-    arms = fraction_arms(config)
-    use_experiment(config.registry.experiment)  # the store and experiment exist before the arms race to make them
+def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
+    """Train and evaluate a study's arms at once on Dask workers (label fractions, or leave one site out), write
+    ``study.json`` and ``study.html`` and log them as the study's MLflow run; the registered arm's (trained,
+    evaluation), and the folder holding study.json and study.html."""
     from prefect_dask import DaskTaskRunner  # noqa: PLC0415 (studies only)
 
-    workers = min(len(arms), config.study.parallel or default_workers())
+    from components.data.ingest import default_workers  # noqa: PLC0415
+    from components.data.study import fraction_arms, site_arms, study_manifest, training_patients  # noqa: PLC0415
+    from components.evaluation.study import Arm, fraction_study, site_study  # noqa: PLC0415
+    from components.tracking import use_experiment  # noqa: PLC0415
+
+    if config.study.leave_one_site_out:
+        labelled = site_arms(config, dataset.manifest)  # the plain run first: the one registered
+        registered = 0
+    else:
+        labelled = fraction_arms(config)  # smallest fraction first: the largest is registered
+        registered = len(labelled) - 1
+    use_experiment(config.registry.experiment)  # the store and experiment exist before the arms race to make them
+    workers = min(len(labelled), config.study.parallel or default_workers())
     runner = (DaskTaskRunner(address=config.study.dask_address) if config.study.dask_address else DaskTaskRunner(
         cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}))
     # the local cluster's nannies warn when a finished worker takes over 4 s to exit (torch's threads): not news
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
-    results = study_arms.with_options(task_runner=runner)([c for _, c in arms], dataset, validation_report)
-    study = fraction_study([
-        Arm(fraction=fraction, n_train_patients=training_patients(study_manifest(dataset.manifest, arm.study)),
-            run_id=trained.run_id, report=json.loads(Path(evaluation.report).read_text()))
-        for (fraction, arm), (trained, evaluation) in zip(arms, results)])
+    results = study_arms.with_options(task_runner=runner)([c for _, c in labelled], dataset, validation_report)
+    arms = [Arm(fraction=arm.study.train_fraction, run_id=trained.run_id,
+                n_train_patients=training_patients(study_manifest(dataset.manifest, arm.study)),
+                report=json.loads(Path(evaluation.report).read_text()))
+            for (_, arm), (trained, evaluation) in zip(labelled, results)]
+    study = (site_study(arms[0], arms[1:], [site for site, _ in labelled[1:]]) if config.study.leave_one_site_out
+             else fraction_study(arms))
     study_run = log_study(config, study)
-    return (*results[-1], paths.medflow_home() / "studies" / study_run)
+    return (*results[registered], paths.medflow_home() / "studies" / study_run)
 
 
 def log_study(config: RunConfig, study: dict) -> str:
-    """The study's MLflow run in the run's experiment: each arm's metrics (``<metric>.fraction_<f>``), the
-    arms' runs, ``study.json`` and ``study.html``; each arm's training run is nested under it unless it already
+    """The study's MLflow run in the run's experiment: each arm's metrics (``<metric>.fraction_<f>``; or
+    ``<metric>.site_<site>`` on the held-out site and ``<metric>.delta_site_<site>``), the arms' runs, ``study.json`` and ``study.html``; each arm's training run is nested under it unless it already
     has a parent (a cached arm shared with an earlier study). Returns the run id."""
     import tempfile  # noqa: PLC0415
 
     import mlflow  # noqa: PLC0415
 
-    from components.evaluation.study import write_study_html  # noqa: PLC0415
+    from components.evaluation.study import LEAVE_ONE_SITE_OUT, write_study_html  # noqa: PLC0415
     from components.tracking import use_experiment  # noqa: PLC0415
 
     experiment_id = use_experiment(config.registry.experiment)
     client = mlflow.MlflowClient()
-    fractions = ", ".join(f"{a['fraction']:g}" for a in study["arms"])
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"study: label fractions {fractions}",
-                          tags={"medflow.study": study["design"]}) as run:
-        mlflow.log_params({"design": study["design"], "fractions": fractions,
-                           "arms": ", ".join(a["run_id"] for a in study["arms"])})
-        mlflow.log_metrics({f"{name}.fraction_{a['fraction']:g}": a["metrics"][name]["value"] for a in study["arms"]
-                            for name in study["metrics"] if a["metrics"][name]["value"] is not None})
+    runs = [a["run_id"] for a in study["arms"]]
+    if study["design"] == LEAVE_ONE_SITE_OUT:
+        arms = ", ".join(a["site"] for a in study["arms"])
+        name, params = f"study: leave one site out ({arms})", {"sites": arms}
+        metrics = {f"{m}.site_{a['site']}": a["external"][m]["value"] for a in study["arms"] for m in study["metrics"]}
+        metrics |= {f"{m}.delta_site_{a['site']}": a["delta"][m]["value"] for a in study["arms"] for m in study["metrics"]}
+        runs.append(study["all_sites"]["run_id"])
+    else:
+        arms = ", ".join(f"{a['fraction']:g}" for a in study["arms"])
+        name, params = f"study: label fractions {arms}", {"fractions": arms}
+        metrics = {f"{m}.fraction_{a['fraction']:g}": a["metrics"][m]["value"] for a in study["arms"]
+                   for m in study["metrics"]}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={"medflow.study": study["design"]}) as run:
+        mlflow.log_params({"design": study["design"], **params, "arms": ", ".join(runs)})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "study.json").write_text(json.dumps(study, indent=2) + "\n")
             write_study_html(study, Path(tmp) / "study.html")
@@ -151,9 +165,9 @@ def log_study(config: RunConfig, study: dict) -> str:
             out.mkdir(parents=True, exist_ok=True)
             for name in ("study.json", "study.html"):
                 (out / name).write_bytes((Path(tmp) / name).read_bytes())
-        for arm in study["arms"]:
-            if "mlflow.parentRunId" not in client.get_run(arm["run_id"]).data.tags:
-                client.set_tag(arm["run_id"], "mlflow.parentRunId", run.info.run_id)
+        for arm in runs:
+            if "mlflow.parentRunId" not in client.get_run(arm).data.tags:
+                client.set_tag(arm, "mlflow.parentRunId", run.info.run_id)
     create_link_artifact(key="study", link=mlflow_run_link(run.info.run_id), link_text=f"study {run.info.run_id}",
                          description="The study's MLflow run: each arm's metrics, study.json and study.html")
     return run.info.run_id
@@ -177,13 +191,14 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     dataset = step("version", prepared=prepared)
     report = step("validate", dataset=dataset)
     study_dir = None
-    if config.study.label_fractions:
-        trained, evaluation, study_dir = run_label_fractions(config, dataset, report)
+    studied = bool(config.study.label_fractions or config.study.leave_one_site_out)
+    if studied:
+        trained, evaluation, study_dir = run_study(config, dataset, report)
     else:
         trained = step("train", dataset=dataset, validation_report=report)
     create_link_artifact(key="mlflow-run", link=mlflow_run_link(trained.run_id), link_text=f"MLflow run {trained.run_id}",
                          description="The training run in MLflow: its metrics, evaluation report and model card")
-    if not config.study.label_fractions:
+    if not studied:
         evaluation = step("evaluate", run_id=trained.run_id, dataset=dataset)
     model = step("register", evaluation=evaluation, dataset=dataset)
     decision = step("promote", model=model, evaluation=evaluation, dataset=dataset)

@@ -110,6 +110,28 @@ def fraction_arms(config: RunConfig) -> list[tuple[float, RunConfig]]:
     return arms
 
 
+def site_arms(config: RunConfig, manifest_path: Path) -> list[tuple[str | None, RunConfig]]:
+    """Leave one site out: the plain run on every site (``None``, the one registered), then one arm per site of
+    the manifest holding it out as an external site, in the order of the sites' names.
+
+    Raises:
+        ConfigError: no ``site`` column, fewer than two sites, or a site whose absence leaves no train, val or
+            test case (checked here, before any arm starts).
+    """
+    manifest = load_manifest(manifest_path)
+    if SITE not in manifest.columns:
+        raise ConfigError(f"study.leave_one_site_out needs a {SITE!r} column in {manifest_path}")
+    sites = sorted(manifest[SITE].dropna().astype(str).unique())
+    if len(sites) < 2:
+        raise ConfigError(f"study.leave_one_site_out needs at least two sites; {manifest_path} has "
+                          f"{', '.join(sites) or 'none'}")
+    arms: list[tuple[str | None, RunConfig]] = [(None, config.model_copy(update={"study": StudyConfig()}))]
+    for site in sites:
+        external_view(manifest, (site,), where=str(manifest_path))
+        arms.append((site, config.model_copy(update={"study": StudyConfig(external_sites=(site,))})))
+    return arms
+
+
 def training_patients(manifest_path: Path) -> int:
     """Patients in the train split of a (study) manifest."""
     manifest = pd.read_parquet(manifest_path, columns=["patient_id", "split"])

@@ -3,7 +3,12 @@
 Label fractions (``study.label_fractions``): each arm is an ordinary training on a nested share of the
 training patients, evaluated on the same test split; ``study.json`` lists, per fraction, the arm's run, its
 training patients, and each summary metric of its report.json with the patient-level 95% interval, and
-``study.html`` draws each metric against the fraction. Judging tables only, as the rest of this package.
+``study.html`` draws each metric against the fraction.
+
+Leave one site out (``study.leave_one_site_out``): each arm trains on every site but one and is judged on that
+site as an external site; ``study.json`` lists, per site, the external figures, the internal ones (the other
+sites' test split) and their difference, each with its interval, beside the plain run on every site; the
+page draws each metric per site. Judging tables only, as the rest of this package.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from components.evaluation.declarations import metric, report_metrics  # noqa: E
 from components.evaluation.html_report import CSS, fmt_value, html_table, png_uri  # noqa: E402
 
 LABEL_FRACTIONS = "label_fractions"
+LEAVE_ONE_SITE_OUT = "leave_one_site_out"
 
 
 @dataclass(frozen=True)
@@ -47,15 +53,65 @@ def fraction_study(arms: Sequence[Arm]) -> dict:
     return {"design": LABEL_FRACTIONS, "n_test": arms[-1].report.get("n"), "metrics": names, "arms": rows}
 
 
+def _figures(report: Mapping, names: Sequence[str], section: str | None = None) -> dict:
+    """Each metric's ``{value, ci95}`` from report.json (or its ``section``, e.g. ``external``)."""
+    source = report.get(section) or {} if section else report
+    overall, ci95 = source.get("overall", {}), source.get("ci95", {})
+    return {n: {"value": overall.get(n), "ci95": ci95.get(n)} for n in names}
+
+
+def site_study(all_sites: Arm, arms: Sequence[Arm], sites: Sequence[str]) -> dict:
+    """``study.json`` of leave-one-site-out: the plain run on every site, then per held-out site (``sites``, in
+    the arms' order) its run, training patients, held-out cases, and each summary metric external (on the
+    site), internal (the other sites' test split) and their difference (external minus internal), each with
+    its 95% interval."""
+    names = [m.name for m in report_metrics(all_sites.report) if m.summary]
+    rows = []
+    for site, arm in zip(sites, arms):
+        external, delta = arm.report.get("external") or {}, arm.report.get("external_delta") or {}
+        rows.append({"site": site, "run_id": arm.run_id, "n_train_patients": arm.n_train_patients,
+                     "n_external": external.get("n"), "n_external_patients": external.get("n_patients"),
+                     "external": _figures(arm.report, names, "external"), "internal": _figures(arm.report, names),
+                     "delta": {n: {"value": delta.get(n), "ci95": (delta.get("ci95") or {}).get(n)} for n in names}})
+    return {"design": LEAVE_ONE_SITE_OUT, "metrics": names,
+            "all_sites": {"run_id": all_sites.run_id, "n_train_patients": all_sites.n_train_patients,
+                          "n_test": all_sites.report.get("n"), "metrics": _figures(all_sites.report, names)},
+            "arms": rows}
+
+
+def _errors(points: Sequence[Mapping]) -> list[list[float]]:
+    """matplotlib's yerr for ``{value, ci95}`` points; a bootstrap interval need not contain its point (BCa can
+    move it aside), so each bar is drawn from the point."""
+    return [[max(0.0, p["value"] - (p["ci95"] or [p["value"]] * 2)[0]) for p in points],
+            [max(0.0, (p["ci95"] or [p["value"]] * 2)[1] - p["value"]) for p in points]]
+
+
+def _site_figure(study: Mapping, name: str, title: str) -> str:
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    for offset, key, label, style in ((-0.1, "external", "held-out site (external)", dict(color="#c2410c", marker="o")),
+                                      (0.1, "internal", "other sites' test split", dict(color="#1d4ed8", marker="s",
+                                                                                        mfc="white"))):
+        points = [(k, a[key][name]) for k, a in enumerate(study["arms"]) if a[key][name]["value"] is not None]
+        if points:
+            ax.errorbar([k + offset for k, _ in points], [p["value"] for _, p in points],
+                        yerr=_errors([p for _, p in points]), linestyle="none", capsize=4, label=label, **style)
+    everywhere = study["all_sites"]["metrics"][name]["value"]
+    if everywhere is not None:
+        ax.axhline(everywhere, color="#555", linestyle="--", linewidth=1, label="trained on every site")
+    ax.set_xticks(range(len(study["arms"])), [a["site"] for a in study["arms"]])
+    ax.set_xlabel("site held out")
+    ax.set_ylabel(title)
+    ax.set_title(f"{title} per held-out site (95% interval)", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    return png_uri(fig)
+
+
 def _figure(study: Mapping, name: str, title: str) -> str:
     arms = [a for a in study["arms"] if a["metrics"][name]["value"] is not None]
     fig, ax = plt.subplots(figsize=(4.8, 3.2))
     x = [a["fraction"] for a in arms]
     y = [a["metrics"][name]["value"] for a in arms]
-    # a bootstrap interval need not contain its point (BCa can move it aside): an arm is drawn from its point
-    low = [max(0.0, v - (a["metrics"][name]["ci95"] or [v, v])[0]) for a, v in zip(arms, y)]
-    high = [max(0.0, (a["metrics"][name]["ci95"] or [v, v])[1] - v) for a, v in zip(arms, y)]
-    ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=4, color="#1d4ed8")
+    ax.errorbar(x, y, yerr=_errors([a["metrics"][name] for a in arms]), marker="o", capsize=4, color="#1d4ed8")
     for a, v in zip(arms, y):
         ax.annotate(f"{a['n_train_patients']} pts", (a["fraction"], v), textcoords="offset points", xytext=(4, 6),
                     fontsize=7, color="#555")
@@ -68,16 +124,38 @@ def _figure(study: Mapping, name: str, title: str) -> str:
     return png_uri(fig)
 
 
+def _cell(point: Mapping) -> str:
+    interval = ", ".join(fmt_value(v) for v in point["ci95"] or [])
+    return f"{fmt_value(point['value'])} [{interval}]"
+
+
 def write_study_html(study: Mapping, out: Path) -> Path:
-    """``study.html``: a figure per summary metric against the fraction, and the table behind it."""
-    figures = "".join(f"<img alt='study figure' src='{_figure(study, n, metric(n).title)}'>" for n in study["metrics"])
-    header = ["fraction", "training patients", *study["metrics"], "run"]
-    rows = [[f"{a['fraction']:g}", str(a["n_train_patients"]),
-             *(f"{fmt_value(a['metrics'][n]['value'])} [{', '.join(fmt_value(v) for v in a['metrics'][n]['ci95'] or [])}]"
-               for n in study["metrics"]), html.escape(a["run_id"])] for a in study["arms"]]
+    """``study.html``: a figure per summary metric (against the fraction, or per held-out site) and the table
+    behind it."""
+    names = study["metrics"]
+    if study["design"] == LEAVE_ONE_SITE_OUT:
+        title = "Leave one site out"
+        figures = "".join(f"<img alt='study figure' src='{_site_figure(study, n, metric(n).title)}'>" for n in names)
+        header = ["site held out", "training patients", "held-out cases", *(f"{n}: external, internal, difference"
+                                                                              for n in names), "run"]
+        rows = [[html.escape(a["site"]), str(a["n_train_patients"]), str(a["n_external"]),
+                 *(f"{_cell(a['external'][n])}; {_cell(a['internal'][n])}; {_cell(a['delta'][n])}" for n in names),
+                 html.escape(a["run_id"])] for a in study["arms"]]
+        every = study["all_sites"]
+        rows.append(["every site (registered)", str(every["n_train_patients"]), "–",
+                     *(_cell(every["metrics"][n]) for n in names), html.escape(every["run_id"])])
+        intro = ("Each arm trained on every site but one and was judged on that site as an external site, "
+                 "never trained or tuned on; internal is the other sites' test split. The last row is the plain "
+                 "run on every site, the model registered.")
+    else:
+        title = "Label fractions"
+        figures = "".join(f"<img alt='study figure' src='{_figure(study, n, metric(n).title)}'>" for n in names)
+        header = ["fraction", "training patients", *names, "run"]
+        rows = [[f"{a['fraction']:g}", str(a["n_train_patients"]), *(_cell(a["metrics"][n]) for n in names),
+                 html.escape(a["run_id"])] for a in study["arms"]]
+        intro = (f"Each arm trained on a nested, label-stratified share of the training patients; every arm is "
+                 f"evaluated on the same {study.get('n_test')} test cases, intervals from patient resamples.")
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>medflow study</title><style>{CSS}</style>"
-                   f"</head><body><h1>Label fractions</h1><p class='muted'>Each arm trained on a nested, "
-                   f"label-stratified share of the training patients; every arm is evaluated on the same "
-                   f"{study.get('n_test')} test cases, intervals from patient resamples.</p>"
+                   f"</head><body><h1>{title}</h1><p class='muted'>{intro}</p>"
                    f"<div class='figs'>{figures}</div>{html_table(header, rows)}</body></html>\n")
     return out

@@ -77,3 +77,28 @@ def test_label_fractions_train_an_arm_each_at_once_report_the_curve_and_register
     rerun = json.loads(Path(json.loads((tmp_path / "summary.json").read_text())["study"]).read_text())
     assert [arm["run_id"] for arm in rerun["arms"]] == [arm["run_id"] for arm in study["arms"]]
     assert trainings() == before + 1  # the new study run only: no arm trained again
+
+
+def test_leaving_one_site_out_judges_each_site_unseen_and_registers_the_run_on_every_site(tmp_path):
+    done = subprocess.run([MEDFLOW, "run", *[arg for item in (*SMALL[:-2], "study.leave_one_site_out=true")
+                                             for arg in ("--set", item)], "--summary", "summary.json"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Study        leave one site out: site-a held out auc" in done.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    study = json.loads(Path(summary["study"]).read_text())
+    assert [a["site"] for a in study["arms"]] == ["site-a", "site-b", "site-c"]
+    assert study["all_sites"]["run_id"] == summary["run_id"]  # the run on every site is the one registered
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
+    client = MlflowClient()
+    (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
+                                      "tags.`medflow.study` = 'leave_one_site_out'")
+    for arm in study["arms"]:
+        report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=arm["run_id"],
+                                                                     artifact_path="evaluation/report.json")).read_text())
+        assert report["external"]["sites"] == [arm["site"]]  # held out: the arm never trained or tuned on it
+        assert arm["external"]["auc"]["value"] == report["external"]["overall"]["auc"]
+        assert study_run.data.metrics[f"auc.site_{arm['site']}"] == pytest.approx(report["external"]["overall"]["auc"])
+        assert client.get_run(arm["run_id"]).data.tags["mlflow.parentRunId"] == study_run.info.run_id
+    assert len({arm["run_id"] for arm in study["arms"]} | {summary["run_id"]}) == 4

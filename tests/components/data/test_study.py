@@ -12,7 +12,7 @@ import pytest
 from components.config import StudyConfig, load_config
 from components.data.ingest import load_manifest
 from components.data.study import (
-    EXTERNAL, UNUSED, external_view, fraction_arms, fraction_view, study_manifest, training_patients,
+    EXTERNAL, UNUSED, external_view, fraction_arms, fraction_view, site_arms, study_manifest, training_patients,
 )
 from components.errors import ConfigError
 from components.steps import get_step
@@ -101,3 +101,28 @@ def test_each_arm_is_an_ordinary_run_on_its_fraction(small_dataset, workspace):
 def test_bad_label_fractions_are_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides, environ={})
+
+
+def test_leaving_one_site_out_holds_out_each_site_beside_the_plain_run(small_dataset):
+    config = load_config(overrides=["study.leave_one_site_out=true"], environ={})
+    arms = site_arms(config, small_dataset)
+    assert [site for site, _ in arms] == [None, "site-a", "site-b", "site-c"]
+    assert arms[0][1].study == load_config(environ={}).study  # the run on every site is the plain run
+    assert [arm.study.external_sites for _, arm in arms[1:]] == [("site-a",), ("site-b",), ("site-c",)]
+    assert not any(arm.study.leave_one_site_out for _, arm in arms)
+
+
+def test_leaving_one_site_out_needs_two_sites_and_stands_alone(small_dataset, workspace):
+    config = load_config(overrides=["study.leave_one_site_out=true"], environ={})
+    manifest = load_manifest(small_dataset)
+    one_site = workspace / "one-site.parquet"
+    manifest.assign(site="site-a").to_parquet(one_site)
+    with pytest.raises(ConfigError, match=r"needs at least two sites; .*one-site.parquet has site-a"):
+        site_arms(config, one_site)
+    manifest.drop(columns="site").to_parquet(one_site)
+    with pytest.raises(ConfigError, match="needs a 'site' column"):
+        site_arms(config, one_site)
+    for extra in ("study.label_fractions=[0.5]", "study.external_sites=[site-a]", "study.train_fraction=0.5",
+                  "data.task=segmentation"):
+        with pytest.raises(ConfigError, match="leave_one_site_out"):
+            load_config(overrides=["study.leave_one_site_out=true", extra], environ={})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from components.evaluation.declarations import metrics_for
-from components.evaluation.study import Arm, fraction_study, write_study_html
+from components.evaluation.study import Arm, fraction_study, site_study, write_study_html
 
 
 def _report(auc: float) -> dict:
@@ -42,3 +44,31 @@ def test_an_arm_without_a_figure_is_left_out_of_its_plot_not_drawn_at_zero(tmp_p
     page = write_study_html(study, tmp_path / "study.html").read_text()
     assert "–" in page
 
+
+
+def _with_external(auc: float, external_auc: float) -> dict:
+    report = _report(auc)
+    external = _report(external_auc)
+    report["external"] = {"sites": ["x"], "n": 40, "n_patients": 20, "overall": external["overall"],
+                          "ci95": external["ci95"]}
+    report["external_delta"] = {n: external["overall"][n] - report["overall"][n] for n in report["overall"]}
+    report["external_delta"]["ci95"] = {n: [d - 0.1, d + 0.1] for n, d in report["external_delta"].items()}
+    return report
+
+
+def test_leave_one_site_out_lists_each_site_external_internal_and_their_difference(tmp_path):
+    every = Arm(1.0, 110, "run-all", _report(0.9))
+    arms = [Arm(1.0, 70, "run-no-a", _with_external(0.88, 0.7)), Arm(1.0, 75, "run-no-b", _with_external(0.91, 0.85))]
+    study = site_study(every, arms, ["site-a", "site-b"])
+    assert study["design"] == "leave_one_site_out" and [a["site"] for a in study["arms"]] == ["site-a", "site-b"]
+    assert study["all_sites"]["metrics"]["auc"] == {"value": 0.9, "ci95": every.report["ci95"]["auc"]}
+    for row, arm in zip(study["arms"], arms):
+        external, delta = arm.report["external"], arm.report["external_delta"]
+        assert row["n_external"] == 40 and row["n_train_patients"] == arm.n_train_patients
+        for name in study["metrics"]:
+            assert row["external"][name] == {"value": external["overall"][name], "ci95": external["ci95"][name]}
+            assert row["internal"][name] == {"value": arm.report["overall"][name], "ci95": arm.report["ci95"][name]}
+            assert row["delta"][name] == {"value": delta[name], "ci95": delta["ci95"][name]}
+    assert study["arms"][0]["delta"]["auc"]["value"] == pytest.approx(0.7 - 0.88)
+    page = write_study_html(study, tmp_path / "study.html").read_text()
+    assert page.count("<img alt='study figure'") == len(study["metrics"]) and "every site (registered)" in page
