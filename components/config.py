@@ -237,7 +237,9 @@ class StudyConfig(_Section):
     once on Dask workers (a local cluster of ``parallel`` processes, 0: one per core; or the cluster at
     ``dask_address``), reported as the metric against the fraction; the largest fraction's model is registered.
     ``leave_one_site_out``: one arm per site, trained on the others and tested on it as an external site, beside
-    the plain run on every site (the one registered); reported as the site-by-metric table."""
+    the plain run on every site (the one registered); reported as the site-by-metric table. ``folds``: k-fold
+    cross-validation over the train and val patients, one arm per fold (``fold``: the arm's held-out fold),
+    beside the plain run (the one registered); the test split is untouched."""
 
     external_sites: tuple[str, ...] = ()
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
@@ -245,6 +247,8 @@ class StudyConfig(_Section):
     parallel: int = Field(0, ge=0)
     dask_address: str | None = Field(None, description="a Dask scheduler (tcp://host:8786) to run the arms on")
     leave_one_site_out: bool = False
+    folds: int = Field(0, ge=0, description="k-fold cross-validation over train + val patients (0: off)")
+    fold: int | None = Field(None, ge=0, description="set by the study on each arm: the fold it validates on")
 
     @model_validator(mode="after")
     def _fractions(self) -> StudyConfig:
@@ -255,6 +259,13 @@ class StudyConfig(_Section):
             raise ValueError(f"label_fractions lists a fraction twice: {list(self.label_fractions)}")
         if self.label_fractions and self.train_fraction != 1.0:
             raise ValueError("set either label_fractions (one arm per fraction) or train_fraction (one run), not both")
+        if self.folds == 1:
+            raise ValueError("folds must be 0 (off) or at least 2")
+        if self.fold is not None and not self.fold < self.folds:
+            raise ValueError(f"fold {self.fold} is not one of folds 0..{self.folds - 1}")
+        if self.folds and (self.label_fractions or self.leave_one_site_out or self.train_fraction != 1.0):
+            raise ValueError("folds is a study of its own: it takes no label_fractions, leave_one_site_out or "
+                             "train_fraction (external_sites may stay out of every fold)")
         if self.leave_one_site_out and (self.label_fractions or self.external_sites or self.train_fraction != 1.0):
             raise ValueError("leave_one_site_out is a study of its own: it holds out each site in turn, so it takes "
                              "no label_fractions, external_sites or train_fraction")

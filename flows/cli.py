@@ -288,13 +288,22 @@ def print_summary(summary) -> None:
         import json  # noqa: PLC0415
 
         record = json.loads(study.read_text())
-        arms = record["arms"]
+        arms = record.get("arms", [])
         score = "auc" if "auc" in record["metrics"] else next(iter(record["metrics"]), None)
         fmt = lambda point: "n/a" if point["value"] is None else f"{point['value']:.3f}"  # noqa: E731
         if score and record["design"] == "leave_one_site_out":
             curve = ", ".join(f"{a['site']} held out {score} {fmt(a['external'][score])} (internal "
                               f"{fmt(a['internal'][score])})" for a in arms)
             console.print(f"[bold]Study[/]        leave one site out: {curve}; the run on every site is registered "
+                          f"({study.with_name('study.html')})")
+        elif score and record["design"] == "cross_validation":
+            folds = ", ".join("n/a" if f["metrics"][score] is None else f"{f['metrics'][score]:.3f}"
+                              for f in record["per_fold"])
+            mean, sd = record["mean"][score], record["sd"][score]
+            spread = "n/a" if mean is None else f"{mean:.3f} ± {sd or 0:.3f}"
+            console.print(f"[bold]Study[/]        {record['folds']}-fold cross-validation: {score} per fold {folds}; "
+                          f"mean {spread}; out-of-fold {fmt(record['out_of_fold']['metrics'][score])}; fold ensemble "
+                          f"on test {fmt(record['ensemble']['metrics'][score])}; the run on every fold is registered "
                           f"({study.with_name('study.html')})")
         elif score:
             curve = ", ".join(f"{a['fraction']:g} ({a['n_train_patients']} patients) {score} "

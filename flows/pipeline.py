@@ -6,11 +6,11 @@ as its task in this flow's process unless the config places it on a work pool
 (``medflow-<step>/<pool>``, see ``flows/steps.py`` and ``infra/prefect.yaml``).
 
 A study (``study.label_fractions``: one arm per fraction; ``study.leave_one_site_out``: one arm per
-site held out, beside the plain run) trains and evaluates its arms in the subflow ``medflow-study``: the arms are Prefect tasks submitted at once to Prefect's Dask task runner (a local
+site held out, ``study.folds``: one arm per fold, each beside the plain run) trains and evaluates its arms in the subflow ``medflow-study``: the arms are Prefect tasks submitted at once to Prefect's Dask task runner (a local
 cluster of ``study.parallel`` worker processes, one per core by default, or the Dask cluster at
 ``study.dask_address``), each arm's train and evaluate steps cached on their own keys, so a study
 killed half-way and run again trains only the arms that had not finished. The largest fraction's
-model (the plain run's, leaving sites out) is registered and gated as a plain run's.
+model (the plain run's, leaving sites or folds out) is registered and gated as a plain run's.
 """
 
 from __future__ import annotations
@@ -102,12 +102,14 @@ def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
     from prefect_dask import DaskTaskRunner  # noqa: PLC0415 (studies only)
 
     from components.data.ingest import default_workers  # noqa: PLC0415
-    from components.data.study import fraction_arms, site_arms, study_manifest, training_patients  # noqa: PLC0415
+    from components.data.study import (  # noqa: PLC0415
+        fold_arms, fraction_arms, site_arms, study_manifest, training_patients,
+    )
     from components.evaluation.study import Arm, fraction_study, site_study  # noqa: PLC0415
     from components.tracking import use_experiment  # noqa: PLC0415
 
-    if config.study.leave_one_site_out:
-        labelled = site_arms(config, dataset.manifest)  # the plain run first: the one registered
+    if config.study.leave_one_site_out or config.study.folds:  # the plain run first: the one registered
+        labelled = site_arms(config, dataset.manifest) if config.study.leave_one_site_out else fold_arms(config)
         registered = 0
     else:
         labelled = fraction_arms(config)  # smallest fraction first: the largest is registered
@@ -123,10 +125,32 @@ def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
                 n_train_patients=training_patients(study_manifest(dataset.manifest, arm.study)),
                 report=json.loads(Path(evaluation.report).read_text()))
             for (_, arm), (trained, evaluation) in zip(labelled, results)]
-    study = (site_study(arms[0], arms[1:], [site for site, _ in labelled[1:]]) if config.study.leave_one_site_out
-             else fraction_study(arms))
+    if config.study.leave_one_site_out:
+        study = site_study(arms[0], arms[1:], [site for site, _ in labelled[1:]])
+    elif config.study.folds:
+        study = _cross_validation(config, dataset, arms, [evaluation for _, evaluation in results])
+    else:
+        study = fraction_study(arms)
     study_run = log_study(config, study)
     return (*results[registered], paths.medflow_home() / "studies" / study_run)
+
+
+def _cross_validation(config: RunConfig, dataset, arms: list, evaluations: list) -> dict:
+    """The cross-validation study from each fold's val and test predictions (beside its report.json)."""
+    import pandas as pd  # noqa: PLC0415
+
+    from components.data.ingest import load_manifest  # noqa: PLC0415
+    from components.evaluation.study import cv_study  # noqa: PLC0415
+    from components.inference.classification import VAL_PREDICTIONS  # noqa: PLC0415
+
+    folders = [Path(evaluation.report).parent for evaluation in evaluations[1:]]
+    ev = config.evaluate
+    manifest = load_manifest(dataset.manifest)
+    return cv_study(arms[0], arms[1:], [pd.read_parquet(f / VAL_PREDICTIONS) for f in folders],
+                    [pd.read_parquet(f / "predictions.parquet") for f in folders], manifest,
+                    threshold=ev.threshold, n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size,
+                    attributes=[a for a in config.data.attributes if a in manifest.columns],
+                    target_specificity=ev.target_specificity, ordinal=config.data.ordinal)
 
 
 def log_study(config: RunConfig, study: dict) -> str:
@@ -137,18 +161,26 @@ def log_study(config: RunConfig, study: dict) -> str:
 
     import mlflow  # noqa: PLC0415
 
-    from components.evaluation.study import LEAVE_ONE_SITE_OUT, write_study_html  # noqa: PLC0415
+    from components.evaluation.study import CROSS_VALIDATION, LEAVE_ONE_SITE_OUT, write_study_html  # noqa: PLC0415
     from components.tracking import use_experiment  # noqa: PLC0415
 
     experiment_id = use_experiment(config.registry.experiment)
     client = mlflow.MlflowClient()
-    runs = [a["run_id"] for a in study["arms"]]
+    runs = [a["run_id"] for a in study.get("arms", [])]
     if study["design"] == LEAVE_ONE_SITE_OUT:
         arms = ", ".join(a["site"] for a in study["arms"])
         name, params = f"study: leave one site out ({arms})", {"sites": arms}
         metrics = {f"{m}.site_{a['site']}": a["external"][m]["value"] for a in study["arms"] for m in study["metrics"]}
         metrics |= {f"{m}.delta_site_{a['site']}": a["delta"][m]["value"] for a in study["arms"] for m in study["metrics"]}
         runs.append(study["all_sites"]["run_id"])
+    elif study["design"] == CROSS_VALIDATION:
+        runs = [f["run_id"] for f in study["per_fold"]] + [study["all_data"]["run_id"]]
+        name, params = f"study: {study['folds']}-fold cross-validation", {"folds": study["folds"]}
+        metrics = {f"{m}.fold_{f['fold']}": f["metrics"][m] for f in study["per_fold"] for m in study["metrics"]}
+        metrics |= {f"{m}.cv_mean": study["mean"][m] for m in study["metrics"]}
+        metrics |= {f"{m}.cv_sd": study["sd"][m] for m in study["metrics"]}
+        metrics |= {f"{m}.out_of_fold": study["out_of_fold"]["metrics"][m]["value"] for m in study["metrics"]}
+        metrics |= {f"{m}.fold_ensemble": study["ensemble"]["metrics"][m]["value"] for m in study["metrics"]}
     else:
         arms = ", ".join(f"{a['fraction']:g}" for a in study["arms"])
         name, params = f"study: label fractions {arms}", {"fractions": arms}
@@ -191,7 +223,8 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     dataset = step("version", prepared=prepared)
     report = step("validate", dataset=dataset)
     study_dir = None
-    studied = bool(config.study.label_fractions or config.study.leave_one_site_out)
+    studied = bool(config.study.label_fractions or config.study.leave_one_site_out
+                   or (config.study.folds and config.study.fold is None))
     if studied:
         trained, evaluation, study_dir = run_study(config, dataset, report)
     else:

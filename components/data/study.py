@@ -11,6 +11,11 @@ Label fractions (``study.train_fraction``, and an arm per entry of ``study.label
 training patients keeps its labels; the others move to an ``unused`` split that no step reads. The share is
 taken per label (at least one patient of each), in an order fixed by a hash of each patient's pseudonym, so
 the subsets are nested (10 % holds the 1 %) and the same on every machine; val and test are not touched.
+
+Cross-validation (``study.folds``, an arm per ``study.fold``): the train and val patients are dealt into folds
+per label, round-robin in the order of the same kind of hash, so each fold holds its share of every label and a
+patient's cases stay together; the arm's fold is its val split, the others its train split, and the test split
+is untouched. The folds are fixed for a data version; a version with new patients may deal them anew.
 """
 
 from __future__ import annotations
@@ -76,16 +81,43 @@ def fraction_view(manifest: pd.DataFrame, fraction: float, *, stratify: bool = T
     return view
 
 
+def fold_of(manifest: pd.DataFrame, folds: int, *, stratify: bool = True) -> pd.Series:
+    """Each train or val patient's fold (0..folds-1), indexed by patient_id: per label (a patient's is that of
+    its first case), dealt round-robin in the order of ``sha256(patient_id)``."""
+    pool = manifest[manifest["split"].isin(("train", "val"))].sort_values("case_id")
+    patients = pool.groupby("patient_id", sort=False)["label"].first().astype(str)
+    if not stratify:
+        patients[:] = ""
+    order = pd.DataFrame({"stratum": patients.to_numpy(), "rank": [
+        hashlib.sha256(f"fold:{p}".encode()).hexdigest() for p in patients.index]},
+        index=patients.index).sort_values("rank")
+    dealt = {p: k % folds for _, group in order.groupby("stratum", sort=True) for k, p in enumerate(group.index)}
+    return pd.Series(dealt, name="fold").sort_index()
+
+
+def fold_view(manifest: pd.DataFrame, folds: int, fold: int, *, stratify: bool = True) -> pd.DataFrame:
+    """The manifest with fold ``fold`` of the train and val patients as val and the other folds as train."""
+    view = manifest.copy()
+    assigned = fold_of(manifest, folds, stratify=stratify)
+    pooled = view["split"].isin(("train", "val"))
+    in_fold = view["patient_id"].map(assigned) == fold
+    view.loc[pooled & in_fold, "split"] = "val"
+    view.loc[pooled & ~in_fold, "split"] = "train"
+    return view
+
+
 def study_manifest(manifest_path: Path, study: StudyConfig, *, segmentation: bool = False) -> Path:
     """The manifest the run's steps read: ``manifest_path`` itself without a study, else the study's view of it
     (see the module docstring)."""
-    if not study.external_sites and study.train_fraction == 1.0:
+    if not study.external_sites and study.train_fraction == 1.0 and study.fold is None:
         return manifest_path
     view = load_manifest(manifest_path)
     if study.external_sites:
         view = external_view(view, tuple(study.external_sites), where=str(manifest_path))
     if study.train_fraction < 1.0:
         view = fraction_view(view, study.train_fraction, stratify=not segmentation)
+    if study.fold is not None:
+        view = fold_view(view, study.folds, study.fold, stratify=not segmentation)
     root = manifest_path.parent.resolve()
     for column in ("image", *(("label",) if segmentation else ())):
         view[column] = [str(root / p) for p in view[column]]
@@ -129,6 +161,18 @@ def site_arms(config: RunConfig, manifest_path: Path) -> list[tuple[str | None, 
     for site in sites:
         external_view(manifest, (site,), where=str(manifest_path))
         arms.append((site, config.model_copy(update={"study": StudyConfig(external_sites=(site,))})))
+    return arms
+
+
+def fold_arms(config: RunConfig) -> list[tuple[int | None, RunConfig]]:
+    """k-fold cross-validation: the plain run (``None``, the one registered), then one arm per fold validating
+    on it (``study.fold``) and training on the others; external sites stay out of every fold."""
+    sites = config.study.external_sites
+    arms: list[tuple[int | None, RunConfig]] = [
+        (None, config.model_copy(update={"study": StudyConfig(external_sites=sites)}))]
+    for fold in range(config.study.folds):
+        study = StudyConfig(external_sites=sites, folds=config.study.folds, fold=fold)
+        arms.append((fold, config.model_copy(update={"study": study})))
     return arms
 
 

@@ -8,7 +8,13 @@ training patients, and each summary metric of its report.json with the patient-l
 Leave one site out (``study.leave_one_site_out``): each arm trains on every site but one and is judged on that
 site as an external site; ``study.json`` lists, per site, the external figures, the internal ones (the other
 sites' test split) and their difference, each with its interval, beside the plain run on every site; the
-page draws each metric per site. Judging tables only, as the rest of this package.
+page draws each metric per site.
+
+Cross-validation (``study.folds``): each fold's arm validates on its fold; ``study.json`` holds each summary metric
+per fold (on its val cases), their mean and sd, the same on the pooled out-of-fold predictions with a patient
+bootstrap interval (probabilities before temperature scaling: each fold's temperature is fitted on those very
+cases), the fold ensemble's (mean of the folds' calibrated probabilities) on the test split, and the plain run's
+on the test split (the model registered). Judging tables only, as the rest of this package.
 """
 
 from __future__ import annotations
@@ -23,11 +29,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from components.errors import EvaluationError  # noqa: E402
 from components.evaluation.declarations import metric, report_metrics  # noqa: E402
+from components.evaluation.report import evaluate_predictions  # noqa: E402
 from components.evaluation.html_report import CSS, fmt_value, html_table, png_uri  # noqa: E402
 
 LABEL_FRACTIONS = "label_fractions"
 LEAVE_ONE_SITE_OUT = "leave_one_site_out"
+CROSS_VALIDATION = "cross_validation"
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,55 @@ def site_study(all_sites: Arm, arms: Sequence[Arm], sites: Sequence[str]) -> dic
             "arms": rows}
 
 
+def cv_study(plain: Arm, folds: Sequence[Arm], val_tables: Sequence[pd.DataFrame], test_tables: Sequence[pd.DataFrame],
+             manifest: pd.DataFrame, *, threshold: float, n_bootstrap: int, seed: int, min_group_size: int,
+             attributes: Sequence[str] = (), target_specificity: float = 0.9, ordinal: bool = False) -> dict:
+    """``study.json`` of k-fold cross-validation from the folds' val predictions (each train or val case exactly
+    once) and test predictions, and the plain run's report (see the module docstring).
+
+    Raises:
+        EvaluationError: the folds' val cases overlap (a case predicted by two folds).
+    """
+    names = [m.name for m in report_metrics(plain.report) if m.summary]
+    judge = dict(threshold=threshold, seed=seed, min_group_size=min_group_size, target_specificity=target_specificity,
+                 ordinal=ordinal)
+    per_fold = []
+    for k, (arm, table) in enumerate(zip(folds, val_tables)):
+        overall = evaluate_predictions(table, manifest, attributes=[], n_bootstrap=0, source=f"fold {k} val",
+                                       **judge).overall
+        per_fold.append({"fold": k, "run_id": arm.run_id, "n_train_patients": arm.n_train_patients, "n_val": len(table),
+                         "metrics": {n: overall.get(n) for n in names}})
+    pooled = pd.concat(val_tables, ignore_index=True)
+    twice = pooled["case_id"][pooled["case_id"].duplicated()]
+    if len(twice):
+        raise EvaluationError(f"case {twice.iloc[0]} is in the val split of two folds: the folds must not overlap")
+    oof = evaluate_predictions(pooled, manifest, attributes=[], n_bootstrap=n_bootstrap, source="out-of-fold", **judge)
+    ensemble = _mean_probabilities(test_tables)
+    tested = evaluate_predictions(ensemble, manifest, attributes=attributes, n_bootstrap=n_bootstrap,
+                                  source="fold ensemble", **judge)
+    values = {n: [f["metrics"][n] for f in per_fold if f["metrics"][n] is not None] for n in names}
+    return {
+        "design": CROSS_VALIDATION, "folds": len(folds), "metrics": names, "per_fold": per_fold,
+        "mean": {n: float(np.mean(v)) if v else None for n, v in values.items()},
+        "sd": {n: float(np.std(v, ddof=1)) if len(v) > 1 else None for n, v in values.items()},
+        "out_of_fold": {"n": len(pooled), "calibrated": False,
+                        "metrics": _figures({"overall": oof.overall, "ci95": oof.ci95}, names)},
+        "ensemble": {"n_test": len(ensemble), "metrics": _figures({"overall": tested.overall, "ci95": tested.ci95}, names)},
+        "all_data": {"run_id": plain.run_id, "n_train_patients": plain.n_train_patients, "n_test": plain.report.get("n"),
+                     "metrics": _figures(plain.report, names)},
+    }
+
+
+def _mean_probabilities(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The fold ensemble's predictions: each ``prob*`` column averaged over the folds' tables (same cases)."""
+    first = tables[0].set_index("case_id")
+    columns = [c for c in first.columns if str(c).startswith("prob")]
+    stacked = np.stack([t.set_index("case_id").loc[first.index, columns].to_numpy(float) for t in tables])
+    out = first.copy()
+    out[columns] = stacked.mean(axis=0)
+    return out.reset_index()
+
+
 def _errors(points: Sequence[Mapping]) -> list[list[float]]:
     """matplotlib's yerr for ``{value, ci95}`` points; a bootstrap interval need not contain its point (BCa can
     move it aside), so each bar is drawn from the point."""
@@ -102,6 +163,30 @@ def _site_figure(study: Mapping, name: str, title: str) -> str:
     ax.set_xlabel("site held out")
     ax.set_ylabel(title)
     ax.set_title(f"{title} per held-out site (95% interval)", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    return png_uri(fig)
+
+
+def _cv_figure(study: Mapping, name: str, title: str) -> str:
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    folds = [(f["fold"], f["metrics"][name]) for f in study["per_fold"] if f["metrics"][name] is not None]
+    ax.plot([k for k, _ in folds], [v for _, v in folds], "o", color="#888", label="each fold, its val cases")
+    at = len(study["per_fold"])
+    mean, sd = study["mean"][name], study["sd"][name]
+    if mean is not None:
+        ax.errorbar([at], [mean], yerr=[[sd or 0.0], [sd or 0.0]], fmt="D", color="#555", capsize=4, label="mean ± sd")
+    for offset, key, label, color in ((1, "out_of_fold", "out-of-fold, pooled", "#1d4ed8"),
+                                      (2, "ensemble", "fold ensemble, test", "#c2410c"),
+                                      (3, "all_data", "trained on all, test", "#15803d")):
+        point = study[key]["metrics"][name]
+        if point["value"] is not None:
+            ax.errorbar([at + offset], [point["value"]], yerr=_errors([point]), fmt="o", capsize=4, color=color,
+                        label=label)
+    ax.set_xticks([*range(at), at, at + 1, at + 2, at + 3],
+                  [*(str(k) for k in range(at)), "mean", "OOF", "ens.", "all"], fontsize=8)
+    ax.set_xlabel("fold")
+    ax.set_ylabel(title)
+    ax.set_title(f"{title}: {at}-fold cross-validation (95% intervals)", fontsize=10)
     ax.legend(fontsize=7, frameon=False)
     return png_uri(fig)
 
@@ -147,6 +232,23 @@ def write_study_html(study: Mapping, out: Path) -> Path:
         intro = ("Each arm trained on every site but one and was judged on that site as an external site, "
                  "never trained or tuned on; internal is the other sites' test split. The last row is the plain "
                  "run on every site, the model registered.")
+    elif study["design"] == CROSS_VALIDATION:
+        title = f"{study['folds']}-fold cross-validation"
+        figures = "".join(f"<img alt='study figure' src='{_cv_figure(study, n, metric(n).title)}'>" for n in names)
+        header = ["", "cases", *names, "run"]
+        rows = [[f"fold {f['fold']} (val)", str(f["n_val"]), *(fmt_value(f["metrics"][n]) for n in names),
+                 html.escape(f["run_id"])] for f in study["per_fold"]]
+        rows.append(["mean ± sd", "", *(f"{fmt_value(study['mean'][n])} ± {fmt_value(study['sd'][n])}" for n in names),
+                     ""])
+        for key, label, n in (("out_of_fold", "out-of-fold, pooled (before temperature scaling)",
+                               study["out_of_fold"]["n"]),
+                              ("ensemble", "fold ensemble on the test split", study["ensemble"]["n_test"]),
+                              ("all_data", "trained on every fold, test split (registered)", study["all_data"]["n_test"])):
+            rows.append([label, str(n), *(_cell(study[key]["metrics"][m]) for m in names),
+                         html.escape(study["all_data"]["run_id"]) if key == "all_data" else ""])
+        intro = ("The train and val patients are dealt into folds per label; each fold's model trained on the others "
+                 "and validated on it. Out-of-fold figures pool every fold's val cases (each once); the fold "
+                 "ensemble averages the folds' calibrated probabilities on the untouched test split.")
     else:
         title = "Label fractions"
         figures = "".join(f"<img alt='study figure' src='{_figure(study, n, metric(n).title)}'>" for n in names)

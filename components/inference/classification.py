@@ -31,6 +31,7 @@ from components.training.preprocess import PreprocessSpec
 
 SHORTCUT_AUC = metric("shortcut_auc")
 FAIRNESS_LOGGED = tuple(m.name for m in metrics_for("binary", kind=(FAIRNESS,)))  # test_<attribute>_<name> metrics
+VAL_PREDICTIONS = "val_predictions.parquet"  # the val split's probabilities before temperature scaling
 
 
 def contract_probabilities(prob: np.ndarray) -> np.ndarray:
@@ -114,6 +115,9 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
         out_dir.mkdir(parents=True, exist_ok=True)
         external_table.to_parquet(out_dir / "external_predictions.parquet", index=False)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the val cases' probabilities before temperature scaling (it is fitted on them): a fold's out-of-fold share
+    predictions_frame(val, probabilities(val_logits), multilabel=multilabel).to_parquet(
+        out_dir / VAL_PREDICTIONS, index=False)
     report_path = report.write_json(out_dir / "report.json")
     write_html_report(report.to_dict(), calibrated, manifest, out_dir / "report.html",
                       title=f"Evaluation of run {run_id} on {len(test)} test images")

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
 from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +104,28 @@ def test_leaving_one_site_out_judges_each_site_unseen_and_registers_the_run_on_e
         assert study_run.data.metrics[f"auc.site_{arm['site']}"] == pytest.approx(report["external"]["overall"]["auc"])
         assert client.get_run(arm["run_id"]).data.tags["mlflow.parentRunId"] == study_run.info.run_id
     assert len({arm["run_id"] for arm in study["arms"]} | {summary["run_id"]}) == 4
+
+
+def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_folds_on_test(tmp_path):
+    done = subprocess.run([MEDFLOW, "run", *[arg for item in (*SMALL[:-2], "study.folds=3") for arg in ("--set", item)],
+                           "--summary", "summary.json"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Study        3-fold cross-validation: auc per fold" in done.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    study = json.loads(Path(summary["study"]).read_text())
+    assert study["all_data"]["run_id"] == summary["run_id"] and len(study["per_fold"]) == 3
+
+    manifest = pd.read_parquet(next((tmp_path / "data" / "demo").glob("manifest.parquet")))
+    pool = manifest[manifest["split"].isin(("train", "val"))]
+    oof = pd.concat([pd.read_parquet(tmp_path / ".medflow" / "runs" / f["run_id"] / "val_predictions.parquet")
+                     for f in study["per_fold"]])
+    assert sorted(oof["case_id"]) == sorted(pool["case_id"])  # every train and val case validated on exactly once
+    assert study["out_of_fold"]["n"] == len(pool)
+    assert study["out_of_fold"]["metrics"]["auc"]["value"] == pytest.approx(roc_auc_score(oof["y_true"], oof["prob"]))
+    assert study["ensemble"]["n_test"] == (manifest["split"] == "test").sum()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
+    client = MlflowClient()
+    (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
+                                      "tags.`medflow.study` = 'cross_validation'")
+    assert study_run.data.metrics["auc.cv_mean"] == pytest.approx(study["mean"]["auc"])

@@ -12,7 +12,8 @@ import pytest
 from components.config import StudyConfig, load_config
 from components.data.ingest import load_manifest
 from components.data.study import (
-    EXTERNAL, UNUSED, external_view, fraction_arms, fraction_view, site_arms, study_manifest, training_patients,
+    EXTERNAL, UNUSED, external_view, fold_arms, fold_of, fold_view, fraction_arms, fraction_view, site_arms,
+    study_manifest, training_patients,
 )
 from components.errors import ConfigError
 from components.steps import get_step
@@ -126,3 +127,39 @@ def test_leaving_one_site_out_needs_two_sites_and_stands_alone(small_dataset, wo
                   "data.task=segmentation"):
         with pytest.raises(ConfigError, match="leave_one_site_out"):
             load_config(overrides=["study.leave_one_site_out=true", extra], environ={})
+
+
+def test_folds_deal_every_train_and_val_patient_once_per_label_and_leave_test_alone(small_dataset):
+    manifest = load_manifest(small_dataset)
+    pool = manifest["split"].isin(("train", "val"))
+    assigned = fold_of(manifest, 3)
+    assert set(assigned.index) == set(manifest.loc[pool, "patient_id"]) and set(assigned) == {0, 1, 2}
+    labels = manifest[pool].sort_values("case_id").groupby("patient_id")["label"].first()
+    for _, patients in labels.groupby(labels):  # each label dealt evenly: fold sizes differ by at most one
+        sizes = assigned[patients.index].value_counts()
+        assert sizes.max() - sizes.min() <= 1
+    seen = []
+    for fold in range(3):
+        view = fold_view(manifest, 3, fold)
+        assert (view.loc[~pool, "split"] == manifest.loc[~pool, "split"]).all()  # test untouched
+        val = view[view["split"] == "val"]
+        assert set(val["patient_id"].map(assigned)) == {fold}
+        assert not set(val["patient_id"]) & set(view.loc[view["split"] == "train", "patient_id"])
+        seen += list(val["case_id"])
+    assert sorted(seen) == sorted(manifest.loc[pool, "case_id"])  # every train or val case validated on once
+    pd.testing.assert_series_equal(fold_of(manifest, 3), assigned)
+
+
+def test_each_fold_is_an_arm_beside_the_plain_run(small_dataset, workspace):
+    config = load_config(overrides=["study.folds=3", "study.external_sites=[site-c]"], environ={})
+    arms = fold_arms(config)
+    assert [k for k, _ in arms] == [None, 0, 1, 2]
+    assert arms[0][1].study == StudyConfig(external_sites=("site-c",))
+    assert [(a.study.folds, a.study.fold, a.study.external_sites) for _, a in arms[1:]] == [
+        (3, k, ("site-c",)) for k in range(3)]
+    view = pd.read_parquet(study_manifest(small_dataset, arms[1][1].study))
+    assert (view.loc[view["site"] == "site-c", "split"] == EXTERNAL).all()  # external sites stay out of every fold
+    for overrides, message in ((["study.folds=1"], "at least 2"), (["study.folds=3", "study.fold=3"], "not one of"),
+                               (["study.folds=3", "study.leave_one_site_out=true"], "a study of its own")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides=overrides, environ={})

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from components.evaluation.declarations import metrics_for
-from components.evaluation.study import Arm, fraction_study, site_study, write_study_html
+from components.errors import EvaluationError
+from components.evaluation.study import Arm, cv_study, fraction_study, site_study, write_study_html
 
 
 def _report(auc: float) -> dict:
@@ -72,3 +76,40 @@ def test_leave_one_site_out_lists_each_site_external_internal_and_their_differen
     assert study["arms"][0]["delta"]["auc"]["value"] == pytest.approx(0.7 - 0.88)
     page = write_study_html(study, tmp_path / "study.html").read_text()
     assert page.count("<img alt='study figure'") == len(study["metrics"]) and "every site (registered)" in page
+
+
+def test_cross_validation_figures_equal_scikit_learns_on_the_same_predictions(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 300
+    manifest = pd.DataFrame({"case_id": [f"C{i}" for i in range(n)], "patient_id": [f"P{i // 2}" for i in range(n)],
+                             "label": rng.integers(0, 2, n), "split": ["test"] * 100 + ["train"] * 200})
+    def table(cases: pd.DataFrame, noise: float) -> pd.DataFrame:  # noqa: E306
+        p1 = np.clip(cases["label"] * 0.6 + rng.normal(0.2, noise, len(cases)), 0.01, 0.99)
+        return pd.DataFrame({"case_id": cases["case_id"], "y_true": cases["label"], "prob": p1})  # the binary contract
+    pool, test = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
+    vals = [table(pool.iloc[k::3], 0.3 + 0.1 * k) for k in range(3)]
+    tests = [table(test, 0.3 + 0.1 * k) for k in range(3)]
+    plain = Arm(1.0, 100, "plain", _report(0.9))
+    folds = [Arm(1.0, 66, f"fold{k}", _report(0.8)) for k in range(3)]
+    study = cv_study(plain, folds, vals, tests, manifest, threshold=0.5, n_bootstrap=50, seed=0, min_group_size=5)
+
+    per_fold = [roc_auc_score(v["y_true"], v["prob"]) for v in vals]
+    assert [f["metrics"]["auc"] for f in study["per_fold"]] == pytest.approx(per_fold)
+    assert study["mean"]["auc"] == pytest.approx(np.mean(per_fold))
+    assert study["sd"]["auc"] == pytest.approx(np.std(per_fold, ddof=1))
+    pooled = pd.concat(vals)
+    assert study["out_of_fold"]["n"] == 200
+    assert study["out_of_fold"]["metrics"]["auc"]["value"] == pytest.approx(roc_auc_score(pooled["y_true"], pooled["prob"]))
+    low, high = study["out_of_fold"]["metrics"]["auc"]["ci95"]
+    assert low < study["out_of_fold"]["metrics"]["auc"]["value"] < high
+    mean_prob = np.mean([t["prob"].to_numpy() for t in tests], axis=0)
+    assert study["ensemble"]["metrics"]["auc"]["value"] == pytest.approx(roc_auc_score(test["label"], mean_prob))
+    assert study["ensemble"]["metrics"]["brier"]["value"] == pytest.approx(
+        brier_score_loss(test["label"], mean_prob))
+    assert study["all_data"]["metrics"]["auc"]["value"] == 0.9 and study["all_data"]["run_id"] == "plain"
+    page = write_study_html(study, tmp_path / "study.html").read_text()
+    assert page.count("<img alt='study figure'") == len(study["metrics"]) and "fold ensemble on the test split" in page
+
+    with pytest.raises(EvaluationError, match="is in the val split of two folds"):
+        cv_study(plain, folds, [vals[0], vals[1], vals[0]], tests, manifest, threshold=0.5, n_bootstrap=0, seed=0,
+                 min_group_size=5)
