@@ -499,8 +499,8 @@ def history(model: ModelOption) -> None:
 
 @app.command()
 def status(limit: Annotated[int, typer.Option(help="How many of the latest runs to list.")] = 10) -> None:
-    """The latest runs with their data versions, and each model's champion."""
-    from components.registry.status import latest_runs, registered_models  # noqa: PLC0415
+    """The latest runs with their data versions, the latest studies, and each model's champion."""
+    from components.registry.status import latest_runs, latest_studies, registered_models  # noqa: PLC0415
 
     client = _client()
     console.print(f"Tracking store: {paths.tracking_uri()}", markup=False, soft_wrap=True)
@@ -511,6 +511,9 @@ def status(limit: Annotated[int, typer.Option(help="How many of the latest runs 
         console.print(f"{r.started}  run {r.run_id[:8]}  {r.status:<9} {r.experiment}  data {r.data_version[:8]}  "
                       + (f"test Dice {_num(r.test_dice)}" if r.test_dice is not None else f"test AUC {_num(r.test_auc)}"),
                       markup=False, soft_wrap=True)
+    for study in latest_studies(client):
+        console.print(f"{study.started}  study {study.run_id[:8]}  {study.name}  {study.arms} arms' runs "
+                      f"(.medflow/studies/{study.run_id}/study.html)", markup=False, soft_wrap=True)
     for m in registered_models(client):
         console.print(f"{m.name}: latest version {m.latest_version or '-'}, champion {m.champion or '-'}, "
                       f"previous-champion {m.previous_champion or '-'}", markup=False, soft_wrap=True)

@@ -76,11 +76,16 @@ SUMMARY_METRICS = tuple(m.name for m in METRICS if m.summary)
 
 
 @task(name="medflow-study-arm", cache_policy=NO_CACHE)
-def study_arm(config: RunConfig, dataset, validation_report: Path, workspace: str) -> tuple:
+def study_arm(config: RunConfig, dataset, validation_report: Path, workspace: str, threads: int = 0) -> tuple:
     """One arm of a study, in the workspace (a Dask worker may start elsewhere: it needs shared storage): its
-    train and evaluate steps (each cached on its own key, or placed on its pool)."""
+    train and evaluate steps (each cached on its own key, or placed on its pool). ``threads``: torch's threads
+    in this worker (the local cluster shares the cores among its arms; 0 leaves torch's default)."""
     from flows.steps import enter_workspace  # noqa: PLC0415
 
+    if threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(threads)
     enter_workspace(workspace)
     trained, _ = run_step(config, "train", dataset=dataset, validation_report=validation_report)
     evaluation, _ = run_step(config, "evaluate", run_id=trained.run_id, dataset=dataset)
@@ -88,10 +93,10 @@ def study_arm(config: RunConfig, dataset, validation_report: Path, workspace: st
 
 
 @flow(name="medflow-study")
-def study_arms(arms: list[RunConfig], dataset, validation_report: Path) -> list[tuple]:
+def study_arms(arms: list[RunConfig], dataset, validation_report: Path, threads: int = 0) -> list[tuple]:
     """Every arm at once on this flow's task runner; (trained, evaluation) per arm, in the arms' order."""
     workspace = str(paths.workspace_root())
-    futures = [study_arm.submit(arm, dataset, validation_report, workspace) for arm in arms]
+    futures = [study_arm.submit(arm, dataset, validation_report, workspace, threads) for arm in arms]
     return [future.result() for future in futures]
 
 
@@ -109,7 +114,8 @@ def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
     from components.tracking import use_experiment  # noqa: PLC0415
 
     if config.study.leave_one_site_out or config.study.folds:  # the plain run first: the one registered
-        labelled = site_arms(config, dataset.manifest) if config.study.leave_one_site_out else fold_arms(config)
+        labelled = (site_arms(config, dataset.manifest) if config.study.leave_one_site_out
+                    else fold_arms(config, dataset.manifest))
         registered = 0
     else:
         labelled = fraction_arms(config)  # smallest fraction first: the largest is registered
@@ -120,7 +126,9 @@ def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
         cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}))
     # the local cluster's nannies warn when a finished worker takes over 4 s to exit (torch's threads): not news
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
-    results = study_arms.with_options(task_runner=runner)([c for _, c in labelled], dataset, validation_report)
+    threads = 0 if config.study.dask_address else max(1, default_workers() // workers)  # the cores, shared
+    results = study_arms.with_options(task_runner=runner)([c for _, c in labelled], dataset, validation_report,
+                                                          threads)
     arms = [Arm(fraction=arm.study.train_fraction, run_id=trained.run_id,
                 n_train_patients=training_patients(study_manifest(dataset.manifest, arm.study)),
                 report=json.loads(Path(evaluation.report).read_text()))

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from components import paths
-from components.config import RunConfig, StudyConfig
+from components.config import RunConfig, StudyConfig, Task
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
 
@@ -64,34 +64,35 @@ def external_view(manifest: pd.DataFrame, external_sites: tuple[str, ...], *, wh
     return view
 
 
-def fraction_view(manifest: pd.DataFrame, fraction: float, *, stratify: bool = True) -> pd.DataFrame:
-    """The manifest with all but ``fraction`` of the training patients in the ``unused`` split: per label
-    (``stratify``; a patient's label is that of its first case), the first ``ceil(fraction * n)`` patients in
-    the order of ``sha256(patient_id)``, so a smaller fraction's patients are always among a larger one's."""
-    view = manifest.copy()
-    train = view[view["split"] == "train"].sort_values("case_id")
-    patients = train.groupby("patient_id", sort=False)["label"].first().astype(str)
+def _strata(manifest: pd.DataFrame, splits: tuple[str, ...], salt: str, *, stratify: bool) -> list[pd.Index]:
+    """The patients of ``splits``, per label (a patient's is that of its first case; one stratum when not
+    ``stratify``), each stratum in the order of ``sha256(salt:patient_id)``: fixed by the pseudonyms alone."""
+    cases = manifest[manifest["split"].isin(splits)].sort_values("case_id")
+    patients = cases.groupby("patient_id", sort=False)["label"].first().astype(str)
     if not stratify:
         patients[:] = ""
     order = pd.DataFrame({"stratum": patients.to_numpy(), "rank": [
-        hashlib.sha256(f"label-fraction:{p}".encode()).hexdigest() for p in patients.index]},
+        hashlib.sha256(f"{salt}:{p}".encode()).hexdigest() for p in patients.index]},
         index=patients.index).sort_values("rank")
-    keep = [p for _, group in order.groupby("stratum", sort=True) for p in group.index[:math.ceil(fraction * len(group))]]
+    return [group.index for _, group in order.groupby("stratum", sort=True)]
+
+
+def fraction_view(manifest: pd.DataFrame, fraction: float, *, stratify: bool = True) -> pd.DataFrame:
+    """The manifest with all but ``fraction`` of the training patients in the ``unused`` split: per label
+    (``stratify``), the first ``ceil(fraction * n)`` patients in hash order (:func:`_strata`), so a smaller
+    fraction's patients are always among a larger one's."""
+    view = manifest.copy()
+    keep = [p for stratum in _strata(view, ("train",), "label-fraction", stratify=stratify)
+            for p in stratum[:math.ceil(fraction * len(stratum))]]
     view.loc[(view["split"] == "train") & ~view["patient_id"].isin(keep), "split"] = UNUSED
     return view
 
 
 def fold_of(manifest: pd.DataFrame, folds: int, *, stratify: bool = True) -> pd.Series:
-    """Each train or val patient's fold (0..folds-1), indexed by patient_id: per label (a patient's is that of
-    its first case), dealt round-robin in the order of ``sha256(patient_id)``."""
-    pool = manifest[manifest["split"].isin(("train", "val"))].sort_values("case_id")
-    patients = pool.groupby("patient_id", sort=False)["label"].first().astype(str)
-    if not stratify:
-        patients[:] = ""
-    order = pd.DataFrame({"stratum": patients.to_numpy(), "rank": [
-        hashlib.sha256(f"fold:{p}".encode()).hexdigest() for p in patients.index]},
-        index=patients.index).sort_values("rank")
-    dealt = {p: k % folds for _, group in order.groupby("stratum", sort=True) for k, p in enumerate(group.index)}
+    """Each train or val patient's fold (0..folds-1), indexed by patient_id: per label, dealt round-robin in
+    hash order (:func:`_strata`)."""
+    dealt = {p: k % folds for stratum in _strata(manifest, ("train", "val"), "fold", stratify=stratify)
+             for k, p in enumerate(stratum)}
     return pd.Series(dealt, name="fold").sort_index()
 
 
@@ -164,10 +165,23 @@ def site_arms(config: RunConfig, manifest_path: Path) -> list[tuple[str | None, 
     return arms
 
 
-def fold_arms(config: RunConfig) -> list[tuple[int | None, RunConfig]]:
+def fold_arms(config: RunConfig, manifest_path: Path) -> list[tuple[int | None, RunConfig]]:
     """k-fold cross-validation: the plain run (``None``, the one registered), then one arm per fold validating
-    on it (``study.fold``) and training on the others; external sites stay out of every fold."""
+    on it (``study.fold``) and training on the others; external sites stay out of every fold.
+
+    Raises:
+        ConfigError: a label with fewer train and val patients than folds (a fold would validate without it).
+    """
     sites = config.study.external_sites
+    manifest = load_manifest(manifest_path)
+    if sites:
+        manifest = external_view(manifest, tuple(sites), where=str(manifest_path))
+    pool = manifest[manifest["split"].isin(("train", "val"))].sort_values("case_id")
+    per_label = pool.groupby("patient_id")["label"].first().astype(str).value_counts()
+    if config.data.task is not Task.SEGMENTATION and (per_label < config.study.folds).any():
+        label, n = per_label.idxmin(), int(per_label.min())
+        raise ConfigError(f"study.folds {config.study.folds} is more than the {n} train and val patient(s) of label "
+                          f"{label} in {manifest_path}: every fold must validate on every label; use at most {n} folds")
     arms: list[tuple[int | None, RunConfig]] = [
         (None, config.model_copy(update={"study": StudyConfig(external_sites=sites)}))]
     for fold in range(config.study.folds):

@@ -1,4 +1,5 @@
-"""What the tracking store holds now: the latest runs with their data versions, and each model's champion."""
+"""What the tracking store holds now: the latest runs with their data versions, the latest studies, and each
+model's champion."""
 
 from __future__ import annotations
 
@@ -53,6 +54,30 @@ def latest_runs(client: MlflowClient, *, limit: int = 10) -> list[RunLine]:
         )
         for r in runs
     ]
+
+
+@dataclass(frozen=True)
+class StudyLine:
+    """One study run (tag ``medflow.study``), newest first."""
+
+    run_id: str
+    started: str
+    design: str
+    name: str
+    arms: int
+
+
+def latest_studies(client: MlflowClient, *, limit: int = 5) -> list[StudyLine]:
+    """The ``limit`` most recent studies of every experiment, with their number of arms' runs."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(experiments, "tags.`medflow.study` != ''", order_by=["attributes.start_time DESC"],
+                              max_results=limit)
+    return [StudyLine(run_id=r.info.run_id, design=r.data.tags["medflow.study"],
+                      started=datetime.fromtimestamp(r.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                      name=r.data.tags.get("mlflow.runName", ""), arms=len(r.data.params.get("arms", "").split(", ")))
+            for r in runs]
 
 
 def registered_models(client: MlflowClient) -> list[ModelLine]:

@@ -35,8 +35,12 @@ def _run(workspace: Path, *extra: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900, check=False)
 
 
-def test_label_fractions_train_an_arm_each_at_once_report_the_curve_and_register_the_largest(tmp_path):
-    first = _run(tmp_path)
+def test_label_fractions_train_an_arm_each_report_the_curve_register_the_largest_and_resume(tmp_path):
+    plain = subprocess.run([MEDFLOW, "run", *[arg for item in SMALL[:-2] for arg in ("--set", item)], "--summary",
+                            "plain.json"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    first = _run(tmp_path)  # as if a study had stopped after its 1.0 arm: that arm is the plain run, finished
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Study        label fractions: 0.25 (" in first.stdout and "1 (" in first.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -46,6 +50,7 @@ def test_label_fractions_train_an_arm_each_at_once_report_the_curve_and_register
     assert (quarter["fraction"], full["fraction"]) == (0.25, 1.0)
     assert 0.2 < quarter["n_train_patients"] / full["n_train_patients"] < 0.35
     assert full["run_id"] == summary["run_id"] != quarter["run_id"]  # the whole training set's model is registered
+    assert full["run_id"] == json.loads((tmp_path / "plain.json").read_text())["run_id"]  # reused, not retrained
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
     client = MlflowClient()
@@ -62,7 +67,6 @@ def test_label_fractions_train_an_arm_each_at_once_report_the_curve_and_register
         assert study_run.data.metrics[f"auc.fraction_{arm['fraction']:g}"] == pytest.approx(report["overall"]["auc"])
     a, b = runs.values()
     assert study_run.info.experiment_id == a.info.experiment_id == b.info.experiment_id
-    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # the arms ran at once
     trainings = lambda: len(client.search_runs([a.info.experiment_id]))  # noqa: E731
     before = trainings()
 
@@ -104,6 +108,12 @@ def test_leaving_one_site_out_judges_each_site_unseen_and_registers_the_run_on_e
         assert study_run.data.metrics[f"auc.site_{arm['site']}"] == pytest.approx(report["external"]["overall"]["auc"])
         assert client.get_run(arm["run_id"]).data.tags["mlflow.parentRunId"] == study_run.info.run_id
     assert len({arm["run_id"] for arm in study["arms"]} | {summary["run_id"]}) == 4
+    status = subprocess.run([MEDFLOW, "status"], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert f"study {study_run.info.run_id[:8]}  study: leave one site out (site-a, site-b, site-c)  4 arms' runs" in status.stdout
+    held = [client.get_run(arm["run_id"]).info for arm in study["arms"]]
+    assert any(a.start_time < b.end_time and b.start_time < a.end_time  # two arms trained at once
+               for k, a in enumerate(held) for b in held[k + 1:])
 
 
 def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_folds_on_test(tmp_path):

@@ -152,13 +152,18 @@ def test_folds_deal_every_train_and_val_patient_once_per_label_and_leave_test_al
 
 def test_each_fold_is_an_arm_beside_the_plain_run(small_dataset, workspace):
     config = load_config(overrides=["study.folds=3", "study.external_sites=[site-c]"], environ={})
-    arms = fold_arms(config)
+    arms = fold_arms(config, small_dataset)
     assert [k for k, _ in arms] == [None, 0, 1, 2]
     assert arms[0][1].study == StudyConfig(external_sites=("site-c",))
     assert [(a.study.folds, a.study.fold, a.study.external_sites) for _, a in arms[1:]] == [
         (3, k, ("site-c",)) for k in range(3)]
     view = pd.read_parquet(study_manifest(small_dataset, arms[1][1].study))
     assert (view.loc[view["site"] == "site-c", "split"] == EXTERNAL).all()  # external sites stay out of every fold
+    manifest = load_manifest(small_dataset)
+    pool = manifest[manifest["split"].isin(("train", "val"))]
+    fewest = int(pool.sort_values("case_id").groupby("patient_id")["label"].first().astype(str).value_counts().min())
+    with pytest.raises(ConfigError, match=rf"study.folds {fewest + 1} is more than the {fewest} train and val patient"):
+        fold_arms(load_config(overrides=[f"study.folds={fewest + 1}"], environ={}), small_dataset)
     for overrides, message in ((["study.folds=1"], "at least 2"), (["study.folds=3", "study.fold=3"], "not one of"),
                                (["study.folds=3", "study.leave_one_site_out=true"], "a study of its own")):
         with pytest.raises(ConfigError, match=message):
