@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/load.py --write
 	$(BIN)/python benchmarks/backbones.py --write
 	$(BIN)/python benchmarks/predict.py --write
+	$(BIN)/python benchmarks/study.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

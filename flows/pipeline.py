@@ -100,6 +100,15 @@ def study_arms(arms: list[RunConfig], dataset, validation_report: Path, threads:
     return [future.result() for future in futures]
 
 
+def _prefect_api() -> dict[str, str]:
+    """The Prefect API this flow talks to (a server, or the ephemeral one this process started), for the local
+    cluster's workers: without it each worker starts an ephemeral server of its own, some 10 s apiece."""
+    from prefect.client.orchestration import get_client  # noqa: PLC0415
+
+    with get_client(sync_client=True) as client:
+        return {"PREFECT_API_URL": str(client.api_url).rstrip("/")}
+
+
 def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
     """Train and evaluate a study's arms at once on Dask workers (label fractions, or leave one site out), write
     ``study.json`` and ``study.html`` and log them as the study's MLflow run; the registered arm's (trained,
@@ -123,7 +132,8 @@ def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
     use_experiment(config.registry.experiment)  # the store and experiment exist before the arms race to make them
     workers = min(len(labelled), config.study.parallel or default_workers())
     runner = (DaskTaskRunner(address=config.study.dask_address) if config.study.dask_address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}))
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+                        "env": _prefect_api()}))
     # the local cluster's nannies warn when a finished worker takes over 4 s to exit (torch's threads): not news
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
     threads = 0 if config.study.dask_address else max(1, default_workers() // workers)  # the cores, shared
