@@ -283,33 +283,11 @@ def print_summary(summary) -> None:
         console.print(f"[bold]Reused[/]       {', '.join(summary.cached_steps)} from the cache: what they read (data "
                       "version, config sections, upstream results, medflow's source) is unchanged (--force retrains)")
     metrics = "  ".join(f"{k} {v:.3f}" for k, v in summary.metrics.items() if v is not None)
-    study = Path(getattr(summary, "study", "") or "")
-    if study.is_file():
-        import json  # noqa: PLC0415
+    from flows.summary import study_line  # noqa: PLC0415
 
-        record = json.loads(study.read_text())
-        arms = record.get("arms", [])
-        score = "auc" if "auc" in record["metrics"] else next(iter(record["metrics"]), None)
-        fmt = lambda point: "n/a" if point["value"] is None else f"{point['value']:.3f}"  # noqa: E731
-        if score and record["design"] == "leave_one_site_out":
-            curve = ", ".join(f"{a['site']} held out {score} {fmt(a['external'][score])} (internal "
-                              f"{fmt(a['internal'][score])})" for a in arms)
-            console.print(f"[bold]Study[/]        leave one site out: {curve}; the run on every site is registered "
-                          f"({study.with_name('study.html')})")
-        elif score and record["design"] == "cross_validation":
-            folds = ", ".join("n/a" if f["metrics"][score] is None else f"{f['metrics'][score]:.3f}"
-                              for f in record["per_fold"])
-            mean, sd = record["mean"][score], record["sd"][score]
-            spread = "n/a" if mean is None else f"{mean:.3f} ± {sd or 0:.3f}"
-            console.print(f"[bold]Study[/]        {record['folds']}-fold cross-validation: {score} per fold {folds}; "
-                          f"mean {spread}; out-of-fold {fmt(record['out_of_fold']['metrics'][score])}; fold ensemble "
-                          f"on test {fmt(record['ensemble']['metrics'][score])}; the run on every fold is registered "
-                          f"({study.with_name('study.html')})")
-        elif score:
-            curve = ", ".join(f"{a['fraction']:g} ({a['n_train_patients']} patients) {score} "
-                              f"{fmt(a['metrics'][score])}" for a in arms)
-            console.print(f"[bold]Study[/]        label fractions: {curve}; the model of the largest is registered "
-                          f"({study.with_name('study.html')})")
+    line = study_line(Path(getattr(summary, "study", "") or ""))
+    if line:
+        console.print(f"[bold]Study[/]        {line}")
     console.print(f"[bold]Test metrics[/] {metrics}")
     console.print(_gate_table(summary.gates))
     change = getattr(summary, "champion_change", "")

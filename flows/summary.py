@@ -112,3 +112,30 @@ def champion_change(client, model_name: str, *, since: str, then: str | None, no
     when = last.at[:19].replace("T", " ") + " UTC"
     how = "medflow rollback" if last.kind == "rollback" else f"the promotion of version {last.version}"
     return f"{how} on {when} made version {now} champion (was version {last.champion_before or 'none'})"
+
+
+def study_line(study: Path) -> str:
+    """A study's result in one line for the run's summary (its study.json), or "" without one."""
+    if not study.is_file():
+        return ""
+    record = json.loads(study.read_text())
+    score = "auc" if "auc" in record["metrics"] else next(iter(record["metrics"]), None)
+    if score is None:
+        return ""
+    fmt = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
+    page = study.with_name("study.html")
+    if record["design"] == "leave_one_site_out":
+        sites = ", ".join(f"{a['site']} held out {score} {fmt(a['external'][score]['value'])} (internal "
+                          f"{fmt(a['internal'][score]['value'])})" for a in record["arms"])
+        return f"leave one site out: {sites}; the run on every site is registered ({page})"
+    if record["design"] == "cross_validation":
+        folds = ", ".join(fmt(f["metrics"][score]) for f in record["per_fold"])
+        mean, sd = record["mean"][score], record["sd"][score]
+        spread = "n/a" if mean is None else f"{mean:.3f} ± {sd or 0:.3f}"
+        return (f"{record['folds']}-fold cross-validation: {score} per fold {folds}; mean {spread}; out-of-fold "
+                f"{fmt(record['out_of_fold']['metrics'][score]['value'])}; fold ensemble on test "
+                f"{fmt(record['ensemble']['metrics'][score]['value'])}; the run on every fold is registered ({page})")
+    curve = ", ".join(f"{a['fraction']:g} ({a['n_train_patients']} patients) {score} {fmt(a['metrics'][score]['value'])}"
+                      for a in record["arms"])
+    return f"label fractions: {curve}; the model of the largest is registered ({page})"
+

@@ -38,7 +38,7 @@ def test_the_study_lists_each_arm_smallest_first_with_its_reports_figures(tmp_pa
     assert "run-tenth" in page and "0.700 [0.650, 0.750]" in page
 
 
-def test_an_arm_without_a_figure_is_left_out_of_its_plot_not_drawn_at_zero(tmp_path):
+def test_an_arm_without_a_figure_or_with_its_point_outside_its_interval_still_renders(tmp_path):
     missing = _report(0.8)
     missing["overall"]["auc"], missing["ci95"]["auc"] = None, None  # one class only in the test split
     aside = _report(0.8)
