@@ -324,7 +324,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
             if manifest_path is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # MLflow's schema hints about integer columns
-                    mlflow.log_input(dataset_input(manifest_path, config, data_version), context="training")
+                    _log_input(dataset_input(manifest_path, config, data_version))
         elif lead:
             mlflow.set_tag("medflow.resumed_from_epoch", str(resumed.epoch))
         saved_epoch = first_epoch - 1  # the epoch the checkpoint on disk holds
@@ -413,3 +413,15 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     saved_at.unlink(missing_ok=True)  # finished: the next training with these inputs starts afresh
     return TrainResult(run_id=run.info.run_id, best_epoch=best_epoch, best_metric=best_metric, epochs=last_epoch,
                        metric=recipe.metric, resumed_from_epoch=resumed.epoch if resumed else 0)
+
+
+def _log_input(dataset) -> None:
+    """Log the training data as the run's input. Arms of a study log the same dataset at once: MLflow's store
+    gets or creates it without a lock, so the loser of that race finds it on a second try."""
+    try:
+        mlflow.log_input(dataset, context="training")
+    except mlflow.exceptions.MlflowException as exc:
+        if "UNIQUE constraint" not in str(exc) and "Duplicate entry" not in str(exc):
+            raise
+        mlflow.log_input(dataset, context="training")
+
