@@ -268,7 +268,9 @@ def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path
     up to ``EMBEDDING_BATCH`` inputs drawn at random (a classifier's, for embedding drift; else None).
 
     Inputs are read ahead of the network and predicted as soon as ``batch_size`` of one shape are read, so
-    reading and predicting overlap and memory holds a few batches, not the whole source."""
+    reading and predicting overlap and memory holds a few batches, not the whole source. Where inputs come in
+    many shapes, the oldest partial batch is predicted once more than a window of inputs wait, so memory stays
+    bounded however many shapes there are."""
     rows, facts, skipped, jobs, features = [], [], [], [], []
     drawn = (set(np.random.default_rng(0).choice(len(inputs), EMBEDDING_BATCH, replace=False).tolist())
              if len(inputs) > EMBEDDING_BATCH else None)
@@ -319,6 +321,8 @@ def _predict(pyfunc, model: ModelRef, inputs: list[Path], fmt: str, source: Path
             group.append((index, path, array, affine, modality))
             if len(group) == batch_size:
                 _run(groups.pop(array.shape), captured)
+            elif sum(map(len, groups.values())) > window:  # many shapes (CT series of many depths): oldest first
+                _run(groups.pop(next(iter(groups))), captured)
         for group in list(groups.values()):
             _run(group, captured)
     no_dicom = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import highdicom as hd
@@ -160,6 +161,47 @@ def test_inputs_stream_through_in_batches_of_one_shape_and_rows_keep_the_inputs_
         assert min(np.abs(row - w).max() for w in wanted.values()) < 1e-4
     embedding = next(t for t in result.drift["tests"] if t["fact"] == "embedding.features")
     assert embedding["n_batch"] == 6
+
+
+def test_inputs_of_many_shapes_wait_in_bounded_memory(registered, workspace, monkeypatch):
+    """CT series of many depths: each input its own shape. Partial batches are predicted oldest first once a
+    window of inputs waits, instead of all waiting for the end of the source."""
+    import components.monitoring.predict as predict_module  # noqa: PLC0415 (its reader, wrapped)
+
+    manifest = pd.read_parquet(registered)
+    folder = workspace / "shapes"
+    folder.mkdir()
+    images = []
+    for k, image in enumerate(manifest["image"][:30]):  # 30 inputs, 30 shapes
+        array = nib.load(registered.parent / image).get_fdata(dtype=np.float32)
+        array = array[: array.shape[0] - k % 15, : array.shape[1] - k // 15]
+        images.append(array)
+        nib.save(nib.Nifti1Image(array, np.eye(4)), folder / f"case{k:02d}.nii.gz")
+    lock, counts, waiting = threading.Lock(), {"read": 0, "predicted": 0}, []
+    original_read, original_predict = predict_module._read, mlflow.pyfunc.PyFuncModel.predict
+
+    def read(*args, **kwargs):
+        result = original_read(*args, **kwargs)
+        with lock:
+            counts["read"] += 1
+        return result
+
+    def predict(self, data, *args, **kwargs):
+        with lock:
+            waiting.append(counts["read"] - counts["predicted"])
+            counts["predicted"] += len(data)
+        return original_predict(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "_read", read)
+    monkeypatch.setattr(mlflow.pyfunc.PyFuncModel, "predict", predict)
+    predict_source("tiny/1", folder, "nifti", workspace / "out", batch_size=4)
+
+    window = 8  # max(2 * batch_size, 8): up to window + 1 read ahead of the loop, as many in partial batches
+    assert counts["predicted"] == 30 and max(waiting) <= 2 * (window + 1), waiting
+    table = pd.read_csv(workspace / "out" / "predictions.csv")
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny/1")
+    expected = np.concatenate([original_predict(pyfunc, image[None]) for image in images])
+    np.testing.assert_allclose(table[["prob_0", "prob_1"]].to_numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_input_is_one_line_and_nothing_is_half_written(registered, small_export, workspace):
