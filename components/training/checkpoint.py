@@ -65,8 +65,28 @@ def capture_rng(*, generator: torch.Generator, transforms: Any) -> dict:
         "numpy": np.random.get_state(),
         "python": random.getstate(),
         "loader": generator.get_state(),
-        "transforms": [t.R.get_state() for t in getattr(transforms, "transforms", ()) if hasattr(t, "R")],
+        "transforms": [state.get_state() for state in _random_states(transforms)],
     }
+
+
+def _random_states(transforms: Any) -> list[np.random.RandomState]:
+    """The random state of every random transform of a Compose, and of the array transforms a dictionary
+    transform draws from (MONAI's RandGaussianNoised draws from its inner RandGaussianNoise's state), in order."""
+    from monai.transforms import Randomizable  # noqa: PLC0415
+
+    states: list[np.random.RandomState] = []
+
+    def visit(transform: Any, depth: int) -> None:
+        if isinstance(getattr(transform, "R", None), np.random.RandomState):
+            states.append(transform.R)
+        if depth < 2:
+            for value in vars(transform).values():
+                if isinstance(value, Randomizable) and value is not transform:
+                    visit(value, depth + 1)
+
+    for transform in getattr(transforms, "transforms", ()):
+        visit(transform, 0)
+    return states
 
 
 def restore_rng(rng: dict, *, generator: torch.Generator, transforms: Any) -> None:
@@ -77,9 +97,8 @@ def restore_rng(rng: dict, *, generator: torch.Generator, transforms: Any) -> No
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     generator.set_state(rng["loader"])
-    randomised = [t for t in getattr(transforms, "transforms", ()) if hasattr(t, "R")]
-    for transform, state in zip(randomised, rng["transforms"]):
-        transform.R.set_state(state)
+    for random_state, state in zip(_random_states(transforms), rng["transforms"]):
+        random_state.set_state(state)
 
 
 def save_checkpoint(path: Path, state: TrainingState) -> None:
