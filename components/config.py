@@ -272,6 +272,39 @@ class StudyConfig(_Section):
         return self
 
 
+class PretrainConfig(_Section):
+    """Self-supervised pretraining of an encoder on a dataset's images, labels unused (``medflow pretrain``).
+
+    ``method``: ``simclr`` (two augmented views of each image pulled together by MONAI's ``ContrastiveLoss``, the
+    NT-Xent loss, on any classifier network of ``model`` without its head). Training settings (device, AMP, resume, workers, cache, ranks) are ``train``'s. The encoder is
+    registered as ``name`` (default ``<data.name>-encoder``) with alias ``latest``, and loads as
+    ``train.backbone.source: models:/<name>@latest``."""
+
+    method: Literal["simclr"] = "simclr"
+    model: str = "densenet"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    temperature: float = Field(0.5, gt=0, description="simclr: the contrastive loss's temperature")
+    projection_dim: int = Field(64, ge=2, description="simclr: width of the projection head's output")
+    crop_scale: float = Field(0.5, gt=0, le=1, description="smallest random crop, as a share of each side")
+    intensity: float = Field(0.1, ge=0, description="random intensity scale and shift, as a share (no colour jitter: "
+                                                    "grey-level images)")
+    noise_std: float = Field(0.05, ge=0, description="Gaussian noise added to a view, in normalised units")
+    use_val: bool = Field(True, description="pretrain on the val images too (never on test)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                             description="registered model name (default <data.name>-encoder)")
+    experiment: str = "medflow-pretrain"
+    knn_k: int = Field(20, ge=1, description="the k-NN check of the encoder on a labelled dataset")
+
+    def model_name(self, dataset: str) -> str:
+        """The registered encoder's name."""
+        return self.name or f"{dataset}-encoder"
+
+
 class RunConfig(_Section):
     """A whole pipeline run.
 
@@ -287,6 +320,7 @@ class RunConfig(_Section):
     promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig = RegistryConfig()
     study: StudyConfig = StudyConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     placement: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -55,6 +55,8 @@ class Step:
         cached: Prefect caches the task on :func:`step_key`; uncached steps always run.
         retries: transient I/O failures are retried with backoff (only steps that are I/O alone).
         description: one line for the deployment flow.
+        flow: the flow that runs it: ``retrain`` (``medflow run``) or ``pretrain`` (``medflow pretrain``, which
+            also runs the data steps of ``retrain``).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Step:
     keyed: tuple[str, ...] | None = None
     files: tuple[str, ...] = ()
     description: str = ""
+    flow: str = "retrain"
 
     def resolve(self) -> Callable[..., Any]:
         """The step's plain function (imports its stage)."""
@@ -101,6 +104,14 @@ STEPS: tuple[Step, ...] = (
     Step("promote", "components.registry.step:promote_challenger", inputs=("model", "evaluation", "dataset"),
          reads=("data.attributes", "evaluate", "promotion", "registry"), cached=True,
          description="Apply the promotion policy to a challenger."),
+    Step("pretrain", "components.pretraining.step:pretrain_dataset", inputs=("dataset", "validation_report"),
+         reads=("data.name", "data.image_size", "pretrain", "train.device", "train.amp", "train.resume",
+                "train.num_workers", "train.cache", "train.cache_max_gb", "train.nproc_per_node"),
+         keyed=("dataset",), cached=True, flow="pretrain",
+         description="Pretrain an encoder self-supervised on a data version's images (cached and checkpointed)."),
+    Step("register_encoder", "components.registry.encoder:register_encoder", inputs=("pretrained", "dataset"),
+         reads=("data.name", "pretrain"), cached=True, retries=True, flow="pretrain",
+         description="Register a pretrained encoder as <name>-encoder with alias latest."),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 
@@ -223,10 +234,11 @@ def step_key(name: str, config: Any, inputs: Mapping[str, Any], *, reads: Sequen
 
 
 def pipeline_key(config: Any, data_version: str) -> str:
-    """The key of a whole pipeline run: every step's sections on one data version (placement excluded:
-    where a step runs does not change what it makes)."""
-    reads = sorted({section for step in STEPS for section in step.reads})
-    files = sorted({key for step in STEPS for key in step.files})
+    """The key of a whole retraining run: its steps' sections on one data version (placement excluded:
+    where a step runs does not change what it makes; pretraining's steps are another flow's)."""
+    retraining = [step for step in STEPS if step.flow == "retrain"]
+    reads = sorted({section for step in retraining for section in step.reads})
+    files = sorted({key for step in retraining for key in step.files})
     return step_key("pipeline", config, {"dataset": data_version}, reads=reads, files=files)
 
 

@@ -82,6 +82,25 @@ def predict_arrays(
     return (torch.sigmoid(scaled) if multilabel else torch.softmax(scaled, dim=1)).numpy().astype(np.float32)
 
 
+def embed_arrays(model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *,
+                 batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """An encoder's features (N, D) for raw images (N, H, W) or one image (H, W).
+
+    Raises:
+        EvaluationError: the array is not (N, H, W) or (H, W).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 2:
+        images = images[None]
+    if images.ndim != 3:
+        raise EvaluationError(f"expected images of shape (N, H, W) or (H, W), got {images.shape}")
+    check_images(images, trained=tuple(spec.spatial_size))
+    transform = array_transform(spec)
+    loader = DataLoader([{"image": transform(img)} for img in images], batch_size=batch_size)
+    features, _ = predict_batches(model, loader, CPU)
+    return features.reshape(len(images), -1).astype(np.float32)
+
+
 def segment_tensor(model: torch.nn.Module, spec: SegmentationSpec, image: np.ndarray) -> np.ndarray:
     """Logits (K, *spatial) of one raw image (*spatial), preprocessed as in training, by sliding window."""
     model.eval()

@@ -2,7 +2,8 @@
 description and a state_dict (no torch.export, no pickled code), applies the
 training preprocessing and the fitted temperature, and returns calibrated
 probabilities for raw image arrays: per class for a classifier (N, K), per
-class and voxel for a segmentation network (N, K, *spatial). Loading and
+class and voxel for a segmentation network (N, K, *spatial); features (N, D)
+for a pretrained encoder. Loading and
 predicting are :mod:`components.inference`'s.
 """
 
@@ -16,7 +17,8 @@ from mlflow.exceptions import MlflowException
 
 from components.errors import EvaluationError
 from components.inference.model import load_checkpoint
-from components.inference.predict import predict_arrays, segment_arrays
+from components.inference.predict import embed_arrays, predict_arrays, segment_arrays
+from components.training.backbones import ENCODER_TASK
 from components.training.preprocess import SegmentationSpec
 
 
@@ -29,11 +31,15 @@ class MedflowModel(mlflow.pyfunc.PythonModel):
         self.temperature = float(description.get("temperature", 1.0))
         self.multilabel = description.get("task") == "multilabel"
         self.num_classes = int(description.get("num_classes", 0))
+        self.encoder = description.get("task") == ENCODER_TASK
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ARG002 (pyfunc signature)
         """Calibrated probabilities: (N, K) for 2D images (N, H, W) of a classifier (per label for a multi-label
-        one); (N, K, *spatial) for images (N, *spatial) of a segmentation network."""
+        one); (N, K, *spatial) for images (N, *spatial) of a segmentation network. A pretrained encoder's
+        features (N, D) for 2D images (N, H, W)."""
         try:
+            if self.encoder:
+                return embed_arrays(self.model, self.spec, np.asarray(model_input))
             if isinstance(self.spec, SegmentationSpec):
                 return segment_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature)
             return predict_arrays(self.model, self.spec, np.asarray(model_input), temperature=self.temperature,

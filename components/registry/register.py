@@ -45,7 +45,8 @@ class RegisteredModel:
         return f"models:/{self.name}/{self.version}"
 
 
-def _requirements() -> list[str]:
+def model_requirements() -> list[str]:
+    """The pip requirements of a logged medflow pyfunc, at the versions installed here."""
     import nibabel  # noqa: PLC0415 (only its version is needed)
 
     import transformers  # noqa: PLC0415
@@ -121,7 +122,7 @@ def _log_and_register(client: MlflowClient, *, run_id: str, temperature: float, 
                 code_paths=[str(Path(components.__file__).parent)],
                 signature=signature,
                 input_example=example,
-                pip_requirements=_requirements(),
+                pip_requirements=model_requirements(),
                 registered_model_name=config.registry.model_name,
             )
     return str(info.registered_model_version)

@@ -1,7 +1,8 @@
 """Pretrained backbones read from local files: a Hugging Face folder (loaded by ``transformers``' Auto
 classes, local files only), a state_dict of the MONAI network named in ``train.model``, or a
-classifier registered in MLflow (``models:/NAME@alias`` or ``models:/NAME/VERSION``; an alias is
-pinned to its version before a run starts, :func:`pin_backbone`, so the step key names the version).
+classifier or an encoder registered in MLflow (``models:/NAME@alias`` or ``models:/NAME/VERSION``: a
+classifier medflow trained, or an encoder ``medflow pretrain`` pretrained; an alias is pinned to its version
+before a run starts, :func:`pin_backbone`, so the step key names the version).
 
 A backbone is an *encoder*: images (B, C, H, W) in, features (B, D) out. For a
 Hugging Face model that is its pooled output (the layer-normed [CLS] token of a
@@ -33,7 +34,7 @@ from monai.networks.utils import copy_model_state
 from torch import nn
 
 from components import paths, steps
-from components.lineage import TAG_BACKBONE
+from components.lineage import TAG_BACKBONE, TAG_DATA_VERSION
 from components.config import BackboneConfig, RunConfig, Task
 from components.errors import ConfigError
 from components.training.heads import BackboneClassifier, KNNHead, lora_targets
@@ -52,6 +53,8 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FROZEN_REGIMES = ("linear_probe", "knn")
+LATEST = "latest"  # models:/NAME@latest or models:/NAME/latest: the newest version (MLflow reserves the alias)
+ENCODER_TASK = "encoder"  # model.json of a pretrained encoder (components.pretraining)
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,8 @@ def _load_monai(path: Path, config: RunConfig, spec: PreprocessSpec) -> Backbone
 
 
 def parse_model_uri(source: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME@alias`` -> (NAME, alias, None); ``models:/NAME/VERSION`` -> (NAME, None, VERSION).
+    """``models:/NAME@alias`` -> (NAME, alias, None); ``models:/NAME/VERSION`` -> (NAME, None, VERSION); the
+    version may be ``latest``, and so may the alias: the newest version, as MLflow's ``models:/NAME/latest``.
 
     Raises:
         ConfigError: neither form.
@@ -333,7 +337,7 @@ def parse_model_uri(source: str) -> tuple[str, str | None, str | None]:
             return name, alias, None
     elif "/" in rest:
         name, _, version = rest.rpartition("/")
-        if name and version.isdigit():
+        if name and (version.isdigit() or version.lower() == LATEST):
             return name, None, version
     raise ConfigError(f"train.backbone.source {source!r} is not models:/NAME@alias or models:/NAME/VERSION")
 
@@ -345,6 +349,11 @@ def _registered_version(source: str) -> Any:
     name, alias, version = parse_model_uri(source)
     client = MlflowClient(paths.tracking_uri())
     try:
+        if LATEST in (str(alias).lower(), str(version).lower()):  # MLflow's reserved name: the newest version
+            newest = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), default=None)
+            if newest is None:
+                raise MlflowException(f"no version of {name}")
+            return newest
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
         what = f"alias {alias!r}" if alias else f"version {version}"
@@ -359,8 +368,8 @@ def pin_backbone(config: RunConfig) -> RunConfig:
     backbone = config.train.backbone
     if backbone is None or not backbone.source.startswith(REGISTRY_PREFIX):
         return config
-    name, alias, _ = parse_model_uri(backbone.source)
-    if alias is None:
+    name, alias, version = parse_model_uri(backbone.source)
+    if alias is None and str(version).lower() != LATEST:
         return config
     pinned = f"{REGISTRY_PREFIX}{name}/{_registered_version(backbone.source).version}"
     train = config.train.model_copy(update={"backbone": backbone.model_copy(update={"source": pinned})})
@@ -372,6 +381,8 @@ def build_described(description: dict) -> nn.Module:
     segmentation network by name, or a backbone classifier (encoder and head)."""
     if description.get("network") == "backbone":
         return build_backbone_classifier(description)
+    if description.get("task") == ENCODER_TASK:  # a pretrained encoder (medflow pretrain): features out
+        return build_encoder(description["backbone"])
     common = {"spatial_dims": description["spatial_dims"], "in_channels": description["in_channels"],
               "num_classes": description["num_classes"], "kwargs": description.get("network_kwargs")}
     if description.get("task") == "segmentation":
@@ -387,6 +398,18 @@ def _load_registered(source: str) -> Backbone:
     folder = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=CHECKPOINT_DIR,
                                                       tracking_uri=paths.tracking_uri()))
     description = json.loads((folder / "model.json").read_text())
+    lineage = {f"{TAG_BACKBONE}model": f"{version.name}/{version.version}", f"{TAG_BACKBONE}run": version.run_id,
+               f"{TAG_BACKBONE}data_version": version.tags.get(TAG_DATA_VERSION, "")}
+    if description.get("task") == ENCODER_TASK:
+        encoder = build_described(description)
+        encoder.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+        encoder_description = dict(description["backbone"])
+        return Backbone(
+            encoder=encoder.eval(), feature_dim=int(encoder_description["feature_dim"]),
+            spec=PreprocessSpec.from_dict(description["preprocess"]), format=FORMAT_REGISTRY,
+            arch=encoder_description["network"], description=encoder_description,
+            weights={"model.pt": steps.file_sha256(folder / "model.pt")},
+            report=LoadReport(matched=len(encoder.state_dict()), missing=(), unexpected=()), lineage=lineage)
     if description.get("task") == "segmentation":
         raise ConfigError(f"train.backbone.source {source} is a segmentation network; a backbone for a classifier "
                           "must be a registered classifier")
@@ -407,7 +430,7 @@ def _load_registered(source: str) -> Backbone:
         spec=PreprocessSpec.from_dict(description["preprocess"]), format=FORMAT_REGISTRY, arch=arch,
         description=encoder_description, weights={"model.pt": steps.file_sha256(folder / "model.pt")},
         report=LoadReport(matched=len(encoder.state_dict()), missing=(), unexpected=()),
-        lineage={f"{TAG_BACKBONE}model": f"{version.name}/{version.version}", f"{TAG_BACKBONE}run": version.run_id},
+        lineage=lineage,
     )
 
 

@@ -41,7 +41,11 @@ def check_world(config: RunConfig, *, cuda_devices: int) -> None:
         raise ConfigError("train.nnodes > 1 needs train.rdzv_endpoint (host:port of the rendezvous, reachable from every node)")
 
 
-def launch_training(*, manifest_path: Path, data_version: str, config: RunConfig, params_out: Path | None = None):
+TRAIN_ENTRY = "components.training.train:train_model"
+
+
+def launch_training(*, manifest_path: Path, data_version: str, config: RunConfig, params_out: Path | None = None,
+                    entry: str = TRAIN_ENTRY):
     """Run the training step under torchrun and return rank 0's :class:`TrainResult`.
 
     Args:
@@ -49,6 +53,8 @@ def launch_training(*, manifest_path: Path, data_version: str, config: RunConfig
         data_version: DVC hash of the dataset.
         config: run config; ``train.nproc_per_node``, ``nnodes`` and ``rdzv_endpoint`` shape the launch.
         params_out: when given, every rank saves its final parameters there (``rank<r>.pt``), for checks.
+        entry: ``module:function`` each rank runs (keyword arguments ``manifest_path``, ``data_version``,
+            ``config``, ``params_out``; returns a :class:`TrainResult`): training, or pretraining.
     """
     import torch  # noqa: PLC0415
 
@@ -64,7 +70,7 @@ def launch_training(*, manifest_path: Path, data_version: str, config: RunConfig
         command = [
             sys.executable, "-m", "torch.distributed.run", *layout, f"--nproc-per-node={cfg.nproc_per_node}",
             "-m", "components.training.distributed", "--manifest", str(manifest_path), "--data-version", data_version,
-            "--config", str(config_file), "--result", str(result_file),
+            "--config", str(config_file), "--result", str(result_file), "--entry", entry,
             *(["--params-out", str(params_out)] if params_out else []),
         ]
         env = os.environ | {"MLFLOW_TRACKING_URI": paths.tracking_uri(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    from components.training.train import train_model  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description="one torchrun rank of medflow's training step")
     parser.add_argument("--manifest", type=Path, required=True)
@@ -95,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--params-out", type=Path)
+    parser.add_argument("--entry", default=TRAIN_ENTRY)
     args = parser.parse_args(argv)
+    module, _, function = args.entry.partition(":")
+    train_model = getattr(importlib.import_module(module), function)
     config = RunConfig.model_validate_json(args.config.read_text())
     cuda = config.train.device != "cpu" and torch.cuda.is_available()
     if cuda:

@@ -90,6 +90,9 @@ class Recipe:
         export: turns the best epoch's state_dict into the checkpoint's (a probe's head joined to its
             frozen encoder, LoRA adapters merged); default: as it is.
         records: JSON artifacts of the run, path -> content (a backbone's load report).
+        step: the step this fit is (``train``, ``pretrain``): the run's name and key tag.
+        key: the step's key (the checkpoint's name, tagged on the run); default the training step's.
+        higher_is_better: whether a larger ``metric`` is a better epoch (a loss is not).
     """
 
     network: torch.nn.Module
@@ -104,6 +107,9 @@ class Recipe:
     param_groups: list[dict] | None = None
     export: Callable[[dict], dict] | None = None
     records: dict[str, dict] = field(default_factory=dict)
+    step: str = "train"
+    key: str | None = None
+    higher_is_better: bool = True
 
 
 def select_device(choice: str) -> torch.device:
@@ -203,11 +209,11 @@ def cached_datasets(cfg, train_records: list[dict], val_records: list[dict], *, 
             make_dataset(val_records, plain, cache=plan.mode, key=f"val-{key}"), plan)
 
 
-def run_name(config: RunConfig, data_version: str) -> str:
+def run_name(config: RunConfig, data_version: str, *, step: str = "train") -> str:
     """What a training run is: ``train <network> on <dataset>@<data version> <UTC time>`` (MLflow's own names
     are random words, the same sequence in every workspace)."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    return f"train {config.train.model} on {config.data.name}@{data_version[:8]} {when}"
+    return f"{step} {config.train.model} on {config.data.name}@{data_version[:8]} {when}"
 
 
 def dataset_input(manifest_path: Path, config: RunConfig, data_version: str):
@@ -288,7 +294,8 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     lead = rank == 0  # only rank 0 talks to MLflow, shows progress and writes checkpoints
-    saved_at = checkpoint_path(training_key(config, data_version))
+    key = recipe.key or training_key(config, data_version)
+    saved_at = checkpoint_path(key)
     resumed = load_checkpoint(saved_at) if cfg.resume else None
     best_state, best_score, best_metric, best_epoch, stale, first_epoch = None, None, None, 0, 0, 1
     if resumed is not None:
@@ -304,7 +311,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     experiment_id = use_experiment(config.registry.experiment) if lead else None
     tags = {
         **lineage.run_tags(config, data_version),
-        lineage.step_tag("train"): training_key(config, data_version),
+        lineage.step_tag(recipe.step): key,
         **recipe.tags,
     }
     if not lead:
@@ -312,7 +319,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     elif resumed is not None:
         run_context = mlflow.start_run(run_id=resumed.run_id)
     else:
-        run_context = mlflow.start_run(experiment_id=experiment_id, tags=tags, run_name=run_name(config, data_version))
+        run_context = mlflow.start_run(experiment_id=experiment_id, tags=tags, run_name=run_name(config, data_version, step=recipe.step))
     last_epoch = first_epoch - 1
     with run_context as run:
         if lead and resumed is None:
@@ -363,7 +370,8 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                     scores = recipe.validate(network)
                     value = scores.get(recipe.metric)
                     metrics = {**({"train_loss": total / seen, "lr": lr} if seen else {}), **scores}
-                    score = (float("-inf") if value is None else value, -scores["val_loss"])
+                    sign = 1.0 if recipe.higher_is_better else -1.0
+                    score = (float("-inf") if value is None else sign * value, -scores["val_loss"])
                     if best_score is None or score > best_score:
                         best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
                         best_score, best_metric, best_epoch = score, value, epoch

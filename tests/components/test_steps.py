@@ -28,7 +28,8 @@ class _Result:
 def _inputs() -> dict:
     return {"dataset": DatasetVersion(name="demo", manifest=Path("m"), version="v1", n_cases=1, n_patients=1),
             "validation_report": Path("report.json"), "run_id": "run1", "prepared": _Result("p"),
-            "evaluation": _Result("run1:abc"), "model": _Result("m/1")}
+            "evaluation": _Result("run1:abc"), "model": _Result("m/1"),
+            "pretrained": _Result("pre1")}
 
 
 def _keys(*overrides: str) -> dict[str, str]:
@@ -48,6 +49,8 @@ def _keys(*overrides: str) -> dict[str, str]:
         ("placement.train=pool", set()),
         ("study.external_sites=[site-c]", {"train", "evaluate"}),
         ("data.ordinal=true", {"evaluate"}),
+        ("pretrain.epochs=3", {"pretrain", "register_encoder"}),
+        ("train.device=cpu", {"train", "pretrain"}),
     ],
 )
 def test_a_step_is_rekeyed_only_by_the_config_sections_it_reads(workspace, override, rekeyed):
@@ -71,6 +74,8 @@ def test_the_pipeline_key_covers_every_section_a_step_reads_but_not_placement(wo
     for override in ("promotion.rules=[]", "evaluate.seed=3", "validation.drift_prevalence=0.5", "data.workers=2"):
         assert pipeline_key(load_config(overrides=[override], environ={}), "v1") != key, override
     assert pipeline_key(load_config(overrides=["placement.train=pool"], environ={}), "v1") == key
+    # pretraining is another flow: its settings do not make `medflow run` retrain
+    assert pipeline_key(load_config(overrides=["pretrain.epochs=3"], environ={}), "v1") == key
 
 
 def test_the_source_hash_follows_python_source_only(tmp_path):
@@ -121,7 +126,7 @@ def test_an_unknown_step_in_placement_names_the_closest():
     with pytest.raises(ConfigError) as info:
         load_config(overrides=["placement.trian=medflow-k8s"], environ={})
     assert str(info.value) == ("unknown step 'trian' in placement; steps are ingest, version, validate, train, "
-                               "evaluate, register, promote; did you mean 'train'?")
+                               "evaluate, register, promote, pretrain, register_encoder; did you mean 'train'?")
 
 
 def test_a_checkpoint_of_the_earlier_key_scheme_is_ignored_and_said_once(workspace, caplog):

@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: encoders trained on unlabelled images, registered as backbones."""

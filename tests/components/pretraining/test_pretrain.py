@@ -1,0 +1,167 @@
+"""Self-supervised pretraining as plain functions: the epoch loop's logging, checkpoints and resume, the
+registered encoder loading as a backbone source with the last checkpoint's features, and bad input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from monai.losses import ContrastiveLoss
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from components import paths
+from components.config import load_config
+from components.data.step import DatasetVersion
+from components.errors import ConfigError, Interrupted
+from components.inference.model import load_run_model
+from components.pretraining import pretrain as pretrain_module
+from components.pretraining.pretrain import embedding_spread, pretrain_encoder
+from components.pretraining.simclr import contrastive_loss, view_transforms
+from components.pretraining.step import pretrain_dataset
+from components.registry.encoder import register_encoder
+from components.training import loop
+from components.training.backbones import load_backbone
+from components.training.forward import extract_features
+
+TINY = ["pretrain.epochs=2", "pretrain.batch_size=8", "data.image_size=32", "data.name=small", "train.device=cpu",
+        "pretrain.experiment=test-pretrain", "pretrain.knn_k=5"]
+
+
+def _history(run_id: str, metric: str) -> list[float]:
+    client = mlflow.MlflowClient(paths.tracking_uri())
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
+def _dataset(manifest: Path) -> DatasetVersion:
+    frame = pd.read_parquet(manifest)
+    return DatasetVersion(name="small", manifest=manifest, version="v1", n_cases=len(frame),
+                          n_patients=frame["patient_id"].nunique())
+
+
+def test_the_loss_is_monais_nt_xent_between_the_two_views():
+    projections = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    expected = ContrastiveLoss(temperature=0.3)(projections[:6], projections[6:])
+    assert float(contrastive_loss(0.3)(projections, None)) == pytest.approx(float(expected))
+
+
+def test_the_collapse_check_is_one_for_spread_embeddings_and_zero_for_collapsed_ones():
+    spread = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
+    assert embedding_spread(spread) == pytest.approx(1.0, abs=0.05)
+    normalised = F.normalize(spread, dim=1)
+    assert embedding_spread(spread) == pytest.approx(float(normalised.std(dim=0).mean()) * math.sqrt(16))
+    assert embedding_spread(torch.ones(100, 16) + 1e-6 * spread[:100]) < 1e-3
+
+
+def test_the_two_views_of_an_image_differ_and_are_the_same_for_a_seed(small_dataset):
+    config = load_config(overrides=TINY, environ={})
+    spec = pretrain_module.PreprocessSpec(spatial_size=(32, 32), mean=0.0, std=1.0)
+    image = str(small_dataset.parent / pd.read_parquet(small_dataset)["image"].iloc[0])
+    transforms = view_transforms(spec, config.pretrain)
+    transforms.set_random_state(seed=5)
+    first = transforms({"image": image, "label": 0})["image"]
+    transforms.set_random_state(seed=5)
+    again = transforms({"image": image, "label": 0})["image"]
+    assert tuple(first.shape) == (2, 32, 32)
+    assert not torch.allclose(first[0], first[1]) and torch.equal(first, again)
+
+
+def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_lineage(workspace, small_dataset):
+    config = load_config(overrides=TINY, environ={})
+    report = workspace / "validation.json"
+    report.write_text("{}")
+    pretrained = pretrain_dataset(_dataset(small_dataset), report, config)
+
+    run = mlflow.MlflowClient(paths.tracking_uri()).get_run(pretrained.run_id)
+    assert run.data.tags["medflow.pretrain.method"] == "simclr" and run.info.run_name.startswith("pretrain densenet")
+    assert "medflow.key.pretrain" in run.data.tags and run.data.tags["medflow.data_version"] == "v1"
+    for metric in ("train_loss", "lr", "val_loss", "embedding_std"):
+        assert len(_history(pretrained.run_id, metric)) == 2, metric
+    manifest = pd.read_parquet(small_dataset)
+    assert run.data.params["n_train"] == str((manifest["split"] == "train").sum())
+
+    # the k-NN check is scikit-learn's on the encoder's features, fitted on train, scored on val
+    encoder, spec, description = load_run_model(pretrained.run_id)
+    assert description["task"] == "encoder" and description["method"] == "simclr"
+    cpu = torch.device("cpu")
+    train, val = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "val"]
+    knn = KNeighborsClassifier(n_neighbors=5, metric="cosine").fit(
+        extract_features(encoder, spec, train, small_dataset.parent, cpu), train["label"].astype(int))
+    expected = roc_auc_score(val["label"].astype(int),
+                             knn.predict_proba(extract_features(encoder, spec, val, small_dataset.parent, cpu))[:, 1])
+    assert pretrained.knn_auc == pytest.approx(expected)
+    assert run.data.metrics["knn_val_auc"] == pytest.approx(expected)
+
+    registered = register_encoder(pretrained, _dataset(small_dataset), config)
+    assert (registered.name, registered.version) == ("small-encoder", "1")
+    client = mlflow.MlflowClient(paths.tracking_uri())
+    version = client.get_model_version("small-encoder", "1")
+    assert version.tags["medflow.data_version"] == "v1"
+    assert version.tags["medflow.pretrain.method"] == "simclr" and version.tags["medflow.pretrain.epochs"] == "2"
+    assert register_encoder(pretrained, _dataset(small_dataset), config).version == "1"  # once per run
+
+    # as a backbone source: the same features as the checkpoint's encoder, the encoder's lineage as tags
+    probe = load_config(overrides=[*TINY, "train.backbone.source=models:/small-encoder@latest",
+                                   "train.backbone.regime=linear_probe"], environ={})
+    backbone = load_backbone(probe)
+    images = np.stack([np.random.default_rng(k).normal(size=(32, 32)).astype(np.float32) for k in range(4)])
+    transform = pretrain_module.PreprocessSpec.from_dict(spec.to_dict())
+    assert backbone.spec == transform
+    from components.training.preprocess import array_transform  # noqa: PLC0415
+
+    batch = torch.stack([array_transform(spec)(image) for image in images])
+    with torch.no_grad():
+        np.testing.assert_allclose(backbone.encoder(batch).numpy(), encoder(batch).numpy(), rtol=1e-5, atol=1e-6)
+    tags = backbone.tags("linear_probe")
+    assert tags["medflow.backbone.model"] == "small-encoder/1" and tags["medflow.backbone.run"] == pretrained.run_id
+    assert tags["medflow.backbone.data_version"] == "v1"
+    # and as the registered pyfunc: features (N, D)
+    features = mlflow.pyfunc.load_model("models:/small-encoder/latest").predict(images)
+    np.testing.assert_allclose(features, encoder(batch).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_pretraining_killed_after_an_epoch_resumes_into_the_same_run(workspace, small_dataset, monkeypatch):
+    config = load_config(overrides=[*TINY, "pretrain.epochs=3"], environ={})
+    whole = pretrain_encoder(manifest_path=small_dataset, data_version="v1", config=config)
+    save = loop.save_checkpoint
+
+    def save_then_stop(path, state):  # Ctrl-C right after epoch 2 is checkpointed
+        save(path, state)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        pretrain_encoder(manifest_path=small_dataset, data_version="v1", config=config)
+    killed = mlflow.MlflowClient(paths.tracking_uri()).search_runs(
+        [mlflow.get_experiment_by_name("test-pretrain").experiment_id], order_by=["start_time DESC"])[0]
+    assert killed.info.status == "KILLED"
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    resumed = pretrain_encoder(manifest_path=small_dataset, data_version="v1", config=config)
+    assert resumed.run_id == killed.info.run_id and resumed.resumed_from_epoch == 2
+    assert _history(resumed.run_id, "train_loss") == pytest.approx(_history(whole.run_id, "train_loss"), rel=1e-5)
+    assert _history(resumed.run_id, "val_loss") == pytest.approx(_history(whole.run_id, "val_loss"), rel=1e-5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["pretrain.batch_size=500"], r"manifest.parquet: pretraining needs at least pretrain.batch_size=500 train images "
+                                 r"for one batch of contrasting views, got \d+; lower pretrain.batch_size or add images"),
+    (["pretrain.model=densenett"], r"did you mean 'densenet'"),
+])
+def test_bad_pretraining_input_is_one_line_before_any_run(workspace, small_dataset, overrides, message):
+    config = load_config(overrides=[*TINY, *overrides], environ={})
+    with pytest.raises(ConfigError, match=message):
+        pretrain_dataset(_dataset(small_dataset), workspace / "validation.json", config)
+    assert mlflow.get_experiment_by_name("test-pretrain") is None or not mlflow.MlflowClient(
+        paths.tracking_uri()).search_runs([mlflow.get_experiment_by_name("test-pretrain").experiment_id])
+
+
+def test_an_unknown_method_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="pretrain.method"):
+        load_config(overrides=["pretrain.method=dino"], environ={})
