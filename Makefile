@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/backbones.py --write
 	$(BIN)/python benchmarks/predict.py --write
 	$(BIN)/python benchmarks/study.py --write
+	$(BIN)/python benchmarks/pretrain.py --write
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

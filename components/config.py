@@ -276,11 +276,13 @@ class PretrainConfig(_Section):
     """Self-supervised pretraining of an encoder on a dataset's images, labels unused (``medflow pretrain``).
 
     ``method``: ``simclr`` (two augmented views of each image pulled together by MONAI's ``ContrastiveLoss``, the
-    NT-Xent loss, on any classifier network of ``model`` without its head). Training settings (device, AMP, resume, workers, cache, ranks) are ``train``'s. The encoder is
-    registered as ``name`` (default ``<data.name>-encoder``) with alias ``latest``, and loads as
-    ``train.backbone.source: models:/<name>@latest``."""
+    NT-Xent loss, on any classifier network of ``model`` without its head) or ``mae`` (MONAI's
+    ``MaskedAutoEncoderViT``: ``mask_ratio`` of the patches hidden and their pixels predicted; ``model: vit``
+    only). Training settings (device, AMP, resume, workers, cache, ranks) are ``train``'s. The encoder is
+    registered as a new version of ``name`` (default ``<data.name>-encoder``), and loads as
+    ``train.backbone.source: models:/<name>@latest`` (the newest version)."""
 
-    method: Literal["simclr"] = "simclr"
+    method: Literal["simclr", "mae"] = "simclr"
     model: str = "densenet"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(20, ge=1)
@@ -290,6 +292,7 @@ class PretrainConfig(_Section):
     seed: int = 0
     temperature: float = Field(0.5, gt=0, description="simclr: the contrastive loss's temperature")
     projection_dim: int = Field(64, ge=2, description="simclr: width of the projection head's output")
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="mae: share of each image's patches hidden")
     crop_scale: float = Field(0.5, gt=0, le=1, description="smallest random crop, as a share of each side")
     intensity: float = Field(0.1, ge=0, description="random intensity scale and shift, as a share (no colour jitter: "
                                                     "grey-level images)")

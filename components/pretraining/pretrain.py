@@ -28,20 +28,17 @@ from components import steps
 from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
-from components.pretraining.simclr import TwoViews, contrastive_loss, view_transforms
-from components.training.backbones import ENCODER_TASK, FORMAT_MONAI, strip_head
+from components.pretraining.methods import ENCODER_CLASSES, build_method, describe_encoder
+from components.training.backbones import ENCODER_TASK
 from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device
-from components.training.models import CLASSIFIERS, build_classifier, check_name, classifier_kwargs
 from components.training.preprocess import PreprocessSpec, intensity_stats
 
 STATS_SAMPLE = 256
-# a classifier is built with this many outputs and its head removed: the encoder does not depend on it
-ENCODER_CLASSES = 2
 # L2-normalised embeddings of dimension D spread with a standard deviation near 1/sqrt(D) per dimension;
 # collapsed ones (every image the same embedding) with 0. Below this share of 1/sqrt(D), the run warns.
 COLLAPSE_SHARE = 0.1
-TOO_FEW = ("{path}: pretraining needs at least pretrain.batch_size={batch} train images for one batch of "
-           "contrasting views, got {n}; lower pretrain.batch_size or add images")
+TOO_FEW = ("{path}: pretraining needs at least pretrain.batch_size={batch} train images for one whole batch "
+           "(SimCLR contrasts the images of a batch), got {n}; lower pretrain.batch_size or add images")
 NO_VAL = ("{path}: pretraining holds the val images out for its validation loss and collapse check, but the "
           "dataset has {n} val image(s); it needs at least 2 (data.splits.val)")
 
@@ -84,31 +81,13 @@ def training_view(config: RunConfig) -> RunConfig:
 
 
 def check_pretrainable(config: RunConfig) -> None:
-    """Refuse, before any data is read, a pretraining that cannot run: an unknown network, one that is not a
-    classifier network (its head is what is dropped), arguments the network does not take.
+    """Refuse, before any data is read, a pretraining that cannot run: an unknown network, a method the
+    network cannot train (MAE on a CNN), arguments the network does not take.
 
     Raises:
         ConfigError: one line naming what to change.
     """
-    cfg = config.pretrain
-    check_name(cfg.model, CLASSIFIERS, task="pretrain")
-    encoder_description(config)
-
-
-def encoder_description(config: RunConfig) -> dict:
-    """How to rebuild the encoder without the file: the MONAI network, its arguments, its feature width and
-    the head that was removed (a backbone description, as :func:`components.training.backbones.build_encoder`
-    reads it)."""
-    cfg = config.pretrain
-    kwargs = classifier_kwargs(cfg.model, image_size=config.data.image_size, kwargs=cfg.model_kwargs)
-    try:
-        network = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=ENCODER_CLASSES,
-                                   kwargs=kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"pretrain.model_kwargs do not fit network {cfg.model!r}: {exc}") from exc
-    _, feature_dim, head = strip_head(network, ENCODER_CLASSES)
-    return {"format": FORMAT_MONAI, "network": cfg.model, "num_classes": ENCODER_CLASSES, "network_kwargs": kwargs,
-            "feature_dim": feature_dim, "head": head}
+    describe_encoder(config)
 
 
 def embedding_spread(features: torch.Tensor) -> float:
@@ -119,7 +98,8 @@ def embedding_spread(features: torch.Tensor) -> float:
 
 
 def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device, *, data_version: str) -> Recipe:
-    """The two-view network, cached view datasets, NT-Xent loss and the held-out validation of SimCLR."""
+    """The method's network, loss and cached view datasets, and the held-out validation: the method's loss on
+    the val images (the same views and masks every epoch) and the spread of their embeddings."""
     cfg = config.pretrain
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
@@ -132,32 +112,31 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
     sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
     mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
     spec = PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
-    description = encoder_description(config)
-    encoder = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=ENCODER_CLASSES,
-                               kwargs=description["network_kwargs"])
-    encoder, feature_dim, _ = strip_head(encoder, ENCODER_CLASSES)
-    network = TwoViews(encoder, feature_dim, cfg.projection_dim).to(device)
-    augment, held_out = view_transforms(spec, cfg), view_transforms(spec, cfg)
+    parts = build_method(config, spec)
+    network = parts.network.to(device)
+    augment, held_out = parts.transforms(), parts.transforms()
     augment.set_random_state(seed=cfg.seed)
     records = lambda frame: [{"image": str(root / p), "label": 0} for p in frame["image"]]  # noqa: E731
     view = training_view(config)
     train_ds, val_ds, cache = cached_datasets(
         view.train, records(train_df), records(val_df), augment=augment, plain=held_out,
-        key=f"pretrain-{manifest_path.resolve()}-{spec}", sample_bytes=2 * 4 * int(np.prod(spec.spatial_size)))
+        key=f"pretrain-{cfg.method}-{manifest_path.resolve()}-{spec}",
+        sample_bytes=4 * int(np.prod(spec.spatial_size)) * (2 if cfg.method == "simclr" else 1))
     # whole batches only: a lone image has no other image to be contrasted with
     val_loader = DataLoader(val_ds, batch_size=min(cfg.batch_size, len(val_df)), drop_last=True)
-    loss = contrastive_loss(cfg.temperature)
+    loss = parts.loss
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         held_out.set_random_state(seed=cfg.seed + 1)  # the same views every epoch: losses compare across epochs
         model.eval()
         total, seen, features = 0.0, 0, []
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)  # the same hidden patches every epoch (MAE), training's draws untouched
             for batch in val_loader:
                 views = batch["image"].to(device)
-                total += float(loss(model(views))) * len(views)
+                total += float(loss(model(views), None)) * len(views)
                 seen += len(views)
-                features.append(model.encoder(views.chunk(2, dim=1)[0]).flatten(1).cpu())
+                features.append(model.encoder(parts.first_view(views)).flatten(1).cpu())
         spread = embedding_spread(torch.cat(features))
         if spread < COLLAPSE_SHARE:
             log.warning("the embeddings are collapsing: their spread on the val images is %.3f of an even spread's "
@@ -166,15 +145,16 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
         return {"val_loss": total / seen, "embedding_std": spread}
 
     encoder_record = {"task": ENCODER_TASK, "network": ENCODER_TASK, "spatial_dims": 2, "in_channels": 1,
-                      "num_classes": ENCODER_CLASSES, "backbone": description, "preprocess": spec.to_dict(),
+                      "num_classes": ENCODER_CLASSES, "backbone": parts.description, "preprocess": spec.to_dict(),
                       "method": cfg.method, "data_version": data_version}
     return Recipe(
         network=network, train_data=train_ds, augment=augment, loss=loss, validate=validate, metric="val_loss",
         higher_is_better=False, description=encoder_record, step="pretrain", key=pretrain_key(config, data_version),
-        params={"n_train": len(train_df), "n_val": len(val_df), "cache": cache.mode, "feature_dim": feature_dim},
+        params={"n_train": len(train_df), "n_val": len(val_df), "cache": cache.mode,
+                "feature_dim": parts.description["feature_dim"]},
         tags={"medflow.cache": cache.reason, "medflow.pretrain.method": cfg.method,
               "medflow.pretrain.images": "train split (val held out for the checks; test never read)"},
-        export=lambda state: {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")},
+        export=parts.export,
     )
 
 

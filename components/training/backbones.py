@@ -37,6 +37,7 @@ from components import paths, steps
 from components.lineage import TAG_BACKBONE, TAG_DATA_VERSION
 from components.config import BackboneConfig, RunConfig, Task
 from components.errors import ConfigError
+from components.training.encoders import FORMAT_MAE, build_mae_encoder
 from components.training.heads import BackboneClassifier, KNNHead, lora_targets
 from components.training.loop import CHECKPOINT_DIR
 from components.training.models import build_classifier, build_segmenter, classifier_kwargs
@@ -458,6 +459,8 @@ def load_backbone(config: RunConfig, *, data_spec: Callable[[], PreprocessSpec] 
 
 def build_encoder(description: dict) -> nn.Module:
     """An encoder of the described architecture with untrained weights (the checkpoint's load over them)."""
+    if description["format"] == FORMAT_MAE:  # a pretrained masked autoencoder's encoder half
+        return build_mae_encoder(description["network_kwargs"])
     if description["format"] == FORMAT_HF:
         from transformers import AutoConfig, AutoModel  # noqa: PLC0415
 

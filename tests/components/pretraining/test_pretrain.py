@@ -22,12 +22,15 @@ from components.data.step import DatasetVersion
 from components.errors import ConfigError, Interrupted
 from components.inference.model import load_run_model
 from components.pretraining import pretrain as pretrain_module
+from components.pretraining.mae import MaskedReconstruction
 from components.pretraining.pretrain import embedding_spread, pretrain_encoder
-from components.pretraining.simclr import contrastive_loss, view_transforms
+from components.pretraining.simclr import contrastive_loss
 from components.pretraining.step import pretrain_dataset
+from components.pretraining.views import view_transforms
 from components.registry.encoder import register_encoder
 from components.training import loop
 from components.training.backbones import load_backbone
+from components.training.encoders import build_mae_encoder, mae_kwargs
 from components.training.forward import extract_features
 
 TINY = ["pretrain.epochs=2", "pretrain.batch_size=8", "data.image_size=32", "data.name=small", "train.device=cpu",
@@ -51,6 +54,26 @@ def test_the_loss_is_monais_nt_xent_between_the_two_views():
     assert float(contrastive_loss(0.3)(projections, None)) == pytest.approx(float(expected))
 
 
+def test_the_mae_loss_is_the_squared_error_over_the_hidden_patches_in_monais_patch_order():
+    encoder = build_mae_encoder(mae_kwargs({"img_size": 16, "patch_size": 4, "hidden_size": 24, "mlp_dim": 48,
+                                            "num_layers": 1, "num_heads": 2}, masking_ratio=0.5))
+    images = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    errors = MaskedReconstruction(encoder)(images)
+    torch.manual_seed(1)
+    predicted, mask = encoder.reconstruct(images)
+    target = F.unfold(images, kernel_size=4, stride=4).transpose(1, 2)  # (B, 16 patches, 16 pixels), row-major
+    expected = (((predicted - target) ** 2).mean(-1) * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(errors, expected)
+    assert mask.sum(1).tolist() == [8, 8, 8]  # half the patches hidden
+    # MONAI numbers patches as unfold does: changing patch k's pixels changes token k alone
+    changed = images.clone()
+    changed[:, :, 4:8, 8:12] += 1.0  # row 1, column 2: patch 6
+    with torch.no_grad():
+        difference = (encoder.patch_embedding(changed) - encoder.patch_embedding(images)).abs().sum(-1)
+    assert difference[0].nonzero().flatten().tolist() == [6]
+
+
 def test_the_collapse_check_is_one_for_spread_embeddings_and_zero_for_collapsed_ones():
     spread = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
     assert embedding_spread(spread) == pytest.approx(1.0, abs=0.05)
@@ -72,14 +95,16 @@ def test_the_two_views_of_an_image_differ_and_are_the_same_for_a_seed(small_data
     assert not torch.allclose(first[0], first[1]) and torch.equal(first, again)
 
 
-def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_lineage(workspace, small_dataset):
-    config = load_config(overrides=TINY, environ={})
+@pytest.mark.parametrize(("method", "network"), [("simclr", "densenet"), ("mae", "vit")])
+def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_lineage(workspace, small_dataset, method,
+                                                                                     network):
+    config = load_config(overrides=[*TINY, f"pretrain.method={method}", f"pretrain.model={network}"], environ={})
     report = workspace / "validation.json"
     report.write_text("{}")
     pretrained = pretrain_dataset(_dataset(small_dataset), report, config)
 
     run = mlflow.MlflowClient(paths.tracking_uri()).get_run(pretrained.run_id)
-    assert run.data.tags["medflow.pretrain.method"] == "simclr" and run.info.run_name.startswith("pretrain densenet")
+    assert run.data.tags["medflow.pretrain.method"] == method and run.info.run_name.startswith(f"pretrain {network}")
     assert "medflow.key.pretrain" in run.data.tags and run.data.tags["medflow.data_version"] == "v1"
     for metric in ("train_loss", "lr", "val_loss", "embedding_std"):
         assert len(_history(pretrained.run_id, metric)) == 2, metric
@@ -88,7 +113,7 @@ def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_line
 
     # the k-NN check is scikit-learn's on the encoder's features, fitted on train, scored on val
     encoder, spec, description = load_run_model(pretrained.run_id)
-    assert description["task"] == "encoder" and description["method"] == "simclr"
+    assert description["task"] == "encoder" and description["method"] == method
     cpu = torch.device("cpu")
     train, val = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "val"]
     knn = KNeighborsClassifier(n_neighbors=5, metric="cosine").fit(
@@ -103,7 +128,7 @@ def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_line
     client = mlflow.MlflowClient(paths.tracking_uri())
     version = client.get_model_version("small-encoder", "1")
     assert version.tags["medflow.data_version"] == "v1"
-    assert version.tags["medflow.pretrain.method"] == "simclr" and version.tags["medflow.pretrain.epochs"] == "2"
+    assert version.tags["medflow.pretrain.method"] == method and version.tags["medflow.pretrain.epochs"] == "2"
     assert register_encoder(pretrained, _dataset(small_dataset), config).version == "1"  # once per run
 
     # as a backbone source: the same features as the checkpoint's encoder, the encoder's lineage as tags
@@ -151,8 +176,11 @@ def test_a_pretraining_killed_after_an_epoch_resumes_into_the_same_run(workspace
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["pretrain.batch_size=500"], r"manifest.parquet: pretraining needs at least pretrain.batch_size=500 train images "
-                                 r"for one batch of contrasting views, got \d+; lower pretrain.batch_size or add images"),
+                                 r"for one whole batch \(SimCLR contrasts the images of a batch\), got \d+; lower pretrain.batch_size or "
+                                   r"add images"),
     (["pretrain.model=densenett"], r"did you mean 'densenet'"),
+    (["pretrain.method=mae"], r"pretrain.method mae hides patches of a vision transformer; pretrain.model 'densenet' "
+                              r"is a CNN: set pretrain.model=vit, or pretrain.method=simclr"),
 ])
 def test_bad_pretraining_input_is_one_line_before_any_run(workspace, small_dataset, overrides, message):
     config = load_config(overrides=[*TINY, *overrides], environ={})

@@ -1,0 +1,98 @@
+"""The self-supervised methods, declared once: what each trains (the network the epoch loop fits, its loss,
+its views) and what it leaves (the encoder, its description and weights). ``pretrain.method`` names one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from monai.transforms import Compose
+from torch import nn
+
+from components.config import RunConfig
+from components.errors import ConfigError
+from components.pretraining.mae import MaskedReconstruction, reconstruction_loss
+from components.pretraining.simclr import TwoViews, contrastive_loss
+from components.pretraining.views import view_transforms
+from components.training.backbones import FORMAT_MONAI, strip_head
+from components.training.encoders import FORMAT_MAE, build_mae_encoder, mae_kwargs
+from components.training.models import CLASSIFIERS, build_classifier, check_name, classifier_kwargs
+from components.training.preprocess import PreprocessSpec
+
+# a classifier is built with this many outputs and its head removed: the encoder does not depend on it
+ENCODER_CLASSES = 2
+
+
+@dataclass
+class MethodParts:
+    """What a method brings to the epoch loop.
+
+    Attributes:
+        network: trained by the loop; ``network(images)`` is what ``loss`` takes.
+        loss: ``loss(output, labels)`` (labels unused).
+        transforms: makes the dictionary transforms from a path to the images ``network`` takes.
+        encoder: the encoder inside ``network``: images (B, C, H, W) -> features (B, D).
+        first_view: the images of one view, (B, C, H, W), from a batch's images.
+        description: how :func:`components.training.backbones.build_encoder` rebuilds the encoder.
+        export: the encoder's state_dict from the network's.
+    """
+
+    network: nn.Module
+    loss: Callable[..., torch.Tensor]
+    transforms: Callable[[], Compose]
+    encoder: nn.Module
+    first_view: Callable[[torch.Tensor], torch.Tensor]
+    description: dict
+    export: Callable[[dict], dict]
+
+
+def _submodule_state(prefix: str) -> Callable[[dict], dict]:
+    return lambda state: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def describe_encoder(config: RunConfig) -> dict:
+    """The encoder ``pretrain`` describes, checked before any data is read: a classifier network without its
+    head (SimCLR), or MONAI's masked autoencoder ViT (MAE).
+
+    Raises:
+        ConfigError: an unknown network, one the method cannot train, arguments the network refuses.
+    """
+    cfg = config.pretrain
+    check_name(cfg.model, CLASSIFIERS, task="pretrain")
+    kwargs = classifier_kwargs(cfg.model, image_size=config.data.image_size, kwargs=cfg.model_kwargs)
+    if cfg.method == "mae":
+        if cfg.model != "vit":
+            raise ConfigError(f"pretrain.method mae hides patches of a vision transformer; pretrain.model "
+                              f"{cfg.model!r} is a CNN: set pretrain.model=vit, or pretrain.method=simclr")
+        full = mae_kwargs(kwargs, masking_ratio=cfg.mask_ratio)
+        try:
+            encoder = build_mae_encoder(full)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"MONAI's MaskedAutoEncoderViT refused pretrain.model_kwargs {cfg.model_kwargs}: "
+                              f"{exc}") from exc
+        return {"format": FORMAT_MAE, "network": "vit", "network_kwargs": full,
+                "feature_dim": int(encoder.blocks[-1].normalized_shape[0])}
+    network = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=ENCODER_CLASSES, kwargs=kwargs)
+    _, feature_dim, head = strip_head(network, ENCODER_CLASSES)
+    return {"format": FORMAT_MONAI, "network": cfg.model, "num_classes": ENCODER_CLASSES, "network_kwargs": kwargs,
+            "feature_dim": feature_dim, "head": head}
+
+
+def build_method(config: RunConfig, spec: PreprocessSpec) -> MethodParts:
+    """The parts of ``pretrain.method`` for ``pretrain.model`` (see :func:`describe_encoder`)."""
+    cfg = config.pretrain
+    description = describe_encoder(config)
+    if cfg.method == "mae":
+        encoder = build_mae_encoder(description["network_kwargs"])
+        return MethodParts(network=MaskedReconstruction(encoder), loss=reconstruction_loss,
+                           transforms=lambda: view_transforms(spec, cfg, views=1), encoder=encoder,
+                           first_view=lambda images: images, description=description,
+                           export=_submodule_state("encoder."))
+    network = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=ENCODER_CLASSES,
+                               kwargs=description["network_kwargs"])
+    encoder, feature_dim, _ = strip_head(network, ENCODER_CLASSES)
+    return MethodParts(network=TwoViews(encoder, feature_dim, cfg.projection_dim),
+                       loss=contrastive_loss(cfg.temperature), transforms=lambda: view_transforms(spec, cfg),
+                       encoder=encoder, first_view=lambda images: images.chunk(2, dim=1)[0],
+                       description=description, export=_submodule_state("encoder."))
