@@ -42,11 +42,13 @@ class SourceFormat(str, Enum):
 
 
 class Task(str, Enum):
-    """What the labels are: one class per image, a set of classes per image (``0|2``), or mask paths."""
+    """What the labels are: one class per image, a set of classes per image (``0|2``), mask paths, or none
+    (images for self-supervised pretraining, ``medflow pretrain``)."""
 
     CLASSIFICATION = "classification"
     MULTILABEL = "multilabel"
     SEGMENTATION = "segmentation"
+    UNLABELLED = "unlabelled"
 
 
 class SplitConfig(_Section):

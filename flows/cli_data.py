@@ -27,7 +27,7 @@ def ingest(
     format_: Annotated[str | None, typer.Option("--format", help="dicom, nifti or png.")] = None,
     labels: Annotated[Path | None, typer.Option(help="Labels CSV: path,label[,patient_id,sex,age,race,site] (default SOURCE/labels.csv).")] = None,
     dataset: DatasetOption = None,
-    task: Annotated[str | None, typer.Option(help="classification (labels are classes), multilabel (labels are sets of classes, 0|2) or segmentation (labels are mask paths).")] = None,
+    task: Annotated[str | None, typer.Option(help="classification (labels are classes), multilabel (labels are sets of classes, 0|2) segmentation (labels are mask paths) or unlabelled (images for medflow pretrain; no label column).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Ingest the good cases; record the bad ones in the ingest report.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,

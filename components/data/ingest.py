@@ -45,7 +45,7 @@ MANIFEST_COLUMNS = (
     "race", "shape", "spacing", "dtype", "min", "max", "mean", "std", "nan_count", "inf_count", "sha256",
     "mask_shape", "mask_spacing", "foreground",
 )
-TASKS = ("classification", "multilabel", "segmentation")
+TASKS = ("classification", "multilabel", "segmentation", "unlabelled")
 PARALLEL_MIN_CASES = 64
 
 
@@ -56,7 +56,8 @@ class IngestSettings:
     Attributes:
         fmt: source format, ``dicom``, ``nifti`` or ``png``.
         task: ``classification`` (labels are classes), ``multilabel`` (labels are sets of classes written
-            ``0|2``, empty for none) or ``segmentation`` (labels are mask paths).
+            ``0|2``, empty for none), ``segmentation`` (labels are mask paths) or ``unlabelled`` (images for
+            self-supervised pretraining: no label column needed, any given is not kept).
         num_classes: classes (labels of a multi-label task), or mask values ``0..num_classes-1``.
         age_bins: cut points of the age groups, years.
         val: fraction of patients in the validation split, per stratum.
@@ -130,13 +131,14 @@ def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataF
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise IngestError(f"cannot read labels file {labels_csv}: {exc}") from exc
     labels = labels.reset_index(drop=True)
-    missing = [c for c in REQUIRED_COLUMNS if c not in labels.columns]
+    required = ("path",) if settings.task == "unlabelled" else REQUIRED_COLUMNS
+    missing = [c for c in required if c not in labels.columns]
     if settings.fmt != "dicom" and "patient_id" not in labels.columns:
         missing.append("patient_id")
     if missing:
         raise IngestError(
             f"{labels_csv}: missing column(s) {', '.join(missing)}; "
-            f"expected {','.join(REQUIRED_COLUMNS)} and optionally {','.join(OPTIONAL_COLUMNS)}"
+            f"expected {','.join(required)} and optionally {','.join(OPTIONAL_COLUMNS)}"
             + ("" if settings.fmt == "dicom" else f" (patient_id is required for {settings.fmt} sources)")
         )
     problems = [(i, f"{labels_csv} row {i + 2}: duplicate path {p}") for i, p in labels["path"][labels["path"].duplicated()].items()]
@@ -155,6 +157,8 @@ def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataF
                          f"in 0..{settings.num_classes - 1} written like 0{LABEL_SEPARATOR}2")
                      for i, v in zip(labels.index, parsed) if v is None]
         labels["label"] = [v if v is not None else "" for v in parsed]
+    elif settings.task == "unlabelled":  # images only: a label column, if any, is not kept
+        labels["label"] = ""
     else:
         problems += [(i, f"{labels_csv} row {i + 2}: no mask path in column label") for i in labels.index[labels["label"].isna()]]
     if "patient_id" in labels.columns and settings.fmt != "dicom":
@@ -364,7 +368,7 @@ def _build(
         cases_state[rec["path"]] = entry
         if settings.task == "classification":
             row["label"] = int(rec["label"])
-        elif settings.task == "multilabel":
+        elif settings.task in ("multilabel", "unlabelled"):
             row["label"] = rec["label"]
         for c in ("site", "sex", "race"):
             if c in labels.columns:

@@ -23,6 +23,10 @@ def check_trainable(config: RunConfig) -> None:
     Raises:
         ConfigError: a network, loss or policy that does not fit the task, naming what to change.
     """
+    if config.data.task is Task.UNLABELLED:
+        raise ConfigError(f"data.task is 'unlabelled': dataset {config.data.name!r} has no labels to train on; "
+                          "pretrain an encoder on it (medflow pretrain), then train on a labelled dataset with "
+                          "train.backbone.source=models:/<name>@latest")
     segmentation = config.data.task is Task.SEGMENTATION
     if not segmentation and config.train.loss in SEGMENTATION_LOSSES:
         raise ConfigError(f"train.loss is {config.train.loss!r}, a segmentation loss, but data.task is "

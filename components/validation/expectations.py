@@ -88,13 +88,15 @@ def _manifest_checks(manifest, e, *, task, num_classes, attributes, consistent_g
     out = [e.ExpectColumnToExist(column=c) for c in (*REQUIRED_COLUMNS, *attributes)]
     out += [e.ExpectColumnValuesToNotBeNull(column=c) for c in NOT_NULL if c in present]
     out += [e.ExpectColumnValuesToBeInTypeList(column=c, type_list=types) for c, types in NUMERIC_COLUMNS.items()
-            if c in present and not (c == "label" and task in ("segmentation", "multilabel"))]
+            if c in present and not (c == "label" and task in ("segmentation", "multilabel", "unlabelled"))]
     if "case_id" in present:
         out.append(e.ExpectColumnValuesToBeUnique(column="case_id"))
     if "label" in present and task == "classification":
         out.append(e.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(num_classes))))
     if "label" in present and task == "segmentation":
         out.append(e.ExpectColumnValuesToMatchRegex(column="label", regex=r"^labels/.+\.nii\.gz$"))
+    if "label" in present and task == "unlabelled":  # images for pretraining: no label at all
+        out.append(e.ExpectColumnValuesToBeInSet(column="label", value_set=[""]))
     if "label" in present and task == "multilabel":  # a canonical set of classes: "", "1", "0|2"
         classes = "|".join(str(k) for k in range(num_classes))
         out.append(e.ExpectColumnValuesToMatchRegex(column="label", regex=rf"^(({classes})(\|({classes}))*)?$"))
