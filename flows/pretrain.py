@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from components.config import RunConfig
-from flows.pipeline import run_step
+from components.config import RunConfig, load_config
+from flows.pipeline import LOCK_WAIT_S, run_step
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,25 @@ def pretrain(config: RunConfig, force: bool = False) -> PretrainSummary:
                                        f"{summary.network}, {summary.epochs} epochs on {dataset.name}@"
                                        f"`{dataset.version}`; MLflow run `{pretrained.run_id}`.\n"))
     return summary
+
+
+@flow(name="medflow-pretrain-workspace")
+def pretrain_workspace(workspace: str = ".", config: str = "medflow.yaml", overrides: list[str] | None = None,
+                       force: bool = False) -> PretrainSummary:
+    """The deployments' entry point: pretrain in ``workspace`` with its run config file (e.g. on a GPU pool).
+
+    Args:
+        workspace: folder holding ``medflow.yaml``, ``data/`` and ``.medflow/`` (shared storage for workers).
+        config: run config, relative to the workspace.
+        overrides: ``key=value`` overrides, as ``--set`` takes them.
+        force: pretrain again even when data, config and code are unchanged.
+    """
+    from components.pretraining.pretrain import check_pretrainable  # noqa: PLC0415
+    from components.workspace import workspace_lock  # noqa: PLC0415
+    from flows.steps import enter_workspace  # noqa: PLC0415
+
+    enter_workspace(workspace)
+    cfg = load_config(Path(config), overrides=overrides or [])
+    check_pretrainable(cfg)
+    with workspace_lock("pretrain (deployment)", wait_s=LOCK_WAIT_S):  # waits for a manual run in the workspace
+        return pretrain(cfg, force=force)

@@ -25,7 +25,7 @@ from monai.data import DataLoader
 from monai.utils import set_determinism
 
 from components import steps
-from components.config import RunConfig
+from components.config import RunConfig, Task
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.pretraining.methods import ENCODER_CLASSES, build_method, describe_encoder
@@ -81,12 +81,15 @@ def training_view(config: RunConfig) -> RunConfig:
 
 
 def check_pretrainable(config: RunConfig) -> None:
-    """Refuse, before any data is read, a pretraining that cannot run: an unknown network, a method the
-    network cannot train (MAE on a CNN), arguments the network does not take.
+    """Refuse, before any data is read, a pretraining that cannot run: volumes (the views are 2D), an unknown
+    network, a method the network cannot train (MAE on a CNN), arguments the network does not take.
 
     Raises:
         ConfigError: one line naming what to change.
     """
+    if config.data.task is Task.SEGMENTATION:
+        raise ConfigError(f"pretraining takes 2D images; dataset {config.data.name!r} (data.task segmentation) holds "
+                          "volumes, whose views medflow cannot augment yet: pretrain on 2D images")
     describe_encoder(config)
 
 

@@ -23,13 +23,14 @@ from components.errors import ConfigError, Interrupted
 from components.inference.model import load_run_model
 from components.pretraining import pretrain as pretrain_module
 from components.pretraining.mae import MaskedReconstruction
-from components.pretraining.pretrain import embedding_spread, pretrain_encoder
+from components.pretraining.pretrain import check_pretrainable, embedding_spread, pretrain_encoder
 from components.pretraining.simclr import contrastive_loss
 from components.pretraining.step import pretrain_dataset
 from components.pretraining.views import view_transforms
 from components.registry.encoder import register_encoder
 from components.training import loop
 from components.training.backbones import load_backbone
+from components.training.distributed import launch_training
 from components.training.encoders import build_mae_encoder, mae_kwargs
 from components.training.forward import extract_features
 
@@ -188,6 +189,29 @@ def test_bad_pretraining_input_is_one_line_before_any_run(workspace, small_datas
         pretrain_dataset(_dataset(small_dataset), workspace / "validation.json", config)
     assert mlflow.get_experiment_by_name("test-pretrain") is None or not mlflow.MlflowClient(
         paths.tracking_uri()).search_runs([mlflow.get_experiment_by_name("test-pretrain").experiment_id])
+
+
+def test_volumes_are_refused_before_any_data_is_read():
+    config = load_config(overrides=[*TINY, "data.task=segmentation", "data.name=ct"], environ={})
+    with pytest.raises(ConfigError) as refused:
+        check_pretrainable(config)
+    assert str(refused.value) == ("pretraining takes 2D images; dataset 'ct' (data.task segmentation) holds volumes, "
+                                  "whose views medflow cannot augment yet: pretrain on 2D images")
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_pretrain_alike_into_one_mlflow_run(workspace, small_dataset):
+    config = load_config(overrides=[*TINY, "train.nproc_per_node=2"], environ={})
+    result = launch_training(manifest_path=small_dataset, data_version="v1", config=config,
+                             params_out=workspace / "params", entry="components.pretraining.pretrain:pretrain_encoder")
+    rank0, rank1 = (torch.load(workspace / "params" / f"rank{r}.pt") for r in (0, 1))
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    run = mlflow.MlflowClient(paths.tracking_uri()).get_run(result.run_id)
+    assert run.data.params["world_size"] == "2" and run.data.tags["medflow.pretrain.method"] == "simclr"
+    assert len(_history(result.run_id, "train_loss")) == 2
+    artifacts = {a.path for a in mlflow.MlflowClient(paths.tracking_uri()).list_artifacts(result.run_id, "checkpoint")}
+    assert artifacts == {"checkpoint/model.pt", "checkpoint/model.json"}
 
 
 def test_an_unknown_method_is_refused_by_the_config():
