@@ -278,7 +278,8 @@ class PretrainConfig(_Section):
     """Self-supervised pretraining of an encoder on a dataset's images, labels unused (``medflow pretrain``).
 
     ``method``: ``simclr`` (two augmented views of each image pulled together by MONAI's ``ContrastiveLoss``, the
-    NT-Xent loss, on any classifier network of ``model`` without its head) or ``mae`` (MONAI's
+    NT-Xent loss, on any classifier network of ``model`` without its head, or on the encoder of ``source``: a
+    backbone source as ``train.backbone.source`` takes it, for domain-adaptive continued pretraining) or ``mae`` (MONAI's
     ``MaskedAutoEncoderViT``: ``mask_ratio`` of the patches hidden and their pixels predicted; ``model: vit``
     only). Training settings (device, AMP, resume, workers, cache, ranks) are ``train``'s. The encoder is
     registered as a new version of ``name`` (default ``<data.name>-encoder``), and loads as
@@ -287,6 +288,9 @@ class PretrainConfig(_Section):
     method: Literal["simclr", "mae"] = "simclr"
     model: str = "densenet"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    source: str | None = Field(None, min_length=1, description="continue pretraining this backbone (a Hugging Face "
+                                                                "folder, a MONAI state_dict of model, models:/NAME@alias)"
+                                                                " instead of starting model from random weights")
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)

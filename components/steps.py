@@ -107,7 +107,7 @@ STEPS: tuple[Step, ...] = (
     Step("pretrain", "components.pretraining.step:pretrain_dataset", inputs=("dataset", "validation_report"),
          reads=("data.name", "data.image_size", "pretrain", "train.device", "train.amp", "train.resume",
                 "train.num_workers", "train.cache", "train.cache_max_gb", "train.nproc_per_node"),
-         keyed=("dataset",), cached=True, flow="pretrain",
+         keyed=("dataset",), cached=True, flow="pretrain", files=("pretrain.source",),
          description="Pretrain an encoder self-supervised on a data version's images (cached and checkpointed)."),
     Step("register_encoder", "components.registry.encoder:register_encoder", inputs=("pretrained", "dataset"),
          reads=("data.name", "pretrain"), cached=True, retries=True, flow="pretrain",

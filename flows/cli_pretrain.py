@@ -28,7 +28,7 @@ def pretrain(
     """Pretrain an encoder self-supervised on the dataset's images (labels unused) and register it as a new
     version of <name>-encoder; a classifier then starts from it with
     --set train.backbone.source=models:/<name>-encoder@latest."""
-    from components.pretraining.pretrain import check_pretrainable  # noqa: PLC0415 (torch and MONAI)
+    from components.pretraining.pretrain import check_pretrainable, pin_source  # noqa: PLC0415 (torch and MONAI)
     from components.data.step import check_source  # noqa: PLC0415
     from components.tracking import check_tracking_access  # noqa: PLC0415
     from components.workspace import undone_on_failure, workspace_lock  # noqa: PLC0415
@@ -39,6 +39,7 @@ def pretrain(
     cfg = load_config(config, overrides=set_ or [])
     with undone_on_failure(before_removal=stop_embedded_server):
         check_source(cfg)
+        cfg = pin_source(cfg)  # models:/NAME@alias -> models:/NAME/VERSION
         check_pretrainable(cfg)
         with workspace_lock("pretrain", wait_s=0):
             check_tracking_access()

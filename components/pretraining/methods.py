@@ -4,18 +4,18 @@ its views) and what it leaves (the encoder, its description and weights). ``pret
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from monai.transforms import Compose
 from torch import nn
 
-from components.config import RunConfig
+from components.config import BackboneConfig, RunConfig
 from components.errors import ConfigError
 from components.pretraining.mae import MaskedReconstruction, reconstruction_loss
 from components.pretraining.simclr import TwoViews, contrastive_loss
 from components.pretraining.views import view_transforms
-from components.training.backbones import FORMAT_MONAI, strip_head
+from components.training.backbones import FORMAT_MONAI, Backbone, load_backbone, strip_head
 from components.training.encoders import FORMAT_MAE, build_mae_encoder, mae_kwargs
 from components.training.models import CLASSIFIERS, build_classifier, check_name, classifier_kwargs
 from components.training.preprocess import PreprocessSpec
@@ -36,6 +36,8 @@ class MethodParts:
         first_view: the images of one view, (B, C, H, W), from a batch's images.
         description: how :func:`components.training.backbones.build_encoder` rebuilds the encoder.
         export: the encoder's state_dict from the network's.
+        spec: the preprocessing the encoder takes: the data's, or a continued backbone's own.
+        tags: ``medflow.backbone.*`` lineage of a continued backbone (else none).
     """
 
     network: nn.Module
@@ -45,20 +47,49 @@ class MethodParts:
     first_view: Callable[[torch.Tensor], torch.Tensor]
     description: dict
     export: Callable[[dict], dict]
+    spec: PreprocessSpec
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def _submodule_state(prefix: str) -> Callable[[dict], dict]:
     return lambda state: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
+CONTINUED = "continued"  # the regime tag of a backbone pretraining continues
+
+
+def source_view(config: RunConfig) -> RunConfig:
+    """The config that loads ``pretrain.source`` as a backbone (``train.backbone`` with ``pretrain.model``, whose
+    state_dict a MONAI file holds), for :func:`components.training.backbones.load_backbone`."""
+    cfg = config.pretrain
+    backbone = BackboneConfig(source=cfg.source, regime="finetune")
+    train = config.train.model_copy(update={"model": cfg.model, "model_kwargs": cfg.model_kwargs, "backbone": backbone})
+    return config.model_copy(update={"train": train})
+
+
+def load_source(config: RunConfig, data_spec: Callable[[], PreprocessSpec] | None = None) -> Backbone:
+    """The backbone ``pretrain.source`` names, its weights loaded (refused in one line as a training's would be)."""
+    try:
+        return load_backbone(source_view(config), data_spec=data_spec)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("train.backbone.source", "pretrain.source")) from exc
+
+
 def describe_encoder(config: RunConfig) -> dict:
     """The encoder ``pretrain`` describes, checked before any data is read: a classifier network without its
-    head (SimCLR), or MONAI's masked autoencoder ViT (MAE).
+    head (SimCLR), a backbone source's encoder (SimCLR continuing it), or MONAI's masked autoencoder ViT (MAE).
 
     Raises:
-        ConfigError: an unknown network, one the method cannot train, arguments the network refuses.
+        ConfigError: an unknown network or source, one the method cannot train, arguments the network refuses.
     """
     cfg = config.pretrain
+    if cfg.source is not None:
+        if cfg.method != "simclr":
+            raise ConfigError(f"pretrain.source continues a backbone with SimCLR; pretrain.method {cfg.method} "
+                              "starts its network from random weights: remove pretrain.source, or set "
+                              "pretrain.method=simclr")
+        loaded = load_source(config)
+        return {**loaded.description, "feature_dim": loaded.feature_dim}
     check_name(cfg.model, CLASSIFIERS, task="pretrain")
     kwargs = classifier_kwargs(cfg.model, image_size=config.data.image_size, kwargs=cfg.model_kwargs)
     if cfg.method == "mae":
@@ -79,20 +110,33 @@ def describe_encoder(config: RunConfig) -> dict:
             "feature_dim": feature_dim, "head": head}
 
 
-def build_method(config: RunConfig, spec: PreprocessSpec) -> MethodParts:
-    """The parts of ``pretrain.method`` for ``pretrain.model`` (see :func:`describe_encoder`)."""
+def build_method(config: RunConfig, data_spec: Callable[[], PreprocessSpec]) -> MethodParts:
+    """The parts of ``pretrain.method`` for ``pretrain.model`` or ``pretrain.source`` (see
+    :func:`describe_encoder`); ``data_spec`` makes the data's preprocessing (a Hugging Face source has its own)."""
     cfg = config.pretrain
+    if cfg.source is not None:
+        describe_encoder(config)  # the method check
+        loaded = load_source(config, data_spec)
+        encoder = loaded.encoder.train()
+        for parameter in encoder.parameters():
+            parameter.requires_grad_(True)
+        return MethodParts(network=TwoViews(encoder, loaded.feature_dim, cfg.projection_dim),
+                           loss=contrastive_loss(cfg.temperature), transforms=lambda: view_transforms(loaded.spec, cfg),
+                           encoder=encoder, first_view=lambda images: images.chunk(2, dim=1)[0],
+                           description={**loaded.description, "feature_dim": loaded.feature_dim},
+                           export=_submodule_state("encoder."), spec=loaded.spec, tags=loaded.tags(CONTINUED))
+    spec = data_spec()
     description = describe_encoder(config)
     if cfg.method == "mae":
         encoder = build_mae_encoder(description["network_kwargs"])
         return MethodParts(network=MaskedReconstruction(encoder), loss=reconstruction_loss,
                            transforms=lambda: view_transforms(spec, cfg, views=1), encoder=encoder,
                            first_view=lambda images: images, description=description,
-                           export=_submodule_state("encoder."))
+                           export=_submodule_state("encoder."), spec=spec)
     network = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=ENCODER_CLASSES,
                                kwargs=description["network_kwargs"])
     encoder, feature_dim, _ = strip_head(network, ENCODER_CLASSES)
     return MethodParts(network=TwoViews(encoder, feature_dim, cfg.projection_dim),
                        loss=contrastive_loss(cfg.temperature), transforms=lambda: view_transforms(spec, cfg),
                        encoder=encoder, first_view=lambda images: images.chunk(2, dim=1)[0],
-                       description=description, export=_submodule_state("encoder."))
+                       description=description, export=_submodule_state("encoder."), spec=spec)

@@ -29,7 +29,7 @@ from components.config import RunConfig, Task
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.pretraining.methods import ENCODER_CLASSES, build_method, describe_encoder
-from components.training.backbones import ENCODER_TASK
+from components.training.backbones import ENCODER_TASK, pinned_source
 from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device
 from components.training.preprocess import PreprocessSpec, intensity_stats
 
@@ -93,6 +93,19 @@ def check_pretrainable(config: RunConfig) -> None:
     describe_encoder(config)
 
 
+def pin_source(config: RunConfig) -> RunConfig:
+    """The config with ``pretrain.source``'s registered alias pinned to its version (as a training's backbone):
+    the step key, the logged config and the lineage then name the weights pretraining continued."""
+    source = config.pretrain.source
+    if source is None:
+        return config
+    try:
+        pinned = pinned_source(source)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("train.backbone.source", "pretrain.source")) from exc
+    return config.model_copy(update={"pretrain": config.pretrain.model_copy(update={"source": pinned})})
+
+
 def embedding_spread(features: torch.Tensor) -> float:
     """The collapse check: mean over dimensions of the standard deviation of L2-normalised embeddings
     (N, D), as a share of 1/sqrt(D) (about 1 for embeddings spread evenly, 0 when they collapsed)."""
@@ -112,10 +125,14 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
     if len(val_df) < 2:
         raise ConfigError(NO_VAL.format(path=manifest_path, n=len(val_df)))
     size = config.data.image_size
-    sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
-    mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
-    spec = PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
-    parts = build_method(config, spec)
+
+    def data_spec() -> PreprocessSpec:  # the training split's intensity statistics
+        sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
+        mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
+        return PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
+
+    parts = build_method(config, data_spec)
+    spec = parts.spec
     network = parts.network.to(device)
     augment, held_out = parts.transforms(), parts.transforms()
     augment.set_random_state(seed=cfg.seed)
@@ -124,7 +141,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
     train_ds, val_ds, cache = cached_datasets(
         view.train, records(train_df), records(val_df), augment=augment, plain=held_out,
         key=f"pretrain-{cfg.method}-{manifest_path.resolve()}-{spec}",
-        sample_bytes=4 * int(np.prod(spec.spatial_size)) * (2 if cfg.method == "simclr" else 1))
+        sample_bytes=4 * spec.channels * int(np.prod(spec.spatial_size)) * (2 if cfg.method == "simclr" else 1))
     # whole batches only: a lone image has no other image to be contrasted with
     val_loader = DataLoader(val_ds, batch_size=min(cfg.batch_size, len(val_df)), drop_last=True)
     loss = parts.loss
@@ -147,7 +164,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
                         spread, COLLAPSE_SHARE)
         return {"val_loss": total / seen, "embedding_std": spread}
 
-    encoder_record = {"task": ENCODER_TASK, "network": ENCODER_TASK, "spatial_dims": 2, "in_channels": 1,
+    encoder_record = {"task": ENCODER_TASK, "network": ENCODER_TASK, "spatial_dims": 2, "in_channels": spec.channels,
                       "num_classes": ENCODER_CLASSES, "backbone": parts.description, "preprocess": spec.to_dict(),
                       "method": cfg.method, "data_version": data_version}
     return Recipe(
@@ -155,7 +172,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
         higher_is_better=False, description=encoder_record, step="pretrain", key=pretrain_key(config, data_version),
         params={"n_train": len(train_df), "n_val": len(val_df), "cache": cache.mode,
                 "feature_dim": parts.description["feature_dim"]},
-        tags={"medflow.cache": cache.reason, "medflow.pretrain.method": cfg.method,
+        tags={**parts.tags, "medflow.cache": cache.reason, "medflow.pretrain.method": cfg.method,
               "medflow.pretrain.images": "train split (val held out for the checks; test never read)"},
         export=parts.export,
     )

@@ -12,7 +12,6 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
-    NormalizeIntensityd,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -24,7 +23,7 @@ from monai.transforms import (
 )
 
 from components.config import PretrainConfig
-from components.training.preprocess import PreprocessSpec
+from components.training.preprocess import PreprocessSpec, normalisation
 
 VIEW = "view"
 
@@ -51,7 +50,7 @@ def view_transforms(spec: PreprocessSpec, cfg: PretrainConfig, *, views: int = 2
         LoadImaged(keys="image", reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
         Resized(keys="image", spatial_size=spec.spatial_size),
-        NormalizeIntensityd(keys="image", subtrahend=spec.mean, divisor=spec.std),
+        *normalisation(spec, keys="image"),  # the data's mean and std, or a checkpoint's channels and statistics
         EnsureTyped(keys="image", track_meta=False),
     ]
     if views == 1:

@@ -49,8 +49,11 @@ def register_encoder(pretrained: PretrainResult, dataset: DatasetVersion, config
         version = _log_and_register(pretrained.run_id, name=name)
     checks = {"val_loss": pretrained.val_loss, "embedding_std": pretrained.embedding_std,
               "knn_val_auc": pretrained.knn_auc}
+    run_tags = client.get_run(pretrained.run_id).data.tags
     tags = {
         **lineage.run_tags(config, dataset.version),
+        # a continued backbone: the checkpoint pretraining started from
+        **{k: v for k, v in run_tags.items() if k.startswith(lineage.TAG_BACKBONE)},
         f"{TAG_PRETRAIN}method": config.pretrain.method,
         f"{TAG_PRETRAIN}network": config.pretrain.model,
         f"{TAG_PRETRAIN}epochs": str(pretrained.epochs),

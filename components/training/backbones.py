@@ -367,14 +367,22 @@ def pin_backbone(config: RunConfig) -> RunConfig:
     (``models:/NAME@champion`` -> ``models:/NAME/7``): versions do not change, so the training key,
     the logged config and the lineage name the weights the run used. Other configs come back as they are."""
     backbone = config.train.backbone
-    if backbone is None or not backbone.source.startswith(REGISTRY_PREFIX):
+    if backbone is None or pinned_source(backbone.source) == backbone.source:
         return config
-    name, alias, version = parse_model_uri(backbone.source)
-    if alias is None and str(version).lower() != LATEST:
-        return config
-    pinned = f"{REGISTRY_PREFIX}{name}/{_registered_version(backbone.source).version}"
-    train = config.train.model_copy(update={"backbone": backbone.model_copy(update={"source": pinned})})
+    train = config.train.model_copy(update={"backbone": backbone.model_copy(update={"source": pinned_source(
+        backbone.source)})})
     return config.model_copy(update={"train": train})
+
+
+def pinned_source(source: str) -> str:
+    """A backbone source with a registered model's alias (or ``latest``) replaced by its version now; any other
+    source as it is."""
+    if not source.startswith(REGISTRY_PREFIX):
+        return source
+    name, alias, version = parse_model_uri(source)
+    if alias is None and str(version).lower() != LATEST:
+        return source
+    return f"{REGISTRY_PREFIX}{name}/{_registered_version(source).version}"
 
 
 def build_described(description: dict) -> nn.Module:
@@ -408,7 +416,8 @@ def _load_registered(source: str) -> Backbone:
         return Backbone(
             encoder=encoder.eval(), feature_dim=int(encoder_description["feature_dim"]),
             spec=PreprocessSpec.from_dict(description["preprocess"]), format=FORMAT_REGISTRY,
-            arch=encoder_description["network"], description=encoder_description,
+            arch=str(encoder_description.get("network") or encoder_description.get("config", {}).get("model_type")),
+            description=encoder_description,
             weights={"model.pt": steps.file_sha256(folder / "model.pt")},
             report=LoadReport(matched=len(encoder.state_dict()), missing=(), unexpected=()), lineage=lineage)
     if description.get("task") == "segmentation":

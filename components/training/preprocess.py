@@ -61,7 +61,7 @@ class PreprocessSpec:
                    channel_std=tuple(map(float, raw["channel_std"])) if per_channel else None)
 
 
-def _normalise(spec: PreprocessSpec, *, keys: str | None) -> list:
+def normalisation(spec: PreprocessSpec, *, keys: str | None) -> list:
     """The intensity transforms of ``spec``: z-score with the data's mean/std, or a backbone's
     [0, 1] scaling, channel repeat and per-channel mean/std (dictionary transforms when ``keys``)."""
     if spec.channel_mean is None:
@@ -82,7 +82,7 @@ def training_transforms(spec: PreprocessSpec, *, augment: bool) -> Compose:
         LoadImaged(keys="image", reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
         Resized(keys="image", spatial_size=spec.spatial_size),
-        *_normalise(spec, keys="image"),
+        *normalisation(spec, keys="image"),
         EnsureTyped(keys="image", track_meta=False),
     ]
     if augment:
@@ -96,7 +96,7 @@ def array_transform(spec: PreprocessSpec) -> Compose:
         [
             EnsureChannelFirst(channel_dim="no_channel"),
             Resize(spatial_size=spec.spatial_size),
-            *_normalise(spec, keys=None),
+            *normalisation(spec, keys=None),
             EnsureType(track_meta=False),
         ]
     )

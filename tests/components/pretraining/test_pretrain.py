@@ -16,14 +16,18 @@ from monai.losses import ContrastiveLoss
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from components import paths
+from components import paths, steps
 from components.config import load_config
 from components.data.step import DatasetVersion
 from components.errors import ConfigError, Interrupted
 from components.inference.model import load_run_model
 from components.pretraining import pretrain as pretrain_module
 from components.pretraining.mae import MaskedReconstruction
-from components.pretraining.pretrain import check_pretrainable, embedding_spread, pretrain_encoder
+from components.pretraining.pretrain import (
+    check_pretrainable,
+    embedding_spread,
+    pretrain_encoder,
+)
 from components.pretraining.simclr import contrastive_loss
 from components.pretraining.step import pretrain_dataset
 from components.pretraining.views import view_transforms
@@ -33,6 +37,7 @@ from components.training.backbones import load_backbone
 from components.training.distributed import launch_training
 from components.training.encoders import build_mae_encoder, mae_kwargs
 from components.training.forward import extract_features
+from tests.components.training.test_backbones import dinov2_folder
 
 TINY = ["pretrain.epochs=2", "pretrain.batch_size=8", "data.image_size=32", "data.name=small", "train.device=cpu",
         "pretrain.experiment=test-pretrain", "pretrain.knn_k=5"]
@@ -152,6 +157,31 @@ def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_line
     np.testing.assert_allclose(features, encoder(batch).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_pretraining_continues_a_hugging_face_backbone_whose_lineage_the_encoder_keeps(workspace, small_dataset,
+                                                                                       tmp_path):
+    folder = dinov2_folder(tmp_path / "dinov2")
+    config = load_config(overrides=[*TINY, "pretrain.epochs=1", f"pretrain.source={folder}"], environ={})
+    report = workspace / "validation.json"
+    report.write_text("{}")
+    pretrained = pretrain_dataset(_dataset(small_dataset), report, config)
+    registered = register_encoder(pretrained, _dataset(small_dataset), config)
+    version = mlflow.MlflowClient(paths.tracking_uri()).get_model_version(registered.name, registered.version)
+    assert version.tags["medflow.backbone.format"] == "huggingface"
+    assert version.tags["medflow.backbone.regime"] == "continued"
+    assert version.tags["medflow.backbone.sha256"] == steps.file_sha256(folder / "model.safetensors")
+
+    # the encoder is the Hugging Face network, moved by pretraining, with the checkpoint's own preprocessing
+    source = load_backbone(load_config(overrides=[*TINY, f"train.backbone.source={folder}"], environ={}))
+    continued = load_backbone(load_config(overrides=[*TINY, "train.backbone.source=models:/small-encoder@latest"],
+                                          environ={}))
+    assert continued.arch == "dinov2" and continued.spec == source.spec and continued.spec.channels == 3
+    batch = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    encoder, _, _ = load_run_model(pretrained.run_id)
+    with torch.no_grad():
+        np.testing.assert_allclose(continued.encoder(batch).numpy(), encoder(batch).numpy(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(continued.encoder(batch), source.encoder(batch))
+
+
 def test_a_pretraining_killed_after_an_epoch_resumes_into_the_same_run(workspace, small_dataset, monkeypatch):
     config = load_config(overrides=[*TINY, "pretrain.epochs=3"], environ={})
     whole = pretrain_encoder(manifest_path=small_dataset, data_version="v1", config=config)
@@ -180,6 +210,10 @@ def test_a_pretraining_killed_after_an_epoch_resumes_into_the_same_run(workspace
                                  r"for one whole batch \(SimCLR contrasts the images of a batch\), got \d+; lower pretrain.batch_size or "
                                    r"add images"),
     (["pretrain.model=densenett"], r"did you mean 'densenet'"),
+    (["pretrain.source=/nowhere/dinov2"], r"pretrain.source /nowhere/dinov2 does not exist; give a Hugging Face "
+                                          r"folder"),
+    (["pretrain.source=/nowhere/dinov2", "pretrain.method=mae", "pretrain.model=vit"],
+     r"pretrain.source continues a backbone with SimCLR; pretrain.method mae starts its network from random weights"),
     (["pretrain.method=mae"], r"pretrain.method mae hides patches of a vision transformer; pretrain.model 'densenet' "
                               r"is a CNN: set pretrain.model=vit, or pretrain.method=simclr"),
 ])
