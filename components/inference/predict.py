@@ -59,12 +59,9 @@ def check_images(images: np.ndarray, *, trained: tuple[int, ...]) -> None:
                               f"side at least {least} pixels; it was trained on {tuple(trained)}): nothing was predicted")
 
 
-def predict_arrays(
-    model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *, temperature: float = 1.0,
-    batch_size: int = BATCH_SIZE, multilabel: bool = False,
-) -> np.ndarray:
-    """Class probabilities (N, K) for raw images (N, H, W) or one image (H, W); for a multi-label model
-    each label's own probability (sigmoid), so rows need not sum to 1.
+def forward_arrays(model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *,
+                   batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """The network's outputs (N, ...) for raw images (N, H, W) or one image (H, W), preprocessed as in training.
 
     Raises:
         EvaluationError: the array is not (N, H, W) or (H, W).
@@ -77,7 +74,21 @@ def predict_arrays(
     check_images(images, trained=tuple(spec.spatial_size))
     transform = array_transform(spec)
     loader = DataLoader([{"image": transform(img)} for img in images], batch_size=batch_size)
-    logits, _ = predict_batches(model, loader, CPU)
+    outputs, _ = predict_batches(model, loader, CPU)
+    return outputs
+
+
+def predict_arrays(
+    model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *, temperature: float = 1.0,
+    batch_size: int = BATCH_SIZE, multilabel: bool = False,
+) -> np.ndarray:
+    """Class probabilities (N, K) for raw images (N, H, W) or one image (H, W); for a multi-label model
+    each label's own probability (sigmoid), so rows need not sum to 1.
+
+    Raises:
+        EvaluationError: the array is not (N, H, W) or (H, W).
+    """
+    logits = forward_arrays(model, spec, images, batch_size=batch_size)
     scaled = torch.as_tensor(logits).double() / temperature
     return (torch.sigmoid(scaled) if multilabel else torch.softmax(scaled, dim=1)).numpy().astype(np.float32)
 
@@ -89,16 +100,8 @@ def embed_arrays(model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarra
     Raises:
         EvaluationError: the array is not (N, H, W) or (H, W).
     """
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim == 2:
-        images = images[None]
-    if images.ndim != 3:
-        raise EvaluationError(f"expected images of shape (N, H, W) or (H, W), got {images.shape}")
-    check_images(images, trained=tuple(spec.spatial_size))
-    transform = array_transform(spec)
-    loader = DataLoader([{"image": transform(img)} for img in images], batch_size=batch_size)
-    features, _ = predict_batches(model, loader, CPU)
-    return features.reshape(len(images), -1).astype(np.float32)
+    features = forward_arrays(model, spec, images, batch_size=batch_size)
+    return features.reshape(len(features), -1).astype(np.float32)
 
 
 def segment_tensor(model: torch.nn.Module, spec: SegmentationSpec, image: np.ndarray) -> np.ndarray:

@@ -14,19 +14,17 @@ import json
 import tempfile
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
-import components
 from components import lineage
 from components.config import RunConfig
 from components.data.step import DatasetVersion
 from components.inference.model import download_checkpoint
 from components.pretraining.pretrain import PretrainResult
-from components.registry.register import MODEL_ARTIFACT, RegisteredModel, model_requirements
+from components.registry.register import RegisteredModel, log_pyfunc
 from components.tracking import use_experiment
 
 TAG_PRETRAIN = "medflow.pretrain."  # prefix: method, epochs, the val checks
@@ -69,20 +67,11 @@ def _log_and_register(run_id: str, *, name: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = download_checkpoint(run_id, dst=Path(tmp))
         height, width = _spatial_size(checkpoint)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT,
-                python_model=str(Path(__file__).with_name("pyfunc_code.py")),
-                artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(Path(components.__file__).parent)],
-                # images of any size in (the model resizes them), features out
-                signature=ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
-                                         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))])),
-                input_example=np.zeros((1, height, width), dtype=np.float32),
-                pip_requirements=model_requirements(),
-                registered_model_name=name,
-            )
-    return str(info.registered_model_version)
+        # images of any size in (the model resizes them), features out
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
+        return log_pyfunc(run_id, checkpoint, signature=signature,
+                          example=np.zeros((1, height, width), dtype=np.float32), name=name)
 
 
 def _spatial_size(checkpoint: Path) -> tuple[int, int]:

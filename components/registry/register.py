@@ -114,17 +114,23 @@ def _log_and_register(client: MlflowClient, *, run_id: str, temperature: float, 
         description["temperature"] = temperature
         (checkpoint / "model.json").write_text(json.dumps(description, indent=2))
         signature, example = _signature(description)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT,
-                python_model=str(Path(__file__).with_name("pyfunc_code.py")),
-                artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(Path(components.__file__).parent)],
-                signature=signature,
-                input_example=example,
-                pip_requirements=model_requirements(),
-                registered_model_name=config.registry.model_name,
-            )
+        return log_pyfunc(run_id, checkpoint, signature=signature, example=example, name=config.registry.model_name)
+
+
+def log_pyfunc(run_id: str, checkpoint: Path, *, signature: ModelSignature, example: np.ndarray, name: str) -> str:
+    """Log a checkpoint folder into ``run_id`` as medflow's pyfunc (models from code, no pickle) and register it
+    as a new version of ``name``; the version."""
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(Path(__file__).with_name("pyfunc_code.py")),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(Path(components.__file__).parent)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=model_requirements(),
+            registered_model_name=name,
+        )
     return str(info.registered_model_version)
 
 
