@@ -10,7 +10,8 @@ site held out, ``study.folds``: one arm per fold, each beside the plain run) tra
 cluster of ``study.parallel`` worker processes, one per core by default, or the Dask cluster at
 ``study.dask_address``), each arm's train and evaluate steps cached on their own keys, so a study
 killed half-way and run again trains only the arms that had not finished. The largest fraction's
-model (the plain run's, leaving sites or folds out) is registered and gated as a plain run's.
+model (the plain run's, leaving sites out; the folds joined into one model, for k-fold cross-validation) is
+registered and gated as a plain run's.
 """
 
 from __future__ import annotations
@@ -147,10 +148,33 @@ def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
         study = site_study(arms[0], arms[1:], [site for site, _ in labelled[1:]])
     elif config.study.folds:
         study = _cross_validation(config, dataset, arms, [evaluation for _, evaluation in results])
+        joined = _fold_ensemble(config, dataset, results[1:], study)
+        if joined is not None:  # the folds as one model: the one registered and gated
+            results, registered = [*results, joined], len(results)
     else:
         study = fraction_study(arms)
     study_run = log_study(config, study)
     return (*results[registered], paths.medflow_home() / "studies" / study_run)
+
+
+def _fold_ensemble(config: RunConfig, dataset, folds: list[tuple], study: dict) -> tuple | None:
+    """The folds joined into one model and judged on the test split, as (trained, evaluation) of a run; None
+    (and the reason in the study) when the folds cannot be joined: the plain run on every fold is registered."""
+    from components.data.study import study_manifest  # noqa: PLC0415
+    from components.errors import EvaluationError  # noqa: PLC0415
+    from components.inference.ensemble import evaluate_fold_ensemble  # noqa: PLC0415
+    from components.training.loop import TrainResult  # noqa: PLC0415
+
+    try:
+        evaluation = evaluate_fold_ensemble(
+            fold_runs=[trained.run_id for trained, _ in folds], temperatures=[e.temperature for _, e in folds],
+            manifest_path=study_manifest(dataset.manifest, config.study), config=config, data_version=dataset.version)
+    except EvaluationError as exc:
+        study["registered"] = {"model": "all data", "why": f"the folds are not joined: {exc}"}
+        return None
+    study["ensemble"]["run_id"] = evaluation.run_id
+    study["registered"] = {"model": "fold ensemble", "run_id": evaluation.run_id}
+    return TrainResult(run_id=evaluation.run_id, best_epoch=0, best_metric=None, epochs=0), evaluation
 
 
 def _cross_validation(config: RunConfig, dataset, arms: list, evaluations: list) -> dict:
@@ -193,6 +217,7 @@ def log_study(config: RunConfig, study: dict) -> str:
         runs.append(study["all_sites"]["run_id"])
     elif study["design"] == CROSS_VALIDATION:
         runs = [f["run_id"] for f in study["per_fold"]] + [study["all_data"]["run_id"]]
+        runs += [study["ensemble"]["run_id"]] if study["ensemble"].get("run_id") else []
         name, params = f"study: {study['folds']}-fold cross-validation", {"folds": study["folds"]}
         metrics = {f"{m}.fold_{f['fold']}": f["metrics"][m] for f in study["per_fold"] for m in study["metrics"]}
         metrics |= {f"{m}.cv_mean": study["mean"][m] for m in study["metrics"]}

@@ -38,6 +38,7 @@ from components.lineage import TAG_BACKBONE, TAG_DATA_VERSION
 from components.config import BackboneConfig, RunConfig, Task
 from components.errors import ConfigError
 from components.training.encoders import FORMAT_MAE, build_mae_encoder
+from components.training.ensemble import ENSEMBLE, FoldEnsemble
 from components.training.heads import BackboneClassifier, KNNHead, lora_targets
 from components.training.loop import CHECKPOINT_DIR
 from components.training.models import build_classifier, build_segmenter, classifier_kwargs
@@ -392,6 +393,11 @@ def build_described(description: dict) -> nn.Module:
         return build_backbone_classifier(description)
     if description.get("task") == ENCODER_TASK:  # a pretrained encoder (medflow pretrain): features out
         return build_encoder(description["backbone"])
+    if description.get("network") == ENSEMBLE:  # a k-fold study's folds as one model
+        members = description["members"]
+        return FoldEnsemble([build_described(m) for m in members], temperatures=[m["temperature"] for m in members],
+                            statistics=[(m["preprocess"]["mean"], m["preprocess"]["std"]) for m in members],
+                            multilabel=description.get("task") == "multilabel")
     common = {"spatial_dims": description["spatial_dims"], "in_channels": description["in_channels"],
               "num_classes": description["num_classes"], "kwargs": description.get("network_kwargs")}
     if description.get("task") == "segmentation":

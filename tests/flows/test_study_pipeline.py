@@ -124,7 +124,16 @@ def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_
     assert "Study        3-fold cross-validation: auc per fold" in done.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     study = json.loads(Path(summary["study"]).read_text())
-    assert study["all_data"]["run_id"] == summary["run_id"] and len(study["per_fold"]) == 3
+    assert len(study["per_fold"]) == 3
+    # the folds joined into one model are the registered run: its test probabilities are the folds' mean
+    assert summary["run_id"] == study["ensemble"]["run_id"] == study["registered"]["run_id"] != study["all_data"]["run_id"]
+    runs = tmp_path / ".medflow" / "runs"
+    joined = pd.read_parquet(runs / summary["run_id"] / "predictions.parquet").set_index("case_id").sort_index()
+    folds = [pd.read_parquet(runs / f["run_id"] / "predictions.parquet").set_index("case_id").sort_index()
+             for f in study["per_fold"]]
+    columns = [c for c in joined.columns if c.startswith("prob")]
+    mean = sum(f[columns].to_numpy() for f in folds) / 3
+    assert joined[columns].to_numpy() == pytest.approx(mean, abs=1e-5)
 
     manifest = pd.read_parquet(next((tmp_path / "data" / "demo").glob("manifest.parquet")))
     pool = manifest[manifest["split"].isin(("train", "val"))]
@@ -139,3 +148,13 @@ def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_
     (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
                                       "tags.`medflow.study` = 'cross_validation'")
     assert study_run.data.metrics["auc.cv_mean"] == pytest.approx(study["mean"]["auc"])
+    # served: the registered version (one pyfunc, the folds inside) gives those probabilities from the images
+    import nibabel as nib  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    version = client.get_model_version(summary["model_name"], summary["version"])
+    assert version.run_id == summary["run_id"]
+    test = manifest[manifest["split"] == "test"].head(8)
+    images = np.stack([nib.load(tmp_path / "data" / "demo" / p).get_fdata(dtype=np.float32) for p in test["image"]])
+    served = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}/{summary['version']}").predict(images)
+    assert served[:, 1] == pytest.approx(joined.loc[test["case_id"], "prob"].to_numpy(), abs=1e-5)
