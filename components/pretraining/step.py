@@ -33,7 +33,8 @@ def pretrain_dataset(dataset: DatasetVersion, validation_report: Path, config: R
     auc = knn_check(encoder, spec, load_manifest(dataset.manifest), dataset.manifest.parent, k=config.pretrain.knn_k)
     if auc is not None:
         client.log_metric(trained.run_id, "knn_val_auc", auc)
-    metrics = client.get_run(trained.run_id).data.metrics
+    # the kept epoch's spread (the run's latest value is the last epoch's, which may not be the one registered)
+    spread = {m.step: m.value for m in client.get_metric_history(trained.run_id, "embedding_std")}
     return PretrainResult(run_id=trained.run_id, best_epoch=trained.best_epoch, epochs=trained.epochs,
-                          val_loss=trained.best_metric, embedding_std=metrics.get("embedding_std"), knn_auc=auc,
+                          val_loss=trained.best_metric, embedding_std=spread.get(trained.best_epoch), knn_auc=auc,
                           resumed_from_epoch=trained.resumed_from_epoch)

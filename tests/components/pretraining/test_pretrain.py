@@ -114,6 +114,10 @@ def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_line
     assert "medflow.key.pretrain" in run.data.tags and run.data.tags["medflow.data_version"] == "v1"
     for metric in ("train_loss", "lr", "val_loss", "embedding_std"):
         assert len(_history(pretrained.run_id, metric)) == 2, metric
+    # the checks describe the kept epoch: the lowest validation loss, and that epoch's spread
+    losses = _history(pretrained.run_id, "val_loss")
+    assert pretrained.val_loss == min(losses) and pretrained.best_epoch == losses.index(min(losses)) + 1
+    assert pretrained.embedding_std == _history(pretrained.run_id, "embedding_std")[pretrained.best_epoch - 1]
     manifest = pd.read_parquet(small_dataset)
     assert run.data.params["n_train"] == str((manifest["split"] == "train").sum())
 
