@@ -8,7 +8,7 @@ as its task in this flow's process unless the config places it on a work pool
 A study (``study.label_fractions``: one arm per fraction; ``study.leave_one_site_out``: one arm per
 site held out, ``study.folds``: one arm per fold, each beside the plain run) trains and evaluates its arms in the subflow ``medflow-study``: the arms are Prefect tasks submitted at once to Prefect's Dask task runner (a local
 cluster of ``study.parallel`` worker processes, one per core by default, or the Dask cluster at
-``study.dask_address``), each arm's train and evaluate steps cached on their own keys, so a study
+``study.dask_address``; with ``study.parallel=1`` one after another in this flow's own thread), each arm's train and evaluate steps cached on their own keys, so a study
 killed half-way and run again trains only the arms that had not finished. The largest fraction's
 model (the plain run's, leaving sites out; the folds joined into one model, for k-fold cross-validation) is
 registered and gated as a plain run's.
@@ -23,10 +23,11 @@ from pathlib import Path
 from prefect import State, flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner
 from prefect.states import Completed
 
 from components import paths, tasks
-from components.config import RunConfig, load_config
+from components.config import RunConfig, StudyConfig, load_config
 from components.steps import get_step
 from components.errors import PlacedStepFailed
 from components.evaluation.declarations import METRICS
@@ -88,14 +89,24 @@ def study_arm(config: RunConfig, dataset, validation_report: Path, workspace: st
 
         torch.set_num_threads(threads)
     enter_workspace(workspace)
+    return train_and_evaluate(config, dataset, validation_report)
+
+
+def train_and_evaluate(config: RunConfig, dataset, validation_report: Path) -> tuple:
+    """One arm's train and evaluate steps, each cached on its own key (or placed on its pool): (trained,
+    evaluation)."""
     trained, _ = run_step(config, "train", dataset=dataset, validation_report=validation_report)
     evaluation, _ = run_step(config, "evaluate", run_id=trained.run_id, dataset=dataset)
     return trained, evaluation
 
 
 @flow(name="medflow-study")
-def study_arms(arms: list[RunConfig], dataset, validation_report: Path, threads: int = 0) -> list[tuple]:
-    """Every arm at once on this flow's task runner; (trained, evaluation) per arm, in the arms' order."""
+def study_arms(arms: list[RunConfig], dataset, validation_report: Path, threads: int = 0,
+               concurrent: bool = True) -> list[tuple]:
+    """(trained, evaluation) per arm, in the arms' order: every arm at once on this flow's task runner, or (not
+    ``concurrent``) one after another in this thread, as the steps' tasks of this flow."""
+    if not concurrent:
+        return [train_and_evaluate(arm, dataset, validation_report) for arm in arms]
     workspace = str(paths.workspace_root())
     futures = [study_arm.submit(arm, dataset, validation_report, workspace, threads) for arm in arms]
     return [future.result() for future in futures]
@@ -110,36 +121,67 @@ def _prefect_api() -> dict[str, str]:
         return {"PREFECT_API_URL": str(client.api_url).rstrip("/")}
 
 
-def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
-    """Train and evaluate a study's arms at once on Dask workers (label fractions, or leave one site out), write
-    ``study.json`` and ``study.html`` and log them as the study's MLflow run; the registered arm's (trained,
-    evaluation), and the folder holding study.json and study.html."""
+def study_runner(study: StudyConfig, n_arms: int) -> tuple[TaskRunner | None, int]:
+    """The task runner of a study's arms and torch's threads in each arm; (None, 0) to run them one after another
+    in the flow's own thread.
+
+    At most one arm at a time (``study.parallel=1``, a one-core machine, a single arm) the arms run in this
+    process, whose imports are paid, and in its thread: a local Dask worker would spend some 10 s importing torch,
+    MONAI, MLflow and Prefect before its first arm, and torch runs slower in a second thread of a process whose
+    first has used its OpenMP threads (they spin on the cores the second thread's threads need). Two or more run
+    at once on Dask: a local cluster of that many worker processes (the cores shared among them), or the cluster
+    at ``study.dask_address``.
+    """
     from prefect_dask import DaskTaskRunner  # noqa: PLC0415 (studies only)
 
     from components.data.ingest import default_workers  # noqa: PLC0415
-    from components.data.study import (  # noqa: PLC0415
-        fold_arms, fraction_arms, site_arms, study_manifest, training_patients,
-    )
-    from components.evaluation.study import Arm, fraction_study, site_study  # noqa: PLC0415
-    from components.tracking import use_experiment  # noqa: PLC0415
 
-    if config.study.leave_one_site_out or config.study.folds:  # the plain run first: the one registered
-        labelled = (site_arms(config, dataset.manifest) if config.study.leave_one_site_out
-                    else fold_arms(config, dataset.manifest))
-        registered = 0
-    else:
-        labelled = fraction_arms(config)  # smallest fraction first: the largest is registered
-        registered = len(labelled) - 1
-    use_experiment(config.registry.experiment)  # the store and experiment exist before the arms race to make them
-    workers = min(len(labelled), config.study.parallel or default_workers())
-    runner = (DaskTaskRunner(address=config.study.dask_address) if config.study.dask_address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-                        "env": _prefect_api()}))
+    if study.dask_address:
+        return DaskTaskRunner(address=study.dask_address), 0
+    workers = min(n_arms, study.parallel or default_workers())
+    if workers <= 1:
+        return None, 0
     # the local cluster's nannies warn when a finished worker takes over 4 s to exit (torch's threads): not news
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
-    threads = 0 if config.study.dask_address else max(1, default_workers() // workers)  # the cores, shared
-    results = study_arms.with_options(task_runner=runner)([c for _, c in labelled], dataset, validation_report,
-                                                          threads)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None, "env": _prefect_api()}), \
+        max(1, default_workers() // workers)  # the cores, shared
+
+
+def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
+    """Train and evaluate a study's arms (label fractions, leaving one site out, or k-fold cross-validation) on
+    the runner :func:`study_runner` chooses, then :func:`conclude_study`: the registered arm's (trained,
+    evaluation), and the folder holding study.json and study.html."""
+    from components.tracking import use_experiment  # noqa: PLC0415
+
+    labelled = plan_study(config, dataset)
+    use_experiment(config.registry.experiment)  # the store and experiment exist before the arms race to make them
+    runner, threads = study_runner(config.study, len(labelled))
+    arms = study_arms if runner is None else study_arms.with_options(task_runner=runner)
+    results = arms([c for _, c in labelled], dataset, validation_report, threads, concurrent=runner is not None)
+    return conclude_study(config, dataset, labelled, results)
+
+
+def plan_study(config: RunConfig, dataset) -> list[tuple]:
+    """The study's arms as (label, arm config): for leaving one site out and cross-validation the plain run
+    first (the one registered, unless the folds are joined); for label fractions the smallest fraction first."""
+    from components.data.study import fold_arms, fraction_arms, site_arms  # noqa: PLC0415
+
+    if config.study.leave_one_site_out:
+        return site_arms(config, dataset.manifest)
+    if config.study.folds:
+        return fold_arms(config, dataset.manifest)
+    return fraction_arms(config)
+
+
+def conclude_study(config: RunConfig, dataset, labelled: list[tuple], results: list[tuple]) -> tuple:
+    """From each arm's (trained, evaluation), in :func:`plan_study`'s order: the study's figures (and, for
+    cross-validation, the folds joined into one model), ``study.json`` and ``study.html`` logged as the study's
+    MLflow run; the registered arm's (trained, evaluation), and the folder holding study.json and study.html."""
+    from components.data.study import study_manifest, training_patients  # noqa: PLC0415
+    from components.evaluation.study import Arm, fraction_study, site_study  # noqa: PLC0415
+
+    registered = 0 if config.study.leave_one_site_out or config.study.folds else len(labelled) - 1
     arms = [Arm(fraction=arm.study.train_fraction, run_id=trained.run_id,
                 n_train_patients=training_patients(study_manifest(dataset.manifest, arm.study)),
                 report=json.loads(Path(evaluation.report).read_text()))

@@ -117,7 +117,9 @@ def test_leaving_one_site_out_judges_each_site_unseen_and_registers_the_run_on_e
 
 
 def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_folds_on_test(tmp_path):
-    done = subprocess.run([MEDFLOW, "run", *[arg for item in (*SMALL[:-2], "study.folds=3") for arg in ("--set", item)],
+    # one arm at a time: the arms run in this process, one after another, without a Dask cluster
+    done = subprocess.run([MEDFLOW, "run", *[arg for item in (*SMALL[:-2], "study.folds=3", "study.parallel=1")
+                                             for arg in ("--set", item)],
                            "--summary", "summary.json"],
                           cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -148,6 +150,10 @@ def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_
     (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
                                       "tags.`medflow.study` = 'cross_validation'")
     assert study_run.data.metrics["auc.cv_mean"] == pytest.approx(study["mean"]["auc"])
+    arms = sorted((client.get_run(r).info for r in [study["all_data"]["run_id"], *(f["run_id"] for f in study["per_fold"])]),
+                  key=lambda info: info.start_time)
+    assert all(a.end_time <= b.start_time for a, b in zip(arms, arms[1:]))  # study.parallel=1: one after another
+    assert "distributed" not in done.stderr  # and no Dask cluster was started for them
     # served: the registered version (one pyfunc, the folds inside) gives those probabilities from the images
     import nibabel as nib  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
