@@ -139,16 +139,18 @@ class WeightedMetrics:
 
     @staticmethod
     def _level_weights(indicator: sparse.csr_matrix, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positive and negative weight at each score level, ascending: (B, U) each."""
+        """Positive and negative weight at each score level, ascending: (B, U) each. (Weights laid out
+        case-major, as :func:`resample_patients` gives them, are multiplied without a copy.)"""
         counts = (indicator @ weights.T).T  # (B, 2U), rows by ascending score level
         u = counts.shape[1] // 2
         return counts[:, :u], counts[:, u:] - counts[:, :u]
 
     @staticmethod
-    def _sensitivity_at_specificity(indicator: sparse.csr_matrix, weights: np.ndarray, specificity: float) -> np.ndarray:
+    def _sensitivity_at_specificity(level_weights: tuple[np.ndarray, np.ndarray], specificity: float) -> np.ndarray:
         """The highest sensitivity among thresholds (each score level, predicting positive at or above it, and
-        one above every score) whose specificity reaches the target: (B,), NaN without positives or negatives."""
-        pos_w, neg_w = WeightedMetrics._level_weights(indicator, weights)
+        one above every score) whose specificity reaches the target: (B,), NaN without positives or negatives.
+        ``level_weights``: :meth:`_level_weights`."""
+        pos_w, neg_w = level_weights
         positives, negatives = pos_w.sum(axis=1), neg_w.sum(axis=1)
         # weight at or above each level: totals minus what lies below it
         tp = positives[:, None] - (np.cumsum(pos_w, axis=1) - pos_w)
@@ -160,8 +162,9 @@ class WeightedMetrics:
             return np.where((positives > 0) & (negatives > 0), best, np.nan)
 
     @staticmethod
-    def _auc(indicator: sparse.csr_matrix, weights: np.ndarray) -> np.ndarray:
-        pos_w, neg_w = WeightedMetrics._level_weights(indicator, weights)
+    def _auc(level_weights: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """ROC AUC from :meth:`_level_weights`: (B,), NaN without positives or negatives."""
+        pos_w, neg_w = level_weights
         below = np.cumsum(neg_w, axis=1) - neg_w
         num = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
         denom = pos_w.sum(axis=1) * neg_w.sum(axis=1)
@@ -182,12 +185,13 @@ class WeightedMetrics:
         tp, fp, fn = conf[:, :, 0], conf[:, :, 1], conf[:, :, 2]
         total = z[:, -1]
         start = 3 * nb + 3 * k
+        levels = [self._level_weights(indicator, weights) for indicator in self.levels]  # one product each
         sums = WeightedSums(
             binary=self.binary, bin_count=z[:, :nb], bin_accuracy=z[:, nb:2 * nb], bin_confidence=z[:, 2 * nb:3 * nb],
             tp=tp, fp=fp, fn=fn, tn=total[:, None] - tp - fp - fn, brier=z[:, -3], nll=z[:, -2], total=total,
-            auc=np.mean([self._auc(ind, weights) for ind in self.levels], axis=0),
-            sensitivity_at_specificity=np.mean([self._sensitivity_at_specificity(ind, weights, self.settings.specificity)
-                                                for ind in self.levels], axis=0),
+            auc=np.mean([self._auc(level) for level in levels], axis=0),
+            sensitivity_at_specificity=np.mean([self._sensitivity_at_specificity(level, self.settings.specificity)
+                                                for level in levels], axis=0),
             confusion=z[:, start:start + k * k].reshape(len(z), k, k),
         )
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -198,7 +202,7 @@ def weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -
     """ROC AUC of ``score`` for the cases ``positive`` against the rest, for each (B, N) weight row: (B,)
     (NaN where a row weighs no positive or no negative case)."""
     indicator = WeightedMetrics._level_indicator(np.asarray(score, dtype=np.float64), np.asarray(positive, dtype=bool))
-    return WeightedMetrics._auc(indicator, np.asarray(weights, dtype=np.float64))
+    return WeightedMetrics._auc(WeightedMetrics._level_weights(indicator, np.asarray(weights, dtype=np.float64)))
 
 
 def jackknife_rows(n_patients: int, *, groups: int = JACKKNIFE_GROUPS, chunk: int = CHUNK) -> Iterator[np.ndarray]:
@@ -307,14 +311,17 @@ class ResampledStatistics:
         by_group: dict[str, dict[str, dict[str, list]]] = {a: {g: {} for g in m} for a, m in members.items()}
         gaps: dict[str, dict[str, list]] = {a: {"auc_gap": [], "es_auc": []} for a in members}
         for weights in weight_chunks:
-            metrics = self.evaluate_all(weights)
+            # (P, rows), copied once: a group's patients are then a gather of rows, and every sparse product
+            # takes the transpose of a view of it without copying
+            by_patient = np.ascontiguousarray(weights.T)
+            metrics = self.evaluate_all(by_patient.T)
             for name, values in metrics.items():
                 overall.setdefault(name, []).append(values)
             for attribute, masks in members.items():
                 aucs = []
                 for group in masks:
                     group_metrics = self.evaluate_group[attribute][group](
-                        weights[:, self.group_patients[attribute, group]])
+                        by_patient[self.group_patients[attribute, group]].T)
                     for name, values in group_metrics.items():
                         by_group[attribute][group].setdefault(name, []).append(values)
                     if compared is None or group in compared.get(attribute, masks):
