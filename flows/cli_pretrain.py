@@ -21,26 +21,23 @@ def _num(value: float | None) -> str:
 
 def pretrain(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Run config YAML (default: the demo).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set pretrain.epochs=2.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: --set pretrain.epochs=2.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Pretrain again even when data, config and code are unchanged.")] = False,
     summary: Annotated[Path | None, typer.Option(help="Write the run's summary as JSON here.")] = None,
 ) -> None:
     """Pretrain an encoder self-supervised on the dataset's images (labels unused) and register it as a new
     version of <name>-encoder; a classifier then starts from it with
     --set train.backbone.source=models:/<name>-encoder@latest."""
-    from components.pretraining.pretrain import check_pretrainable, pin_source  # noqa: PLC0415 (torch and MONAI)
-    from components.data.step import check_source  # noqa: PLC0415
     from components.tracking import check_tracking_access  # noqa: PLC0415
     from components.workspace import undone_on_failure, workspace_lock  # noqa: PLC0415
     from flows.prefect_server import (  # noqa: PLC0415
         check_prefect_server, hide_user_tracebacks, stop_embedded_server, use_embedded_prefect,
     )
+    from flows.preflight import check_pretrain  # noqa: PLC0415 (torch and MONAI)
 
     cfg = load_config(config, overrides=set_ or [])
     with undone_on_failure(before_removal=stop_embedded_server):
-        check_source(cfg)
-        cfg = pin_source(cfg)  # models:/NAME@alias -> models:/NAME/VERSION
-        check_pretrainable(cfg)
+        cfg = check_pretrain(cfg)  # a registered starting encoder's alias pinned to its version
         with workspace_lock("pretrain", wait_s=0):
             check_tracking_access()
             check_prefect_server()

@@ -27,3 +27,21 @@ def check_run(config: RunConfig) -> RunConfig:
     check_trainable(config)
     check_noninferiority(config.promotion.non_inferiority)
     return config
+
+
+def check_pretrain(config: RunConfig) -> RunConfig:
+    """Refuse, before ingestion, a pretraining that a later step would refuse: a source folder that is not there,
+    a folder where DVC could not record a data version, a method, network or starting checkpoint that does not
+    fit. Returns the config the run uses: a registered starting encoder's alias pinned to its version
+    (:func:`components.pretraining.pretrain.pin_source`).
+
+    Raises:
+        ConfigError: naming what to change.
+    """
+    from components.pretraining.pretrain import check_pretrainable, pin_source  # noqa: PLC0415 (torch and MONAI)
+
+    check_source(config)
+    check_workspace(paths.workspace_root(), config.data.name)
+    config = pin_source(config)
+    check_pretrainable(config)
+    return config

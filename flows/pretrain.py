@@ -79,12 +79,11 @@ def pretrain_workspace(workspace: str = ".", config: str = "medflow.yaml", overr
         overrides: ``key=value`` overrides, as ``--set`` takes them.
         force: pretrain again even when data, config and code are unchanged.
     """
-    from components.pretraining.pretrain import check_pretrainable, pin_source  # noqa: PLC0415
     from components.workspace import workspace_lock  # noqa: PLC0415
+    from flows.preflight import check_pretrain  # noqa: PLC0415
     from flows.steps import enter_workspace  # noqa: PLC0415
 
     enter_workspace(workspace)
-    cfg = pin_source(load_config(Path(config), overrides=overrides or []))
-    check_pretrainable(cfg)
+    cfg = check_pretrain(load_config(Path(config), overrides=overrides or []))
     with workspace_lock("pretrain (deployment)", wait_s=LOCK_WAIT_S):  # waits for a manual run in the workspace
         return pretrain(cfg, force=force)

@@ -284,6 +284,19 @@ def test_a_run_in_a_checkout_that_ignores_data_stops_before_touching_it(workspac
     assert sorted(p.name for p in workspace.iterdir()) == [".git", ".gitignore"]  # the folder as it was
 
 
+def test_a_pretraining_in_a_checkout_that_ignores_data_stops_before_touching_it(workspace, capsys):
+    """As a run does: `medflow pretrain` used to convert the export, then fail on data/demo.dvc."""
+    import subprocess
+
+    subprocess.run(["git", "init", "-q"], cwd=workspace, check=True)
+    (workspace / ".gitignore").write_text("data/\n")
+    assert main(["pretrain", "-s", "data.n_patients=20", "-s", "pretrain.epochs=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"medflow: error: {workspace / 'data' / 'demo.dvc'} would be ignored by git (.gitignore:1:data/)")
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in workspace.iterdir()) == [".git", ".gitignore"]  # the folder as it was
+
+
 def test_a_killed_holder_leaves_no_stale_lock(workspace):
     import multiprocessing
     import os
