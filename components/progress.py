@@ -31,3 +31,8 @@ def make_console(*, stderr: bool = False) -> Console:
     """A rich console: the terminal's width on a terminal, ``LOG_WIDTH`` columns for a file or a pipe."""
     console = Console(stderr=stderr)
     return console if console.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+
+
+def metric_text(value: float | None) -> str:
+    """A metric as the console shows it: three decimals, or ``null`` when it is undefined."""
+    return "null" if value is None else f"{value:.3f}"

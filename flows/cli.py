@@ -17,7 +17,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from components import paths
-from components.progress import make_console
+from components.progress import make_console, metric_text
 from components.config import load_config
 from components.errors import Interrupted, MedflowError, PromotionRefused
 from flows.cli_data import data_app, ingest, init
@@ -153,10 +153,6 @@ def _run_locked(cfg, *, force: bool):
     return result
 
 
-def _num(value: float | None) -> str:
-    return "null" if value is None else f"{value:.3f}"
-
-
 def print_summary(summary) -> None:
     """The end-of-run summary: data version, MLflow run, key metrics, each gate, the champion."""
     console.print()
@@ -219,9 +215,9 @@ def evaluate(
     )
     o = report.overall
     if report.task == "segmentation":
-        console.print(f"segmentation: n={report.n}  dice {_num(o['dice'])}  hd95 {_num(o['hd95'])} mm -> {out}")
+        console.print(f"segmentation: n={report.n}  dice {metric_text(o['dice'])}  hd95 {metric_text(o['hd95'])} mm -> {out}")
     else:
-        console.print(f"{report.task}: n={report.n}  auc {_num(o['auc'])}  ece {o['ece']:.3f}  brier {o['brier']:.3f} -> {out}")
+        console.print(f"{report.task}: n={report.n}  auc {metric_text(o['auc'])}  ece {o['ece']:.3f}  brier {o['brier']:.3f} -> {out}")
     for warning in report.warnings:
         err.print(f"warning: {warning}")
 
@@ -334,7 +330,7 @@ def compare(
         for row in rows:
             ci = "-" if row.ci95 is None else f"{row.ci95[0]:+.4f} .. {row.ci95[1]:+.4f}"
             better = {"a": "A", "b": "B"}.get(row.better, "neither")
-            table.add_row(row.name, _num(row.a), _num(row.b), "-" if row.difference is None else f"{row.difference:+.4f}",
+            table.add_row(row.name, metric_text(row.a), metric_text(row.b), "-" if row.difference is None else f"{row.difference:+.4f}",
                           ci, better)
         console.print(table)
     if json_out:
@@ -375,7 +371,7 @@ def status(limit: Annotated[int, typer.Option(help="How many of the latest runs 
         console.print("No runs yet: medflow run starts one.")
     for r in runs:
         console.print(f"{r.started}  run {r.run_id[:8]}  {r.status:<9} {r.experiment}  data {r.data_version[:8]}  "
-                      + (f"test Dice {_num(r.test_dice)}" if r.test_dice is not None else f"test AUC {_num(r.test_auc)}"),
+                      + (f"test Dice {metric_text(r.test_dice)}" if r.test_dice is not None else f"test AUC {metric_text(r.test_auc)}"),
                       markup=False, soft_wrap=True)
     for study in latest_studies(client):
         console.print(f"{study.started}  study {study.run_id[:8]}  {study.name}  {study.arms} arms' runs "

@@ -10,13 +10,9 @@ from typing import Annotated
 import typer
 
 from components.config import load_config
-from components.progress import make_console
+from components.progress import make_console, metric_text
 
 console = make_console()
-
-
-def _num(value: float | None) -> str:
-    return "null" if value is None else f"{value:.3f}"
 
 
 def pretrain(
@@ -49,8 +45,8 @@ def pretrain(
     console.print()
     console.print(f"[bold]Dataset[/]      {result.dataset}: {result.n_cases} images, data version {result.data_version}")
     console.print(f"[bold]MLflow run[/]   {result.run_id} ({result.method} on {result.network}, {result.epochs} epochs)")
-    console.print(f"[bold]Checks[/]       val_loss {_num(result.val_loss)}  embedding_std {_num(result.embedding_std)} "
-                  f"(about 1 when spread, 0 when collapsed)  knn_val_auc {_num(result.knn_auc)}")
+    console.print(f"[bold]Checks[/]       val_loss {metric_text(result.val_loss)}  embedding_std {metric_text(result.embedding_std)} "
+                  f"(about 1 when spread, 0 when collapsed)  knn_val_auc {metric_text(result.knn_auc)}")
     if result.cached_steps and "pretrain" in result.cached_steps:
         console.print("[bold]Reused[/]       the pretraining from the cache: data, config and code are unchanged "
                       "(--force pretrains again)")

@@ -74,6 +74,19 @@ def run_step(config: RunConfig, name: str, /, *, force: bool = False, **inputs):
     return state.result(), state.name == "Cached"
 
 
+class StepRunner:
+    """Runs a flow's steps of the table (:func:`run_step`) with one config and ``force``, keeping the names of
+    those reused from the cache in ``cached``."""
+
+    def __init__(self, config: RunConfig, *, force: bool = False) -> None:
+        self.config, self.force, self.cached = config, force, []
+
+    def __call__(self, name: str, **inputs):
+        result, from_cache = run_step(self.config, name, force=self.force, **inputs)
+        self.cached.extend([name] if from_cache else [])
+        return result
+
+
 SUMMARY_METRICS = tuple(m.name for m in METRICS if m.summary)
 
 
@@ -297,13 +310,8 @@ def retrain(config: RunConfig, force: bool = False) -> PipelineSummary:
     Each cached step is reused when its key (the config sections it reads, its inputs, medflow's
     source) is unchanged: a new promotion rule re-runs promotion alone. ``force`` runs them again.
     """
-    cached: list[str] = []
-
-    def step(name: str, **inputs):
-        result, from_cache = run_step(config, name, force=force, **inputs)
-        cached.extend([name] if from_cache else [])
-        return result
-
+    step = StepRunner(config, force=force)
+    cached = step.cached
     prepared = step("ingest")
     dataset = step("version", prepared=prepared)
     report = step("validate", dataset=dataset)

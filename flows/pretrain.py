@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from components.config import RunConfig, load_config
-from flows.pipeline import LOCK_WAIT_S, run_step
+from flows.pipeline import LOCK_WAIT_S, StepRunner
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,8 @@ class PretrainSummary:
 def pretrain(config: RunConfig, force: bool = False) -> PretrainSummary:
     """Pretrain the configured encoder on the configured dataset's images and register it as a new version of
     ``<name>-encoder`` (``models:/<name>@latest``). ``force`` pretrains again when nothing changed."""
-    cached: list[str] = []
-
-    def step(name: str, **inputs):
-        result, from_cache = run_step(config, name, force=force, **inputs)
-        cached.extend([name] if from_cache else [])
-        return result
-
+    step = StepRunner(config, force=force)
+    cached = step.cached
     prepared = step("ingest")
     dataset = step("version", prepared=prepared)
     report = step("validate", dataset=dataset)
