@@ -241,7 +241,11 @@ class StudyConfig(_Section):
     ``leave_one_site_out``: one arm per site, trained on the others and tested on it as an external site, beside
     the plain run on every site (the one registered); reported as the site-by-metric table. ``folds``: k-fold
     cross-validation over the train and val patients, one arm per fold (``fold``: the arm's held-out fold),
-    beside the plain run (the one registered); the test split is untouched."""
+    beside the plain run (the one registered); the test split is untouched. ``candidates``: nested
+    cross-validation choosing among configs (each a mapping of ``key.path: value`` overrides, as ``--set`` takes
+    them): for each outer fold, every candidate is cross-validated on the other folds (``outer_fold``: set by the
+    study on those inner arms, whose patients of that fold are unused) and the best by ``select_by`` is judged on
+    the outer fold; the candidate best over the outer folds is the one whose folds are registered."""
 
     external_sites: tuple[str, ...] = ()
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
@@ -251,6 +255,11 @@ class StudyConfig(_Section):
     leave_one_site_out: bool = False
     folds: int = Field(0, ge=0, description="k-fold cross-validation over train + val patients (0: off)")
     fold: int | None = Field(None, ge=0, description="set by the study on each arm: the fold it validates on")
+    candidates: tuple[dict[str, Any], ...] = Field((), description="nested CV: configs (key.path: value overrides) "
+                                                                   "to choose among")
+    select_by: str = Field("auc", description="nested CV: the summary metric that chooses a candidate")
+    outer_fold: int | None = Field(None, ge=0, description="set by a nested study on each inner arm: the outer "
+                                                           "fold it never sees")
 
     @model_validator(mode="after")
     def _fractions(self) -> StudyConfig:
@@ -268,6 +277,15 @@ class StudyConfig(_Section):
         if self.folds and (self.label_fractions or self.leave_one_site_out or self.train_fraction != 1.0):
             raise ValueError("folds is a study of its own: it takes no label_fractions, leave_one_site_out or "
                              "train_fraction (external_sites may stay out of every fold)")
+        if self.candidates and self.folds < 3:
+            raise ValueError("candidates (nested cross-validation) need folds of at least 3: each outer fold's "
+                             "candidates are cross-validated on the other folds")
+        if len(self.candidates) == 1:
+            raise ValueError("candidates lists one config: nested cross-validation chooses among two or more")
+        if self.outer_fold is not None and (self.fold is None or self.outer_fold == self.fold
+                                            or not self.outer_fold < self.folds):
+            raise ValueError(f"outer_fold {self.outer_fold} must be one of folds 0..{self.folds - 1} other than the "
+                             f"arm's fold")
         if self.leave_one_site_out and (self.label_fractions or self.external_sites or self.train_fraction != 1.0):
             raise ValueError("leave_one_site_out is a study of its own: it holds out each site in turn, so it takes "
                              "no label_fractions, external_sites or train_fraction")
@@ -339,12 +357,45 @@ class RunConfig(_Section):
         if (self.study.external_sites or self.study.leave_one_site_out) and self.data.task is Task.SEGMENTATION:
             raise ValueError("study.external_sites and leave_one_site_out are for classifiers: a segmentation run "
                              "cannot report external sites yet")
+        if self.study.candidates and self.data.task is Task.SEGMENTATION:
+            raise ValueError("study.candidates (nested cross-validation) is for classifiers: it chooses by a "
+                             "classifier's summary metric")
         return self
 
     def config_hash(self) -> str:
         """Short sha256 of the config's canonical JSON: equal configs, equal hashes."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+CANDIDATE_SECTIONS = ("train", "evaluate", "validation")  # what a nested CV candidate may change: not the data
+
+
+def with_candidate(config: RunConfig, candidate: Mapping[str, Any], *, where: str) -> RunConfig:
+    """``config`` with one ``study.candidates`` entry's ``key.path: value`` overrides applied, its study cleared
+    of the candidates (an arm's config).
+
+    Raises:
+        ConfigError: a key the schema does not know (with the closest), a key outside the sections a candidate
+            may change (the data, the study, the registry are the study's own), or a value the schema refuses;
+            each naming ``where``.
+    """
+    raw = config.model_dump(mode="json")
+    raw["study"].update(candidates=[], select_by="auc")
+    for key, value in candidate.items():
+        section = str(key).split(".")[0]
+        try:
+            _apply_override(raw, f"{key}={json.dumps(value)}")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        if section not in CANDIDATE_SECTIONS:
+            raise ConfigError(f"{where}: {key} is not a setting a candidate may change; candidates change "
+                              f"{', '.join(s + '.*' for s in CANDIDATE_SECTIONS)}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise ConfigError(f"{where}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from exc
 
 
 def default_config_path() -> Path:

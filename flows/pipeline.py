@@ -178,10 +178,14 @@ def run_study(config: RunConfig, dataset, validation_report: Path) -> tuple:
 def plan_study(config: RunConfig, dataset) -> list[tuple]:
     """The study's arms as (label, arm config): for leaving one site out and cross-validation the plain run
     first (the one registered, unless the folds are joined); for label fractions the smallest fraction first."""
-    from components.data.study import fold_arms, fraction_arms, site_arms  # noqa: PLC0415
+    from components.data.study import fold_arms, fraction_arms, nested_arms, site_arms  # noqa: PLC0415
+    from components.evaluation.study import check_select_by  # noqa: PLC0415
 
     if config.study.leave_one_site_out:
         return site_arms(config, dataset.manifest)
+    if config.study.candidates:  # nested cross-validation: every candidate's plain, fold and inner arms
+        check_select_by(config.study.select_by, SUMMARY_METRICS)
+        return nested_arms(config, dataset.manifest)
     if config.study.folds:
         return fold_arms(config, dataset.manifest)
     return fraction_arms(config)
@@ -194,6 +198,9 @@ def conclude_study(config: RunConfig, dataset, labelled: list[tuple], results: l
     from components.data.study import study_manifest, training_patients  # noqa: PLC0415
     from components.evaluation.study import Arm, fraction_study, site_study  # noqa: PLC0415
 
+    nested = None
+    if config.study.candidates:  # the candidate best over the outer folds goes on as a plain k-fold study
+        nested, config, labelled, results = _nested_cross_validation(config, dataset, labelled, results)
     registered = 0 if config.study.leave_one_site_out or config.study.folds else len(labelled) - 1
     arms = [Arm(fraction=arm.study.train_fraction, run_id=trained.run_id,
                 n_train_patients=training_patients(study_manifest(dataset.manifest, arm.study)),
@@ -203,6 +210,8 @@ def conclude_study(config: RunConfig, dataset, labelled: list[tuple], results: l
         study = site_study(arms[0], arms[1:], [site for site, _ in labelled[1:]])
     elif config.study.folds:
         study = _cross_validation(config, dataset, arms, [evaluation for _, evaluation in results])
+        if nested is not None:
+            study["nested"] = nested
         joined = _fold_ensemble(config, dataset, results[1:], study)
         if joined is not None:  # the folds as one model: the one registered and gated
             results, registered = [*results, joined], len(results)
@@ -210,6 +219,39 @@ def conclude_study(config: RunConfig, dataset, labelled: list[tuple], results: l
         study = fraction_study(arms)
     study_run = log_study(config, study)
     return (*results[registered], paths.medflow_home() / "studies" / study_run)
+
+
+def _nested_cross_validation(config: RunConfig, dataset, labelled: list[tuple], results: list[tuple]) -> tuple:
+    """Nested cross-validation's figures from :func:`components.data.study.nested_arms`' arms, and the chosen
+    candidate's k-fold study as :func:`conclude_study` takes one: (nested, config, labelled, results), the config
+    the candidate's (its folds, no candidates)."""
+    import pandas as pd  # noqa: PLC0415
+
+    from components.config import with_candidate  # noqa: PLC0415
+    from components.data.ingest import load_manifest  # noqa: PLC0415
+    from components.evaluation.declarations import report_metrics  # noqa: PLC0415
+    from components.evaluation.study import nested_cv  # noqa: PLC0415
+    from components.inference.classification import VAL_PREDICTIONS  # noqa: PLC0415
+
+    by_label = {label: (arm, result) for (label, arm), result in zip(labelled, results)}
+    val = lambda label: pd.read_parquet(Path(by_label[label][1][1].report).parent / VAL_PREDICTIONS)  # noqa: E731
+    study, ev = config.study, config.evaluate
+    k, candidates = study.folds, range(len(study.candidates))
+    plain_report = json.loads(Path(by_label["plain", 0][1][1].report).read_text())
+    nested = nested_cv(
+        study.candidates, [[val(("fold", c, f)) for f in range(k)] for c in candidates],
+        {(c, f, j): val(("inner", c, f, j)) for c in candidates for f in range(k) for j in range(k) if j != f},
+        load_manifest(dataset.manifest), select_by=study.select_by,
+        names=[m.name for m in report_metrics(plain_report) if m.summary], threshold=ev.threshold,
+        n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size,
+        target_specificity=ev.target_specificity, ordinal=config.data.ordinal)
+    chosen = nested["chosen"]
+    nested["runs"] = [trained.run_id for label, (_, (trained, _)) in by_label.items() if label[1] != chosen
+                      or label[0] == "inner"]  # nested under the study's run too
+    kept = [("plain", chosen), *(("fold", chosen, f) for f in range(k))]
+    return (nested, with_candidate(config, study.candidates[chosen], where=f"study.candidates[{chosen}]"),
+            [(None if label[0] == "plain" else label[2], by_label[label][0]) for label in kept],
+            [by_label[label][1] for label in kept])
 
 
 def _fold_ensemble(config: RunConfig, dataset, folds: list[tuple], study: dict) -> tuple | None:
@@ -274,11 +316,19 @@ def log_study(config: RunConfig, study: dict) -> str:
         runs = [f["run_id"] for f in study["per_fold"]] + [study["all_data"]["run_id"]]
         runs += [study["ensemble"]["run_id"]] if study["ensemble"].get("run_id") else []
         name, params = f"study: {study['folds']}-fold cross-validation", {"folds": study["folds"]}
+        nested = study.get("nested")
+        if nested:
+            runs += nested["runs"]
+            name = f"study: nested {study['folds']}-fold cross-validation of {len(nested['candidates'])} candidates"
+            params |= {"candidates": json.dumps(nested["candidates"]), "select_by": nested["select_by"],
+                       "chosen": nested["chosen"]}
         metrics = {f"{m}.fold_{f['fold']}": f["metrics"][m] for f in study["per_fold"] for m in study["metrics"]}
         metrics |= {f"{m}.cv_mean": study["mean"][m] for m in study["metrics"]}
         metrics |= {f"{m}.cv_sd": study["sd"][m] for m in study["metrics"]}
         metrics |= {f"{m}.out_of_fold": study["out_of_fold"]["metrics"][m]["value"] for m in study["metrics"]}
         metrics |= {f"{m}.fold_ensemble": study["ensemble"]["metrics"][m]["value"] for m in study["metrics"]}
+        if nested:
+            metrics |= {f"{m}.nested": nested["estimate"]["metrics"][m]["value"] for m in study["metrics"]}
     else:
         arms = ", ".join(f"{a['fraction']:g}" for a in study["arms"])
         name, params = f"study: label fractions {arms}", {"fractions": arms}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from components import paths
-from components.config import RunConfig
+from components.config import RunConfig, with_candidate
 from components.data.step import check_source
+from components.errors import ConfigError
 from components.data.versioning import check_workspace
 from components.registry.noninferiority import check_noninferiority
 from components.training.backbones import pin_backbone
@@ -14,8 +15,8 @@ from components.training.train import check_trainable
 def check_run(config: RunConfig) -> RunConfig:
     """Refuse, before ingestion, a run that a later step would refuse: a source folder or labels file that
     is not there, a folder where DVC could not record
-    a data version, a network, loss, backbone or policy that does not fit the task, or a non-inferiority
-    metric that is not declared (``placement`` names are checked when the config is loaded). Returns the config the run uses: a registered backbone's alias
+    a data version, a network, loss, backbone or policy that does not fit the task (nor a nested study's
+    candidate's, nor its selection metric), or a non-inferiority metric that is not declared (``placement`` names are checked when the config is loaded). Returns the config the run uses: a registered backbone's alias
     pinned to its version (:func:`components.training.backbones.pin_backbone`).
 
     Raises:
@@ -26,6 +27,18 @@ def check_run(config: RunConfig) -> RunConfig:
     config = pin_backbone(config)
     check_trainable(config)
     check_noninferiority(config.promotion.non_inferiority)
+    if config.study.candidates:  # nested cross-validation: each candidate is a run of its own
+        from components.evaluation.declarations import METRICS  # noqa: PLC0415
+        from components.evaluation.study import check_select_by  # noqa: PLC0415
+
+        check_select_by(config.study.select_by, [m.name for m in METRICS if m.summary])
+        for c, candidate in enumerate(config.study.candidates):
+            where = f"study.candidates[{c}]"
+            arm = with_candidate(config, candidate, where=where)  # its own errors name the candidate
+            try:
+                check_trainable(arm)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from exc
     return config
 
 

@@ -132,9 +132,20 @@ def study_line(study: Path) -> str:
         folds = ", ".join(fmt(f["metrics"][score]) for f in record["per_fold"])
         mean, sd = record["mean"][score], record["sd"][score]
         spread = "n/a" if mean is None else f"{mean:.3f} ± {sd or 0:.3f}"
-        return (f"{record['folds']}-fold cross-validation: {score} per fold {folds}; mean {spread}; out-of-fold "
+        registered = record.get("registered", {}).get("model", "all data")
+        registered = "the fold ensemble" if registered == "fold ensemble" else "the run on every fold"
+        nested = record.get("nested")
+        chose = ""
+        if nested:
+            by, chosen = nested["select_by"], nested["chosen"]
+            picks = ", ".join(str(f["chosen"]) for f in nested["per_fold"])
+            settings = ", ".join(f"{k}={v}" for k, v in nested["candidates"][chosen].items())
+            chose = (f"nested over {len(nested['candidates'])} candidates by {by}: chosen per outer fold {picks}, "
+                     f"nested estimate {score} {fmt(nested['estimate']['metrics'][score]['value'])}; candidate "
+                     f"{chosen} ({settings}) goes on: ")
+        return (f"{chose}{record['folds']}-fold cross-validation: {score} per fold {folds}; mean {spread}; out-of-fold "
                 f"{fmt(record['out_of_fold']['metrics'][score]['value'])}; fold ensemble on test "
-                f"{fmt(record['ensemble']['metrics'][score]['value'])}; the run on every fold is registered ({page})")
+                f"{fmt(record['ensemble']['metrics'][score]['value'])}; {registered} is registered ({page})")
     curve = ", ".join(f"{a['fraction']:g} ({a['n_train_patients']} patients) {score} {fmt(a['metrics'][score]['value'])}"
                       for a in record["arms"])
     return f"label fractions: {curve}; the model of the largest is registered ({page})"

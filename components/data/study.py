@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from components import paths
-from components.config import RunConfig, StudyConfig, Task
+from components.config import RunConfig, StudyConfig, Task, with_candidate
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
 
@@ -96,14 +96,17 @@ def fold_of(manifest: pd.DataFrame, folds: int, *, stratify: bool = True) -> pd.
     return pd.Series(dealt, name="fold").sort_index()
 
 
-def fold_view(manifest: pd.DataFrame, folds: int, fold: int, *, stratify: bool = True) -> pd.DataFrame:
-    """The manifest with fold ``fold`` of the train and val patients as val and the other folds as train."""
+def fold_view(manifest: pd.DataFrame, folds: int, fold: int, *, outer_fold: int | None = None,
+              stratify: bool = True) -> pd.DataFrame:
+    """The manifest with fold ``fold`` of the train and val patients as val and the other folds as train; the
+    patients of ``outer_fold`` (an inner arm of nested cross-validation) moved to the unused split."""
     view = manifest.copy()
-    assigned = fold_of(manifest, folds, stratify=stratify)
+    assigned = view["patient_id"].map(fold_of(manifest, folds, stratify=stratify))
     pooled = view["split"].isin(("train", "val"))
-    in_fold = view["patient_id"].map(assigned) == fold
-    view.loc[pooled & in_fold, "split"] = "val"
-    view.loc[pooled & ~in_fold, "split"] = "train"
+    view.loc[pooled & (assigned == fold), "split"] = "val"
+    view.loc[pooled & (assigned != fold), "split"] = "train"
+    if outer_fold is not None:
+        view.loc[pooled & (assigned == outer_fold), "split"] = UNUSED
     return view
 
 
@@ -118,7 +121,7 @@ def study_manifest(manifest_path: Path, study: StudyConfig, *, segmentation: boo
     if study.train_fraction < 1.0:
         view = fraction_view(view, study.train_fraction, stratify=not segmentation)
     if study.fold is not None:
-        view = fold_view(view, study.folds, study.fold, stratify=not segmentation)
+        view = fold_view(view, study.folds, study.fold, outer_fold=study.outer_fold, stratify=not segmentation)
     root = manifest_path.parent.resolve()
     for column in ("image", *(("label",) if segmentation else ())):
         view[column] = [str(root / p) for p in view[column]]
@@ -187,6 +190,27 @@ def fold_arms(config: RunConfig, manifest_path: Path) -> list[tuple[int | None, 
     for fold in range(config.study.folds):
         study = StudyConfig(external_sites=sites, folds=config.study.folds, fold=fold)
         arms.append((fold, config.model_copy(update={"study": study})))
+    return arms
+
+
+def nested_arms(config: RunConfig, manifest_path: Path) -> list[tuple[tuple, RunConfig]]:
+    """Nested cross-validation over ``study.candidates``: for each candidate (by its index ``c``), its plain run
+    ``("plain", c)``, its arm per fold ``("fold", c, f)`` and, for each fold ``f``, its inner arms ``("inner", c,
+    f, j)`` validating on each other fold ``j`` and training on the rest, fold ``f`` unused (so the candidate
+    chosen for fold ``f`` never saw it). The folds are :func:`fold_arms`' own.
+
+    Raises:
+        ConfigError: a candidate's key or value the config refuses (naming the candidate), or too many folds.
+    """
+    fold_arms(config, manifest_path)  # refuses more folds than a label's patients
+    sites, k = config.study.external_sites, config.study.folds
+    arms: list[tuple[tuple, RunConfig]] = []
+    for c, overrides in enumerate(config.study.candidates):
+        base = with_candidate(config, overrides, where=f"study.candidates[{c}]")
+        arm = lambda **study: base.model_copy(update={"study": StudyConfig(external_sites=sites, **study)})  # noqa: E731
+        arms.append((("plain", c), arm()))
+        arms += [(("fold", c, f), arm(folds=k, fold=f)) for f in range(k)]
+        arms += [(("inner", c, f, j), arm(folds=k, fold=j, outer_fold=f)) for f in range(k) for j in range(k) if j != f]
     return arms
 
 

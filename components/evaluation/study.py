@@ -130,6 +130,72 @@ def cv_study(plain: Arm, folds: Sequence[Arm], val_tables: Sequence[pd.DataFrame
     }
 
 
+def check_select_by(name: str, summary: Sequence[str]) -> None:
+    """Refuse a ``study.select_by`` that is not one of the run's summary metrics, naming the closest.
+
+    Raises:
+        ConfigError: naming the metrics it may be.
+    """
+    import difflib  # noqa: PLC0415
+
+    from components.errors import ConfigError  # noqa: PLC0415
+
+    if name not in summary:
+        close = difflib.get_close_matches(name, summary, n=1)
+        raise ConfigError(f"study.select_by {name!r} is not a summary metric of this run; it may be "
+                          f"{', '.join(summary)}" + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
+def nested_cv(candidates: Sequence[Mapping], fold_tables: Sequence[Sequence[pd.DataFrame]],
+              inner_tables: Mapping[tuple[int, int, int], pd.DataFrame], manifest: pd.DataFrame, *, select_by: str,
+              names: Sequence[str], threshold: float, n_bootstrap: int, seed: int, min_group_size: int,
+              target_specificity: float = 0.9, ordinal: bool = False) -> dict:
+    """Nested cross-validation's figures (``study.json``'s ``nested``) from each candidate's fold val predictions
+    (``fold_tables[c][f]``) and inner val predictions (``inner_tables[c, f, j]``: fold ``f`` unused, validated
+    on fold ``j``).
+
+    For each outer fold the candidate with the best mean inner ``select_by`` is chosen (the first listed on a
+    tie, or where every value is undefined) and judged by its arm validating on that fold; pooling those outer
+    val predictions gives the nested estimate, the figure of the whole procedure (choosing included) on cases no
+    choice saw. ``chosen`` is the candidate best over the outer folds themselves: the one whose folds are joined
+    and registered.
+    """
+    judge = dict(threshold=threshold, seed=seed, min_group_size=min_group_size, target_specificity=target_specificity,
+                 ordinal=ordinal)
+    higher = metric(select_by).higher_is_better
+
+    def value(table: pd.DataFrame, source: str) -> float | None:
+        return evaluate_predictions(table, manifest, attributes=[], n_bootstrap=0, source=source,
+                                    **judge).overall.get(select_by)
+
+    def mean(values: Sequence[float | None]) -> float | None:
+        defined = [v for v in values if v is not None]
+        return float(np.mean(defined)) if defined else None
+
+    def best(scores: Sequence[float | None]) -> int:
+        ranked = [(-(v if higher else -v), c) for c, v in enumerate(scores) if v is not None]
+        return min(ranked)[1] if ranked else 0
+
+    k = len(fold_tables[0])
+    outer = [[value(fold_tables[c][f], f"candidate {c}, fold {f} val") for f in range(k)]
+             for c in range(len(candidates))]
+    per_fold, chosen_tables = [], []
+    for f in range(k):
+        inner = [mean([value(inner_tables[c, f, j], f"candidate {c}, fold {f} unused, fold {j} val")
+                       for j in range(k) if j != f]) for c in range(len(candidates))]
+        choice = best(inner)
+        per_fold.append({"fold": f, "inner": inner, "chosen": choice, "value": outer[choice][f]})
+        chosen_tables.append(fold_tables[choice][f])
+    pooled = pd.concat(chosen_tables, ignore_index=True)
+    estimate = evaluate_predictions(pooled, manifest, attributes=[], n_bootstrap=n_bootstrap,
+                                    source="nested out-of-fold", **judge)
+    cv_mean = [mean(values) for values in outer]
+    return {"candidates": [dict(c) for c in candidates], "select_by": select_by, "per_fold": per_fold,
+            "cv_mean": cv_mean, "chosen": best(cv_mean),
+            "estimate": {"n": len(pooled), "metrics": _figures({"overall": estimate.overall, "ci95": estimate.ci95},
+                                                                names)}}
+
+
 def _mean_probabilities(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """The fold ensemble's predictions: each ``prob*`` column averaged over the folds' tables (same cases)."""
     first = tables[0].set_index("case_id")
@@ -249,6 +315,22 @@ def write_study_html(study: Mapping, out: Path) -> Path:
         intro = ("The train and val patients are dealt into folds per label; each fold's model trained on the others "
                  "and validated on it. Out-of-fold figures pool every fold's val cases (each once); the fold "
                  "ensemble averages the folds' calibrated probabilities on the untouched test split.")
+        nested = study.get("nested")
+        if nested:
+            by = nested["select_by"]
+            label = lambda c: html.escape(", ".join(f"{k}={v}" for k, v in nested["candidates"][c].items()))  # noqa: E731
+            rows.append([f"nested estimate (choosing by {by} included)", str(nested["estimate"]["n"]),
+                         *(_cell(nested["estimate"]["metrics"][m]) for m in names), ""])
+            chosen = html_table(["outer fold", *(f"candidate {c}: {label(c)}, inner mean {by}"
+                                                 for c in range(len(nested["candidates"]))), "chosen", f"{by} on the fold"],
+                                [[str(f["fold"]), *(fmt_value(v) for v in f["inner"]), str(f["chosen"]),
+                                  fmt_value(f["value"])] for f in nested["per_fold"]]
+                                + [["mean over the outer folds", *(fmt_value(v) for v in nested["cv_mean"]),
+                                    str(nested["chosen"]), ""]])
+            intro += (f" Nested: each outer fold's candidate was chosen by cross-validating every candidate on the "
+                      f"other folds, that fold unused; the figures are of candidate {nested['chosen']} "
+                      f"({label(nested['chosen'])}), best over the outer folds, whose folds are joined and registered."
+                      f"</p>{chosen}<p class='muted'>")
     else:
         title = "Label fractions"
         figures = "".join(f"<img alt='study figure' src='{_figure(study, n, metric(n).title)}'>" for n in names)

@@ -199,6 +199,12 @@ def test_a_classification_config_turned_to_segmentation_is_refused_before_any_wo
         (["data.task=segmentation", "train.model=unet", "promotion.non_inferiority=[]",
           "train.model_kwargs={chanels: [8, 16]}"],
          "network 'unet' has no argument 'chanels' (train.model_kwargs); did you mean 'channels'?"),
+        (["study.folds=3", "study.candidates=[{train.lr: 0.01}, {train.model_kwargs: {foo: 1}}]"],
+         "study.candidates[1]: network 'densenet' refused train.model_kwargs {'foo': 1}: DenseNet.__init__() got an unexpected keyword "
+         "argument 'foo'"),
+        (["study.folds=3", "study.candidates=[{train.lr: 0.01}, {train.lr: 0.001}]", "study.select_by=acu"],
+         "study.select_by 'acu' is not a summary metric of this run; it may be auc, accuracy, qwk, ece, brier, dice, "
+         "hd95, voxel_ece; did you mean 'auc'?"),
     ],
 )
 def test_network_arguments_are_refused_once_before_any_work(workspace, capsys, overrides, message):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
@@ -164,3 +165,36 @@ def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_
     images = np.stack([nib.load(tmp_path / "data" / "demo" / p).get_fdata(dtype=np.float32) for p in test["image"]])
     served = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}/{summary['version']}").predict(images)
     assert served[:, 1] == pytest.approx(joined.loc[test["case_id"], "prob"].to_numpy(), abs=1e-5)
+
+
+def test_nested_cross_validation_chooses_per_outer_fold_and_registers_the_best_candidates_folds(tmp_path):
+    candidates = "study.candidates=[{train.lr: 0.003}, {train.lr: 0.000001}]"  # a useful rate, and one that barely moves
+    done = subprocess.run([MEDFLOW, "run", *[arg for item in (*SMALL[:-2], "train.epochs=2", "study.folds=3", candidates,
+                                                               "study.parallel=1") for arg in ("--set", item)],
+                           "--summary", "summary.json"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode in (0, 3), done.stderr[-3000:]  # promoted, or refused by a gate: the study completed
+    assert "nested over 2 candidates by auc: chosen per outer fold" in done.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    study = json.loads(Path(summary["study"]).read_text())
+    nested = study["nested"]
+    assert nested["candidates"] == [{"train.lr": 0.003}, {"train.lr": 0.000001}]
+    for fold in nested["per_fold"]:  # each outer fold's choice is the better mean over its inner folds
+        assert fold["chosen"] == int(np.argmax(fold["inner"]))
+    assert nested["chosen"] == int(np.argmax(nested["cv_mean"]))
+    manifest = pd.read_parquet(next((tmp_path / "data" / "demo").glob("manifest.parquet")))
+    assert nested["estimate"]["n"] == manifest["split"].isin(("train", "val")).sum()  # every case once
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
+    client = MlflowClient()
+    (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
+                                      "tags.`medflow.study` = 'cross_validation'")
+    assert study_run.data.params["chosen"] == str(nested["chosen"])
+    assert study_run.data.metrics["auc.nested"] == pytest.approx(nested["estimate"]["metrics"]["auc"]["value"])
+    lr = nested["candidates"][nested["chosen"]]["train.lr"]
+    # the registered ensemble joins the chosen candidate's folds, trained at its rate
+    assert summary["run_id"] == study["ensemble"]["run_id"]
+    assert [float(client.get_run(f["run_id"]).data.params["train.lr"]) for f in study["per_fold"]] == [lr] * 3
+    children = client.search_runs([study_run.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{study_run.info.run_id}'")
+    assert len(children) == 2 * (1 + 3 + 3 * 2) + 1  # every arm of both candidates, and the joined ensemble

@@ -12,7 +12,7 @@ import pytest
 from components.config import StudyConfig, load_config
 from components.data.ingest import load_manifest
 from components.data.study import (
-    EXTERNAL, UNUSED, external_view, fold_arms, fold_of, fold_view, fraction_arms, fraction_view, site_arms,
+    EXTERNAL, UNUSED, external_view, fold_arms, fold_of, fold_view, fraction_arms, fraction_view, nested_arms, site_arms,
     study_manifest, training_patients,
 )
 from components.errors import ConfigError
@@ -168,3 +168,50 @@ def test_each_fold_is_an_arm_beside_the_plain_run(small_dataset, workspace):
                                (["study.folds=3", "study.leave_one_site_out=true"], "a study of its own")):
         with pytest.raises(ConfigError, match=message):
             load_config(overrides=overrides, environ={})
+
+
+def test_nested_arms_cross_validate_each_candidate_inside_each_outer_fold_which_they_never_see(small_dataset, workspace):
+    config = load_config(overrides=["study.folds=3", "study.candidates=[{train.lr: 0.01}, {train.lr: 0.0001}]"],
+                         environ={})
+    arms = dict(nested_arms(config, small_dataset))
+    assert len(arms) == 2 * (1 + 3 + 3 * 2)  # per candidate: its plain run, its 3 folds, 3 x 2 inner arms
+    assert [arms["plain", c].train.lr for c in (0, 1)] == [0.01, 0.0001]
+    assert all(not a.study.candidates for a in arms.values())  # each arm an ordinary run
+    manifest = load_manifest(small_dataset)
+    pool = manifest["split"].isin(("train", "val"))
+    assigned = manifest["patient_id"].map(fold_of(manifest, 3))
+    for (kind, c, *folds), arm in arms.items():
+        assert arm.train.lr == (0.01, 0.0001)[c]
+        if kind != "inner":
+            continue
+        outer, inner = folds
+        view = pd.read_parquet(study_manifest(small_dataset, arm.study))
+        assert (view.loc[~pool, "split"] == manifest.loc[~pool, "split"]).all()  # test untouched
+        assert (view.loc[pool & (assigned == outer), "split"] == UNUSED).all()  # the outer fold: never seen
+        assert (view.loc[pool & (assigned == inner), "split"] == "val").all()
+        assert set(assigned[pool & (view["split"] == "train")]) == {0, 1, 2} - {outer, inner}
+    # the outer arms are fold_arms' own: the same manifests, so a fold arm of a plain k-fold study is reused
+    plain = dict(fold_arms(config.model_copy(update={"study": StudyConfig(folds=3)}), small_dataset))
+    assert study_manifest(small_dataset, arms["fold", 0, 1].study) == study_manifest(small_dataset, plain[1].study)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["study.folds=2", "study.candidates=[{train.lr: 0.1}, {train.lr: 0.2}]"], "need folds of at least 3"),
+    (["study.folds=3", "study.candidates=[{train.lr: 0.1}]"], "lists one config"),
+    (["study.folds=3", "study.candidates=[{train.lr: 0.1}, {train.lr: 0.2}]", "data.task=segmentation"],
+     "is for classifiers"),
+])
+def test_bad_nested_studies_are_refused_by_the_config(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides, environ={})
+
+
+@pytest.mark.parametrize(("candidate", "message"), [
+    ("{train.lrr: 0.1}", r"study.candidates\[1\]: unknown config key 'train.lrr'; did you mean 'train.lr'\?"),
+    ("{data.image_size: 32}", r"study.candidates\[1\]: data.image_size is not a setting a candidate may change"),
+    ("{train.epochs: -1}", r"study.candidates\[1\]: train.epochs: "),
+])
+def test_a_bad_candidate_is_named_before_any_arm(small_dataset, workspace, candidate, message):
+    config = load_config(overrides=["study.folds=3", f"study.candidates=[{{train.lr: 0.1}}, {candidate}]"], environ={})
+    with pytest.raises(ConfigError, match=message):
+        nested_arms(config, small_dataset)

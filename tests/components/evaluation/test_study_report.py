@@ -113,3 +113,56 @@ def test_cross_validation_figures_equal_scikit_learns_on_the_same_predictions(tm
     with pytest.raises(EvaluationError, match="is in the val split of two folds"):
         cv_study(plain, folds, [vals[0], vals[1], vals[0]], tests, manifest, threshold=0.5, n_bootstrap=0, seed=0,
                  min_group_size=5)
+
+
+@pytest.mark.parametrize("select_by", ["auc", "brier"])
+def test_nested_cross_validation_chooses_per_outer_fold_by_the_inner_folds_and_pools_the_choices(tmp_path, select_by):
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    from components.evaluation.study import nested_cv
+
+    rng = np.random.default_rng(1)
+    n = 240
+    manifest = pd.DataFrame({"case_id": [f"C{i}" for i in range(n)], "patient_id": [f"P{i // 2}" for i in range(n)],
+                             "label": rng.integers(0, 2, n), "split": ["train"] * n})
+    cases = [manifest.iloc[k::3] for k in range(3)]
+
+    def table(fold: int, noise: float) -> pd.DataFrame:
+        part = cases[fold]
+        prob = np.clip(part["label"] * 0.6 + rng.normal(0.2, noise, len(part)), 0.01, 0.99)
+        return pd.DataFrame({"case_id": part["case_id"], "y_true": part["label"], "prob": prob})
+
+    noise = {0: 0.25, 1: 0.45}  # candidate 0 is the better one, except inside outer fold 2's inner folds
+    folds = [[table(f, noise[c]) for f in range(3)] for c in (0, 1)]
+    inner = {(c, f, j): table(j, noise[1 - c] if f == 2 else noise[c]) for c in (0, 1) for f in range(3)
+             for j in range(3) if j != f}
+    score = (lambda t: roc_auc_score(t["y_true"], t["prob"])) if select_by == "auc" else (
+        lambda t: -brier_score_loss(t["y_true"], t["prob"]))  # higher is better, either way
+    nested = nested_cv([{"train.lr": 0.01}, {"train.lr": 0.001}], folds, inner, manifest, select_by=select_by,
+                       names=["auc", "brier"], threshold=0.5, n_bootstrap=50, seed=0, min_group_size=5)
+
+    expected = [int(np.argmax([np.mean([score(inner[c, f, j]) for j in range(3) if j != f]) for c in (0, 1)]))
+                for f in range(3)]
+    assert [f["chosen"] for f in nested["per_fold"]] == expected == [0, 0, 1]
+    pooled = pd.concat([folds[c][f] for f, c in enumerate(expected)])
+    assert nested["estimate"]["n"] == n
+    assert nested["estimate"]["metrics"]["auc"]["value"] == pytest.approx(roc_auc_score(pooled["y_true"], pooled["prob"]))
+    sign = 1 if select_by == "auc" else -1
+    assert nested["cv_mean"] == pytest.approx([sign * np.mean([score(t) for t in folds[c]]) for c in (0, 1)])
+    assert nested["chosen"] == 0  # best over the outer folds themselves
+    study = {"design": "cross_validation", "folds": 3, "metrics": ["auc"], "nested": nested,
+             "per_fold": [{"fold": f, "n_val": 80, "metrics": {"auc": 0.9}, "run_id": f"r{f}"} for f in range(3)],
+             "mean": {"auc": 0.9}, "sd": {"auc": 0.01},
+             **{key: {"n": 1, "n_test": 1, "run_id": "plain", "metrics": {"auc": {"value": 0.9, "ci95": [0.8, 0.95]}}}
+                for key in ("out_of_fold", "ensemble", "all_data")}}
+    page = write_study_html(study, tmp_path / "study.html").read_text()
+    assert f"nested estimate (choosing by {select_by} included)" in page and "candidate 1: train.lr=0.001" in page
+
+
+def test_a_selection_metric_that_is_not_a_summary_metric_is_refused_naming_the_closest():
+    from components.errors import ConfigError
+    from components.evaluation.study import check_select_by
+
+    with pytest.raises(ConfigError, match=r"study.select_by 'acu' is not a summary metric .*did you mean 'auc'\?"):
+        check_select_by("acu", ["auc", "ece", "brier"])
+    check_select_by("ece", ["auc", "ece", "brier"])
