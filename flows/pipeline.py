@@ -292,6 +292,15 @@ def _cross_validation(config: RunConfig, dataset, arms: list, evaluations: list)
                     target_specificity=ev.target_specificity, ordinal=config.data.ordinal)
 
 
+def arms_param(runs: list[str]) -> str:
+    """The study run's ``arms`` param: the arms' run ids, or their count where the ids would pass MLflow's limit
+    on a param's length (a nested study of some 170 arms); study.json lists them either way."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH  # noqa: PLC0415
+
+    joined = ", ".join(runs)
+    return joined if len(joined) <= MAX_PARAM_VAL_LENGTH else f"{len(runs)} runs (their ids are in study.json)"
+
+
 def log_study(config: RunConfig, study: dict) -> str:
     """The study's MLflow run in the run's experiment: each arm's metrics (``<metric>.fraction_<f>``; or
     ``<metric>.site_<site>`` on the held-out site and ``<metric>.delta_site_<site>``), the arms' runs, ``study.json`` and ``study.html``; each arm's training run is nested under it unless it already
@@ -335,7 +344,7 @@ def log_study(config: RunConfig, study: dict) -> str:
         metrics = {f"{m}.fraction_{a['fraction']:g}": a["metrics"][m]["value"] for a in study["arms"]
                    for m in study["metrics"]}
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={"medflow.study": study["design"]}) as run:
-        mlflow.log_params({"design": study["design"], **params, "arms": ", ".join(runs)})
+        mlflow.log_params({"design": study["design"], **params, "arms": arms_param(runs), "n_arms": len(runs)})
         mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "study.json").write_text(json.dumps(study, indent=2) + "\n")

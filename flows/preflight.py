@@ -22,24 +22,36 @@ def check_run(config: RunConfig) -> RunConfig:
     Raises:
         ConfigError: naming what to change.
     """
-    check_source(config)
-    check_workspace(paths.workspace_root(), config.data.name)
+    _check_data(config)
     config = pin_backbone(config)
     check_trainable(config)
     check_noninferiority(config.promotion.non_inferiority)
-    if config.study.candidates:  # nested cross-validation: each candidate is a run of its own
-        from components.evaluation.declarations import METRICS  # noqa: PLC0415
-        from components.evaluation.study import check_select_by  # noqa: PLC0415
-
-        check_select_by(config.study.select_by, [m.name for m in METRICS if m.summary])
-        for c, candidate in enumerate(config.study.candidates):
-            where = f"study.candidates[{c}]"
-            arm = with_candidate(config, candidate, where=where)  # its own errors name the candidate
-            try:
-                check_trainable(arm)
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from exc
+    _check_candidates(config)
     return config
+
+
+def _check_data(config: RunConfig) -> None:
+    """The source folder (or labels file) is there, and DVC could record a data version in this folder."""
+    check_source(config)
+    check_workspace(paths.workspace_root(), config.data.name)
+
+
+def _check_candidates(config: RunConfig) -> None:
+    """A nested study's selection metric is a summary metric and each candidate is a trainable run, refused
+    naming the candidate."""
+    if not config.study.candidates:
+        return
+    from components.evaluation.declarations import METRICS  # noqa: PLC0415
+    from components.evaluation.study import check_select_by  # noqa: PLC0415
+
+    check_select_by(config.study.select_by, [m.name for m in METRICS if m.summary])
+    for c, candidate in enumerate(config.study.candidates):
+        where = f"study.candidates[{c}]"
+        arm = with_candidate(config, candidate, where=where)  # its own errors name the candidate
+        try:
+            check_trainable(arm)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
 
 
 def check_pretrain(config: RunConfig) -> RunConfig:
@@ -53,8 +65,7 @@ def check_pretrain(config: RunConfig) -> RunConfig:
     """
     from components.pretraining.pretrain import check_pretrainable, pin_source  # noqa: PLC0415 (torch and MONAI)
 
-    check_source(config)
-    check_workspace(paths.workspace_root(), config.data.name)
+    _check_data(config)
     config = pin_source(config)
     check_pretrainable(config)
     return config

@@ -76,7 +76,8 @@ def latest_studies(client: MlflowClient, *, limit: int = 5) -> list[StudyLine]:
                               max_results=limit)
     return [StudyLine(run_id=r.info.run_id, design=r.data.tags["medflow.study"],
                       started=datetime.fromtimestamp(r.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                      name=r.data.tags.get("mlflow.runName", ""), arms=len(r.data.params.get("arms", "").split(", ")))
+                      name=r.data.tags.get("mlflow.runName", ""),
+                      arms=int(r.data.params.get("n_arms") or len(r.data.params.get("arms", "").split(", "))))
             for r in runs]
 
 

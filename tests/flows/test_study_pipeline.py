@@ -190,6 +190,7 @@ def test_nested_cross_validation_chooses_per_outer_fold_and_registers_the_best_c
     (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
                                       "tags.`medflow.study` = 'cross_validation'")
     assert study_run.data.params["chosen"] == str(nested["chosen"])
+    assert study_run.data.params["n_arms"] == "21"  # medflow status counts these
     assert study_run.data.metrics["auc.nested"] == pytest.approx(nested["estimate"]["metrics"]["auc"]["value"])
     lr = nested["candidates"][nested["chosen"]]["train.lr"]
     # the registered ensemble joins the chosen candidate's folds, trained at its rate

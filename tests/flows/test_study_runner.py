@@ -36,3 +36,15 @@ def test_a_named_cluster_takes_every_study_even_of_one_arm(runner):
     chosen, threads = runner(StudyConfig(parallel=1, dask_address="tcp://scheduler:8786"), 1)
     assert isinstance(chosen, DaskTaskRunner) and chosen.address == "tcp://scheduler:8786"
     assert threads == 0  # its workers' cores are theirs to share
+
+
+def test_the_study_runs_arms_param_stays_within_mlflows_limit_for_a_large_nested_study():
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from flows.pipeline import arms_param
+
+    few = [f"{k:032x}" for k in range(11)]
+    assert arms_param(few) == ", ".join(few)  # a plain study: the ids themselves
+    many = [f"{k:032x}" for k in range(2 * (1 + 5 + 5 * 4) * 4)]  # 5 folds, 8 candidates: 208 arms
+    assert len(", ".join(many)) > MAX_PARAM_VAL_LENGTH
+    assert arms_param(many) == "208 runs (their ids are in study.json)"
