@@ -20,8 +20,11 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import os
+import threading
 
 from prefect import Task, task
+from prefect._internal.concurrency.services import _QueueServiceBase
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -32,6 +35,26 @@ BACKOFF_SECONDS = 2
 TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE}
 TRANSIENT_TEXT = ("connection refused", "connection reset", "max retries exceeded", "timed out", "temporarily unavailable",
                   "502", "503", "504", "remote end closed connection")
+
+
+def _forget_prefect_exit_drains() -> None:
+    """In a forked child, drop the at-exit drains of Prefect's queue services.
+
+    Prefect 3.8 resets its services in a forked child (their event loop is the
+    parent's) but leaves each one's ``threading._register_atexit`` drain behind,
+    and that drain fails an assertion when the child ends: every forked
+    DataLoader worker of a training inside a flow (``train.num_workers`` > 0)
+    exited with code 1, and the run failed. Neither Prefect nor the standard
+    library can unregister a threading at-exit call, hence the private list.
+    """
+    calls = getattr(threading, "_threading_atexits", None)
+    if calls is not None:
+        calls[:] = [c for c in calls  # each a functools.partial of the service's bound _at_exit
+                    if not isinstance(getattr(getattr(c, "func", c), "__self__", None), _QueueServiceBase)]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_prefect_exit_drains)
 
 
 def is_transient(exc: BaseException | None) -> bool:

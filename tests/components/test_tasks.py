@@ -79,3 +79,21 @@ def test_the_retry_condition_reads_the_failed_states_own_exception():
 
     assert tasks.retry_transient(None, None, Failed(data=ConnectionRefusedError(111, "Connection refused")))
     assert not tasks.retry_transient(None, None, Failed(data=ValueError("a NaN in the manifest")))
+
+
+def test_a_task_reads_a_dataloader_with_forked_workers():
+    """Prefect leaves its services' at-exit drains in a forked child, where they failed an assertion: every
+    DataLoader worker of a training inside a flow exited with code 1 (``medflow run --set train.num_workers=2``)."""
+    import torch
+    from prefect import flow, task
+
+    @task
+    def read() -> int:
+        loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2)
+        return sum(int(batch.sum()) for batch in loader)
+
+    @flow
+    def reading() -> int:
+        return read()
+
+    assert reading() == 28  # components.tasks (imported above) drops the drains in every forked child

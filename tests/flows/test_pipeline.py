@@ -85,7 +85,7 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     prob = champion.predict(np.random.default_rng(0).normal(size=(3, 48, 48)).astype(np.float32))
     assert prob.shape == (3, 2) and np.allclose(prob.sum(axis=1), 1, atol=1e-5)
 
-    second = _run(tmp_path, "data.bias=1.0")
+    second = _run(tmp_path, "data.bias=1.0", "train.num_workers=2")  # forked DataLoader workers inside the flow
     assert second.returncode == 3, second.stderr[-3000:]
     assert "Not promoted: medflow-demo-classifier@champion stays at version 1" in second.stdout
     v2 = client.get_model_version("medflow-demo-classifier", "2")
