@@ -22,7 +22,9 @@ import copy
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -185,6 +187,25 @@ def check_workers(num_workers: int) -> None:
                           f"set train.num_workers to at most {cores} (0 prepares batches in the training process)")
 
 
+def train_loader(dataset: Dataset, cfg, *, sampler: DistributedSampler | None, generator: torch.Generator,
+                 device: torch.device) -> DataLoader:
+    """The training DataLoader: ``train.num_workers`` worker processes, pinned memory on CUDA.
+
+    MONAI's DataLoader seeds each worker's random transforms from ``generator``,
+    so a run is reproducible for a seed and a worker count, and a resumed epoch
+    draws the same seeds. Workers are started per epoch (not persistent):
+    persistent ones would carry their random state across epochs, past a
+    resume. On Linux they are forked whatever the process's default: a process
+    that was itself spawned (a study's Dask worker) defaults to spawn, whose
+    workers import torch again and are sent a pickled copy of the whole cached
+    dataset every epoch (seconds an epoch); forked ones share it.
+    """
+    context = multiprocessing.get_context("fork") if cfg.num_workers and sys.platform.startswith("linux") else None
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                      generator=generator if sampler is None else None, num_workers=cfg.num_workers,
+                      pin_memory=device.type == "cuda", multiprocessing_context=context)
+
+
 def make_dataset(records: list[dict], transform: Compose, *, cache: str, key: str) -> Dataset:
     """MONAI's CacheDataset (memory), PersistentDataset (disk, under ``.medflow/cache/``) or plain Dataset.
 
@@ -274,12 +295,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     sampler = (DistributedSampler(recipe.train_data, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed)
                if size > 1 else None)
     check_workers(cfg.num_workers)
-    # MONAI's DataLoader seeds each worker's random transforms from the generator, so a run is reproducible
-    # for a seed and a worker count, and a resumed epoch draws the same seeds. Workers are started per epoch
-    # (not persistent): persistent ones would carry their random state across epochs, past a resume.
-    train_loader = DataLoader(recipe.train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=generator if sampler is None else None, num_workers=cfg.num_workers,
-                              pin_memory=device.type == "cuda")
+    loader = train_loader(recipe.train_data, cfg, sampler=sampler, generator=generator, device=device)
     groups = recipe.param_groups or [{"params": [p for p in network.parameters() if p.requires_grad]}]
     trainable = any(group["params"] for group in groups)
     epochs = cfg.epochs if trainable else 1  # nothing to train (k-NN): one validation
@@ -345,7 +361,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                         sampler.set_epoch(epoch)
                     model.train()
                     total, seen = 0.0, 0
-                    for batch in train_loader if trainable else ():
+                    for batch in loader if trainable else ():
                         images = batch["image"].to(device, non_blocking=True)
                         labels = batch["label"].to(device, non_blocking=True)
                         optimizer.zero_grad(set_to_none=True)

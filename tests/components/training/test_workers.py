@@ -50,3 +50,29 @@ def test_more_workers_than_cores_is_one_line(workspace, small_dataset, monkeypat
     config = load_config(overrides=[*TINY, "train.num_workers=3"], environ={})
     with pytest.raises(ConfigError, match=r"train.num_workers=3, but this machine lets medflow use 2 core\(s\)"):
         train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+
+
+def _loader_start_method(workers: int) -> str | None:
+    """In this (spawned) process: how the training loader starts its workers, and that they deliver."""
+    import multiprocessing
+
+    import torch
+
+    config = load_config(overrides=[*TINY, f"train.num_workers={workers}"], environ={})
+    data = [{"image": torch.full((1, 4, 4), float(i)), "label": i % 2} for i in range(32)]
+    loader = loop.train_loader(data, config.train, sampler=None, generator=torch.Generator().manual_seed(0),
+                               device=torch.device("cpu"))
+    assert sorted(int(v) for batch in loader for v in batch["label"]) == sorted(d["label"] for d in data)
+    context = loader.multiprocessing_context
+    return context.get_start_method() if context is not None else multiprocessing.get_start_method()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="fork is Linux's")
+def test_workers_are_forked_even_where_the_process_was_spawned():
+    """A study's Dask worker is a spawned process, whose default start method is spawn: its DataLoader workers
+    imported torch again and were sent a pickled copy of the cached dataset every epoch."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_loader_start_method, 2).result() == "fork"
