@@ -33,12 +33,17 @@ sys.path.insert(0, str(REPO))
 SECTION = "Training step: medflow vs a bare MONAI loop"
 
 
-def bare_monai_loop(manifest_path: Path, config) -> int:
-    """The same training as medflow's, written as a plain MONAI loop; returns the samples seen."""
+def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_workers: int = 0,
+                    cache_dir: Path | None = None) -> int:
+    """The same training as medflow's, written as a plain MONAI loop; returns the samples seen.
+
+    ``cache`` is MONAI's CacheDataset (memory), PersistentDataset in ``cache_dir`` (disk) or Dataset (none);
+    ``num_workers`` the DataLoader's worker processes for training.
+    """
     import nibabel as nib
     import numpy as np
     import torch
-    from monai.data import CacheDataset, DataLoader
+    from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
     from monai.utils import set_determinism
 
     from components.data.ingest import load_manifest
@@ -55,9 +60,16 @@ def bare_monai_loop(manifest_path: Path, config) -> int:
     spec = PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
     set_determinism(seed=cfg.seed)
     records = lambda df: [{"image": str(root / i), "label": int(label)} for i, label in zip(df["image"], df["label"])]  # noqa: E731
-    train_ds = CacheDataset(records(train_df), training_transforms(spec, augment=True), progress=False)
-    val_ds = CacheDataset(records(val_df), training_transforms(spec, augment=False), progress=False)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True)
+    def dataset(df, augment: bool, name: str):
+        transform = training_transforms(spec, augment=augment)
+        if cache == "memory":
+            return CacheDataset(records(df), transform, progress=False)
+        if cache == "disk":
+            return PersistentDataset(records(df), transform, cache_dir=cache_dir / name)
+        return Dataset(records(df), transform)
+
+    train_ds, val_ds = dataset(train_df, True, "train"), dataset(val_df, False, "val")
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=num_workers)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size)
     model = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=2, kwargs=cfg.model_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,297 @@
+"""Benchmark: time and peak memory of every step against the number of cases, with the slope of each.
+
+For each size N: a synthetic DICOM export of about N images (two per patient on
+average) at ``--image`` pixels is generated (not a step: it stands for the
+hospital's export), then each step of ``medflow run`` runs as a plain call in a
+fresh process of its own, one after another in one workspace: ingest (DICOM to
+NIfTI, pseudonyms, splits), version (``dvc add``, push, commit), validate,
+train (``--epochs`` epochs, ``train.cache: auto`` under ``train.cache_max_gb``),
+evaluate (predictions, the bootstrap, report.json and report.html, the model
+card), register and promote. A step's peak memory is the largest memory (PSS,
+shared pages divided among their sharers) of its process and its children
+(DataLoader workers, conversion processes, dvc), sampled every 50 ms; the table
+gives it above that of a process that has only imported the steps. The slope
+of a step is the exponent b of time ~ N^b between the two largest sizes (1:
+linear).
+
+Then, at the largest size and in one process, the training rows: a bare MONAI
+loop with the cache medflow chose and the same DataLoader workers, the same
+bare loop with no workers, and medflow's ``train_classifier``, each
+``--epochs`` epochs from a cold cache, best of ``--repeat``.
+
+Finally the whole ``medflow run`` (a new process, Prefect's ephemeral server
+included) at each of ``--runs`` images with ``train.cache_max_gb`` set: the peak
+memory (PSS) of its process tree.
+
+    .venv/bin/python benchmarks/scale.py [--write] [--sizes 1000 10000 100000] [--runs 400 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from multiprocessing import get_context
+from pathlib import Path
+
+from report import write_section
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SECTION = "Scale: steps against the number of cases"
+GB = 2**30
+NOT_MEASURED = (  # what the section says is left
+    "Not measured yet: 100,000 images (`--sizes 100000`: hours on 2 cores), volumes of 512x512x300 "
+    "(ingest reads a whole series into memory; it does not stream slice by slice yet), and a GPU (none "
+    "was lent). On 2 cores the DataLoader workers share the cores the network trains on, so they add "
+    "nothing here; they pay where the accelerator waits for the transforms. Evaluation is linear but "
+    "costs about as much as one training epoch: it reads and preprocesses the val and test images again, "
+    "in the evaluating process, and the shortcut audit embeds every image."
+)
+RETRAIN = ("ingest", "version", "validate", "train", "evaluate", "register", "promote")  # medflow run's steps
+
+
+class PeakSampler:
+    """The largest summed proportional set size (PSS: shared pages split among the processes sharing them, so
+    forked workers are not counted twice) of a process and its descendants, sampled on a thread."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        import psutil  # noqa: PLC0415
+
+        self._process, self._every, self.peak = psutil.Process(pid), every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _tree_pss(self) -> int:
+        import psutil  # noqa: PLC0415
+
+        total = 0
+        try:
+            processes = [self._process, *self._process.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        for process in processes:
+            try:
+                total += process.memory_full_info().pss
+            except psutil.Error:  # ended between the listing and the reading
+                pass
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._tree_pss())
+            self._stop.wait(self._every)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._tree_pss())
+
+
+def _child_step(name: str, args: tuple, overrides: list[str], workspace: str):
+    """One step as a plain call in this (fresh) process: its output, seconds and peak bytes."""
+    from flows.cli import quiet_libraries  # noqa: PLC0415
+
+    quiet_libraries()
+    from components.config import load_config  # noqa: PLC0415
+    from components.steps import get_step  # noqa: PLC0415
+
+    os.chdir(workspace)
+    config = load_config(overrides=overrides, environ={})
+    functions = {step: get_step(step).resolve() for step in RETRAIN}  # every import before the clock starts
+    if name == "imports":
+        with PeakSampler(os.getpid()) as sampler:
+            pass
+        return None, 0.0, sampler.peak
+    with PeakSampler(os.getpid()) as sampler:
+        start = time.perf_counter()
+        out = functions[name](*args, config)
+        elapsed = time.perf_counter() - start
+    return out, elapsed, sampler.peak
+
+
+def _in_fresh_process(function, *args):
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def run_steps(workspace: Path, overrides: list[str]) -> dict[str, tuple[float, int]]:
+    """Seconds and peak bytes of each step, each in a fresh process, the outputs passed along."""
+    chain = {"ingest": lambda o: (), "version": lambda o: (o["ingest"],), "validate": lambda o: (o["version"],),
+             "train": lambda o: (o["version"], o["validate"]), "evaluate": lambda o: (o["train"].run_id, o["version"]),
+             "register": lambda o: (o["evaluate"], o["version"]),
+             "promote": lambda o: (o["register"], o["evaluate"], o["version"])}
+    outputs, figures = {}, {}
+    for name in RETRAIN:
+        out, seconds, peak = _in_fresh_process(_child_step, name, chain[name](outputs), overrides, str(workspace))
+        outputs[name], figures[name] = out, (seconds, peak)
+        print(f"  {name}: {seconds:.1f} s, peak {peak / GB:.2f} GB", flush=True)
+    return figures
+
+
+def _child_training(manifest: str, overrides: list[str], workspace: str, repeat: int) -> dict[str, float]:
+    """Samples/s of the bare loops and of medflow's ``train_classifier`` (best of ``repeat``), from cold caches."""
+    import multiprocessing  # noqa: PLC0415
+
+    multiprocessing.set_start_method("fork", force=True)  # the bare loops fork their workers, as in a main process
+    from flows.cli import quiet_libraries  # noqa: PLC0415
+
+    quiet_libraries()
+    from training import bare_monai_loop  # noqa: PLC0415
+
+    from components import paths  # noqa: PLC0415
+    from components.config import load_config  # noqa: PLC0415
+    from components.training.classification import train_classifier  # noqa: PLC0415
+    from components.training.loop import plan_cache  # noqa: PLC0415
+
+    os.chdir(workspace)
+    config = load_config(overrides=overrides, environ={})
+    cfg, manifest_path = config.train, Path(manifest)
+    import pandas as pd  # noqa: PLC0415
+
+    frame = pd.read_parquet(manifest_path)
+    n = int(frame["split"].isin(["train", "val"]).sum())
+    plan = plan_cache(cfg, n_samples=n, sample_bytes=4 * config.data.image_size**2)
+    times: dict[str, list[float]] = {"bare": [], "bare, no workers": [], "medflow": []}
+    samples = 0
+    for _ in range(repeat):
+        for label, workers in (("bare", cfg.num_workers), ("bare, no workers", 0)):
+            cache_dir = Path(tempfile.mkdtemp(prefix="bare-cache-", dir=workspace))
+            start = time.perf_counter()
+            samples = bare_monai_loop(manifest_path, config, cache=plan.mode, num_workers=workers, cache_dir=cache_dir)
+            times[label].append(time.perf_counter() - start)
+            shutil.rmtree(cache_dir)
+        shutil.rmtree(paths.medflow_home() / "cache", ignore_errors=True)  # medflow's disk cache, cold like the bare one
+        start = time.perf_counter()
+        train_classifier(manifest_path=manifest_path, data_version="bench", config=config)
+        times["medflow"].append(time.perf_counter() - start)
+    return {label: samples / min(seconds) for label, seconds in times.items()} | {"cache": plan.mode}
+
+
+def run_cli_peak(folder: Path, overrides: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak bytes (PSS of the process tree) of ``medflow run`` in a fresh workspace."""
+    folder.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MEDFLOW"))}
+    command = [str(Path(sys.executable).with_name("medflow")), "run", *[a for o in overrides for a in ("--set", o)]]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with PeakSampler(process.pid) as sampler:
+        output = process.communicate()[0].decode()
+    if process.returncode not in (0, 3):  # 3: trained, not promoted
+        raise RuntimeError(f"medflow run exited {process.returncode}: {output[-2000:]}")
+    return time.perf_counter() - start, sampler.peak
+
+
+def slope(sizes: list[int], values: list[float]) -> float:
+    """The exponent b of value ~ size^b between the two largest sizes."""
+    (n1, v1), (n2, v2) = list(zip(sizes, values))[-2:]
+    return math.log(v2 / v1) / math.log(n2 / n1) if v1 > 0 and v2 > 0 else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000], help="images per dataset")
+    parser.add_argument("--runs", type=int, nargs="*", default=[400, 4000], help="images of the whole-run rows")
+    parser.add_argument("--image", type=int, default=256, help="rows and columns of each image")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="train.num_workers")
+    parser.add_argument("--cache-max-gb", type=float, default=0.25)
+    parser.add_argument("--repeat", type=int, default=1, help="training rows: best of this many")
+    args = parser.parse_args()
+    for key in [k for k in os.environ if k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MEDFLOW"))]:
+        del os.environ[key]
+
+    from components.data.synthetic import generate_export
+
+    sizes = sorted(args.sizes)
+    train_overrides = [f"train.epochs={args.epochs}", f"train.num_workers={args.workers}",
+                       f"train.cache_max_gb={args.cache_max_gb}", f"data.image_size={args.image}"]
+    root = Path(tempfile.mkdtemp(prefix="medflow-bench-scale-"))
+    imports = _in_fresh_process(_child_step, "imports", (), [], str(root))[2]
+    steps, images, training = {}, {}, {}
+    for size in sizes:
+        folder = root / str(size)
+        print(f"{size} images: generating the export", flush=True)
+        start = time.perf_counter()
+        export = generate_export(folder / "export", n_patients=size // 2, image_size=args.image, seed=1)
+        print(f"  generated {export.n_images} images in {time.perf_counter() - start:.0f} s", flush=True)
+        images[size] = export.n_images
+        overrides = ["data.format=dicom", f"data.source={export.folder}", f"data.labels={export.labels_csv}",
+                     "data.name=scale", *train_overrides]
+        (folder / "ws").mkdir()
+        steps[size] = run_steps(folder / "ws", overrides)
+        if size == sizes[-1]:
+            manifest = next((folder / "ws" / "data").glob("*/manifest.parquet"))
+            training = _in_fresh_process(_child_training, str(manifest), overrides, str(folder / "ws"), args.repeat)
+        shutil.rmtree(folder / "export")  # the disk holds one size at a time
+    whole = {}
+    for size in args.runs:
+        print(f"medflow run on {size} images", flush=True)
+        whole[size] = run_cli_peak(root / f"run{size}", [f"data.n_patients={size // 2}", "data.seed=1",
+                                                         *train_overrides])
+    shutil.rmtree(root, ignore_errors=True)
+
+    counts = [images[s] for s in sizes]
+    head = " | ".join(f"{images[s]:,} (s)" for s in sizes)
+    peaks = " | ".join(f"{images[s]:,} (GB)" for s in sizes)
+    lines = [f"| step | {head} | slope | {peaks} | peak growth, last two (GB) |",
+             "|---|" + "---:|" * (2 * len(sizes) + 2)]
+    for name in RETRAIN:
+        seconds = [steps[s][name][0] for s in sizes]
+        above = [(steps[s][name][1] - imports) / GB for s in sizes]
+        lines.append(f"| {name} | " + " | ".join(f"{t:.1f}" for t in seconds)
+                     + f" | {slope(counts, seconds):.2f} | " + " | ".join(f"{p:.2f}" for p in above)
+                     + f" | {above[-1] - above[-2] if len(above) > 1 else float('nan'):+.2f} |")
+    table = "\n".join(lines)
+    train_table = "\n".join([
+        f"| loop ({images[sizes[-1]]:,} images, cache {training['cache']}) | samples/s | medflow / this |",
+        "|---|---:|---:|",
+        f"| bare MONAI loop, {args.workers} workers | {training['bare']:.1f} | {training['medflow'] / training['bare']:.3f} |",
+        f"| bare MONAI loop, no workers | {training['bare, no workers']:.1f} "
+        f"| {training['medflow'] / training['bare, no workers']:.3f} |",
+        f"| medflow `train_classifier`, {args.workers} workers | {training['medflow']:.1f} | 1.000 |",
+    ])
+    run_table = "\n".join([
+        "| `medflow run` | wall time (s) | peak memory, process tree (PSS, GB) |", "|---|---:|---:|",
+        *[f"| {size:,} images | {seconds:.0f} | {peak / GB:.2f} |" for size, (seconds, peak) in whole.items()],
+    ])
+    verdicts = [f"medflow's training at {training['medflow'] / training['bare']:.3f} of the bare loop's samples/s "
+                f"with the same workers and cache (target 0.98): "
+                f"{'met' if training['medflow'] >= 0.98 * training['bare'] else 'not met'}"]
+    if len(whole) > 1:
+        (small, (_, low)), (large, (_, high)) = min(whole.items()), max(whole.items())
+        verdicts.append(f"`medflow run` on {large:,} images peaks {(high - low) / GB:+.2f} GB against {small:,} "
+                        f"(target: within 0.5 GB): {'met' if abs(high - low) <= 0.5 * GB else 'not met'}")
+    print(table, train_table, run_table, "; ".join(verdicts), sep="\n\n")
+    if args.write:
+        command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+        section = (
+            f"`{command.replace(' --write', '')}` on {date.today().isoformat()}, {os.cpu_count()} CPU cores, "
+            f"{platform.machine()}, Python {platform.python_version()}; synthetic DICOM exports of {args.image}x"
+            f"{args.image} images (two per patient on average), the demo network, {args.epochs} epoch(s), "
+            f"`train.num_workers={args.workers}`, `train.cache_max_gb={args.cache_max_gb}`. Each step is a plain "
+            f"call in a fresh process; its peak is the memory (PSS) of that process and its children above "
+            f"{imports / GB:.2f} GB (a process that has only imported the steps). Slope: b in time ~ cases^b "
+            f"between the two largest sizes.\n\n{table}\n\n{train_table}\n\n{run_table}\n\n"
+            + "; ".join(verdicts) + ".\n\n" + NOT_MEASURED + "\n"
+        )
+        write_section(SECTION, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
