@@ -178,6 +178,33 @@ def test_a_process_worker_runs_the_weekly_deployment_with_training_placed_on_its
     assert "/#/experiments/" in decision.data and "| `overall.auc" not in decision.data  # the policy had no rules
 
 
+async def _placed_train_runs(client):
+    deployment = await client.read_deployment_by_name("medflow-train/medflow-local")
+    return [r for r in await client.read_flow_runs() if r.deployment_id == deployment.id]
+
+
+def test_a_study_with_training_placed_runs_each_arm_as_a_run_of_the_pools_deployment(prefect):
+    """Each arm's process (a Dask worker here) starts the training deployment on the pool and waits for it: one
+    placed flow run per arm, each with its arm's fold, and the study registers its fold ensemble."""
+    env, workspace, _ = prefect
+    before = {r.id for r in _client_call(env, _placed_train_runs)}
+    versions = _registered_versions(workspace)
+    flow_run = _start(env, "medflow-retrain-workspace/weekly",
+                      {"overrides": ["placement.train=medflow-local", "study.folds=3", "study.parallel=2"]})
+    finished = _wait(env, flow_run.id, timeout=900)
+    assert finished.state.type.value == "COMPLETED", finished.state.message
+    arms = [r for r in _client_call(env, _placed_train_runs) if r.id not in before]
+    assert all(r.state.type.value == "COMPLETED" for r in arms)
+    assert sorted(str(r.parameters["config"]["study"]["fold"]) for r in arms) == ["0", "1", "2", "None"]
+    assert len(_registered_versions(workspace)) == len(versions) + 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / '.medflow' / 'mlflow.db'}")
+    newest = max(client.search_model_versions("name='medflow-demo-classifier'"), key=lambda v: int(v.version))
+    study = client.get_run(client.get_run(newest.run_id).data.tags["mlflow.parentRunId"])
+    assert study.data.params["n_arms"] == str(len(arms) + 1)  # the study's runs: its arms and this joined ensemble
+
+
 def test_a_placed_step_without_deployment_fails_the_run_cleanly(prefect):
     env, workspace, _ = prefect
     before = _registered_versions(workspace)
