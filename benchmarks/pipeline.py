@@ -28,7 +28,9 @@ from pathlib import Path
 
 from report import write_section
 
-from components.steps import STEP_NAMES
+from components.steps import STEPS
+
+STEP_NAMES = tuple(s.name for s in STEPS if s.flow == "retrain")  # medflow run's steps, not pretraining's
 
 STRICT_RULE = 'promotion.rules=[{metric: overall.auc, op: ">=", value: 0.99}]'
 
@@ -141,7 +143,7 @@ def main() -> int:
 
     server, api_url = _start_server(flow_ws)
     try:
-        server_ws = _fresh_workspace()
+        _fresh_workspace()
         with temporary_settings({PREFECT_API_URL: api_url}):
             served, served_total = run_flow(config)
             again, again_total = run_flow(config)  # nothing changed: cached steps are reused
