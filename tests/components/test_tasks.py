@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,19 +84,27 @@ def test_the_retry_condition_reads_the_failed_states_own_exception():
     assert not tasks.retry_transient(None, None, Failed(data=ValueError("a NaN in the manifest")))
 
 
-def test_a_task_reads_a_dataloader_with_forked_workers():
+def test_a_task_reads_a_dataloader_with_forked_workers(tmp_path):
     """Prefect leaves its services' at-exit drains in a forked child, where they failed an assertion: every
-    DataLoader worker of a training inside a flow exited with code 1 (``medflow run --set train.num_workers=2``)."""
-    import torch
-    from prefect import flow, task
-
-    @task
-    def read() -> int:
-        loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2)
-        return sum(int(batch.sum()) for batch in loader)
-
-    @flow
-    def reading() -> int:
-        return read()
-
-    assert reading() == 28  # components.tasks (imported above) drops the drains in every forked child
+    DataLoader worker of a training inside a flow exited with code 1 (``medflow run --set train.num_workers=2``).
+    In a process of its own: a flow run here would fix this process's Prefect home for the tests after it."""
+    script = tmp_path / "reading.py"
+    script.write_text(
+        "import torch\n"
+        "from prefect import flow, task\n"
+        "import components.tasks  # its fork hook drops the drains\n\n"
+        "@task\n"
+        "def read() -> int:\n"
+        "    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2)\n"
+        "    return sum(int(batch.sum()) for batch in loader)\n\n"
+        "@flow\n"
+        "def reading() -> int:\n"
+        "    return read()\n\n"
+        "if __name__ == '__main__':\n"
+        "    print('read', reading())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0 and "read 28" in done.stdout, done.stderr[-3000:]
