@@ -24,7 +24,6 @@ import os
 import threading
 
 from prefect import Task, task
-from prefect._internal.concurrency.services import _QueueServiceBase
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -45,12 +44,20 @@ def _forget_prefect_exit_drains() -> None:
     and that drain fails an assertion when the child ends: every forked
     DataLoader worker of a training inside a flow (``train.num_workers`` > 0)
     exited with code 1, and the run failed. Neither Prefect nor the standard
-    library can unregister a threading at-exit call, hence the private list.
+    library can unregister a threading at-exit call, hence the private list. The
+    drains are known by their owner's base class's module, not by importing Prefect's private
+    service class, so a Prefect that moves the class breaks nothing here.
     """
     calls = getattr(threading, "_threading_atexits", None)
     if calls is not None:
-        calls[:] = [c for c in calls  # each a functools.partial of the service's bound _at_exit
-                    if not isinstance(getattr(getattr(c, "func", c), "__self__", None), _QueueServiceBase)]
+        calls[:] = [c for c in calls if not _is_prefect_service_call(c)]
+
+
+def _is_prefect_service_call(call) -> bool:
+    """Whether ``call`` (a functools.partial of a bound method) belongs to one of Prefect's services."""
+    owner = getattr(getattr(call, "func", call), "__self__", None)
+    return owner is not None and any(c.__module__ == "prefect._internal.concurrency.services"
+                                     for c in type(owner).__mro__)  # EventsWorker, APILogWorker, ...
 
 
 if hasattr(os, "register_at_fork"):
