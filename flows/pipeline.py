@@ -315,6 +315,7 @@ def log_study(config: RunConfig, study: dict) -> str:
     experiment_id = use_experiment(config.registry.experiment)
     client = mlflow.MlflowClient()
     runs = [a["run_id"] for a in study.get("arms", [])]
+    joined: list[str] = []
     if study["design"] == LEAVE_ONE_SITE_OUT:
         arms = ", ".join(a["site"] for a in study["arms"])
         name, params = f"study: leave one site out ({arms})", {"sites": arms}
@@ -323,7 +324,7 @@ def log_study(config: RunConfig, study: dict) -> str:
         runs.append(study["all_sites"]["run_id"])
     elif study["design"] == CROSS_VALIDATION:
         runs = [f["run_id"] for f in study["per_fold"]] + [study["all_data"]["run_id"]]
-        runs += [study["ensemble"]["run_id"]] if study["ensemble"].get("run_id") else []
+        joined = [study["ensemble"]["run_id"]] if study["ensemble"].get("run_id") else []  # nested, not an arm
         name, params = f"study: {study['folds']}-fold cross-validation", {"folds": study["folds"]}
         nested = study.get("nested")
         if nested:
@@ -354,9 +355,9 @@ def log_study(config: RunConfig, study: dict) -> str:
             out.mkdir(parents=True, exist_ok=True)
             for name in ("study.json", "study.html"):
                 (out / name).write_bytes((Path(tmp) / name).read_bytes())
-        for arm in runs:
-            if "mlflow.parentRunId" not in client.get_run(arm).data.tags:
-                client.set_tag(arm, "mlflow.parentRunId", run.info.run_id)
+        for child in runs + joined:
+            if "mlflow.parentRunId" not in client.get_run(child).data.tags:
+                client.set_tag(child, "mlflow.parentRunId", run.info.run_id)
     create_link_artifact(key="study", link=mlflow_run_link(run.info.run_id), link_text=f"study {run.info.run_id}",
                          description="The study's MLflow run: each arm's metrics, study.json and study.html")
     return run.info.run_id

@@ -151,6 +151,7 @@ def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_
     (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
                                       "tags.`medflow.study` = 'cross_validation'")
     assert study_run.data.metrics["auc.cv_mean"] == pytest.approx(study["mean"]["auc"])
+    assert study_run.data.params["n_arms"] == "4"  # three folds and the all-data run; the joined ensemble trains nothing
     arms = sorted((client.get_run(r).info for r in [study["all_data"]["run_id"], *(f["run_id"] for f in study["per_fold"])]),
                   key=lambda info: info.start_time)
     assert all(a.end_time <= b.start_time for a, b in zip(arms, arms[1:]))  # study.parallel=1: one after another
@@ -190,7 +191,8 @@ def test_nested_cross_validation_chooses_per_outer_fold_and_registers_the_best_c
     (study_run,) = client.search_runs([r.experiment_id for r in client.search_experiments()],
                                       "tags.`medflow.study` = 'cross_validation'")
     assert study_run.data.params["chosen"] == str(nested["chosen"])
-    assert study_run.data.params["n_arms"] == "21"  # medflow status counts these
+    # medflow status counts the trainings: the outer folds, the all-data run and the inner arms, not the ensemble
+    assert study_run.data.params["n_arms"] == str(len(study["per_fold"]) + 1 + len(nested["runs"])) == "20"
     assert study_run.data.metrics["auc.nested"] == pytest.approx(nested["estimate"]["metrics"]["auc"]["value"])
     lr = nested["candidates"][nested["chosen"]]["train.lr"]
     # the registered ensemble joins the chosen candidate's folds, trained at its rate
