@@ -38,7 +38,7 @@ from components.lineage import TAG_BACKBONE, TAG_DATA_VERSION
 from components.config import BackboneConfig, RunConfig, Task
 from components.errors import ConfigError
 from components.training.encoders import FORMAT_MAE, build_mae_encoder
-from components.training.ensemble import ENSEMBLE, FoldEnsemble
+from components.training.ensemble import ENSEMBLE, FoldEnsemble, FoldFeatures
 from components.training.heads import BackboneClassifier, KNNHead, lora_targets
 from components.training.loop import CHECKPOINT_DIR
 from components.training.models import build_classifier, build_segmenter, classifier_kwargs
@@ -502,7 +502,10 @@ def build_backbone_classifier(description: dict) -> BackboneClassifier:
 
 def penultimate(model: nn.Module, num_classes: int) -> nn.Module:
     """What a classifier computes before its head: a backbone classifier's encoder, or a copy of a MONAI
-    classifier without its last linear layer (the features the shortcut audit probes)."""
+    classifier without its last linear layer (the features the shortcut audit probes); a fold ensemble's, every
+    fold's side by side."""
+    if isinstance(model, FoldEnsemble):
+        return FoldFeatures(model, [penultimate(member, num_classes) for member in model.members])
     if isinstance(model, BackboneClassifier):
         return model.encoder
     encoder, _, _ = strip_head(copy.deepcopy(model), num_classes)
@@ -512,15 +515,25 @@ def penultimate(model: nn.Module, num_classes: int) -> nn.Module:
 @contextmanager
 def captured_features(model: nn.Module, num_classes: int) -> Iterator[list[torch.Tensor]]:
     """While open, what enters the classifier's head on each forward pass, flattened to (B, D): the features
-    :func:`penultimate` computes, taken from the pass that predicts instead of a second one."""
-    head = model.head if isinstance(model, BackboneClassifier) else _head(model, num_classes)[1]
+    :func:`penultimate` computes, taken from the pass that predicts instead of a second one (a fold ensemble's
+    heads each see their fold's: joined in fold order once the last has run)."""
+    members = list(model.members) if isinstance(model, FoldEnsemble) else [model]
+    heads = [m.head if isinstance(m, BackboneClassifier) else _head(m, num_classes)[1] for m in members]
     captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(
-        lambda _module, args: captured.append(args[0].detach().float().reshape(len(args[0]), -1).cpu()))
+    pending: list[torch.Tensor] = []
+
+    def _hook(_module, args) -> None:
+        pending.append(args[0].detach().float().reshape(len(args[0]), -1).cpu())
+        if len(pending) == len(heads):
+            captured.append(torch.cat(pending, dim=1))
+            pending.clear()
+
+    handles = [head.register_forward_pre_hook(_hook) for head in heads]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def check_backbone(config: RunConfig) -> None:

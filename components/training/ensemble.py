@@ -5,7 +5,9 @@ ensemble's calibrated probabilities, the folds inside it.
 Each fold normalised its images with its own training split's mean and standard deviation; the ensemble takes
 images normalised with the first fold's and maps them to each fold's (both are affine: exact), so one
 preprocessing serves them all. The mean of calibrated probabilities is returned as logits whose softmax (or
-sigmoid, multi-label) with temperature 1 gives it back. No library builds this network (MONAI's ensemble
+sigmoid, multi-label) with temperature 1 gives it back. Its features (embedding drift) are every fold's
+penultimate features side by side (:class:`FoldFeatures`): the folds' feature spaces differ, so none of them
+alone stands for the ensemble and their mean would mix unrelated coordinates. No library builds this network (MONAI's ensemble
 helpers average outputs of transforms at inference, not a network a registry can hold).
 """
 
@@ -49,3 +51,23 @@ class FoldEnsemble(nn.Module):
             total = prob if total is None else total + prob
         mean = (total / len(self.members)).clamp(EPSILON, 1 - EPSILON)
         return (torch.logit(mean) if self.multilabel else torch.log(mean)).float()
+
+
+class FoldFeatures(nn.Module):
+    """``forward(x)`` -> (B, D_0 + ... + D_{k-1}): each fold's encoder (its network before its head) on the
+    input mapped to that fold's normalisation, concatenated in fold order: the features the ensemble's heads see.
+
+    Args:
+        ensemble: the joined folds, for their input mappings.
+        encoders: each member's network without its head, in the members' order.
+    """
+
+    def __init__(self, ensemble: FoldEnsemble, encoders: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.register_buffer("scale", ensemble.scale.clone(), persistent=False)
+        self.register_buffer("shift", ensemble.shift.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([encoder(x * self.scale[k] + self.shift[k]).reshape(len(x), -1)
+                          for k, encoder in enumerate(self.encoders)], dim=1)

@@ -166,6 +166,25 @@ def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_
     images = np.stack([nib.load(tmp_path / "data" / "demo" / p).get_fdata(dtype=np.float32) for p in test["image"]])
     served = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}/{summary['version']}").predict(images)
     assert served[:, 1] == pytest.approx(joined.loc[test["case_id"], "prob"].to_numpy(), abs=1e-5)
+    # new studies through the ensemble: its embedding drift compares every fold's features, side by side
+    import shutil  # noqa: PLC0415
+
+    from components.training.backbones import _head  # noqa: PLC0415
+
+    new = tmp_path / "new"
+    new.mkdir()
+    for image in test["image"]:
+        shutil.copy(tmp_path / "data" / "demo" / image, new / Path(image).name)
+    predicted = subprocess.run([MEDFLOW, "predict", "--model", f"{summary['model_name']}/{summary['version']}",
+                                "--source", str(new), "--format", "nifti", "--out", "predictions"], cwd=tmp_path,
+                               env=_env(tmp_path), capture_output=True, text=True, timeout=600, check=False)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    drift = json.loads((tmp_path / "predictions" / "drift.json").read_text())
+    assert next(t for t in drift["tests"] if t["fact"] == "embedding.features")["n_batch"] == len(test)
+    (reference,) = (tmp_path / ".medflow" / "cache" / "drift").glob(f"{summary['run_id']}-*.npy")
+    members = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}/{summary['version']}").unwrap_python_model()
+    widths = [_head(m, 2)[1].in_features for m in members.model.members]
+    assert len(widths) == 3 and np.load(reference).shape[1] == sum(widths)
 
 
 def test_nested_cross_validation_chooses_per_outer_fold_and_registers_the_best_candidates_folds(tmp_path):

@@ -157,6 +157,31 @@ def test_features_captured_while_predicting_equal_the_penultimate_encoders(netwo
     assert captured == []  # the hook is gone once the block ends
 
 
+def test_a_fold_ensembles_features_are_every_folds_side_by_side_on_its_own_normalisation():
+    """Embedding drift on a k-fold study's registered model: the features of every fold, not the last one's."""
+    from components.training.ensemble import FoldEnsemble  # noqa: PLC0415
+
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(build_classifier("densenet", spatial_dims=2, in_channels=1, num_classes=3,
+                                        kwargs=DEMO_DENSENET).eval())
+    statistics = [(0.2, 1.5), (-0.4, 0.5)]
+    model = FoldEnsemble(members, temperatures=[1.3, 0.8], statistics=statistics).eval()
+    images = torch.randn(4, 1, 32, 32)
+    with torch.no_grad(), captured_features(model, 3) as captured:
+        model(images)
+        (mean0, std0), parts = statistics[0], []
+        for member, (mean, std) in zip(members, statistics):  # each fold sees the raw image on its own statistics
+            parts.append(penultimate(member, 3)(images * (std0 / std) + (mean0 - mean) / std).reshape(4, -1))
+        by_hand = torch.cat(parts, dim=1)
+        computed = penultimate(model, 3)(images)
+    assert len(captured) == 1 and by_hand.shape == (4, 2 * parts[0].shape[1])
+    torch.testing.assert_close(captured[0], by_hand)
+    torch.testing.assert_close(computed, by_hand)
+    assert not torch.allclose(parts[0], parts[1])  # two folds, two different halves
+
+
 def test_lora_trains_only_the_adapters_and_the_head(workspace, hf_backbone, small_dataset):
     config = config_for(hf_backbone, "lora", "train.epochs=2", "train.backbone.lora_rank=2")
     recipe = classification_recipe(small_dataset, config, select_device("cpu"))
