@@ -53,9 +53,8 @@ RETRAIN = tuple(s.name for s in STEPS if s.flow == "retrain")  # medflow run's s
 SECTION = "Scale: steps against the number of cases"
 GB = 2**30
 NOT_MEASURED = (  # what the section says is left
-    "Not measured yet: 100,000 images (`--sizes 100000`: hours on 2 cores), volumes of 512x512x300 "
-    "(ingest reads a whole series into memory; it does not stream slice by slice yet), and a GPU (none "
-    "was lent). On 2 cores the DataLoader workers share the cores the network trains on, so they add "
+    "Not measured yet: 100,000 images (`--sizes 100000`: hours on 2 cores), volumes of 512x512x300, and a "
+    "GPU (none was lent). On 2 cores the DataLoader workers share the cores the network trains on, so they add "
     "nothing here; they pay where the accelerator waits for the transforms. Evaluation is linear but "
     "costs about as much as one training epoch: it reads and preprocesses the val and test images again, "
     "in the evaluating process, and the shortcut audit embeds every image."

@@ -42,6 +42,8 @@ PHI_KEYWORDS = (
 )
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 IGNORED_NAMES = ("DICOMDIR",)
+PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
+DEFER_BYTES = 64 * 1024  # elements this large (pixel data) stay on disk until their value is used
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,23 @@ class DicomCase:
     removed_tags: tuple[str, ...]
 
 
+def _parse_header(ds: pydicom.Dataset) -> None:
+    """Parse every element but the pixel data (left on disk until its file is decoded), recursing into sequences."""
+    for tag in ds.keys():
+        if tag in PIXEL_TAGS:
+            continue
+        element = ds[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                _parse_header(item)
+
+
 def read_file(path: Path) -> pydicom.Dataset:
-    """The dataset in ``path``, with a message naming the file when it is not readable DICOM."""
+    """The dataset in ``path``, with a message naming the file when it is not readable DICOM. Its pixel data
+    is read from the file when decoded (:func:`_pixels`), so a series' headers cost little memory."""
     try:
-        ds = pydicom.dcmread(path)
-        for _ in ds.iterall():  # parse every element now, so that a corrupt one is reported here, naming the file
-            pass
+        ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+        _parse_header(ds)  # every element now, so that a corrupt one is reported here, naming the file
     except InvalidDicomError as exc:
         raise IngestError(f"{path}: not a DICOM file") from exc
     except Exception as exc:  # pydicom raises many types for corrupt headers (BytesLengthException is a RuntimeError)
@@ -80,7 +93,7 @@ def _pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
         raw = ds.pixel_array
     except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
         raise IngestError(f"{path}: cannot decode pixel data ({exc})") from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _frame_count(ds)
     if int(ds.get("SamplesPerPixel", 1)) > 1:
         raw = raw.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     raw = raw.reshape(frames, int(ds.Rows), int(ds.Columns))
@@ -171,8 +184,8 @@ def _pixel_spacing_affine(ds: pydicom.Dataset) -> np.ndarray:
     return np.array([[0, col_mm, 0, 0], [row_mm, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
 
 
-def _sorted_by_position(frames: list[np.ndarray], planes: list, where: Path) -> tuple[list, list]:
-    """Frames and planes sorted along the slice normal; orientations must agree."""
+def _position_order(planes: list, where: Path) -> list[int]:
+    """The frames' order along the slice normal; orientations must agree, positions be distinct and even."""
     orientation = planes[0][0]
     if any(not np.allclose(p[0], orientation, atol=1e-3) for p in planes):
         raise IngestError(f"{where}: slices with different orientations in one series")
@@ -187,7 +200,7 @@ def _sorted_by_position(frames: list[np.ndarray], planes: list, where: Path) -> 
             f"{where}: uneven slice spacing ({gaps.min():g} to {gaps.max():g} mm); "
             "one volume needs evenly spaced slices (a gap or a scout in the series?)"
         )
-    return [frames[i] for i in order], [planes[i] for i in order]
+    return [int(i) for i in order]
 
 
 def _legacy_frame_planes(ds: pydicom.Dataset, planes: list, thickness: float) -> list:
@@ -205,31 +218,49 @@ def _legacy_frame_planes(ds: pydicom.Dataset, planes: list, thickness: float) ->
     return [(orientation, first + normal * float(o), spacing) for o in offsets]
 
 
+def _frame_count(ds: pydicom.Dataset) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
 def _volume(datasets: list[tuple[Path, pydicom.Dataset]], where: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel array (rows, cols[, slices]) and RAS affine of one series' datasets."""
-    frames, planes = [], []
-    for path, ds in datasets:
-        pixels = _pixels(ds, path)
-        for i in range(pixels.shape[0]):
-            frames.append(pixels[i])
-            planes.append(frame_plane(ds, i))
-    shapes = {f.shape for f in frames}
+    """Voxel array (rows, cols[, slices]) and RAS affine of one series' datasets.
+
+    The geometry comes from the headers first; then each file's pixels are decoded straight into their slices
+    of the volume and dropped, so a large series (a CT of 512x512x300) peaks at about its volume, not at its
+    files' pixel data plus every decoded frame plus their stack."""
+    shapes = sorted({(int(ds.Rows), int(ds.Columns)) for _, ds in datasets})
     if len(shapes) > 1:
-        raise IngestError(f"{where}: slices of different sizes in one series: {sorted(shapes)}")
+        raise IngestError(f"{where}: slices of different sizes in one series: {shapes}")
+    sources = [(k, i) for k, (_, ds) in enumerate(datasets) for i in range(_frame_count(ds))]
+    planes = [frame_plane(datasets[k][1], i) for k, i in sources]
     thickness = _slice_thickness(datasets[0][1])
-    if len(datasets) == 1 and len(frames) > 1 and all(p is not None for p in planes):
+    if len(datasets) == 1 and len(sources) > 1 and all(p is not None for p in planes):
         planes = _legacy_frame_planes(datasets[0][1], planes, thickness)
+    order = list(range(len(sources)))
     if all(p is not None for p in planes):
-        if len(frames) > 1:
-            frames, planes = _sorted_by_position(frames, planes, where)
-        affine = _affine(planes, thickness)
-    elif len(frames) > 1 and len(datasets) > 1:
+        if len(sources) > 1:
+            order = _position_order(planes, where)
+        affine = _affine([planes[i] for i in order], thickness)
+    elif len(sources) > 1 and len(datasets) > 1:
         raise IngestError(f"{where}: a series without ImagePositionPatient/ImageOrientationPatient cannot be stacked")
     else:
         affine = _pixel_spacing_affine(datasets[0][1])
         affine[2, 2] = thickness
-    array = frames[0] if len(frames) == 1 else np.stack(frames, axis=-1)
-    return np.ascontiguousarray(array, dtype=np.float32), affine
+    slot = {sources[i]: s for s, i in enumerate(order)}
+    volume = np.empty((*shapes[0], len(sources)), dtype=np.float32)
+    for k, (path, ds) in enumerate(datasets):
+        pixels = _pixels(ds, path)
+        for i in range(pixels.shape[0]):
+            volume[:, :, slot[k, i]] = pixels[i]
+        _drop_pixels(ds)
+    return (volume[:, :, 0] if len(sources) == 1 else volume), affine
+
+
+def _drop_pixels(ds: pydicom.Dataset) -> None:
+    """Forget a decoded file's pixel data (and pydicom's decoded copy): its values are in the volume now."""
+    for tag in PIXEL_TAGS & set(ds.keys()):
+        del ds[tag]
+    ds._pixel_array = None  # noqa: SLF001 (pydicom keeps the decoded array; no public call drops it)
 
 
 def read_dicom_case(path: Path) -> DicomCase:

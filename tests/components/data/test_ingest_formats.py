@@ -14,6 +14,7 @@ from nibabel.testing import data_path as NIBABEL_DATA
 from PIL import Image
 
 from components.data.ingest import IngestSettings, ingest_export
+from components.data.sources import CaseJob, convert_case, image_facts
 from components.errors import IngestError
 
 from tests.conftest import SALT, pydicom_export
@@ -88,6 +89,48 @@ def _volume_pair(folder: Path, name: str, *, mask_shape=(8, 8, 4), mask_affine=N
     nib.save(nib.Nifti1Image(rng.normal(size=(8, 8, 4)).astype(np.float32), affine), folder / f"{name}.nii.gz")
     mask = (rng.random(mask_shape) > 0.7).astype(np.uint8)
     nib.save(nib.Nifti1Image(mask, affine if mask_affine is None else mask_affine), folder / f"{name}_seg.nii.gz")
+
+
+def test_image_facts_equal_numpys_across_chunks(monkeypatch):
+    import hashlib  # noqa: PLC0415
+
+    import components.data.sources as sources  # noqa: PLC0415 (its chunk size, made small)
+
+    monkeypatch.setattr(sources, "FACT_CHUNK", 1000)  # 10 chunks and a partial one
+    rng = np.random.default_rng(3)
+    array = rng.normal(40, 12, size=(50, 41, 5)).astype(np.float32)
+    array[3, 4, 0], array[30, 2, 4], array[7, 7, 2] = np.nan, np.inf, -np.inf
+    facts = image_facts(array, np.diag([0.5, 0.5, 2.0, 1.0]))
+    finite = array[np.isfinite(array)].astype(np.float64)
+    assert (facts["shape"], facts["spacing"], facts["dtype"]) == ("50x41x5", "0.5x0.5x2", "float32")
+    assert (facts["nan_count"], facts["inf_count"]) == (1, 2)
+    assert (facts["min"], facts["max"]) == (finite.min(), finite.max())
+    assert facts["mean"] == pytest.approx(finite.mean(), rel=1e-12)
+    assert facts["std"] == pytest.approx(finite.std(), rel=1e-12)
+    assert facts["sha256"] == hashlib.sha256(array.tobytes()).hexdigest()
+    empty = image_facts(np.full((3, 3), np.nan, dtype=np.float32), np.eye(4))
+    assert empty["nan_count"] == 9 and all(np.isnan(empty[k]) for k in ("min", "max", "mean", "std"))
+
+
+def test_a_full_width_ct_series_converts_in_about_its_volumes_memory(large_ct_series, tmp_path):
+    """Reading, the image facts and the NIfTI write each stay within a slice or a chunk beyond the volume."""
+    import tracemalloc  # noqa: PLC0415
+
+    folder, expected = large_ct_series
+    out = tmp_path / "dataset"
+    (out / "images").mkdir(parents=True)
+    job = CaseJob(row=0, path=folder, rel_path="series", fmt="dicom", mask=None, num_classes=2, out_dir=out, salt=SALT)
+    tracemalloc.start()
+    try:
+        converted = convert_case(job)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    stored = nib.load(out / converted.facts["image"]).get_fdata(dtype=np.float32)
+    np.testing.assert_array_equal(stored, expected)
+    assert converted.facts["mean"] == pytest.approx(expected.astype(np.float64).mean(), rel=1e-9)
+    # before: the reader's 3.1 volumes, then the facts' finite copy, deviations and bytes: about 6 volumes
+    assert peak < 1.4 * expected.nbytes, f"peak {peak / 2**20:.1f} MiB for a {expected.nbytes / 2**20:.1f} MiB volume"
 
 
 def test_segmentation_masks_are_stored_on_their_images_grid(tmp_path):
