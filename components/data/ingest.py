@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.data.incremental import (
-    STATE_VERSION, content_hash, fingerprint, load_state, matches_state, save_state,
+from components.data.incremental import (  # save_state: re-exported, callers save what ingest_export returns
+    STATE_VERSION, content_hash, fingerprint, load_state, matches_state, save_state,  # noqa: F401
 )
 from components.data.labels import LABEL_SEPARATOR, parse_label_set
 from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, pseudonymise

@@ -49,7 +49,7 @@ def ensure_repository(root: Path) -> None:
     from dvc.repo import Repo
 
     no_scm = shutil.which("git") is None
-    subdir = own_git = False
+    subdir = False
     if not no_scm:
         top = _git(root, "rev-parse", "--show-toplevel")
         own_repo = (root / ".git").exists()
