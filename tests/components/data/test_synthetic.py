@@ -70,3 +70,21 @@ def test_every_patient_has_its_own_record_number_and_every_image_its_own_uid(tmp
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((export.folder / "images").glob("*.dcm"))]
     assert len({h.PatientID for h in headers}) == 5000
     assert len({h.SOPInstanceUID for h in headers}) == len(headers)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_a_volume_has_its_texture_and_lesions_whichever_way_it_is_drawn(coarse, monkeypatch):
+    """Full-size volumes draw their texture on a coarse grid (made the rule here for a small one): the same
+    tissue level and spread, and lesions their amplitude brighter."""
+    import components.data.synthetic_segmentation as seg  # noqa: PLC0415 (its size threshold, patched)
+
+    monkeypatch.setattr(seg, "COARSE_VOXELS", 0 if coarse else seg.COARSE_VOXELS)
+    image, mask = seg.make_volume(np.random.default_rng(4), shape=(96, 80, 40), lesion=0.8, contrast=1.0, noise=0.0)
+    assert image.shape == mask.shape == (96, 80, 40) and image.dtype == np.float32 and mask.dtype == np.uint8
+    assert 0.001 < mask.mean() < 0.1
+    from scipy import ndimage  # noqa: PLC0415
+
+    tissue = image[ndimage.binary_dilation(mask, iterations=3) == 0]
+    core = image[ndimage.binary_erosion(mask, iterations=2) > 0]
+    assert tissue.mean() == pytest.approx(0.35, abs=0.05) and tissue.std() == pytest.approx(0.15, rel=0.25)
+    assert core.mean() - tissue.mean() == pytest.approx(0.8, abs=0.15)
