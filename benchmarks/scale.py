@@ -19,11 +19,19 @@ loop with the cache medflow chose and the same DataLoader workers, the same
 bare loop with no workers, and medflow's ``train_classifier``, each
 ``--epochs`` epochs from a cold cache, best of ``--repeat``.
 
-Finally the whole ``medflow run`` (a new process, Prefect's ephemeral server
+Then the whole ``medflow run`` (a new process, Prefect's ephemeral server
 included) at each of ``--runs`` images with ``train.cache_max_gb`` set: the peak
 memory (PSS) of its process tree.
 
+Finally full-size volumes (their own section): for each of ``--volumes`` CT series
+of ``--volume-shape`` voxels (synthetic, written as DICOM, one file a slice, with
+NIfTI masks), the same steps as plain calls in fresh processes on the segmentation
+demo's config: ingest (reading each series file by file into its volume), version,
+validate, train (one epoch of patches), evaluate (sliding window over whole
+volumes), register and promote, with their times, peaks and slopes.
+
     .venv/bin/python benchmarks/scale.py [--write] [--sizes 1000 10000 100000] [--runs 400 4000]
+                                         [--volumes 10 50] [--volume-shape 512 512 300]
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ from components.steps import STEPS  # noqa: E402
 
 RETRAIN = tuple(s.name for s in STEPS if s.flow == "retrain")  # medflow run's steps
 SECTION = "Scale: steps against the number of cases"
+VOLUME_SECTION = "Scale: full-size CT volumes"
+SEGMENTATION_CONFIG = REPO / "components" / "configs" / "demo-segmentation.yaml"
 GB = 2**30
 NOT_MEASURED = (  # what the section says is left
     "Not measured yet: 100,000 images (`--sizes 100000`: hours on 2 cores), volumes of 512x512x300, and a "
@@ -102,7 +112,7 @@ class PeakSampler:
         self.peak = max(self.peak, self._tree_pss())
 
 
-def _child_step(name: str, args: tuple, overrides: list[str], workspace: str):
+def _child_step(name: str, args: tuple, overrides: list[str], workspace: str, config_path: str | None = None):
     """One step as a plain call in this (fresh) process: its output, seconds and peak bytes."""
     from flows.cli import quiet_libraries  # noqa: PLC0415
 
@@ -111,7 +121,7 @@ def _child_step(name: str, args: tuple, overrides: list[str], workspace: str):
     from components.steps import get_step  # noqa: PLC0415
 
     os.chdir(workspace)
-    config = load_config(overrides=overrides, environ={})
+    config = load_config(Path(config_path) if config_path else None, overrides=overrides, environ={})
     functions = {step: get_step(step).resolve() for step in RETRAIN}  # every import before the clock starts
     if name == "imports":
         with PeakSampler(os.getpid()) as sampler:
@@ -129,7 +139,7 @@ def _in_fresh_process(function, *args):
         return pool.submit(function, *args).result()
 
 
-def run_steps(workspace: Path, overrides: list[str]) -> dict[str, tuple[float, int]]:
+def run_steps(workspace: Path, overrides: list[str], config_path: Path | None = None) -> dict[str, tuple[float, int]]:
     """Seconds and peak bytes of each step, each in a fresh process, the outputs passed along."""
     chain = {"ingest": lambda o: (), "version": lambda o: (o["ingest"],), "validate": lambda o: (o["version"],),
              "train": lambda o: (o["version"], o["validate"]), "evaluate": lambda o: (o["train"].run_id, o["version"]),
@@ -137,7 +147,8 @@ def run_steps(workspace: Path, overrides: list[str]) -> dict[str, tuple[float, i
              "promote": lambda o: (o["register"], o["evaluate"], o["version"])}
     outputs, figures = {}, {}
     for name in RETRAIN:
-        out, seconds, peak = _in_fresh_process(_child_step, name, chain[name](outputs), overrides, str(workspace))
+        out, seconds, peak = _in_fresh_process(_child_step, name, chain[name](outputs), overrides, str(workspace),
+                                               str(config_path) if config_path else None)
         outputs[name], figures[name] = out, (seconds, peak)
         print(f"  {name}: {seconds:.1f} s, peak {peak / GB:.2f} GB", flush=True)
     return figures
@@ -196,6 +207,46 @@ def run_cli_peak(folder: Path, overrides: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, sampler.peak
 
 
+def step_table(counts: list[int], steps: list[dict], imports: int, unit: str) -> str:
+    """Rows of each step's seconds and peak above ``imports`` per count (``unit``), with the slope."""
+    head = " | ".join(f"{c:,}{' ' + unit if unit else ''} (s)" for c in counts)
+    peaks = " | ".join(f"{c:,}{' ' + unit if unit else ''} (GB)" for c in counts)
+    lines = [f"| step | {head} | slope | {peaks} | peak growth, last two (GB) |",
+             "|---|" + "---:|" * (2 * len(counts) + 2)]
+    for name in RETRAIN:
+        seconds = [figures[name][0] for figures in steps]
+        above = [(figures[name][1] - imports) / GB for figures in steps]
+        lines.append(f"| {name} | " + " | ".join(f"{t:.1f}" for t in seconds)
+                     + f" | {slope(counts, seconds):.2f} | " + " | ".join(f"{p:.2f}" for p in above)
+                     + f" | {above[-1] - above[-2] if len(above) > 1 else float('nan'):+.2f} |")
+    return "\n".join(lines)
+
+
+def run_volumes(root: Path, counts: list[int], shape: tuple[int, int, int], train_overrides: list[str]
+                ) -> list[dict[str, tuple[float, int]]]:
+    """Each step's seconds and peak bytes on ``count`` synthetic CT series of ``shape``, for each count."""
+    from components.data.synthetic_segmentation import generate_segmentation_export  # noqa: PLC0415
+
+    rows, cols, depth = shape
+    if rows != cols:
+        raise SystemExit(f"--volume-shape: the synthetic series have square slices, not {rows}x{cols}")
+    figures = []
+    for count in counts:
+        folder = root / f"volumes{count}"
+        print(f"{count} volumes of {rows}x{cols}x{depth}: generating the export", flush=True)
+        start = time.perf_counter()
+        export = generate_segmentation_export(folder / "export", n_patients=count, image_size=rows, depth=depth,
+                                              fmt="dicom", seed=1)
+        print(f"  generated in {time.perf_counter() - start:.0f} s", flush=True)
+        overrides = ["data.format=dicom", f"data.source={export.folder}", f"data.labels={export.labels_csv}",
+                     "data.name=scale-ct", "validation.min_group_size=1",  # a few volumes: groups of one or two
+                     *train_overrides]
+        (folder / "ws").mkdir()
+        figures.append(run_steps(folder / "ws", overrides, SEGMENTATION_CONFIG))
+        shutil.rmtree(folder)  # the disk holds one count at a time
+    return figures
+
+
 def slope(sizes: list[int], values: list[float]) -> float:
     """The exponent b of value ~ size^b between the two largest sizes."""
     (n1, v1), (n2, v2) = list(zip(sizes, values))[-2:]
@@ -205,24 +256,58 @@ def slope(sizes: list[int], values: list[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000], help="images per dataset")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000], help="images per dataset")
     parser.add_argument("--runs", type=int, nargs="*", default=[400, 4000], help="images of the whole-run rows")
     parser.add_argument("--image", type=int, default=256, help="rows and columns of each image")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="train.num_workers")
     parser.add_argument("--cache-max-gb", type=float, default=0.25)
     parser.add_argument("--repeat", type=int, default=1, help="training rows: best of this many")
+    parser.add_argument("--volumes", type=int, nargs="*", default=[10, 50], help="CT series per dataset")
+    parser.add_argument("--volume-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("ROWS", "COLS", "SLICES"))
     args = parser.parse_args()
     for key in [k for k in os.environ if k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MEDFLOW"))]:
         del os.environ[key]
 
+    sizes, counts = sorted(args.sizes), sorted(args.volumes)
+    train_overrides = [f"train.epochs={args.epochs}", f"train.num_workers={args.workers}",
+                       f"train.cache_max_gb={args.cache_max_gb}"]
+    root = Path(tempfile.mkdtemp(prefix="medflow-bench-scale-"))
+    imports = _in_fresh_process(_child_step, "imports", (), [], str(root))[2]
+    setting = (f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}")
+    command = "python benchmarks/scale.py " + " ".join(a for a in sys.argv[1:] if a != "--write")
+    try:
+        images = (_images_section(args, root, imports, train_overrides, command=command, setting=setting)
+                  if sizes else None)
+        volumes = (run_volumes(root, counts, tuple(args.volume_shape), train_overrides) if counts else None)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if volumes:
+        rows, cols, depth = args.volume_shape
+        table = step_table(counts, volumes, imports, "volumes")
+        gb = rows * cols * depth * 4 / GB
+        print(table)
+        if args.write:
+            write_section(VOLUME_SECTION, (
+                f"`{command}` on {date.today().isoformat()}, {setting}; synthetic CT series of {rows}x{cols}x{depth} "
+                f"voxels ({depth} DICOM files each, {gb:.2f} GB as float32) with NIfTI masks, the segmentation "
+                f"demo's config (MONAI UNet, patches of its `train.patch_size`, sliding-window evaluation), "
+                f"{args.epochs} epoch(s), `train.num_workers={args.workers}`, `train.cache_max_gb="
+                f"{args.cache_max_gb}`. Each step is a plain call in a fresh process; its peak is the memory (PSS) "
+                f"of that process and its children above {imports / GB:.2f} GB. Slope: b in time ~ volumes^b "
+                f"between the two largest counts.\n\n{table}\n"))
+    if images and args.write:
+        write_section(SECTION, images)
+    return 0
+
+
+def _images_section(args, root: Path, imports: int, train_overrides: list[str], *, command: str, setting: str
+                    ) -> str:
+    """The 2D rows (steps, training loops, whole runs) and their section's text."""
     from components.data.synthetic import generate_export
 
     sizes = sorted(args.sizes)
-    train_overrides = [f"train.epochs={args.epochs}", f"train.num_workers={args.workers}",
-                       f"train.cache_max_gb={args.cache_max_gb}", f"data.image_size={args.image}"]
-    root = Path(tempfile.mkdtemp(prefix="medflow-bench-scale-"))
-    imports = _in_fresh_process(_child_step, "imports", (), [], str(root))[2]
+    train_overrides = [*train_overrides, f"data.image_size={args.image}"]
     steps, images, training = {}, {}, {}
     for size in sizes:
         folder = root / str(size)
@@ -238,26 +323,15 @@ def main() -> int:
         if size == sizes[-1]:
             manifest = next((folder / "ws" / "data").glob("*/manifest.parquet"))
             training = _in_fresh_process(_child_training, str(manifest), overrides, str(folder / "ws"), args.repeat)
-        shutil.rmtree(folder / "export")  # the disk holds one size at a time
+        shutil.rmtree(folder)  # the disk holds one size at a time
     whole = {}
     for size in args.runs:
         print(f"medflow run on {size} images", flush=True)
         whole[size] = run_cli_peak(root / f"run{size}", [f"data.n_patients={size // 2}", "data.seed=1",
                                                          *train_overrides])
-    shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root / f"run{size}")
 
-    counts = [images[s] for s in sizes]
-    head = " | ".join(f"{images[s]:,} (s)" for s in sizes)
-    peaks = " | ".join(f"{images[s]:,} (GB)" for s in sizes)
-    lines = [f"| step | {head} | slope | {peaks} | peak growth, last two (GB) |",
-             "|---|" + "---:|" * (2 * len(sizes) + 2)]
-    for name in RETRAIN:
-        seconds = [steps[s][name][0] for s in sizes]
-        above = [(steps[s][name][1] - imports) / GB for s in sizes]
-        lines.append(f"| {name} | " + " | ".join(f"{t:.1f}" for t in seconds)
-                     + f" | {slope(counts, seconds):.2f} | " + " | ".join(f"{p:.2f}" for p in above)
-                     + f" | {above[-1] - above[-2] if len(above) > 1 else float('nan'):+.2f} |")
-    table = "\n".join(lines)
+    table = step_table([images[s] for s in sizes], [steps[s] for s in sizes], imports, "")
     train_table = "\n".join([
         f"| loop ({images[sizes[-1]]:,} images, cache {training['cache']}) | samples/s | medflow / this |",
         "|---|---:|---:|",
@@ -278,20 +352,15 @@ def main() -> int:
         verdicts.append(f"`medflow run` on {large:,} images peaks {(high - low) / GB:+.2f} GB against {small:,} "
                         f"(target: within 0.5 GB): {'met' if abs(high - low) <= 0.5 * GB else 'not met'}")
     print(table, train_table, run_table, "; ".join(verdicts), sep="\n\n")
-    if args.write:
-        command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
-        section = (
-            f"`{command.replace(' --write', '')}` on {date.today().isoformat()}, {os.cpu_count()} CPU cores, "
-            f"{platform.machine()}, Python {platform.python_version()}; synthetic DICOM exports of {args.image}x"
-            f"{args.image} images (two per patient on average), the demo network, {args.epochs} epoch(s), "
-            f"`train.num_workers={args.workers}`, `train.cache_max_gb={args.cache_max_gb}`. Each step is a plain "
-            f"call in a fresh process; its peak is the memory (PSS) of that process and its children above "
-            f"{imports / GB:.2f} GB (a process that has only imported the steps). Slope: b in time ~ cases^b "
-            f"between the two largest sizes.\n\n{table}\n\n{train_table}\n\n{run_table}\n\n"
-            + "; ".join(verdicts) + ".\n\n" + NOT_MEASURED + "\n"
-        )
-        write_section(SECTION, section)
-    return 0
+    return (
+        f"`{command}` on {date.today().isoformat()}, {setting}; synthetic DICOM exports of {args.image}x"
+        f"{args.image} images (two per patient on average), the demo network, {args.epochs} epoch(s), "
+        f"`train.num_workers={args.workers}`, `train.cache_max_gb={args.cache_max_gb}`. Each step is a plain "
+        f"call in a fresh process; its peak is the memory (PSS) of that process and its children above "
+        f"{imports / GB:.2f} GB (a process that has only imported the steps). Slope: b in time ~ cases^b "
+        f"between the two largest sizes.\n\n{table}\n\n{train_table}\n\n{run_table}\n\n"
+        + "; ".join(verdicts) + ".\n\n" + NOT_MEASURED + "\n"
+    )
 
 
 if __name__ == "__main__":
