@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Callable
+
 import numpy as np
 import pydicom
 import pytest
@@ -27,3 +30,13 @@ def large_ct_series(tmp_path) -> tuple:
         ds.save_as(folder / f"file{n:03d}.dcm", enforce_file_format=True)
         slices[k] = (pixels * float(ds.RescaleSlope) + float(ds.RescaleIntercept)).astype(np.float32)
     return folder, np.stack([slices[k] for k in range(LARGE_SLICES)], axis=-1)
+
+
+def traced_peak(function: Callable, *args) -> tuple:
+    """``function(*args)`` and the peak of Python's and numpy's allocations while it ran (bytes)."""
+    tracemalloc.start()
+    try:
+        result = function(*args)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -19,6 +19,8 @@ from pydicom.pixels import apply_modality_lut
 from components.data.dicom import LPS_TO_RAS, read_dicom_case
 from components.errors import IngestError
 
+from tests.components.data.conftest import traced_peak
+
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
@@ -111,15 +113,8 @@ def test_a_series_folder_becomes_one_volume_sorted_by_position(ct_series):
 
 def test_a_large_series_is_decoded_into_its_volume_one_file_at_a_time(large_ct_series):
     """A CT series peaks at about its volume: no file's pixel data is held once decoded, no list of frames."""
-    import tracemalloc  # noqa: PLC0415
-
     folder, expected = large_ct_series
-    tracemalloc.start()
-    try:
-        case = read_dicom_case(folder)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    case, peak = traced_peak(read_dicom_case, folder)
     np.testing.assert_array_equal(case.array, expected)
     assert case.array.flags.c_contiguous and case.array.dtype == np.float32
     # on top, the parsed headers (about 0.1 MiB a file here) and one slice's working copies; before, also every

@@ -17,6 +17,7 @@ from components.data.ingest import IngestSettings, ingest_export
 from components.data.sources import CaseJob, convert_case, image_facts
 from components.errors import IngestError
 
+from tests.components.data.conftest import traced_peak
 from tests.conftest import SALT, pydicom_export
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -114,18 +115,11 @@ def test_image_facts_equal_numpys_across_chunks(monkeypatch):
 
 def test_a_full_width_ct_series_converts_in_about_its_volumes_memory(large_ct_series, tmp_path):
     """Reading, the image facts and the NIfTI write each stay within a slice or a chunk beyond the volume."""
-    import tracemalloc  # noqa: PLC0415
-
     folder, expected = large_ct_series
     out = tmp_path / "dataset"
     (out / "images").mkdir(parents=True)
     job = CaseJob(row=0, path=folder, rel_path="series", fmt="dicom", mask=None, num_classes=2, out_dir=out, salt=SALT)
-    tracemalloc.start()
-    try:
-        converted = convert_case(job)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    converted, peak = traced_peak(convert_case, job)
     stored = nib.load(out / converted.facts["image"]).get_fdata(dtype=np.float32)
     np.testing.assert_array_equal(stored, expected)
     assert converted.facts["mean"] == pytest.approx(expected.astype(np.float64).mean(), rel=1e-9)
