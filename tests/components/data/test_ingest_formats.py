@@ -113,6 +113,18 @@ def test_image_facts_equal_numpys_across_chunks(monkeypatch):
     assert empty["nan_count"] == 9 and all(np.isnan(empty[k]) for k in ("min", "max", "mean", "std"))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, bool, np.int16, np.float32])
+@pytest.mark.parametrize("values", [[0, 1], [0, 2, 7], [-1, 0]])
+def test_a_masks_bad_values_are_those_numpys_unique_finds_outside_the_classes(dtype, values):
+    from components.data.sources import bad_mask_values  # noqa: PLC0415
+
+    mask = np.random.default_rng(1).choice(values, size=(40, 30, 6)).astype(dtype)[:, ::2]  # a strided view too
+    expected = [float(v) for v in np.unique(mask) if not 0 <= v < 2]
+    assert bad_mask_values(mask, 2) == expected
+    if dtype is np.float32:
+        assert bad_mask_values(mask + 0.5, 3) == [float(v) + 0.5 for v in np.unique(mask)]  # not whole numbers
+
+
 def test_a_full_width_ct_series_converts_in_about_its_volumes_memory(large_ct_series, tmp_path):
     """Reading, the image facts and the NIfTI write each stay within a slice or a chunk beyond the volume."""
     folder, expected = large_ct_series
