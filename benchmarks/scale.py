@@ -61,6 +61,7 @@ RETRAIN = tuple(s.name for s in STEPS if s.flow == "retrain")  # medflow run's s
 SECTION = "Scale: steps against the number of cases"
 VOLUME_SECTION = "Scale: full-size CT volumes"
 SEGMENTATION_CONFIG = REPO / "components" / "configs" / "demo-segmentation.yaml"
+VOLUME_BATCH = 2  # whole volumes per batch, each cropped to train.samples_per_volume patches (MONAI's practice)
 GB = 2**30
 NOT_MEASURED = (  # what the section says is left
     "Not measured yet: 100,000 images (`--sizes 100000`: hours on 2 cores), volumes of 512x512x300, and a "
@@ -222,8 +223,8 @@ def step_table(counts: list[int], steps: list[dict], imports: int, unit: str) ->
     return "\n".join(lines)
 
 
-def run_volumes(root: Path, counts: list[int], shape: tuple[int, int, int], train_overrides: list[str]
-                ) -> list[dict[str, tuple[float, int]]]:
+def run_volumes(root: Path, counts: list[int], shape: tuple[int, int, int], train_overrides: list[str],
+                cache_gb: float) -> list[dict[str, tuple[float, int]]]:
     """Each step's seconds and peak bytes on ``count`` synthetic CT series of ``shape``, for each count."""
     from components.data.synthetic_segmentation import generate_segmentation_export  # noqa: PLC0415
 
@@ -240,7 +241,7 @@ def run_volumes(root: Path, counts: list[int], shape: tuple[int, int, int], trai
         print(f"  generated in {time.perf_counter() - start:.0f} s", flush=True)
         overrides = ["data.format=dicom", f"data.source={export.folder}", f"data.labels={export.labels_csv}",
                      "data.name=scale-ct", "validation.min_group_size=1",  # a few volumes: groups of one or two
-                     *train_overrides]
+                     *train_overrides, f"train.batch_size={VOLUME_BATCH}", f"train.cache_max_gb={cache_gb}"]
         (folder / "ws").mkdir()
         figures.append(run_steps(folder / "ws", overrides, SEGMENTATION_CONFIG))
         shutil.rmtree(folder)  # the disk holds one count at a time
@@ -265,6 +266,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="training rows: best of this many")
     parser.add_argument("--volumes", type=int, nargs="*", default=[10, 50], help="CT series per dataset")
     parser.add_argument("--volume-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("ROWS", "COLS", "SLICES"))
+    parser.add_argument("--volume-cache-gb", type=float, default=4.0,
+                        help="train.cache_max_gb of the volume rows (a batch of two full-size volumes is 2.3 GB)")
     args = parser.parse_args()
     for key in [k for k in os.environ if k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MEDFLOW"))]:
         del os.environ[key]
@@ -279,7 +282,8 @@ def main() -> int:
     try:
         images = (_images_section(args, root, imports, train_overrides, command=command, setting=setting)
                   if sizes else None)
-        volumes = (run_volumes(root, counts, tuple(args.volume_shape), train_overrides) if counts else None)
+        volumes = (run_volumes(root, counts, tuple(args.volume_shape), train_overrides, args.volume_cache_gb)
+                   if counts else None)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if volumes:
@@ -292,8 +296,8 @@ def main() -> int:
                 f"`{command}` on {date.today().isoformat()}, {setting}; synthetic CT series of {rows}x{cols}x{depth} "
                 f"voxels ({depth} DICOM files each, {gb:.2f} GB as float32) with NIfTI masks, the segmentation "
                 f"demo's config (MONAI UNet, patches of its `train.patch_size`, sliding-window evaluation), "
-                f"{args.epochs} epoch(s), `train.num_workers={args.workers}`, `train.cache_max_gb="
-                f"{args.cache_max_gb}`. Each step is a plain call in a fresh process; its peak is the memory (PSS) "
+                f"{args.epochs} epoch(s), `train.batch_size={VOLUME_BATCH}` (volumes), `train.num_workers="
+                f"{args.workers}`, `train.cache_max_gb={args.volume_cache_gb}`. Each step is a plain call in a fresh process; its peak is the memory (PSS) "
                 f"of that process and its children above {imports / GB:.2f} GB. Slope: b in time ~ volumes^b "
                 f"between the two largest counts.\n\n{table}\n"))
     if images and args.write:
