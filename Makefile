@@ -55,7 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/predict.py --write
 	$(BIN)/python benchmarks/study.py --write
 	$(BIN)/python benchmarks/pretrain.py --write
-	$(BIN)/python benchmarks/scale.py --write --sizes 1000 10000 --runs 400 4000 --volumes 10 50
+	$(BIN)/python benchmarks/scale.py --write --sizes 1000 10000 --runs 400 4000 --volumes 6 10
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -31,7 +31,7 @@ validate, train (one epoch of patches), evaluate (sliding window over whole
 volumes), register and promote, with their times, peaks and slopes.
 
     .venv/bin/python benchmarks/scale.py [--write] [--sizes 1000 10000 100000] [--runs 400 4000]
-                                         [--volumes 10 50] [--volume-shape 512 512 300]
+                                         [--volumes 6 10] [--volume-shape 512 512 300]
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="train.num_workers")
     parser.add_argument("--cache-max-gb", type=float, default=0.25)
     parser.add_argument("--repeat", type=int, default=1, help="training rows: best of this many")
-    parser.add_argument("--volumes", type=int, nargs="*", default=[10, 50], help="CT series per dataset")
+    parser.add_argument("--volumes", type=int, nargs="*", default=[6, 10], help="CT series per dataset")
     parser.add_argument("--volume-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("ROWS", "COLS", "SLICES"))
     parser.add_argument("--volume-cache-gb", type=float, default=4.0,
                         help="train.cache_max_gb of the volume rows (a batch of two full-size volumes is 2.3 GB)")
