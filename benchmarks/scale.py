@@ -264,7 +264,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="train.num_workers")
     parser.add_argument("--cache-max-gb", type=float, default=0.25)
     parser.add_argument("--repeat", type=int, default=1, help="training rows: best of this many")
-    parser.add_argument("--volumes", type=int, nargs="*", default=[6, 10], help="CT series per dataset")
+    parser.add_argument("--volumes", type=int, nargs="*", default=[], help="CT series per dataset (none: no volume rows)")
     parser.add_argument("--volume-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("ROWS", "COLS", "SLICES"))
     parser.add_argument("--volume-cache-gb", type=float, default=4.0,
                         help="train.cache_max_gb of the volume rows (a batch of two full-size volumes is 2.3 GB)")

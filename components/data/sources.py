@@ -151,9 +151,9 @@ def image_facts(array: np.ndarray, affine: np.ndarray) -> dict:
     """The manifest's image facts: geometry, dtype, range, non-finite counts, moments and content hash.
 
     Computed over chunks of ``FACT_CHUNK`` voxels (two passes: the mean, then the squared deviations from it,
-    in float64), so a full-size CT costs a chunk's working memory on top of its volume, not three more volumes
-    (numpy's finite selection, its deviations for the std, a bytes copy to hash). No library gives these in
-    one bounded pass."""
+    in float64), so a full-size CT costs a chunk's working memory on top of its volume, not two or three more
+    volumes (numpy's finite selection, its deviations for the std, a bytes copy to hash). No library gives
+    these in one bounded pass."""
     shape, spacing = describe_geometry(array, affine)
     flat = np.ascontiguousarray(array).reshape(-1)
     chunks = [flat[start:start + FACT_CHUNK] for start in range(0, flat.size, FACT_CHUNK)]

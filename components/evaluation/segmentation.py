@@ -74,7 +74,8 @@ def hd95(pred: torch.Tensor, truth: torch.Tensor, *, spacing: Sequence[float], c
                                                 symmetric=True, class_index=class_index)
     if len(distances) == 0:
         return 0.0
-    return max(float(np.percentile(d.cpu().numpy(), 95)) if d.numel() else math.nan for d in distances)
+    # np.max, as MONAI's torch.max, lets a direction without distances (nan) win; Python's max would not
+    return float(np.max([np.percentile(d.cpu().numpy(), 95) if d.numel() else math.nan for d in distances]))
 
 
 def calibration_bins(prob: np.ndarray, truth: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
