@@ -50,8 +50,7 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing: Sequence[float
         spacing: voxel size in mm per axis.
         num_classes: label values are 0 (background) .. num_classes - 1.
     """
-    p = one_hot(torch.as_tensor(pred, dtype=torch.long)[None, None], num_classes=num_classes)
-    t = one_hot(torch.as_tensor(truth, dtype=torch.long)[None, None], num_classes=num_classes)
+    p, t = _one_hot(pred, num_classes), _one_hot(truth, num_classes)
     dice = compute_dice(p, t, include_background=False, ignore_empty=True)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an empty class gives inf/nan, reported as None below
@@ -61,6 +60,19 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing: Sequence[float
     finite = lambda v: [float(x) for x in v if math.isfinite(float(x))]  # noqa: E731
     dices, hds = finite(dice), finite(hd)
     return {"dice": float(np.mean(dices)) if dices else None, "hd95": float(np.mean(hds)) if hds else None}
+
+
+def case_dice(pred: np.ndarray, truth: np.ndarray, *, num_classes: int) -> float | None:
+    """Dice of one case alone, as ``case_metrics`` gives it: without HD95, whose surface distances cost
+    minutes on a full-size CT, for callers that only rank cases (the report's overlays)."""
+    dice = compute_dice(_one_hot(pred, num_classes), _one_hot(truth, num_classes),
+                        include_background=False, ignore_empty=True)[0]
+    known = [float(x) for x in dice if math.isfinite(float(x))]
+    return float(np.mean(known)) if known else None
+
+
+def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    return one_hot(torch.as_tensor(labels, dtype=torch.long)[None, None], num_classes=num_classes)
 
 
 def hd95(pred: torch.Tensor, truth: torch.Tensor, *, spacing: Sequence[float], class_index: int) -> float:
@@ -74,8 +86,11 @@ def hd95(pred: torch.Tensor, truth: torch.Tensor, *, spacing: Sequence[float], c
                                                 symmetric=True, class_index=class_index)
     if len(distances) == 0:
         return 0.0
-    # np.max, as MONAI's torch.max, lets a direction without distances (nan) win; Python's max would not
-    return float(np.max([np.percentile(d.cpu().numpy(), 95) if d.numel() else math.nan for d in distances]))
+    # np.max, as MONAI's torch.max, lets a direction without distances (nan) win; Python's max would not.
+    # Against an empty mask every distance is inf, and the percentile's interpolation (inf - inf) is nan, as
+    # torch.quantile's: the same value, without numpy's warning.
+    with np.errstate(invalid="ignore"):
+        return float(np.max([np.percentile(d.cpu().numpy(), 95) if d.numel() else math.nan for d in distances]))
 
 
 def calibration_bins(prob: np.ndarray, truth: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
@@ -100,8 +115,9 @@ def _mean_ci(values: np.ndarray, patients: np.ndarray, *, n_resamples: int, seed
     means = []
     for w in resample_weights(codes, n_resamples=n_resamples, rng=np.random.default_rng(seed)):
         means.append(w @ values[known] / w.sum(axis=1))
-    jackknifed = [(rows[:, codes] @ values[known]) / rows[:, codes].sum(axis=1)
-                  for rows in jackknife_rows(int(codes.max()) + 1)]
+    with np.errstate(invalid="ignore"):  # one patient leaves nobody out of its jackknife: nan, which BCa drops
+        jackknifed = [(rows[:, codes] @ values[known]) / rows[:, codes].sum(axis=1)
+                      for rows in jackknife_rows(int(codes.max()) + 1)]
     return bca_interval(float(values[known].mean()), np.concatenate(means), np.concatenate(jackknifed))
 
 

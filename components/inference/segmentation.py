@@ -23,7 +23,7 @@ from components.evaluation.calibration import fit_temperature
 from components.evaluation.declarations import FAIRNESS, metrics_for
 from components.evaluation.html_report import Overlay, render_segmentation_html
 from components.evaluation.segmentation import (
-    calibration_bins, case_metrics, ece_from_bins, evaluate_segmentation, load_volume,
+    calibration_bins, case_dice, ece_from_bins, evaluate_segmentation, load_volume,
 )
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.inference.predict import segment_file
@@ -50,9 +50,9 @@ def _overlays(test: pd.DataFrame, *, root: Path, out_dir: Path, num_classes: int
     """The test cases with the lowest, median and highest Dice, for the report's pictures."""
     scored = []
     for case, image, label in zip(test["case_id"], test["image"], test["label"]):
-        truth, spacing = load_volume(root / label, case=case, what="true mask")
+        truth, _ = load_volume(root / label, case=case, what="true mask")
         prediction, _ = load_volume(out_dir / f"masks/{case}_mask.nii.gz", case=case, what="predicted mask")
-        dice = case_metrics(prediction, truth, spacing=spacing, num_classes=num_classes)["dice"]
+        dice = case_dice(prediction, truth, num_classes=num_classes)  # HD95 is the report's already
         scored.append((np.inf if dice is None or np.isnan(dice) else dice, case, image, label))
     if not scored:
         return []

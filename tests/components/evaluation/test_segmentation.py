@@ -11,7 +11,7 @@ from scipy import ndimage
 from torchmetrics.functional.classification import binary_calibration_error
 
 from components.errors import EvaluationError
-from components.evaluation.segmentation import case_metrics, evaluate_segmentation
+from components.evaluation.segmentation import case_dice, case_metrics, evaluate_segmentation
 
 SPACING = (1.0, 0.8, 2.0)
 
@@ -69,6 +69,47 @@ def test_hd95_equals_monais_where_monai_can_take_its_percentile(case):
 def test_an_empty_truth_has_no_dice():
     empty = np.zeros((10, 10), dtype=np.uint8)
     assert case_metrics(empty, empty, spacing=(1, 1), num_classes=2) == {"dice": None, "hd95": None}
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_case_dice_is_case_metrics_dice(classes):
+    rng = np.random.default_rng(classes)
+    truth = _sphere((24, 24, 10), (12, 12, 5), 5) * rng.integers(1, classes, size=(24, 24, 10))
+    for pred in (np.roll(truth, 2, axis=0), np.zeros_like(truth), rng.integers(0, classes, size=truth.shape)):
+        assert case_dice(pred, truth, num_classes=classes) == case_metrics(
+            pred, truth, spacing=SPACING, num_classes=classes)["dice"]
+
+
+def test_the_reports_overlays_rank_cases_by_dice_without_computing_hd95_again(tmp_path, monkeypatch):
+    """HD95 of a full-size CT takes minutes; evaluation computed it a second time for the overlays."""
+    from components.inference.segmentation import _overlays  # noqa: PLC0415
+
+    truth = _sphere((20, 20, 8), (10, 10, 4), 5)
+    rows = []
+    (tmp_path / "masks").mkdir()
+    for i, shift in enumerate([0, 4, 1, 2]):
+        for name, volume in ((f"image{i}.nii.gz", truth.astype(np.float32)), (f"label{i}.nii.gz", truth),
+                             (f"masks/c{i}_mask.nii.gz", np.roll(truth, shift, axis=0))):
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / name)
+        rows.append({"case_id": f"c{i}", "image": f"image{i}.nii.gz", "label": f"label{i}.nii.gz"})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("HD95 computed for the overlays")
+
+    monkeypatch.setattr("components.evaluation.segmentation.hd95", refuse)
+    overlays = _overlays(pd.DataFrame(rows), root=tmp_path, out_dir=tmp_path, num_classes=2)
+    assert [o.case_id for o in overlays] == ["c1", "c2", "c0"]  # lowest, median and highest Dice
+    assert overlays[-1].dice == pytest.approx(1.0)
+
+
+def test_a_group_of_one_patient_has_its_point_interval_without_a_warning():
+    import warnings  # noqa: PLC0415
+
+    from components.evaluation.segmentation import _mean_ci  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _mean_ci(np.array([0.5, 0.7]), np.array(["p", "p"]), n_resamples=50, seed=0) == [0.6, 0.6]
 
 
 def _dataset(tmp: Path, n=24):
