@@ -66,6 +66,24 @@ def test_hd95_equals_monais_where_monai_can_take_its_percentile(case):
     np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(40, 36), (30, 28, 12)])
+def test_surface_distances_are_the_same_by_kd_tree_and_by_distance_transform(shape):
+    """HD95 takes whichever way is cheaper for the sizes; both must give the same distances."""
+    from monai.metrics.utils import get_mask_edges  # noqa: PLC0415
+
+    from components.evaluation.segmentation import surface_distances  # noqa: PLC0415
+
+    rng = np.random.default_rng(len(shape))
+    truth = torch.as_tensor(_sphere(shape, [s // 2 for s in shape], 5).astype(bool))
+    pred = torch.as_tensor(rng.random(shape) < 0.2) | truth
+    edges = get_mask_edges(pred, truth, crop=True)
+    for a, b in (edges, edges[::-1]):
+        by_tree = surface_distances(a, b, spacing=SPACING[:len(shape)], dense=False)
+        by_grid = surface_distances(a, b, spacing=SPACING[:len(shape)], dense=True)
+        assert len(by_tree) == int(a.sum())
+        np.testing.assert_allclose(np.sort(by_grid), np.sort(by_tree), rtol=1e-6)
+
+
 def test_an_empty_truth_has_no_dice():
     empty = np.zeros((10, 10), dtype=np.uint8)
     assert case_metrics(empty, empty, spacing=(1, 1), num_classes=2) == {"dice": None, "hd95": None}
