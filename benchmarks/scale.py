@@ -63,11 +63,12 @@ VOLUME_SECTION = "Scale: full-size CT volumes"
 SEGMENTATION_CONFIG = REPO / "components" / "configs" / "demo-segmentation.yaml"
 VOLUME_BATCH = 2  # whole volumes per batch, each cropped to train.samples_per_volume patches (MONAI's practice)
 GB = 2**30
+SAMPLER_SHARE = 19  # the peak sampler waits 19x as long as a reading took: 5 % of a core
 NOT_MEASURED = (  # what the section says is left
-    "Not measured yet: 100,000 images (`--sizes 100000`: hours on 2 cores), volumes of 512x512x300, and a "
-    "GPU (none was lent). On 2 cores the DataLoader workers share the cores the network trains on, so they add "
-    "nothing here; they pay where the accelerator waits for the transforms. Evaluation is linear but "
-    "costs about as much as one training epoch: it reads and preprocesses the val and test images again, "
+    "Not measured yet: 100,000 images (`--sizes 100000`: hours on 2 cores) and a GPU (none was lent); CT "
+    "volumes are in the section below. On 2 cores the DataLoader workers share the cores the network trains on, "
+    "so they add nothing here; they pay where the accelerator waits for the transforms. Evaluation is linear "
+    "but costs about as much as one training epoch: it reads and preprocesses the val and test images again, "
     "in the evaluating process, and the shortcut audit embeds every image."
 )
 
@@ -100,8 +101,11 @@ class PeakSampler:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
+            start = time.perf_counter()
             self.peak = max(self.peak, self._tree_pss())
-            self._stop.wait(self._every)
+            # reading PSS walks every page of the process: for a process of several GB that is tens of ms, and
+            # sampling every 50 ms took half a core from the step it measured; at most 5 % of a core instead
+            self._stop.wait(max(self._every, SAMPLER_SHARE * (time.perf_counter() - start)))
 
     def __enter__(self) -> PeakSampler:
         self._thread.start()
