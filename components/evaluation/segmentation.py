@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.metrics import compute_dice
-from scipy import ndimage
 from monai.metrics.utils import get_edge_surface_distance, get_mask_edges, get_surface_distance
 from monai.networks.utils import one_hot
+from scipy import ndimage
 
 from components.errors import EvaluationError
 from components.evaluation.bootstrap import bca_interval, jackknife_rows, resample_weights
@@ -84,8 +84,9 @@ def hd95(pred: torch.Tensor, truth: torch.Tensor, *, spacing: Sequence[float], c
 
     MONAI takes the percentile with ``torch.quantile``, which refuses more than 16M values: a full-size CT
     (512x512x300) with a ragged prediction has more surface voxels than that, and its evaluation failed. The
-    surface voxels are MONAI's, and so are the distances where both masks have some (:func:`surface_distances`);
-    numpy takes the percentile (the same linear interpolation), at any size."""
+    surface voxels are MONAI's (and, where a mask is empty, its whole answer); the distances are MONAI's KD-tree's
+    or scipy's distance transform's, whichever is cheaper (:func:`surface_distances`); numpy takes the percentile
+    (the same linear interpolation), at any size."""
     edges_pred, edges_truth = get_mask_edges(pred, truth, crop=True)
     if edges_pred.any() and edges_truth.any():
         return float(max(np.percentile(surface_distances(a, b, spacing=spacing), 95)
