@@ -84,6 +84,26 @@ def test_surface_distances_are_the_same_by_kd_tree_and_by_distance_transform(sha
         np.testing.assert_allclose(np.sort(by_grid), np.sort(by_tree), rtol=1e-6)
 
 
+def test_hd95_takes_the_transform_for_a_ragged_mask_and_the_tree_for_a_small_surface(monkeypatch):
+    """Both ways are exact, so only this says the cost model chooses as documented: the ragged prediction's many
+    surface voxels querying the sphere's few take the distance transform; the few querying the many, the tree."""
+    from components.evaluation import segmentation  # noqa: PLC0415
+
+    calls = []
+    transform = ndimage.distance_transform_edt
+    monkeypatch.setattr(segmentation.ndimage, "distance_transform_edt",
+                        lambda grid, **kw: calls.append(int((~grid).sum())) or transform(grid, **kw))
+    rng = np.random.default_rng(3)
+    truth = _sphere((60, 60, 30), (30, 30, 15), 4)
+    pred = ((rng.random(truth.shape) < 0.3) | truth.astype(bool)).astype(np.uint8)
+    ours = case_metrics(pred, truth, spacing=SPACING, num_classes=2)["hd95"]
+    surface = int(truth.sum() - ndimage.binary_erosion(truth).sum())
+    assert calls == [surface]  # one transform: of the sphere's surface, which the ragged mask queries
+    expected = max(np.percentile(_surface_distances(pred, truth, SPACING), 95),
+                   np.percentile(_surface_distances(truth, pred, SPACING), 95))
+    assert ours == pytest.approx(expected, rel=1e-5)
+
+
 def test_an_empty_truth_has_no_dice():
     empty = np.zeros((10, 10), dtype=np.uint8)
     assert case_metrics(empty, empty, spacing=(1, 1), num_classes=2) == {"dice": None, "hd95": None}
