@@ -32,8 +32,6 @@ SECTION = "Pretraining: medflow vs a bare SimCLR loop"
 
 def bare_simclr_loop(manifest_path: Path, config) -> int:
     """The same pretraining as medflow's, written as a plain loop; returns the images seen."""
-    import nibabel as nib
-    import numpy as np
     import torch
     from monai.data import CacheDataset, DataLoader
     from monai.utils import set_determinism
@@ -51,7 +49,7 @@ def bare_simclr_loop(manifest_path: Path, config) -> int:
     root = manifest_path.parent
     train_df, val_df = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "val"]
     sample = train_df.sample(min(256, len(train_df)), random_state=cfg.seed)
-    mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
+    mean, std = intensity_stats(root / p for p in sample["image"])
     size = config.data.image_size
     spec = PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
     set_determinism(seed=cfg.seed)

@@ -40,8 +40,6 @@ def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_w
     ``cache`` is MONAI's CacheDataset (memory), PersistentDataset in ``cache_dir`` (disk) or Dataset (none);
     ``num_workers`` the DataLoader's worker processes for training.
     """
-    import nibabel as nib
-    import numpy as np
     import torch
     from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
     from monai.utils import set_determinism
@@ -55,7 +53,7 @@ def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_w
     root = manifest_path.parent
     train_df, val_df = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "val"]
     sample = train_df.sample(min(256, len(train_df)), random_state=cfg.seed)
-    mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
+    mean, std = intensity_stats(root / p for p in sample["image"])
     size = config.data.image_size
     spec = PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
     set_determinism(seed=cfg.seed)

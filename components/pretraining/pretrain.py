@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -128,7 +127,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
 
     def data_spec() -> PreprocessSpec:  # the training split's intensity statistics
         sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
-        mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
+        mean, std = intensity_stats(root / p for p in sample["image"])
         return PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
 
     parts = build_method(config, data_spec)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -80,7 +79,7 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
 
     def data_spec() -> PreprocessSpec:  # the training split's intensity statistics
         sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
-        mean, std = intensity_stats([nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]])
+        mean, std = intensity_stats(root / p for p in sample["image"])
         return PreprocessSpec(spatial_size=(size, size), mean=mean, std=std)
 
     num_classes = config.data.num_classes
@@ -90,7 +89,8 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
         weights = positive_weights(cfg.class_weights, label_matrix(train_df["label"], num_classes))
         loss_for = build_multilabel_loss
     else:
-        weights = class_weights(cfg.class_weights, train_df["label"].to_numpy(dtype=int), num_classes)
+        weights = class_weights(cfg.class_weights, np.bincount(train_df["label"].to_numpy(dtype=int),
+                                                             minlength=num_classes), num_classes)
         loss_for = build_loss
     loss_fn = loss_for(cfg.loss, None if weights is None else weights.to(device))
     val_loss_fn = loss_for(cfg.loss, weights)

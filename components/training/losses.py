@@ -15,19 +15,20 @@ from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
 from components.errors import ConfigError
 
 
-def class_weights(choice: str | list[float], labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
+def class_weights(choice: str | list[float], counts: np.ndarray, num_classes: int) -> torch.Tensor | None:
     """Loss weights per class: none, ``balanced`` (n / (K * count), as scikit-learn's) or given.
 
-    ``labels`` are class indices, one per case (classification) or per voxel (segmentation).
+    ``counts`` are the training cases of each class (classification: ``np.bincount`` of the labels) or its
+    voxels (segmentation), ``num_classes`` long.
     """
     if choice == "none":
         return None
     if choice == "balanced":
-        counts = np.bincount(labels, minlength=num_classes).astype(float)
+        counts = np.asarray(counts, dtype=float)
         if (counts == 0).any():
             missing = [k for k in range(num_classes) if counts[k] == 0]
             raise ConfigError(f"train.class_weights=balanced: class(es) {missing} have no training cases")
-        return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
+        return torch.tensor(counts.sum() / (num_classes * counts), dtype=torch.float32)
     if len(choice) != num_classes:
         raise ConfigError(f"train.class_weights has {len(choice)} values; data.num_classes is {num_classes}")
     return torch.tensor(choice, dtype=torch.float32)

@@ -12,8 +12,11 @@ normalised per channel with the checkpoint's mean and standard deviation.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from monai.transforms import (
     Compose,
@@ -35,6 +38,7 @@ from monai.transforms import (
     ScaleIntensityd,
     SpatialPadd,
 )
+from sklearn.preprocessing import StandardScaler
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,14 @@ def array_transform(spec: PreprocessSpec) -> Compose:
     )
 
 
-def intensity_stats(images: list[np.ndarray]) -> tuple[float, float]:
-    """Mean and standard deviation over all pixels of ``images``."""
-    flat = np.concatenate([np.asarray(i, dtype=np.float64).ravel() for i in images])
-    return float(flat.mean()), float(flat.std() or 1.0)
+def intensity_stats(paths: Iterable[str | Path]) -> tuple[float, float]:
+    """Mean and standard deviation over all voxels of the NIfTI images at ``paths``, read one at a time, so a
+    sample of 32 full-size CT volumes needs the memory of one (scikit-learn's incremental StandardScaler
+    merges each image's moments into the running ones)."""
+    scaler = StandardScaler()
+    for path in paths:
+        scaler.partial_fit(nib.load(path).get_fdata(dtype=np.float32).reshape(-1, 1))
+    return float(scaler.mean_[0]), float(np.sqrt(scaler.var_[0]) or 1.0)
 
 
 @dataclass(frozen=True)

@@ -58,12 +58,13 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
         raise ConfigError(f"{manifest_path}: data.task is 'segmentation' but case(s) {', '.join(bad)} have no mask "
                           f"(label {str(manifest.loc[~masks, 'label'].iloc[0])!r}); was the dataset ingested for another task?")
     sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
-    images = [nib.load(root / p).get_fdata(dtype=np.float32) for p in sample["image"]]
-    dims = {i.ndim for i in images}
+    # shapes from the headers; the voxels are read one image at a time (32 full-size CT volumes are 10 GB)
+    shapes = [tuple(nib.load(root / p).shape) for p in sample["image"]]
+    dims = {len(shape) for shape in shapes}
     if len(dims) != 1 or dims - {2, 3}:
         raise ConfigError(f"{manifest_path}: segmentation trains on 2D or 3D images of one kind, found {sorted(dims)}D")
     spatial_dims = dims.pop()
-    smallest = tuple(int(min(i.shape[a] for i in images)) for a in range(spatial_dims))
+    smallest = tuple(int(min(shape[a] for shape in shapes)) for a in range(spatial_dims))
     kwargs = dict(cfg.model_kwargs)
     divisor = patch_divisor(cfg.model, segmenter_kwargs(cfg.model, patch_size=smallest, kwargs=kwargs))
     patch = tuple(cfg.patch_size) if cfg.patch_size else default_patch(
@@ -77,21 +78,21 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
         logging.getLogger("medflow.training").info("backbone %s: %s", cfg.backbone.source, describe_report(report))
         records = {"backbone/load_report.json": report.to_dict()}
     network = network.to(device)
-    mean, std = intensity_stats(images)
+    mean, std = intensity_stats(root / p for p in sample["image"])
     spec = SegmentationSpec(patch_size=patch, mean=mean, std=std)
     augment = segmentation_transforms(spec, augment=True, samples=cfg.samples_per_volume)
     augment.set_random_state(seed=cfg.seed)
     train_ds, val_ds, cache = cached_datasets(  # an image and its mask, as float32, per cached sample
         cfg, _records(train_df, root), _records(val_df, root), augment=augment,
         plain=segmentation_transforms(spec, augment=False), key=f"{manifest_path.resolve()}-{spec}",
-        sample_bytes=8 * int(np.mean([i.size for i in images])))
+        sample_bytes=8 * int(np.mean([np.prod(shape) for shape in shapes])))
     tags = {**tags, "medflow.cache": cache.reason}
     val_loader = DataLoader(val_ds, batch_size=1)
-    voxels = None
-    if cfg.class_weights == "balanced":
-        masks = [np.asarray(nib.load(root / p).dataobj, dtype=np.int64).ravel() for p in sample["label"]]
-        voxels = np.concatenate(masks)
-    weights = class_weights(cfg.class_weights, voxels if voxels is not None else np.zeros(0, dtype=int), num_classes)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    if cfg.class_weights == "balanced":  # voxels of each class, one mask at a time
+        counts = sum((np.bincount(np.asarray(nib.load(root / p).dataobj, dtype=np.intp).ravel(), minlength=num_classes)
+                      for p in sample["label"]), start=counts)
+    weights = class_weights(cfg.class_weights, counts, num_classes)
     loss_fn = build_seg_loss(cfg.loss, None if weights is None else weights.to(device))
     dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
 

@@ -46,3 +46,30 @@ def test_a_run_over_its_budget_trains_from_the_disk_cache_with_the_same_result(w
     assert any((workspace / ".medflow" / "cache").iterdir())
     assert disk.metrics["val_auc"] == pytest.approx(memory.metrics["val_auc"], abs=1e-6)
     assert disk.metrics["train_loss"] == pytest.approx(memory.metrics["train_loss"], rel=1e-5)
+
+
+def test_intensity_statistics_are_numpys_over_every_voxel_with_one_image_in_memory_at_a_time(tmp_path):
+    import tracemalloc
+
+    import nibabel as nib
+    import numpy as np
+
+    from components.training.preprocess import intensity_stats
+
+    rng = np.random.default_rng(0)
+    shapes = [(100, 100, 100), (90, 110, 100), (100, 100, 95), (100, 100, 100), (80, 100, 100), (100, 100, 100)]
+    images = [rng.normal(40.0 * k, 10.0 + k, size=shape).astype(np.float32) for k, shape in enumerate(shapes)]
+    paths_ = []
+    for k, image in enumerate(images):
+        paths_.append(tmp_path / f"image{k}.nii")
+        nib.save(nib.Nifti1Image(image, np.eye(4)), paths_[-1])
+    flat = np.concatenate([image.astype(np.float64).ravel() for image in images])
+    expected = (flat.mean(), flat.std())
+    del images, flat
+    tracemalloc.start()
+    mean, std = intensity_stats(iter(paths_))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_allclose([mean, std], expected, rtol=1e-9)
+    # one image of a million voxels is 8 MB as float64: reading all six before the statistics held over 50 MB
+    assert peak < 3 * 8 * 10**6, f"peak {peak / 1e6:.1f} MB"

@@ -150,3 +150,17 @@ def test_a_dataset_ingested_for_another_task_is_refused_with_what_it_holds(works
     segment = load_config(overrides=[*SEG, "train.patch_size=[32, 32]"], environ={})
     with pytest.raises(ConfigError, match=r"data.task is 'segmentation' but case\(s\) .* have no mask \(label '[01]'\)"):
         train_segmenter(manifest_path=small_dataset, data_version="v1", config=segment)
+
+
+def test_balanced_class_weights_are_scikit_learns_over_every_voxel_of_the_training_masks(workspace, seg2d_dataset):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from components.training.segmentation import segmentation_recipe
+
+    config = load_config(overrides=[*SEG, "train.patch_size=[32, 32]", "train.class_weights=balanced"], environ={})
+    recipe = segmentation_recipe(seg2d_dataset, config, torch.device("cpu"))
+    manifest = load_manifest(seg2d_dataset)
+    voxels = np.concatenate([np.asarray(nib.load(seg2d_dataset.parent / p).dataobj).ravel()
+                             for p in manifest.loc[manifest["split"] == "train", "label"]]).astype(int)
+    expected = compute_class_weight("balanced", classes=np.arange(2), y=voxels)
+    np.testing.assert_allclose(recipe.loss.cross_entropy.weight.numpy(), expected, rtol=1e-6)
