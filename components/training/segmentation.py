@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 from monai.data import DataLoader
 from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
 from components.config import RunConfig
@@ -94,18 +93,20 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
                       for p in sample["label"]), start=counts)
     weights = class_weights(cfg.class_weights, counts, num_classes)
     loss_fn = build_seg_loss(cfg.loss, None if weights is None else weights.to(device))
-    dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
+    # Dice of class-index maps (num_classes): no one-hot copies of a whole volume's prediction and mask
+    dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=True, num_classes=num_classes)
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         model.eval()
         losses = []
         with torch.no_grad():
             for batch in val_loader:
-                image, label = batch["image"].to(device), batch["label"].to(device)
-                logits = sliding_window(model, image, patch)
+                logits = sliding_window(model, batch.pop("image").to(device), patch)
+                label = batch["label"].to(device)
                 losses.append(float(loss_fn(logits, label)))
-                pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes=num_classes)
-                dice(y_pred=pred, y=one_hot(label.long(), num_classes=num_classes))
+                pred = logits.argmax(dim=1, keepdim=True)
+                del logits  # a full-size CT's logits are 0.6 GB
+                dice(y_pred=pred, y=label)
         score = dice.aggregate()
         dice.reset()
         value = float(score) if torch.isfinite(score).all() else None
