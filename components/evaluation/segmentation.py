@@ -33,6 +33,7 @@ SEG_METRICS = ("dice", "hd95")
 # a KD-tree query step costs about 1.9x a distance-transform voxel (scipy, measured on a full-size CT)
 DENSE_PER_QUERY = 0.54
 BAD_VOLUME = "{case}: {what} {path} {problem}"
+CALIBRATION_CHUNK = 1 << 22  # voxels binned at a time for the voxel ECE
 
 
 def load_volume(path: Path, *, case: str, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -121,12 +122,24 @@ def surface_distances(edges_from: torch.Tensor, edges_to: torch.Tensor, *, spaci
     return grid[np.asarray(edges_from.cpu(), dtype=bool)].astype(np.float32)
 
 
-def calibration_bins(prob: np.ndarray, truth: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
-    """(3, n_bins + 1) voxel counts, summed truths and summed probabilities per bin, binned as torchmetrics."""
+def calibration_bins(prob: np.ndarray, truth: np.ndarray, n_bins: int = ECE_BINS, *,
+                     chunk: int = CALIBRATION_CHUNK) -> np.ndarray:
+    """(3, n_bins + 1) voxel counts, summed truths and summed probabilities per bin, binned as torchmetrics.
+
+    Taken over slabs of about ``chunk`` voxels along the first axis: a full-size CT's 78M voxels would
+    otherwise need 0.6 GB for each float64 weight array and its int64 bin indices."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.searchsorted(edges, prob.ravel(), side="right") - 1, 0, n_bins)
-    return np.stack([np.bincount(bins, weights=w, minlength=n_bins + 1)
-                     for w in (np.ones(prob.size), (truth.ravel() > 0).astype(float), prob.ravel().astype(float))])
+    sums = np.zeros((3, n_bins + 1))
+    if not prob.size:
+        return sums
+    step = max(1, chunk // (prob.size // prob.shape[0]))
+    for start in range(0, prob.shape[0], step):
+        p = prob[start:start + step].ravel()
+        bins = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins)
+        sums[0] += np.bincount(bins, minlength=n_bins + 1)
+        sums[1] += np.bincount(bins[truth[start:start + step].ravel() > 0], minlength=n_bins + 1)
+        sums[2] += np.bincount(bins, weights=p, minlength=n_bins + 1)
+    return sums
 
 
 def ece_from_bins(bins: np.ndarray) -> tuple[float, float]:

@@ -239,3 +239,21 @@ def test_group_dice_intervals_are_scipys_bca_intervals_of_the_group_mean(tmp_pat
         reference = stats.bootstrap((dice,), np.mean, method="BCa", n_resamples=4000,
                                     rng=np.random.default_rng(0)).confidence_interval
         assert (low, high) == pytest.approx((reference.low, reference.high), abs=0.01)
+
+
+def test_calibration_bins_are_the_same_taken_a_slab_at_a_time():
+    from components.evaluation.segmentation import calibration_bins
+
+    rng = np.random.default_rng(3)
+    prob = rng.random((7, 5, 6)).astype(np.float32)
+    prob.flat[:4] = [0.0, 1.0, 1 / 15, 0.5]  # an edge, and a confidence of exactly 1 in a bin of its own
+    truth = np.asfortranarray(rng.random((7, 5, 6)) < prob)  # nibabel's layout, while prob is C-ordered
+    whole = calibration_bins(prob, truth, chunk=10**9)
+    edges = np.linspace(0.0, 1.0, 16)
+    index = np.clip(np.searchsorted(edges, prob.ravel(), side="right") - 1, 0, 15)
+    expected = np.array([[np.sum(index == b), np.sum(truth.ravel()[index == b]), np.sum(prob.ravel()[index == b])]
+                         for b in range(16)]).T
+    np.testing.assert_allclose(whole, expected, rtol=1e-6)
+    assert whole[0, 15] == 1  # the 1.0
+    for chunk in (1, 30, 61):  # a slab of one row, exactly one row of 30 voxels, two rows
+        np.testing.assert_allclose(calibration_bins(prob, truth, chunk=chunk), whole, rtol=1e-12)
