@@ -44,17 +44,6 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 IGNORED_NAMES = ("DICOMDIR",)
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 DEFER_BYTES = 64 * 1024  # elements this large (pixel data) stay on disk until their value is used
-# The elements medflow and pydicom's pixel decoding read: parsed when the file is read, so that a corrupt one is
-# reported naming its file. The rest (names, dates, UIDs: about half a small file's parsing) are never parsed;
-# nothing reads them, and the NIfTI written holds none of them.
-HEADER_KEYWORDS = (
-    "Rows", "Columns", "SamplesPerPixel", "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit",
-    "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration", "RescaleSlope", "RescaleIntercept",
-    "RescaleType", "ModalityLUTSequence", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
-    "ImagerPixelSpacing", "SliceThickness", "SpacingBetweenSlices", "GridFrameOffsetVector", "Modality",
-    "PatientID", "SeriesInstanceUID", "SOPInstanceUID", "PerFrameFunctionalGroupsSequence",
-    "SharedFunctionalGroupsSequence",
-)
 
 
 @dataclass(frozen=True)
@@ -72,16 +61,15 @@ class DicomCase:
     removed_tags: tuple[str, ...]
 
 
-def _parse_header(ds: pydicom.Dataset, keywords: tuple[str, ...] | None = HEADER_KEYWORDS) -> None:
-    """Parse the elements named by ``keywords`` (None: every element but the pixel data, which stays on disk
-    until its file is decoded), and everything inside the sequences among them."""
-    for tag in ds.keys() if keywords is None else (k for k in keywords if k in ds):
+def _parse_header(ds: pydicom.Dataset) -> None:
+    """Parse every element but the pixel data (left on disk until its file is decoded), recursing into sequences."""
+    for tag in ds.keys():
         if tag in PIXEL_TAGS:
             continue
         element = ds[tag]
         if element.VR == "SQ":
             for item in element.value:
-                _parse_header(item, None)
+                _parse_header(item)
 
 
 def read_file(path: Path) -> pydicom.Dataset:
@@ -89,7 +77,7 @@ def read_file(path: Path) -> pydicom.Dataset:
     is read from the file when decoded (:func:`_pixels`), so a series' headers cost little memory."""
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
-        _parse_header(ds)  # the elements medflow reads, now, so that a corrupt one is reported here, naming the file
+        _parse_header(ds)  # every element now, so that a corrupt one is reported here, naming the file
     except InvalidDicomError as exc:
         raise IngestError(f"{path}: not a DICOM file") from exc
     except Exception as exc:  # pydicom raises many types for corrupt headers (BytesLengthException is a RuntimeError)
@@ -301,11 +289,8 @@ def read_dicom_case(path: Path) -> DicomCase:
     first = datasets[0][1]
     try:
         array, affine = _volume(datasets, path)
-    except IngestError:
-        raise
-    except Exception as exc:  # noqa: BLE001 (pydicom's and numpy's many types)
-        # pixel data that does not fit Rows x Columns x frames, geometry values of the wrong kind, an element
-        # pydicom's decoding reads that HEADER_KEYWORDS does not name and that cannot be parsed, ...
+    except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+        # pixel data that does not fit Rows x Columns x frames, geometry values of the wrong kind, ...
         raise IngestError(f"{path}: inconsistent DICOM header ({type(exc).__name__}: {exc})") from exc
     removed = sorted({k for _, ds in datasets for k in PHI_KEYWORDS if k in ds})
     return DicomCase(
