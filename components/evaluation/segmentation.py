@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 from monai.metrics import compute_dice
 from monai.metrics.utils import get_edge_surface_distance, get_mask_edges, get_surface_distance
-from monai.networks.utils import one_hot
 from scipy import ndimage
 
 from components.errors import EvaluationError
@@ -54,13 +53,13 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing: Sequence[float
         spacing: voxel size in mm per axis.
         num_classes: label values are 0 (background) .. num_classes - 1.
     """
-    p, t = _one_hot(pred, num_classes), _one_hot(truth, num_classes)
-    dice = compute_dice(p, t, include_background=False, ignore_empty=True)[0]
+    dice = _dice(pred, truth, num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an empty class gives inf/nan, reported as None below
         # MONAI 1.6 passes its own deprecated get_mask_edges argument from get_edge_surface_distance
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        hd = [hd95(p[0, c], t[0, c], spacing=spacing, class_index=c) for c in range(1, num_classes)]
+        hd = [hd95(torch.as_tensor(pred == c), torch.as_tensor(truth == c), spacing=spacing, class_index=c)
+              for c in range(1, num_classes)]
     finite = lambda v: [float(x) for x in v if math.isfinite(float(x))]  # noqa: E731
     dices, hds = finite(dice), finite(hd)
     return {"dice": float(np.mean(dices)) if dices else None, "hd95": float(np.mean(hds)) if hds else None}
@@ -69,14 +68,16 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing: Sequence[float
 def case_dice(pred: np.ndarray, truth: np.ndarray, *, num_classes: int) -> float | None:
     """Dice of one case alone, as ``case_metrics`` gives it: without HD95, whose surface distances cost
     minutes on a full-size CT, for callers that only rank cases (the report's overlays)."""
-    dice = compute_dice(_one_hot(pred, num_classes), _one_hot(truth, num_classes),
-                        include_background=False, ignore_empty=True)[0]
+    dice = _dice(pred, truth, num_classes)
     known = [float(x) for x in dice if math.isfinite(float(x))]
     return float(np.mean(known)) if known else None
 
 
-def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    return one_hot(torch.as_tensor(labels, dtype=torch.long)[None, None], num_classes=num_classes)
+def _dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Each foreground class's Dice (MONAI's, nan where the truth lacks the class), from the label maps as they
+    are: no int64 or one-hot copies, which on a full-size CT were 1.9 GB."""
+    return compute_dice(torch.as_tensor(pred)[None, None], torch.as_tensor(truth)[None, None],
+                        include_background=False, ignore_empty=True, num_classes=num_classes)[0]
 
 
 def hd95(pred: torch.Tensor, truth: torch.Tensor, *, spacing: Sequence[float], class_index: int) -> float:

@@ -58,10 +58,10 @@ def _overlays(test: pd.DataFrame, *, root: Path, out_dir: Path, num_classes: int
         return []
     scored.sort(key=lambda s: (s[0], s[1]))
     picked = {0: scored[0], len(scored) // 2: scored[len(scored) // 2], len(scored) - 1: scored[-1]}
-    return [Overlay(case_id=case, image=np.asarray(nib.load(root / image).dataobj, dtype=np.float32),
-                    truth=np.asarray(nib.load(root / label).dataobj),
-                    prediction=np.asarray(nib.load(out_dir / f"masks/{case}_mask.nii.gz").dataobj),
-                    dice=None if np.isinf(dice) else float(dice))
+    return [Overlay.shown(case, np.asarray(nib.load(root / image).dataobj, dtype=np.float32),  # one case at a time
+                          np.asarray(nib.load(root / label).dataobj),
+                          np.asarray(nib.load(out_dir / f"masks/{case}_mask.nii.gz").dataobj),
+                          None if np.isinf(dice) else float(dice))
             for _, (dice, case, image, label) in sorted(picked.items())]
 
 

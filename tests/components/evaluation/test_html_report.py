@@ -106,3 +106,18 @@ def test_segmentation_page_has_group_dice_intervals_and_overlaid_cases():
     assert "Test cases" in page and "case-a" not in page.split("Test cases")[0]
     assert len(re.findall(r"src='data:image/png;base64,", page)) == 2  # the Dice forest and the overlays
     assert "Test cases" not in render_segmentation_html(report)
+
+
+def test_an_overlay_keeps_only_the_slice_the_page_draws():
+    from components.evaluation.html_report import Overlay  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    image, truth = rng.random((16, 12, 5)).astype(np.float32), np.zeros((16, 12, 5), dtype=np.uint8)
+    truth[2:6, 2:6, 1], truth[3:12, 3:9, 3] = 1, 1  # slice 3 has the most foreground
+    prediction = np.roll(truth, 1, axis=0)
+    shown = Overlay.shown("c", image, truth, prediction, 0.5)
+    np.testing.assert_array_equal(shown.image, image[..., 3])
+    np.testing.assert_array_equal(shown.prediction, prediction[..., 3])
+    assert all(a.base is None for a in (shown.image, shown.truth, shown.prediction))  # copies: the volume can go
+    flat = Overlay.shown("c", rng.random((8, 8, 3)), truth[..., 3][:8, :8], truth[..., 3][:8, :8], None)
+    assert flat.image.shape == (8, 8)  # a 2D image's first channel
