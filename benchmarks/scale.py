@@ -12,9 +12,8 @@ shared pages divided among their sharers) of its process and its children
 (DataLoader workers, conversion processes, dvc), sampled on a thread, or the
 step process's own peak resident memory (the kernel's VmHWM) where that is
 larger; the table gives it above that of a process that has only imported the
-steps. The slope
-of a step is the exponent b of time ~ N^b between the two largest sizes (1:
-linear).
+steps. The slope of a step is the exponent b of time ~ N^b between the two
+largest sizes (1: linear).
 
 Then, at the largest size and in one process, the training rows: a bare MONAI
 loop with the cache medflow chose and the same DataLoader workers, the same
