@@ -40,6 +40,8 @@ from monai.transforms import (
 )
 from sklearn.preprocessing import StandardScaler
 
+from components.errors import DataValidationError
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -109,10 +111,22 @@ def array_transform(spec: PreprocessSpec) -> Compose:
 def intensity_stats(paths: Iterable[str | Path]) -> tuple[float, float]:
     """Mean and standard deviation over all voxels of the NIfTI images at ``paths``, read one at a time, so a
     sample of 32 full-size CT volumes needs the memory of one (scikit-learn's incremental StandardScaler
-    merges each image's moments into the running ones)."""
+    merges each image's moments into the running ones).
+
+    Raises:
+        DataValidationError: an image with NaN or infinite voxels (scikit-learn would skip the NaNs and refuse
+            the infinities with a traceback), or no image at all.
+    """
     scaler = StandardScaler()
     for path in paths:
-        scaler.partial_fit(nib.load(path).get_fdata(dtype=np.float32).reshape(-1, 1))
+        image = nib.load(path).get_fdata(dtype=np.float32)
+        bad = image.size - int(np.count_nonzero(np.isfinite(image)))
+        if bad:
+            raise DataValidationError(f"{path}: {bad} NaN or infinite voxel(s); the validation step refuses such "
+                                      "images: validate the dataset (medflow validate) before training on it")
+        scaler.partial_fit(image.reshape(-1, 1))
+    if not hasattr(scaler, "mean_"):
+        raise DataValidationError("no training images to take the intensity mean and standard deviation from")
     return float(scaler.mean_[0]), float(np.sqrt(scaler.var_[0]) or 1.0)
 
 

@@ -73,3 +73,20 @@ def test_intensity_statistics_are_numpys_over_every_voxel_with_one_image_in_memo
     np.testing.assert_allclose([mean, std], expected, rtol=1e-9)
     # one image of a million voxels is 8 MB as float64: reading all six before the statistics held over 50 MB
     assert peak < 3 * 8 * 10**6, f"peak {peak / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_voxel_or_no_image_is_one_line_naming_the_file(tmp_path, value):
+    import nibabel as nib
+    import numpy as np
+
+    from components.errors import DataValidationError
+    from components.training.preprocess import intensity_stats
+
+    image = np.ones((8, 8, 4), dtype=np.float32)
+    image[1, 2, 3] = value
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "bad.nii")
+    with pytest.raises(DataValidationError, match=rf"^{tmp_path / 'bad.nii'}: 1 NaN or infinite voxel\(s\); .*medflow validate"):
+        intensity_stats([tmp_path / "bad.nii"])
+    with pytest.raises(DataValidationError, match="no training images"):
+        intensity_stats([])
