@@ -26,7 +26,7 @@ from components.evaluation.segmentation import (
     calibration_bins, case_dice, ece_from_bins, evaluate_segmentation, load_volume,
 )
 from components.inference.results import REPORT_DIR, ModelEvaluation
-from components.inference.predict import segment_file
+from components.inference.predict import segment_file, softmax
 from components.progress import track
 from components.training.preprocess import SegmentationSpec
 
@@ -42,8 +42,23 @@ def _sample_voxels(logits: np.ndarray, mask: np.ndarray, rng: np.random.Generato
     return flat[keep], labels[keep]
 
 
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return torch.softmax(torch.as_tensor(logits) / temperature, dim=0).numpy()
+def _segment_test_case(model: torch.nn.Module, spec: SegmentationSpec, image: Path, label: Path, *, case: str,
+                       temperature: float, out_dir: Path, binary: bool) -> tuple[dict, np.ndarray | int]:
+    """Segment one test case: write its mask (and, for a binary task, its calibrated foreground probability map);
+    its predictions row and its voxel calibration bins before scaling (0 when not binary).
+
+    A function of its own so that the case's volumes (the logits alone are 0.6 GB on a full-size CT) are freed
+    when it returns, not held by the caller's loop variables through the report."""
+    logits, affine = segment_file(model, spec, image)
+    row = {"case_id": case, "mask": f"masks/{case}_mask.nii.gz"}
+    # the logits' argmax is the calibrated probabilities' (T > 0), without their float rounding
+    nib.save(nib.Nifti1Image(logits.argmax(axis=0).astype(np.uint8), affine), out_dir / row["mask"])
+    if not binary:
+        return row, 0
+    bins = calibration_bins(softmax(logits)[1], np.asarray(nib.load(label).dataobj))
+    row["prob_map"] = f"masks/{case}_prob.nii.gz"
+    nib.save(nib.Nifti1Image(softmax(logits, temperature)[1], affine), out_dir / row["prob_map"])
+    return row, bins
 
 
 def _overlays(test: pd.DataFrame, *, root: Path, out_dir: Path, num_classes: int) -> list[Overlay]:
@@ -85,17 +100,10 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     rows, bins_before = [], 0
     for case, image, label in track(list(zip(test["case_id"], test["image"], test["label"])),
                                     description="Segmenting test"):
-        logits, affine = segment_file(model, spec, root / image)
-        prob = _softmax(logits, temperature)
-        mask_rel = f"masks/{case}_mask.nii.gz"
-        nib.save(nib.Nifti1Image(prob.argmax(axis=0).astype(np.uint8), affine), out_dir / mask_rel)
-        row = {"case_id": case, "mask": mask_rel}
-        if binary:
-            row["prob_map"] = f"masks/{case}_prob.nii.gz"
-            nib.save(nib.Nifti1Image(prob[1].astype(np.float32), affine), out_dir / row["prob_map"])
-            truth = np.asarray(nib.load(root / label).dataobj)
-            bins_before = bins_before + calibration_bins(_softmax(logits, 1.0)[1], truth)
+        row, bins = _segment_test_case(model, spec, root / image, root / label, case=case, temperature=temperature,
+                                       out_dir=out_dir, binary=binary)
         rows.append(row)
+        bins_before = bins_before + bins
     predictions = pd.DataFrame(rows)
     predictions_path = out_dir / "predictions.parquet"
     predictions.to_parquet(predictions_path, index=False)

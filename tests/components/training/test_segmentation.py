@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
+from torchmetrics.functional.classification import binary_calibration_error
 
 from components import paths
 from components.config import load_config
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
+from components.inference.evaluate import evaluate_run
 from components.inference.model import load_checkpoint
-from components.inference.predict import segment_arrays
+from components.inference.predict import segment_arrays, segment_tensor
 from components.training.loop import CHECKPOINT_DIR
 from components.training.models import SEGMENTERS, build_segmenter, segmenter_kwargs
 from components.training.losses import build_seg_loss
@@ -57,6 +62,34 @@ def test_training_logs_val_dice_that_an_independent_dice_of_the_checkpoint_repro
     expected = np.mean([d for d in dices if d is not None])
     assert result.best_metric == pytest.approx(expected, abs=1e-5)
     assert history[result.best_epoch - 1].value == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_evaluation_writes_the_logits_argmax_and_their_calibrated_softmax_and_scores_them_before_scaling(
+        workspace, seg_dataset):
+    config = load_config(overrides=[*SEG, "train.epochs=1", "train.patch_size=[16, 16, 8]"], environ={})
+    trained = train_segmenter(manifest_path=seg_dataset, data_version="v1", config=config)
+    out = workspace / "evaluation"
+    evaluation = evaluate_run(run_id=trained.run_id, manifest_path=seg_dataset, config=config, out_dir=out)
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=trained.run_id, artifact_path=CHECKPOINT_DIR,
+                                                      tracking_uri=paths.tracking_uri()))
+    model, spec, _ = load_checkpoint(folder)
+    manifest, root = load_manifest(seg_dataset).set_index("case_id"), seg_dataset.parent
+    predictions = pd.read_parquet(evaluation.predictions)
+    assert sorted(predictions["case_id"]) == sorted(manifest.index[manifest["split"] == "test"])
+    before, truths = [], []
+    for case, mask, prob_map in predictions[["case_id", "mask", "prob_map"]].itertuples(index=False):
+        image = nib.load(root / manifest.at[case, "image"]).get_fdata(dtype=np.float32)
+        logits = segment_tensor(model, spec, image).astype(np.float64)
+        np.testing.assert_array_equal(np.asarray(nib.load(out / mask).dataobj), logits.argmax(axis=0))
+        np.testing.assert_allclose(nib.load(out / prob_map).get_fdata(),
+                                   softmax(logits / evaluation.temperature, axis=0)[1], atol=1e-6)
+        before.append(softmax(logits, axis=0)[1].ravel())
+        truths.append(np.asarray(nib.load(root / manifest.at[case, "label"]).dataobj).ravel().astype(int))
+    expected = binary_calibration_error(torch.tensor(np.concatenate(before)), torch.tensor(np.concatenate(truths)),
+                                        n_bins=15).item()
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["temperature"] == evaluation.temperature
+    assert calibration["before"]["voxel_ece"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(SEGMENTERS))
