@@ -15,8 +15,8 @@ imports; best of ``--repeats`` alternating runs. The first ratio is the cost of 
 the subflow) against the loop; the second the speed-up of two concurrent arms against one.
 
 The arms are the demo's own (the issue's "5-fold study on the demo"). ``--small`` shrinks them (fewer and
-smaller images, three epochs, 100 resamples) for a quick look; the fan-out costs about the same per arm
-whatever the arm's size, so its share of a shrunken arm is larger.
+smaller images, three epochs, 100 resamples) for a quick look; the fan-out's share of a shrunken arm is
+larger (on 2026-12-02/03: 0.7 s of a 6 s arm, 1.6 s of a 20 s demo arm).
 
     .venv/bin/python benchmarks/study.py [--folds 5] [--repeats 2] [--small] [--set key=value ...] [--write]
 """
@@ -39,13 +39,13 @@ sys.path.insert(0, str(REPO))
 SECTION = "Studies: arms fanned out on Dask against a loop"
 NOTE = ("One arm at a time runs in the flow's own process and thread, so it pays no worker start and its torch "
         "uses both cores: what it adds to the loop is the Prefect task runs of each arm's train and evaluate steps "
-        "(their cache keys and persisted results) and the study's subflow. Two concurrent arms gain nothing on 2 "
-        "cores because one arm already keeps both busy (torch's intra-op threads; about 1.5x faster on two threads "
-        "than on one at this size), while each Dask worker first spends some 10 s importing torch, MONAI, MLflow, "
-        "Prefect and medflow's steps. The 1.7x target assumed arms of one core each: until 2026-12-02 one arm at a "
-        "time ran in a one-worker Dask cluster, whose worker thread ran torch about 1.7x slower than the main "
-        "thread, and two concurrent arms measured 1.80x against that. Concurrency pays where an arm cannot use the "
-        "whole machine: more cores than torch scales to, or a GPU per Dask worker.")
+        "(their cache keys and persisted results) and the study's subflow. On 2 cores two concurrent arms can gain "
+        "little: one arm already keeps both cores busy (torch's intra-op threads), and each Dask worker first spends "
+        "some 10 s importing torch, MONAI, MLflow, Prefect and medflow's steps. The 1.7x target assumed arms of one "
+        "core each: until 2026-12-02 one arm at a time ran in a one-worker Dask cluster, whose worker thread ran "
+        "torch about 1.7x slower than the main thread, and two concurrent arms measured 1.80x against that. "
+        "Concurrency pays where an arm cannot use the whole machine: more cores than torch scales to, or a GPU per "
+        "Dask worker.")
 SMALL = ["data.n_patients=200", "data.image_size=32", "train.epochs=3", "evaluate.n_bootstrap=100"]
 
 
