@@ -16,7 +16,7 @@ the subflow) against the loop; the second the speed-up of two concurrent arms ag
 
 The arms are the demo's own (the issue's "5-fold study on the demo"). ``--small`` shrinks them (fewer and
 smaller images, three epochs, 100 resamples) for a quick look; the fan-out's share of a shrunken arm is
-larger (on 2026-12-02/03: 0.7 s of a 6 s arm, 1.6 s of a 20 s demo arm).
+larger (BENCHMARKS.md has a run of each).
 
     .venv/bin/python benchmarks/study.py [--folds 5] [--repeats 2] [--small] [--set key=value ...] [--write]
 """
