@@ -19,11 +19,12 @@ import torch
 
 from components.config import RunConfig
 from components.data.ingest import load_manifest
+from components.errors import EvaluationError
 from components.evaluation.calibration import fit_temperature
 from components.evaluation.declarations import FAIRNESS, metrics_for
 from components.evaluation.html_report import Overlay, render_segmentation_html
 from components.evaluation.segmentation import (
-    calibration_bins, case_dice, ece_from_bins, evaluate_segmentation, load_volume,
+    BAD_VOLUME, calibration_bins, case_dice, ece_from_bins, evaluate_segmentation, load_volume,
 )
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.inference.predict import segment_file, softmax
@@ -33,6 +34,27 @@ from components.training.preprocess import SegmentationSpec
 VOXELS_PER_CASE = 20_000  # validation voxels per case the temperature is fitted on
 
 FAIRNESS_LOGGED = tuple(m.name for m in metrics_for("segmentation", kind=(FAIRNESS,)))  # test_<attribute>_<name> metrics
+
+
+def _check_cases(cases: pd.DataFrame, root: Path) -> None:
+    """Every case's image and true mask open as NIfTI (headers only) and have the same shape.
+
+    Raises:
+        EvaluationError: naming the first case and file that do not, before anything is segmented or written (a
+            mask of another shape would otherwise pair the wrong voxels in the temperature's sample).
+    """
+    for case, image, label in zip(cases["case_id"], cases["image"], cases["label"]):
+        shapes = {}
+        for what, path in (("image", root / image), ("true mask", root / label)):
+            try:
+                shapes[what] = nib.load(path).shape
+            except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+                raise EvaluationError(BAD_VOLUME.format(case=case, what=what, path=path,
+                                                        problem=f"cannot be read ({exc})")) from exc
+        if shapes["image"] != shapes["true mask"]:
+            raise EvaluationError(BAD_VOLUME.format(case=case, what="true mask", path=root / label,
+                                                    problem=f"has shape {shapes['true mask']}, its image "
+                                                            f"{shapes['image']}"))
 
 
 def _sample_voxels(logits: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +112,7 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
+    _check_cases(pd.concat([val, test]), root)
     rng = np.random.default_rng(config.evaluate.seed)
     sampled = [_sample_voxels(segment_file(model, spec, root / image)[0], np.asarray(nib.load(root / label).dataobj), rng)
                for image, label in track(list(zip(val["image"], val["label"])), description="Segmenting val")]

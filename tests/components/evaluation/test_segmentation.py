@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -10,8 +11,13 @@ import torch
 from scipy import ndimage
 from torchmetrics.functional.classification import binary_calibration_error
 
+from components.config import load_config
+from components.data.ingest import load_manifest
 from components.errors import EvaluationError
 from components.evaluation.segmentation import case_dice, case_metrics, evaluate_segmentation
+from components.inference.segmentation import evaluate_segmentation_run
+from components.training.models import build_segmenter, segmenter_kwargs
+from components.training.preprocess import SegmentationSpec
 
 SPACING = (1.0, 0.8, 2.0)
 
@@ -257,3 +263,45 @@ def test_calibration_bins_are_the_same_taken_a_slab_at_a_time():
     assert whole[0, 15] == 1  # the 1.0
     for chunk in (1, 30, 61):  # a slab of one row, exactly one row of 30 voxels, two rows
         np.testing.assert_allclose(calibration_bins(prob, truth, chunk=chunk), whole, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("split", "damage"), [("val", "missing"), ("test", "missing"), ("val", "shape"),
+                                               ("test", "shape"), ("test", "image")])
+def test_a_val_or_test_case_with_a_bad_file_is_named_before_anything_is_segmented(tmp_path, seg2d_dataset, split,
+                                                                                    damage):
+    root = tmp_path / "data"
+    shutil.copytree(seg2d_dataset.parent, root)
+    manifest = load_manifest(root / seg2d_dataset.name)
+    case, image, label = manifest.loc[manifest["split"] == split, ["case_id", "image", "label"]].iloc[-1]
+    if damage == "missing":
+        (root / label).unlink()
+        expected = f"{case}: true mask {root / label} cannot be read"
+    elif damage == "image":
+        (root / image).write_bytes(b"not a NIfTI file")
+        expected = f"{case}: image {root / image} cannot be read"
+    else:
+        nib.save(nib.Nifti1Image(np.zeros((16, 16), np.uint8), np.eye(4)), root / label)
+        expected = f"{case}: true mask {root / label} has shape (16, 16), its image (32, 32)"
+    config = load_config(overrides=["data.task=segmentation", "train.model=unet", "train.model_kwargs={}",
+                                    "train.loss=dice_ce", "evaluate.n_bootstrap=0"], environ={})
+    model = build_segmenter("unet", spatial_dims=2, in_channels=1, num_classes=2, patch_size=(32, 32),
+                            kwargs=segmenter_kwargs("unet", patch_size=(32, 32)))
+    segmented = []
+    with pytest.raises(EvaluationError) as info:
+        evaluate_segmentation_run(model=_Spy(model, segmented), spec=SegmentationSpec((32, 32), 0.0, 1.0),
+                                  run_id="never-logged", manifest_path=root / seg2d_dataset.name, config=config,
+                                  out_dir=tmp_path / "out")
+    assert str(info.value).startswith(expected)
+    assert segmented == [] and not (tmp_path / "out").exists()
+
+
+class _Spy(torch.nn.Module):
+    """The network, counting the patches it is asked to segment."""
+
+    def __init__(self, model: torch.nn.Module, calls: list) -> None:
+        super().__init__()
+        self.model, self.calls = model, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(x.shape))
+        return self.model(x)
