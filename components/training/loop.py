@@ -255,6 +255,36 @@ def dataset_input(manifest_path: Path, config: RunConfig, data_version: str):
                                            digest=data_version, targets="label")
 
 
+@contextlib.contextmanager
+def discarded_interrupts():
+    """Yields a function that re-raises the Ctrl-C or SIGTERM Python discarded in the meantime.
+
+    A signal's handler runs between the main thread's bytecodes, wherever they are. When they are a destructor's
+    that the garbage collector runs (a dulwich object store's, in a Prefect flow run), the KeyboardInterrupt or
+    Prefect's TerminationSignal it raises goes to ``sys.unraisablehook`` and is dropped: the training went on, the
+    runner killed the process after its grace period, and the MLflow run stayed RUNNING. Neither Python nor
+    Prefect keeps such a signal for later, so this hook does, and the loop re-raises it at its next batch.
+    """
+    kept: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def keep(unraisable) -> None:
+        if isinstance(unraisable.exc_value, BaseException) and not isinstance(unraisable.exc_value, Exception):
+            kept.append(unraisable.exc_value)  # an interrupt, not an error: raised again, not reported
+        else:
+            previous(unraisable)
+
+    def reraise() -> None:
+        if kept:
+            raise kept.pop(0)
+
+    sys.unraisablehook = keep
+    try:
+        yield reraise
+    finally:
+        sys.unraisablehook = previous
+
+
 def interrupted(saved_epoch: int, *, resumable: bool, lead: bool) -> Interrupted:
     """The interruption of a training whose checkpoint holds ``saved_epoch``: the MLflow run ends KILLED
     (not FAILED: nothing went wrong) and the message says what the next ``medflow run`` does."""
@@ -354,14 +384,17 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
         try:
             columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                        TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
-            with Progress(*columns, transient=True, disable=not lead or not interactive()) as progress:
+            with Progress(*columns, transient=True, disable=not lead or not interactive()) as progress, \
+                    discarded_interrupts() as reraise:
                 task = progress.add_task("train", total=epochs, completed=first_epoch - 1, status="")
                 for epoch in range(first_epoch, epochs + 1):
+                    reraise()
                     if sampler is not None:
                         sampler.set_epoch(epoch)
                     model.train()
                     total, seen = 0.0, 0
                     for batch in loader if trainable else ():
+                        reraise()
                         images = batch["image"].to(device, non_blocking=True)
                         labels = batch["label"].to(device, non_blocking=True)
                         optimizer.zero_grad(set_to_none=True)
@@ -384,6 +417,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                     if trainable:
                         scheduler.step()
                     scores = recipe.validate(network)
+                    reraise()  # before this epoch's metrics and checkpoint, as an interrupt in validation would
                     value = scores.get(recipe.metric)
                     metrics = {**({"train_loss": total / seen, "lr": lr} if seen else {}), **scores}
                     sign = 1.0 if recipe.higher_is_better else -1.0

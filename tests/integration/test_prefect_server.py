@@ -242,17 +242,21 @@ def test_a_run_cancelled_mid_training_registers_nothing_and_the_next_run_is_clea
     async def training(client):
         return [t for t in await client.read_task_runs() if t.name.startswith("train") and t.state and t.state.is_running()]
 
+    tracking = MlflowClient(f"sqlite:///{workspace / '.medflow' / 'mlflow.db'}")
+
+    def training_run() -> list:  # the training's MLflow run, open: the cancellation lands while it is
+        experiment = tracking.get_experiment_by_name("medflow-demo")
+        return experiment and tracking.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+
     deadline = time.monotonic() + 180
-    while not _client_call(env, training) and time.monotonic() < deadline:
+    while not (_client_call(env, training) and training_run()) and time.monotonic() < deadline:
         time.sleep(1)
-    assert _client_call(env, training), "training never started"
+    assert _client_call(env, training) and training_run(), "training never started"
     _client_call(env, lambda c: c.set_flow_run_state(flow_run.id, Cancelling(), force=True))
     finished = _wait(env, flow_run.id)
     assert finished.state.type.value == "CANCELLED"
     assert _registered_versions(workspace) == before  # nothing half-registered
-    tracking = MlflowClient(f"sqlite:///{workspace / '.medflow' / 'mlflow.db'}")
-    experiment = tracking.get_experiment_by_name("medflow-demo")
-    assert not tracking.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    assert not training_run()
 
     later = _start(env, "medflow-retrain-workspace/weekly", {"overrides": ["train.epochs=2"]})
     assert _wait(env, later.id).state.type.value == "COMPLETED"

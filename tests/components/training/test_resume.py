@@ -64,6 +64,34 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_into_the_same_mlflow_run(
     assert not saved.exists()  # finished: the next run starts afresh
 
 
+class _RaisesWhenCollected:
+    def __del__(self):
+        raise KeyboardInterrupt  # as a signal's handler does when the signal lands in a destructor
+
+
+def test_an_interrupt_that_python_discards_in_a_destructor_still_stops_the_training_killed(workspace, small_dataset,
+                                                                                           monkeypatch):
+    import components.training.loop as loop  # noqa: PLC0415
+
+    config = load_config(overrides=[*TINY, "train.epochs=12"], environ={})
+    saved = checkpoint_path(training_key(config, "v1"))
+    real = loop.save_checkpoint
+
+    def save_then_collect(path, state):
+        real(path, state)
+        if state.epoch == 2:
+            _RaisesWhenCollected()  # made and collected at once: Python drops what its __del__ raises
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_collect)
+    with pytest.raises(Interrupted) as stopped:
+        train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    kept = load_checkpoint(saved)
+    assert kept is not None and kept.epoch == 2
+    assert str(stopped.value) == ("interrupted after epoch 2, which is checkpointed; `medflow run` resumes from "
+                                  "there")
+    assert MlflowClient(paths.tracking_uri()).get_run(kept.run_id).info.status == "KILLED"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_ends_the_mlflow_run_killed_and_keeps_the_checkpoint_to_resume_from(workspace, small_dataset,
                                                                                         signum):
