@@ -15,7 +15,10 @@ larger; the table gives it above that of a process that has only imported the
 steps. The slope of a step is the exponent b of time ~ N^b between the two
 largest sizes (1: linear).
 
-Then, at the largest size and in one process, the training rows: a bare MONAI
+Each export's images are deleted once ingested (the disk holds one size at a time; 100,000 images need about
+56 GB for the dataset, DVC's cache and remote, and the training cache).
+
+Then, at the largest size (or ``--loops-at``) and in one process, the training rows: a bare MONAI
 loop with the cache medflow chose and the same DataLoader workers, the same
 bare loop with no workers, and medflow's ``train_classifier``, each
 ``--epochs`` epochs from a cold cache, best of ``--repeat``.
@@ -31,7 +34,7 @@ demo's config: ingest (reading each series file by file into its volume), versio
 validate, train (one epoch of patches), evaluate (sliding window over whole
 volumes), register and promote, with their times, peaks and slopes.
 
-    .venv/bin/python benchmarks/scale.py [--write] [--sizes 1000 10000 100000] [--runs 400 4000]
+    .venv/bin/python benchmarks/scale.py [--write] [--sizes 1000 10000 100000] [--loops-at 10000] [--runs 400 4000]
                                          [--volumes 6 10] [--volume-shape 512 512 300]
 """
 
@@ -162,8 +165,10 @@ def _in_fresh_process(function, *args):
         return pool.submit(function, *args).result()
 
 
-def run_steps(workspace: Path, overrides: list[str], config_path: Path | None = None) -> dict[str, tuple[float, int]]:
-    """Seconds and peak bytes of each step, each in a fresh process, the outputs passed along."""
+def run_steps(workspace: Path, overrides: list[str], config_path: Path | None = None, *,
+              after_ingest=None) -> dict[str, tuple[float, int]]:
+    """Seconds and peak bytes of each step, each in a fresh process, the outputs passed along; ``after_ingest``
+    (untimed) runs between ingest and the next step."""
     chain = {"ingest": lambda o: (), "version": lambda o: (o["ingest"],), "validate": lambda o: (o["version"],),
              "train": lambda o: (o["version"], o["validate"]), "evaluate": lambda o: (o["train"].run_id, o["version"]),
              "register": lambda o: (o["evaluate"], o["version"]),
@@ -174,6 +179,8 @@ def run_steps(workspace: Path, overrides: list[str], config_path: Path | None = 
                                                str(config_path) if config_path else None)
         outputs[name], figures[name] = out, (seconds, peak)
         print(f"  {name}: {seconds:.1f} s, peak {peak / GB:.2f} GB", flush=True)
+        if name == "ingest" and after_ingest is not None:
+            after_ingest()
     return figures
 
 
@@ -270,6 +277,14 @@ def run_volumes(root: Path, counts: list[int], shape: tuple[int, int, int], trai
     return figures
 
 
+def _drop_images(export) -> None:
+    """Delete the export's images once ingested (its labels file stays): the workspace holds the dataset, and at
+    100,000 images of 256x256 the export is another 13 GB of disk."""
+    for path in export.folder.rglob("*"):
+        if path.is_file() and path != export.labels_csv:
+            path.unlink()
+
+
 def slope(sizes: list[int], values: list[float]) -> float:
     """The exponent b of value ~ size^b between the two largest sizes."""
     (n1, v1), (n2, v2) = list(zip(sizes, values))[-2:]
@@ -286,6 +301,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="train.num_workers")
     parser.add_argument("--cache-max-gb", type=float, default=0.25)
     parser.add_argument("--repeat", type=int, default=1, help="training rows: best of this many")
+    parser.add_argument("--loops-at", type=int, default=0,
+                        help="the size (one of --sizes) of the training rows; default the largest")
     parser.add_argument("--volumes", type=int, nargs="*", default=[], help="CT series per dataset (none: no volume rows)")
     parser.add_argument("--volume-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("ROWS", "COLS", "SLICES"))
     parser.add_argument("--volume-cache-gb", type=float, default=4.0,
@@ -334,6 +351,9 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
     from components.data.synthetic import generate_export
 
     sizes = sorted(args.sizes)
+    loops_at = args.loops_at or sizes[-1]
+    if loops_at not in sizes:
+        raise SystemExit(f"--loops-at {loops_at}: not one of --sizes {' '.join(map(str, sizes))}")
     train_overrides = [*train_overrides, f"data.image_size={args.image}"]
     steps, images, training = {}, {}, {}
     for size in sizes:
@@ -346,8 +366,8 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
         overrides = ["data.format=dicom", f"data.source={export.folder}", f"data.labels={export.labels_csv}",
                      "data.name=scale", *train_overrides]
         (folder / "ws").mkdir()
-        steps[size] = run_steps(folder / "ws", overrides)
-        if size == sizes[-1]:
+        steps[size] = run_steps(folder / "ws", overrides, after_ingest=lambda: _drop_images(export))
+        if size == loops_at:
             manifest = next((folder / "ws" / "data").glob("*/manifest.parquet"))
             training = _in_fresh_process(_child_training, str(manifest), overrides, str(folder / "ws"), args.repeat)
         shutil.rmtree(folder)  # the disk holds one size at a time
@@ -360,7 +380,7 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
 
     table = step_table([images[s] for s in sizes], [steps[s] for s in sizes], imports, "")
     train_table = "\n".join([
-        f"| loop ({images[sizes[-1]]:,} images, cache {training['cache']}) | samples/s | medflow / this |",
+        f"| loop ({images[loops_at]:,} images, cache {training['cache']}) | samples/s | medflow / this |",
         "|---|---:|---:|",
         f"| bare MONAI loop, {args.workers} workers | {training['bare']:.1f} | {training['medflow'] / training['bare']:.3f} |",
         f"| bare MONAI loop, no workers | {training['bare, no workers']:.1f} "
