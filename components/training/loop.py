@@ -269,7 +269,8 @@ def discarded_interrupts():
     previous = sys.unraisablehook
 
     def keep(unraisable) -> None:
-        if isinstance(unraisable.exc_value, BaseException) and not isinstance(unraisable.exc_value, Exception):
+        if isinstance(unraisable.exc_value, BaseException) and not isinstance(unraisable.exc_value,
+                                                                              (Exception, GeneratorExit)):
             kept.append(unraisable.exc_value)  # an interrupt, not an error: raised again, not reported
         else:
             previous(unraisable)
