@@ -286,7 +286,9 @@ def _drop_images(export) -> None:
 
 
 def slope(sizes: list[int], values: list[float]) -> float:
-    """The exponent b of value ~ size^b between the two largest sizes."""
+    """The exponent b of value ~ size^b between the two largest sizes (NaN with one size)."""
+    if len(sizes) < 2:
+        return float("nan")
     (n1, v1), (n2, v2) = list(zip(sizes, values))[-2:]
     return math.log(v2 / v1) / math.log(n2 / n1) if v1 > 0 and v2 > 0 else float("nan")
 
@@ -301,8 +303,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="train.num_workers")
     parser.add_argument("--cache-max-gb", type=float, default=0.25)
     parser.add_argument("--repeat", type=int, default=1, help="training rows: best of this many")
-    parser.add_argument("--loops-at", type=int, default=0,
-                        help="the size (one of --sizes) of the training rows; default the largest")
+    parser.add_argument("--loops-at", type=int, default=None,
+                        help="the size (one of --sizes) of the training rows; default the largest, 0 none")
     parser.add_argument("--volumes", type=int, nargs="*", default=[], help="CT series per dataset (none: no volume rows)")
     parser.add_argument("--volume-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("ROWS", "COLS", "SLICES"))
     parser.add_argument("--volume-cache-gb", type=float, default=4.0,
@@ -351,8 +353,8 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
     from components.data.synthetic import generate_export
 
     sizes = sorted(args.sizes)
-    loops_at = args.loops_at or sizes[-1]
-    if loops_at not in sizes:
+    loops_at = sizes[-1] if args.loops_at is None else args.loops_at
+    if loops_at and loops_at not in sizes:
         raise SystemExit(f"--loops-at {loops_at}: not one of --sizes {' '.join(map(str, sizes))}")
     train_overrides = [*train_overrides, f"data.image_size={args.image}"]
     steps, images, training = {}, {}, {}
@@ -386,14 +388,14 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
         f"| bare MONAI loop, no workers | {training['bare, no workers']:.1f} "
         f"| {training['medflow'] / training['bare, no workers']:.3f} |",
         f"| medflow `train_classifier`, {args.workers} workers | {training['medflow']:.1f} | 1.000 |",
-    ])
+    ]) if training else "(no training loop rows: `--loops-at 0`)"
     run_table = "\n".join([
         "| `medflow run` | wall time (s) | peak memory, process tree (PSS, GB) |", "|---|---:|---:|",
         *[f"| {size:,} images | {seconds:.0f} | {peak / GB:.2f} |" for size, (seconds, peak) in whole.items()],
     ])
     verdicts = [f"medflow's training at {training['medflow'] / training['bare']:.3f} of the bare loop's samples/s "
                 f"with the same workers and cache (target 0.98): "
-                f"{'met' if training['medflow'] >= 0.98 * training['bare'] else 'not met'}"]
+                f"{'met' if training['medflow'] >= 0.98 * training['bare'] else 'not met'}"] if training else []
     if len(whole) > 1:
         (small, (_, low)), (large, (_, high)) = min(whole.items()), max(whole.items())
         verdicts.append(f"`medflow run` on {large:,} images peaks {(high - low) / GB:+.2f} GB against {small:,} "
