@@ -69,6 +69,39 @@ class _RaisesWhenCollected:
         raise KeyboardInterrupt  # as a signal's handler does when the signal lands in a destructor
 
 
+class _RaisesInDestructor:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __del__(self):
+        raise self.exc
+
+
+@pytest.mark.parametrize(("raised", "kept"), [
+    (KeyboardInterrupt(), True),   # Ctrl-C landing in a destructor: kept, raised again at the next batch
+    (SystemExit(143), True),       # as Prefect's TerminationSignal (a SystemExit) is
+    (GeneratorExit(), False),      # a generator closed while collected: not an interrupt
+    (ValueError("a bug"), False),  # an error in a destructor: reported as Python reports it, not raised
+])
+def test_the_hook_keeps_only_interrupts_and_hands_the_rest_to_the_previous_hook(monkeypatch, raised, kept):
+    from components.training.loop import discarded_interrupts  # noqa: PLC0415
+
+    reported = []
+
+    def previous(unraisable):
+        reported.append(unraisable.exc_value)
+
+    monkeypatch.setattr(sys, "unraisablehook", previous)
+    with discarded_interrupts() as reraise:
+        _RaisesInDestructor(raised)  # made and collected at once
+        if kept:
+            with pytest.raises(type(raised)):
+                reraise()
+        reraise()  # kept once: nothing left to raise
+    assert reported == ([] if kept else [raised])
+    assert sys.unraisablehook is previous  # put back on leaving
+
+
 def test_an_interrupt_that_python_discards_in_a_destructor_still_stops_the_training_killed(workspace, small_dataset,
                                                                                            monkeypatch):
     import components.training.loop as loop  # noqa: PLC0415
