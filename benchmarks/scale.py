@@ -392,7 +392,7 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
     run_table = "\n".join([
         "| `medflow run` | wall time (s) | peak memory, process tree (PSS, GB) |", "|---|---:|---:|",
         *[f"| {size:,} images | {seconds:.0f} | {peak / GB:.2f} |" for size, (seconds, peak) in whole.items()],
-    ])
+    ]) if whole else "(no whole-run rows: `--runs` names no size)"
     verdicts = [f"medflow's training at {training['medflow'] / training['bare']:.3f} of the bare loop's samples/s "
                 f"with the same workers and cache (target 0.98): "
                 f"{'met' if training['medflow'] >= 0.98 * training['bare'] else 'not met'}"] if training else []
@@ -400,7 +400,8 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
         (small, (_, low)), (large, (_, high)) = min(whole.items()), max(whole.items())
         verdicts.append(f"`medflow run` on {large:,} images peaks {(high - low) / GB:+.2f} GB against {small:,} "
                         f"(target: within 0.5 GB): {'met' if abs(high - low) <= 0.5 * GB else 'not met'}")
-    print(table, train_table, run_table, "; ".join(verdicts), sep="\n\n")
+    verdict = "; ".join(verdicts) + "." if verdicts else ""
+    print(table, train_table, run_table, verdict, sep="\n\n")
     return (
         f"`{command}` on {date.today().isoformat()}, {setting}; synthetic DICOM exports of {args.image}x"
         f"{args.image} images (two per patient on average), the demo network, {args.epochs} epoch(s), "
@@ -409,7 +410,7 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
         f"own peak resident memory (VmHWM) where larger, above "
         f"{imports / GB:.2f} GB (a process that has only imported the steps). Slope: b in time ~ cases^b "
         f"between the two largest sizes.\n\n{table}\n\n{train_table}\n\n{run_table}\n\n"
-        + "; ".join(verdicts) + ".\n\n" + NOT_MEASURED + "\n"
+        + (verdict + "\n\n" if verdict else "") + NOT_MEASURED + "\n"
     )
 
 
