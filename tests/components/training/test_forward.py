@@ -1,0 +1,65 @@
+"""The batch loop every stage predicts with hands the C heap's free pages back after each batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from components.training import forward
+
+
+def test_predict_batches_trims_the_heap_after_every_batch_and_predicts_as_the_model_does(monkeypatch):
+    trims = []
+    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    images = torch.randn(10, 4)
+    loader = [{"image": images[i:i + 4]} for i in range(0, 10, 4)]  # batches of 4, 4 and 2
+    logits, labels = forward.predict_batches(model, loader, torch.device("cpu"))
+    assert trims == [0, 0, 0]
+    assert labels is None
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(images).numpy(), rtol=1e-6)
+
+
+def test_without_malloc_trim_in_the_c_library_release_does_nothing(monkeypatch):
+    monkeypatch.setattr(forward.ctypes, "CDLL", lambda name: types.SimpleNamespace())  # macOS, musl: no malloc_trim
+    assert forward._malloc_trim() is None
+    monkeypatch.setattr(forward, "MALLOC_TRIM", None)
+    forward.release_free_memory()
+
+
+FRAGMENTED_HEAP = """
+import ctypes
+from components.training.forward import release_free_memory
+
+def resident():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(64 * 1024) for _ in range(2000)]  # 125 MiB below the mmap threshold: on the heap
+for block in blocks:
+    ctypes.memset(block, 1, 64 * 1024)
+pin = libc.malloc(96 * 1024)  # from the heap's top, above them: freeing them cannot shrink the heap from its top
+for block in blocks:
+    libc.free(block)
+before = resident()
+release_free_memory()
+print(before - resident())
+"""
+
+
+@pytest.mark.skipif(forward.MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
+def test_release_free_memory_hands_freed_heap_pages_back_to_the_system():
+    # a fresh process, so that no other test's heap is in the figures
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, check=True)
+    released = int(out.stdout.split()[-1])
+    assert released > 100 * 2**20, f"only {released / 2**20:.0f} MiB of 125 MiB freed went back to the system"
