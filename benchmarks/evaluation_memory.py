@@ -1,0 +1,137 @@
+"""Benchmark: the evaluation step's peak memory against the batches it runs, with and without trimming the C heap.
+
+One synthetic DICOM export of ``--images`` images at ``--image`` pixels goes through ingest, version, validate and
+one training epoch (each a plain call in a fresh process, as in ``scale.py``). Its trained run is then evaluated
+(``evaluate_run``: val and test predictions, the bootstrap, the shortcut audit's features, report.json and
+report.html) on the manifest replicated ``--factors`` times: each copy's cases and patients renamed, its images the
+same files, so the batches and the per-case tables grow with the factor while the export and the model stay the
+same. Each evaluation runs in a fresh process, once as medflow runs it (glibc's free heap pages handed back after
+every batch, ``components.training.forward.release_free_memory``) and once without (the baseline, glibc's
+default). Peak: the process's peak resident memory (VmHWM, reset before the evaluation) above its memory when the
+evaluation starts.
+
+    .venv/bin/python benchmarks/evaluation_memory.py [--write] [--images 1000] [--image 256] [--factors 1 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from report import write_section
+from scale import _child_step, _in_fresh_process
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SECTION = "Evaluation memory against batches"
+MIB = 2**20
+
+
+def _resident(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def _child_evaluate(run_id: str, manifest: str, factor: int, trim: bool, overrides: list[str], workspace: str
+                    ) -> tuple[float, int]:
+    """Seconds and peak bytes (above the start) of one evaluation on the manifest replicated ``factor`` times."""
+    import gc  # noqa: PLC0415
+
+    from flows.cli import quiet_libraries  # noqa: PLC0415
+
+    quiet_libraries()
+    import pandas as pd  # noqa: PLC0415
+
+    from components.config import load_config  # noqa: PLC0415
+    from components.inference.evaluate import evaluate_run  # noqa: PLC0415
+    from components.training import forward  # noqa: PLC0415
+
+    os.chdir(workspace)
+    if not trim:
+        forward.MALLOC_TRIM = None
+    config = load_config(None, overrides=overrides, environ={})
+    source = pd.read_parquet(manifest)
+    copies = [source.assign(case_id=source["case_id"] + f"-{i}", patient_id=source["patient_id"] + f"-{i}")
+              for i in range(factor)]
+    path = Path(manifest).with_name(f"manifest-x{factor}.parquet")
+    pd.concat(copies, ignore_index=True).to_parquet(path, index=False)
+    del source, copies
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the present resident memory
+    start_memory, start = _resident("VmRSS"), time.perf_counter()
+    evaluate_run(run_id=run_id, manifest_path=path, config=config, out_dir=Path(workspace) / f"eval-x{factor}-{trim}")
+    return time.perf_counter() - start, _resident("VmHWM") - start_memory
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--images", type=int, default=1000, help="images of the export")
+    parser.add_argument("--image", type=int, default=256, help="rows and columns of each image")
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4], help="copies of the manifest evaluated")
+    args = parser.parse_args()
+    if not Path("/proc/self/clear_refs").exists():
+        raise SystemExit("this benchmark reads peak memory from /proc (Linux only)")
+    for key in [k for k in os.environ if k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MEDFLOW"))]:
+        del os.environ[key]
+    from components.data.synthetic import generate_export
+
+    root = Path(tempfile.mkdtemp(prefix="medflow-bench-evalmem-"))
+    try:
+        export = generate_export(root / "export", n_patients=args.images // 2, image_size=args.image, seed=1)
+        overrides = ["data.format=dicom", f"data.source={export.folder}", f"data.labels={export.labels_csv}",
+                     "data.name=evalmem", "train.epochs=1", "train.num_workers=0", f"data.image_size={args.image}"]
+        workspace = root / "ws"
+        workspace.mkdir()
+        chain = {"ingest": lambda o: (), "version": lambda o: (o["ingest"],), "validate": lambda o: (o["version"],),
+                 "train": lambda o: (o["version"], o["validate"])}
+        outputs: dict = {}
+        for name, inputs in chain.items():
+            outputs[name] = _in_fresh_process(_child_step, name, inputs(outputs), overrides, str(workspace))[0]
+            print(f"  {name}: done", flush=True)
+        run_id, manifest = outputs["train"].run_id, str(outputs["version"].manifest)
+        figures = {}
+        for factor in sorted(args.factors):
+            for trim in (False, True):
+                figures[factor, trim] = _in_fresh_process(_child_evaluate, run_id, manifest, factor, trim, overrides,
+                                                          str(workspace))
+                seconds, peak = figures[factor, trim]
+                print(f"  x{factor}, {'trim' if trim else 'no trim'}: {seconds:.1f} s, peak {peak / MIB:.0f} MiB",
+                      flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    n = export.n_images
+    rows = [f"| {n * f:,} images ({f}x) | {figures[f, False][0]:.1f} | {figures[f, True][0]:.1f} "
+            f"| {figures[f, True][0] / figures[f, False][0]:.3f} | {figures[f, False][1] / MIB:.0f} "
+            f"| {figures[f, True][1] / MIB:.0f} |" for f in sorted(args.factors)]
+    table = "\n".join(["| evaluated | s, glibc default | s, trimmed | time ratio | peak MiB, glibc default "
+                       "| peak MiB, trimmed |", "|---|---:|---:|---:|---:|---:|", *rows])
+    low, high = min(args.factors), max(args.factors)
+    change = {trim: (figures[high, trim][1] - figures[low, trim][1]) / MIB for trim in (False, True)}
+    summary = (f"Peak from {low}x to {high}x ({(high - low) * n:,} more images): {change[False]:+.0f} MiB with glibc's "
+               f"default, {change[True]:+.0f} MiB trimmed; trimming lowers it by "
+               f"{min(figures[f, False][1] - figures[f, True][1] for f in args.factors) / MIB:.0f} MiB or more.")
+    print(table, summary, sep="\n\n")
+    if args.write:
+        command = " ".join(["python benchmarks/evaluation_memory.py", *(a for a in sys.argv[1:] if a != "--write")])
+        write_section(SECTION, (
+            f"`{command}` on {date.today().isoformat()}, {os.cpu_count()} CPU cores, {platform.machine()}, Python "
+            f"{platform.python_version()}; one export of {n:,} synthetic {args.image}x{args.image} DICOM images, "
+            f"the demo network after one epoch, evaluated (predictions, bootstrap, shortcut features, reports) on "
+            f"its manifest replicated {', '.join(f'{f}x' for f in sorted(args.factors))} (the same image files), "
+            f"each evaluation in a fresh process. Peak: VmHWM above the process's memory when the evaluation "
+            f"starts.\n\n{table}\n\n{summary}\n"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
