@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py --write
 	$(BIN)/python benchmarks/registry.py --write
 	$(BIN)/python benchmarks/evaluation.py --write
+	$(BIN)/python benchmarks/evaluation_memory.py --write
 	$(BIN)/python benchmarks/ingest.py --write
 	$(BIN)/python benchmarks/training.py --write
 	$(BIN)/python benchmarks/load.py --write

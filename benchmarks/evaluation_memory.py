@@ -8,9 +8,11 @@ same files, so the batches and the per-case tables grow with the factor while th
 same. Each evaluation runs in a fresh process, once as medflow runs it (glibc's free heap pages handed back after
 every batch, ``components.training.forward.release_free_memory``) and once without (the baseline, glibc's
 default). Peak: the process's peak resident memory (VmHWM, reset before the evaluation) above its memory when the
-evaluation starts.
+evaluation starts. Where glibc's heap leaves freed pages is not the same from run to run, so each evaluation runs
+``--repeat`` times, interleaved; the table gives the medians and the peaks' range.
 
     .venv/bin/python benchmarks/evaluation_memory.py [--write] [--images 1000] [--image 256] [--factors 1 4]
+                                                     [--repeat 3]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -77,6 +80,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=1000, help="images of the export")
     parser.add_argument("--image", type=int, default=256, help="rows and columns of each image")
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 4], help="copies of the manifest evaluated")
+    parser.add_argument("--repeat", type=int, default=3, help="evaluations of each factor, trimmed and not")
     args = parser.parse_args()
     if not Path("/proc/self/clear_refs").exists():
         raise SystemExit("this benchmark reads peak memory from /proc (Linux only)")
@@ -98,28 +102,37 @@ def main() -> int:
             outputs[name] = _in_fresh_process(_child_step, name, inputs(outputs), overrides, str(workspace))[0]
             print(f"  {name}: done", flush=True)
         run_id, manifest = outputs["train"].run_id, str(outputs["version"].manifest)
-        figures = {}
-        for factor in sorted(args.factors):
-            for trim in (False, True):
-                figures[factor, trim] = _in_fresh_process(_child_evaluate, run_id, manifest, factor, trim, overrides,
-                                                          str(workspace))
-                seconds, peak = figures[factor, trim]
-                print(f"  x{factor}, {'trim' if trim else 'no trim'}: {seconds:.1f} s, peak {peak / MIB:.0f} MiB",
-                      flush=True)
+        runs: dict[tuple[int, bool], list[tuple[float, int]]] = {}
+        for _ in range(args.repeat):
+            for factor in sorted(args.factors):
+                for trim in (False, True):
+                    seconds, peak = _in_fresh_process(_child_evaluate, run_id, manifest, factor, trim, overrides,
+                                                      str(workspace))
+                    runs.setdefault((factor, trim), []).append((seconds, peak))
+                    print(f"  x{factor}, {'trim' if trim else 'no trim'}: {seconds:.1f} s, peak {peak / MIB:.0f} MiB",
+                          flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     n = export.n_images
+    figures = {key: (statistics.median(s for s, _ in found), statistics.median(p for _, p in found))
+               for key, found in runs.items()}
+
+    def peaks(key: tuple[int, bool]) -> str:
+        least, most = min(p for _, p in runs[key]) / MIB, max(p for _, p in runs[key]) / MIB
+        return f"{figures[key][1] / MIB:.0f} ({least:.0f}-{most:.0f})"
+
     rows = [f"| {n * f:,} images ({f}x) | {figures[f, False][0]:.1f} | {figures[f, True][0]:.1f} "
-            f"| {figures[f, True][0] / figures[f, False][0]:.3f} | {figures[f, False][1] / MIB:.0f} "
-            f"| {figures[f, True][1] / MIB:.0f} |" for f in sorted(args.factors)]
+            f"| {figures[f, True][0] / figures[f, False][0]:.3f} | {peaks((f, False))} | {peaks((f, True))} |"
+            for f in sorted(args.factors)]
     table = "\n".join(["| evaluated | s, glibc default | s, trimmed | time ratio | peak MiB, glibc default "
                        "| peak MiB, trimmed |", "|---|---:|---:|---:|---:|---:|", *rows])
     low, high = min(args.factors), max(args.factors)
     change = {trim: (figures[high, trim][1] - figures[low, trim][1]) / MIB for trim in (False, True)}
-    summary = (f"Peak from {low}x to {high}x ({(high - low) * n:,} more images): {change[False]:+.0f} MiB with glibc's "
-               f"default, {change[True]:+.0f} MiB trimmed; trimming lowers it by "
-               f"{min(figures[f, False][1] - figures[f, True][1] for f in args.factors) / MIB:.0f} MiB or more.")
+    summary = (f"Medians of {args.repeat} runs each. Peak from {low}x to {high}x ({(high - low) * n:,} more images): "
+               f"{change[False]:+.0f} MiB with glibc's default, {change[True]:+.0f} MiB trimmed; trimming lowers the "
+               f"median peak by {min(figures[f, False][1] - figures[f, True][1] for f in args.factors) / MIB:.0f} "
+               "MiB or more.")
     print(table, summary, sep="\n\n")
     if args.write:
         command = " ".join(["python benchmarks/evaluation_memory.py", *(a for a in sys.argv[1:] if a != "--write")])
@@ -128,8 +141,8 @@ def main() -> int:
             f"{platform.python_version()}; one export of {n:,} synthetic {args.image}x{args.image} DICOM images, "
             f"the demo network after one epoch, evaluated (predictions, bootstrap, shortcut features, reports) on "
             f"its manifest replicated {', '.join(f'{f}x' for f in sorted(args.factors))} (the same image files), "
-            f"each evaluation in a fresh process. Peak: VmHWM above the process's memory when the evaluation "
-            f"starts.\n\n{table}\n\n{summary}\n"))
+            f"each evaluation in a fresh process, {args.repeat} times interleaved. Peak: VmHWM above the process's "
+            f"memory when the evaluation starts; in brackets the range over the runs.\n\n{table}\n\n{summary}\n"))
     return 0
 
 
