@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from components.training import forward
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_predict_batches_trims_the_heap_after_every_batch_and_predicts_as_the_model_does(monkeypatch):
@@ -60,6 +63,7 @@ print(before - resident())
 @pytest.mark.skipif(forward.MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
 def test_release_free_memory_hands_freed_heap_pages_back_to_the_system():
     # a fresh process, so that no other test's heap is in the figures
-    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, check=True,
+                         cwd=REPO)  # the repository on the path wherever pytest was started
     released = int(out.stdout.split()[-1])
     assert released > 100 * 2**20, f"only {released / 2**20:.0f} MiB of 125 MiB freed went back to the system"
