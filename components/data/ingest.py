@@ -35,6 +35,7 @@ from components.data.labels import LABEL_SEPARATOR, parse_label_set
 from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, pseudonymise
 from components.data.splits import assign_splits
 from components.errors import BadInputData, IngestError
+from components.machine import usable_cores
 from components.progress import track
 
 REQUIRED_COLUMNS = ("path", "label")
@@ -184,7 +185,7 @@ def _run_jobs(jobs: list[CaseJob], workers: int) -> list[ConvertedCase | list[st
 
 def default_workers() -> int:
     """Conversion processes: every core this process may use, at most 8."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return min(8, usable_cores())
 
 
 def _hash_inputs(source: Path, labels_csv: Path, settings: IngestSettings, salt: bytes, state: dict):

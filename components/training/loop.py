@@ -44,6 +44,7 @@ from torch.utils.data import DistributedSampler
 
 from components import lineage, paths
 from components.config import RunConfig
+from components.machine import usable_cores
 from components.progress import interactive
 from components.errors import ConfigError, Interrupted
 from components.training.checkpoint import (
@@ -181,7 +182,7 @@ def check_workers(num_workers: int) -> None:
     Raises:
         ConfigError: naming the cores there are.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if num_workers > cores:
         raise ConfigError(f"train.num_workers={num_workers}, but this machine lets medflow use {cores} core(s): "
                           f"set train.num_workers to at most {cores} (0 prepares batches in the training process)")
