@@ -16,22 +16,35 @@ case was drawn). Each metric is computed for all B resamples at once as a
 weighted metric. scikit-learn and torchmetrics score one resample per call,
 which is hundreds of times slower here; tests check every weighted metric
 against scikit-learn's ``sample_weight`` versions.
+
+What a chunk of resamples costs: the linear terms of every metric (bins,
+confusion, Brier, NLL) are one dense product per cell of cases that share their
+groups, summed into the overall and each group's figures
+(:class:`ResampledStatistics`); AUC and sensitivity at specificity are one
+sparse product per evaluator over runs of one class rather than every score
+level, and a few passes over its result (:meth:`WeightedMetrics._ranked`). The
+resamples are float32 counts, and chunks run on every usable core.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
 from scipy.special import ndtr, ndtri
+from threadpoolctl import threadpool_limits
 
 from components.evaluation.declarations import ECE_BINS, MetricSettings, WeightedSums, metrics_for
+from components.machine import usable_cores
 
 CHUNK = 32
 JACKKNIFE_GROUPS = 100  # at most this many leave-a-group-out rows; one patient per group up to 100 patients
+FLOAT32_CASES = 2 ** 23  # float32 resamples of fewer cases are summed in float32 (see ResampledStatistics._chunk)
 
 def weighted_declarations(settings: MetricSettings) -> tuple:
     """The metrics with a weighted form for these settings (the graded ones too when ordinal)."""
@@ -43,14 +56,18 @@ UNDEFINED_IN_A_RESAMPLE = ("auc", "sensitivity_at_specificity")  # NaN where a r
 def resample_patients(
     n_patients: int, *, n_resamples: int, rng: np.random.Generator, chunk: int = CHUNK
 ) -> Iterator[np.ndarray]:
-    """How often each patient is drawn in each resample: (chunk, P) float arrays, ``chunk`` rows at a time."""
+    """How often each patient is drawn in each resample: (chunk, P) float32 arrays, ``chunk`` rows at a time.
+    Each is the transpose of a patient-major (P, chunk) array, the layout the sparse products and the
+    gathers of :class:`ResampledStatistics` take without copying."""
     done = 0
     while done < n_resamples:
         b = min(chunk, n_resamples - done)
         # n_patients uniform draws per row, counted: the multinomial, an order of magnitude
         # faster than Generator.multinomial with this many categories
-        draws = rng.integers(0, n_patients, size=(b, n_patients)) + (np.arange(b) * n_patients)[:, None]
-        yield np.bincount(draws.ravel(), minlength=b * n_patients).reshape(b, n_patients).astype(np.float64)
+        draws = rng.integers(0, n_patients, size=(b, n_patients))
+        draws += (np.arange(b) * n_patients)[:, None]  # each row counted in its own stretch: cache-friendly
+        counts = np.bincount(draws.ravel(), minlength=b * n_patients).reshape(b, n_patients)
+        yield counts.T.astype(np.float32, order="C").T  # counts: exact in float32 (see ResampledStatistics)
         done += b
 
 
@@ -74,32 +91,38 @@ class WeightedMetrics:
     """Every contract metric of one set of predictions, for many weight rows at once.
 
     The constructor prepares, once, a dense matrix of the per-case terms of every
-    linear metric (bin counts and sums for ECE, confusion counts, Brier, NLL) and a
-    sparse indicator of score levels for each AUC; a call then costs one dense and
-    one sparse product with the (B, N) weights.
+    linear metric (each confidence bin's count and summed accuracy minus confidence
+    for ECE and MCE, the confusion matrix, Brier, NLL) and a sparse indicator of
+    score levels for each AUC; a call then costs one dense and one sparse product
+    with the (B, N) weights. The dense product is linear in the cases, so a caller
+    that holds it summed from parts (:class:`ResampledStatistics` sums it over cells
+    of cases) passes it in as ``sums``.
     """
 
     def __init__(
         self, y_true: np.ndarray, prob: np.ndarray, *, threshold: float, n_bins: int = ECE_BINS,
-        units: np.ndarray | None = None, settings: MetricSettings = MetricSettings(),
+        units: np.ndarray | None = None, n_units: int | None = None, settings: MetricSettings = MetricSettings(),
     ) -> None:
         y = np.asarray(y_true).astype(int)
         prob = np.asarray(prob, dtype=np.float64)
         self.settings, self.declared = settings, weighted_declarations(settings)
+        self._features: dict[np.dtype, np.ndarray] = {}
         # multi-label: one binary evaluator per label, macro-averaged in __call__ (a label has no grades)
         label_settings = MetricSettings(specificity=settings.specificity)
         self.labels = [WeightedMetrics(y[:, j], prob[:, j], threshold=threshold, n_bins=n_bins, units=units,
-                                       settings=label_settings)
+                                       n_units=n_units, settings=label_settings)
                        for j in range(y.shape[1])] if y.ndim == 2 else []
         if self.labels:
             self.declared = weighted_declarations(label_settings)
+            self.width = sum(evaluate.width for evaluate in self.labels)
             return
         # weights are given per unit (a patient: all its cases share the weight) or, by default, per case;
         # summing each case's terms into its unit once makes every call smaller
         n = len(y)
         units = np.arange(n) if units is None else np.asarray(units)
-        n_units = int(units.max()) + 1 if n else 0
-        to_units = sparse.csr_matrix((np.ones(n), (units, np.arange(n))), shape=(n_units, n))
+        if n_units is None:
+            n_units = int(units.max()) + 1 if n else 0
+        self._to_units = sparse.csr_matrix((np.ones(n, dtype=np.float32), (units, np.arange(n))), shape=(n_units, n))
         self.binary = prob.ndim == 1
         k = 2 if self.binary else prob.shape[1]
         if self.binary:
@@ -116,83 +139,111 @@ class WeightedMetrics:
             scores = {c: prob[:, c] for c in range(k)}
         edges = np.linspace(0.0, 1.0, n_bins + 1)
         # as torchmetrics bins: [edge_i, edge_i+1), and a confidence of exactly 1 in a bin of its own
-        onehot = np.eye(n_bins + 1)[np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins)]
-        confusion = [((pred == c) & (y == c), (pred == c) & (y != c), (pred != c) & (y == c)) for c in range(k)]
-        self.k, self.n_levels = k, n_bins + 1
-        pairs = np.eye(k * k)[y * k + pred]  # (true, predicted) one-hot: the full confusion matrix, for kappa
-        features = np.column_stack([
-            onehot, onehot * accuracy[:, None], onehot * confidence[:, None],
-            *[np.column_stack(parts) for parts in confusion],
-            pairs, brier, -np.log(np.clip(p_true, EPS, 1 - EPS)), np.ones(n),
-        ])
-        self.features = to_units @ features
-        self.levels = [(self._level_indicator(scores[c], y == c) @ to_units.T).tocsr() for c in sorted(scores)]
+        bins = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins)
+        self.k, self.n_levels, self.width = k, n_bins + 1, 2 * (n_bins + 1) + k * k + 2
+        # each case's linear terms, laid out as the columns of features() when first needed
+        self._terms = (bins, accuracy - confidence, y * k + pred, brier, -np.log(np.clip(p_true, EPS, 1 - EPS)))
+        # column-major, so that a product with the (units, B) weights reads them in order
+        self.levels = [(self._level_indicator(scores[c], y == c) @ self._to_units.T).tocsc() for c in sorted(scores)]
+
+    def features(self, dtype: type = np.float64) -> np.ndarray:
+        """(units, F) each unit's summed linear terms (multi-label: every label's, side by side), in ``dtype``;
+        built on first use, as an evaluator always handed its ``sums`` never needs them."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._features:
+            if self.labels:
+                self._features[dtype] = np.hstack([evaluate.features(dtype) for evaluate in self.labels])
+            else:
+                bins, gap, pair, brier, nll = self._terms
+                nb = self.n_levels
+                onehot = np.eye(nb)[bins]
+                # bin counts, summed accuracy minus confidence per bin, the (true, predicted) one-hot of the
+                # confusion matrix (whence tp, fp, fn), Brier, NLL
+                case = np.column_stack([onehot, onehot * gap[:, None], np.eye(self.k * self.k)[pair], brier, nll])
+                self._features[dtype] = (self._to_units @ case).astype(dtype)
+        return self._features[dtype]
 
     @staticmethod
-    def _level_indicator(score: np.ndarray, positive: np.ndarray) -> sparse.csr_matrix:
-        """(2U, N) sparse: row u marks the positives at score level u, row U + u every case at it."""
+    def _level_indicator(score: np.ndarray, positive: np.ndarray) -> sparse.csc_matrix:
+        """(2R, N) sparse: row r marks the positives of run r, row R + r its negatives.
+
+        A run is a stretch of ascending score levels holding only positives, or only negatives, or one level
+        holding both. Merging the levels of a run changes no AUC (the positives of a run have the same
+        negatives below them) and no best threshold for a target specificity (within a run of positives the
+        lowest level has the most true positives and the same false ones; within a run of negatives the next
+        run's start has fewer false positives and the same true ones); a good classifier's scores fall into
+        a few times fewer runs than levels.
+        """
         levels, index = np.unique(score, return_inverse=True)
-        u, n = len(levels), len(score)
-        rows = np.concatenate([index[positive], u + index])
-        cols = np.concatenate([np.flatnonzero(positive), np.arange(n)])
-        return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(2 * u, n))
+        index = index.ravel()
+        kind = (np.bincount(index[positive], minlength=len(levels)) > 0) + 2 * (
+            np.bincount(index[~positive], minlength=len(levels)) > 0)
+        run = np.cumsum(np.r_[True, (kind[1:] != kind[:-1]) | (kind[1:] == 3)]) - 1  # each level's run
+        r, n = int(run[-1]) + 1 if len(run) else 0, len(score)
+        rows = run[index] + np.where(positive, 0, r)
+        return sparse.csc_matrix((np.ones(n, dtype=np.float32), (rows, np.arange(n))), shape=(2 * r, n))
 
     @staticmethod
-    def _level_weights(indicator: sparse.csr_matrix, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positive and negative weight at each score level, ascending: (B, U) each. (Weights laid out
-        case-major, as :func:`resample_patients` gives them, are multiplied without a copy.)"""
-        counts = (indicator @ weights.T).T  # (B, 2U), rows by ascending score level
-        u = counts.shape[1] // 2
-        return counts[:, :u], counts[:, u:] - counts[:, :u]
+    def _level_weights(indicator: sparse.spmatrix, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positive and negative weight of each run, ascending: (R, B) each, run-major so that the sums along
+        the runs read contiguous rows. (Patient-major weights, as :func:`resample_patients` gives them, are
+        multiplied without a copy.)"""
+        counts = indicator @ weights.T  # (2R, B)
+        r = counts.shape[0] // 2
+        return counts[:r], counts[r:]
 
     @staticmethod
-    def _sensitivity_at_specificity(level_weights: tuple[np.ndarray, np.ndarray], specificity: float) -> np.ndarray:
-        """The highest sensitivity among thresholds (each score level, predicting positive at or above it, and
-        one above every score) whose specificity reaches the target: (B,), NaN without positives or negatives.
-        ``level_weights``: :meth:`_level_weights`."""
-        pos_w, neg_w = level_weights
-        positives, negatives = pos_w.sum(axis=1), neg_w.sum(axis=1)
-        # weight at or above each level: totals minus what lies below it
-        tp = positives[:, None] - (np.cumsum(pos_w, axis=1) - pos_w)
-        fp = negatives[:, None] - (np.cumsum(neg_w, axis=1) - neg_w)
+    def _ranked(level_weights: tuple[np.ndarray, np.ndarray], specificity: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """ROC AUC and, given a target ``specificity``, the highest sensitivity among thresholds (each run's
+        start, predicting positive at or above it, and one above every score) whose specificity reaches it:
+        (B,) each, NaN without positives or negatives. ``level_weights``: :meth:`_level_weights`.
+
+        A few passes over the (R, B) weights, sharing one cumulative sum: the specificity of a threshold grows
+        with it, so the best one is the lowest allowed, where the negatives below reach the target share."""
+        pos_w, neg_w = level_weights  # float32 for resampled counts: sums and products below go to float64
+        positives, negatives = pos_w.sum(axis=0, dtype=np.float64), neg_w.sum(axis=0, dtype=np.float64)
+        neg_below = np.cumsum(neg_w, axis=0)
+        neg_below -= neg_w  # negative weight strictly below each run
+        num = (np.einsum("ij,ij->j", pos_w, neg_below, dtype=np.float64)
+               + 0.5 * np.einsum("ij,ij->j", pos_w, neg_w, dtype=np.float64))
+        defined = (positives > 0) & (negatives > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            sensitivity = tp / positives[:, None]
-            allowed = 1 - fp / negatives[:, None] >= specificity - 1e-12
-            best = np.where(allowed, sensitivity, 0.0).max(axis=1, initial=0.0)
-            return np.where((positives > 0) & (negatives > 0), best, np.nan)
+            auc = np.where(defined, num / (positives * negatives), np.nan)
+            if specificity is None:
+                return auc, None
+            refused = neg_below < (specificity - 1e-12) * negatives  # the runs below the best threshold
+            pos_below = np.einsum("ij,ij->j", pos_w, refused, dtype=np.float64)
+            return auc, np.where(defined, (positives - pos_below) / positives, np.nan)
 
-    @staticmethod
-    def _auc(level_weights: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """ROC AUC from :meth:`_level_weights`: (B,), NaN without positives or negatives."""
-        pos_w, neg_w = level_weights
-        below = np.cumsum(neg_w, axis=1) - neg_w
-        num = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
-        denom = pos_w.sum(axis=1) * neg_w.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(denom > 0, num / denom, np.nan)
-
-    def __call__(self, weights: np.ndarray) -> dict[str, np.ndarray]:
-        """``{metric: (B,) values}`` for (B, N) case weights, or (B, P) unit weights when built with ``units``."""
+    def __call__(self, weights: np.ndarray, sums: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``{metric: (B,) values}`` for (B, N) case weights, or (B, P) unit weights when built with ``units``;
+        ``sums``, where the caller has it, is ``weights @ self.features``."""
+        if sums is None:
+            sums = weights @ self.features(np.float32 if weights.dtype == np.float32 else np.float64)
+        z = np.asarray(sums, dtype=np.float64)  # the ratios below in full precision
         if self.labels:
-            per_label = [evaluate(weights) for evaluate in self.labels]
+            bounds = np.cumsum([0, *(evaluate.width for evaluate in self.labels)])
+            per_label = [evaluate(weights, z[:, start:stop])
+                         for evaluate, start, stop in zip(self.labels, bounds, bounds[1:])]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no label's AUC gives NaN
                 return {name: np.nanmean([m[name] for m in per_label], axis=0) if name in UNDEFINED_IN_A_RESAMPLE
                         else np.mean([m[name] for m in per_label], axis=0) for name in per_label[0]}
-        z = weights @ self.features
         nb, k = self.n_levels, self.k
-        conf = z[:, 3 * nb:3 * nb + 3 * k].reshape(len(z), k, 3)
-        tp, fp, fn = conf[:, :, 0], conf[:, :, 1], conf[:, :, 2]
-        total = z[:, -1]
-        start = 3 * nb + 3 * k
-        levels = [self._level_weights(indicator, weights) for indicator in self.levels]  # one product each
+        bin_count = z[:, :nb]
+        confusion = z[:, 2 * nb:2 * nb + k * k].reshape(len(z), k, k)
+        tp = np.diagonal(confusion, axis1=1, axis2=2)
+        fp, fn = confusion.sum(axis=1) - tp, confusion.sum(axis=2) - tp
+        total = bin_count.sum(axis=1)
+        ranked = [self._ranked(self._level_weights(indicator, weights), self.settings.specificity)
+                  for indicator in self.levels]  # one sparse product each
         sums = WeightedSums(
-            binary=self.binary, bin_count=z[:, :nb], bin_accuracy=z[:, nb:2 * nb], bin_confidence=z[:, 2 * nb:3 * nb],
-            tp=tp, fp=fp, fn=fn, tn=total[:, None] - tp - fp - fn, brier=z[:, -3], nll=z[:, -2], total=total,
-            auc=np.mean([self._auc(level) for level in levels], axis=0),
-            sensitivity_at_specificity=np.mean([self._sensitivity_at_specificity(level, self.settings.specificity)
-                                                for level in levels], axis=0),
-            confusion=z[:, start:start + k * k].reshape(len(z), k, k),
+            binary=self.binary, bin_count=bin_count, bin_gap=z[:, nb:2 * nb],
+            tp=tp, fp=fp, fn=fn, tn=total[:, None] - tp - fp - fn, brier=z[:, -2], nll=z[:, -1], total=total,
+            auc=np.mean([auc for auc, _ in ranked], axis=0),
+            sensitivity_at_specificity=np.mean([sensitivity for _, sensitivity in ranked], axis=0),
+            confusion=confusion,
         )
         with np.errstate(invalid="ignore", divide="ignore"):
             return {m.name: m.weighted(sums) for m in self.declared}
@@ -202,7 +253,7 @@ def weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -
     """ROC AUC of ``score`` for the cases ``positive`` against the rest, for each (B, N) weight row: (B,)
     (NaN where a row weighs no positive or no negative case)."""
     indicator = WeightedMetrics._level_indicator(np.asarray(score, dtype=np.float64), np.asarray(positive, dtype=bool))
-    return WeightedMetrics._auc(WeightedMetrics._level_weights(indicator, np.asarray(weights, dtype=np.float64)))
+    return WeightedMetrics._ranked(WeightedMetrics._level_weights(indicator, np.asarray(weights, dtype=np.float64)))[0]
 
 
 def jackknife_rows(n_patients: int, *, groups: int = JACKKNIFE_GROUPS, chunk: int = CHUNK) -> Iterator[np.ndarray]:
@@ -284,6 +335,12 @@ class ResampledStatistics:
     Calling it with chunks of (rows, P) patient weights gives ``(overall, groups, gaps)``:
     ``{metric: (rows,)}``, ``{attribute: {group: {metric: (rows,)}}}`` and
     ``{attribute: {"auc_gap": (rows,), "es_auc": (rows,)}}``.
+
+    The cases are split into cells (the cases that share every attribute's group) and the weights are
+    taken per unit (one patient's cases in one cell), ordered by cell. The dense product of a chunk is then
+    computed once per cell, on a contiguous block of units: the overall sums are the sum over all cells and
+    a group's the sum over its cells, so the groups cost no dense product of their own. The AUC's sparse
+    products take each group's cases from the same units.
     """
 
     def __init__(self, y_true: np.ndarray, prob: np.ndarray, codes: np.ndarray, *, threshold: float,
@@ -293,52 +350,91 @@ class ResampledStatistics:
         labels = {a: np.asarray(v).astype(str) for a, v in dict(groups or {}).items()}
         self.members = {a: {g: lab == g for g in np.unique(lab)} for a, lab in labels.items()}
         self.compared = compared
-        self.evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold, units=codes, settings=settings)
-        self.evaluate_group, self.group_patients = {}, {}
+        codes = np.asarray(codes)
+        n_patients = int(codes.max()) + 1
+        group_codes = [np.unique(lab, return_inverse=True)[1].ravel() for lab in labels.values()]
+        cell = (np.unique(np.column_stack(group_codes), axis=0, return_inverse=True)[1].ravel() if group_codes
+                else np.zeros(len(codes), dtype=int))
+        unit_keys, unit = np.unique(cell * n_patients + codes, return_inverse=True)
+        self.unit_patient = unit_keys % n_patients
+        # the units' weights are the patients' columns of a chunk, taken in this order (none to take without
+        # groups, or when every patient's cases share their groups and the cells follow the patients' order)
+        self.gather = not np.array_equal(self.unit_patient, np.arange(n_patients))
+        self.cell_bounds = np.searchsorted(unit_keys // n_patients, np.arange(int(cell.max()) + 2))
+        self.n_cases = len(codes)
+        self.evaluate_all = WeightedMetrics(y_true, prob, threshold=threshold, units=unit, settings=settings)
+        self.evaluate_group, self.group_cells = {}, {}
         for attribute, masks in self.members.items():
             self.evaluate_group[attribute] = {}
             for group, mask in masks.items():
-                # the group's own patients, renumbered 0..P_g-1; a call takes their columns of the counts
-                present, local = np.unique(codes[mask], return_inverse=True)
-                self.group_patients[attribute, group] = present
+                self.group_cells[attribute, group] = np.unique(cell[mask])
                 self.evaluate_group[attribute][group] = WeightedMetrics(
-                    np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=local, settings=settings
-                )
+                    np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=unit[mask],
+                    n_units=len(unit_keys), settings=settings)
 
     def __call__(self, weight_chunks) -> tuple[dict, dict, dict]:
-        members, compared = self.members, self.compared
-        overall: dict[str, list] = {}
-        by_group: dict[str, dict[str, dict[str, list]]] = {a: {g: {} for g in m} for a, m in members.items()}
-        gaps: dict[str, dict[str, list]] = {a: {"auc_gap": [], "es_auc": []} for a in members}
-        for weights in weight_chunks:
-            # (P, rows), copied once: a group's patients are then a gather of rows, and every sparse product
-            # takes the transpose of a view of it without copying
-            by_patient = np.ascontiguousarray(weights.T)
-            metrics = self.evaluate_all(by_patient.T)
-            for name, values in metrics.items():
-                overall.setdefault(name, []).append(values)
-            for attribute, masks in members.items():
-                aucs = []
-                for group in masks:
-                    group_metrics = self.evaluate_group[attribute][group](
-                        by_patient[self.group_patients[attribute, group]].T)
-                    for name, values in group_metrics.items():
-                        by_group[attribute][group].setdefault(name, []).append(values)
-                    if compared is None or group in compared.get(attribute, masks):
-                        aucs.append(group_metrics["auc"])
-                stacked = np.stack(aucs) if aucs else np.full((1, len(weights)), np.nan)
-                with np.errstate(invalid="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows are dropped by the interval
-                    defined = (~np.isnan(stacked)).sum(axis=0)
-                    gap = np.where(defined >= 2, np.nanmax(stacked, axis=0) - np.nanmin(stacked, axis=0), np.nan)
-                    spread = np.nansum(np.abs(stacked - metrics["auc"]), axis=0)
-                    es = np.where(defined >= 1, metrics["auc"] / (1 + spread), np.nan)
-                gaps[attribute]["auc_gap"].append(gap)
-                gaps[attribute]["es_auc"].append(es)
+        # chunks in parallel on the usable cores (numpy, scipy's sparse products and BLAS release the GIL),
+        # each with a single-threaded BLAS so that the threads do not contend for the cores
+        with threadpool_limits(limits=1, user_api="blas"):
+            parts = list(ordered_map(self._chunk, weight_chunks, workers=usable_cores()))
         join = lambda chunks: np.concatenate(chunks)  # noqa: E731
-        return ({n: join(c) for n, c in overall.items()},
-                {a: {g: {n: join(c) for n, c in gm.items()} for g, gm in ag.items()} for a, ag in by_group.items()},
-                {a: {n: join(c) for n, c in gm.items()} for a, gm in gaps.items()})
+        overall, by_group, gaps = (tuple(part[i] for part in parts) for i in range(3))
+        return ({n: join([c[n] for c in overall]) for n in overall[0]},
+                {a: {g: {n: join([c[a][g][n] for c in by_group]) for n in gm} for g, gm in ag.items()}
+                 for a, ag in by_group[0].items()},
+                {a: {n: join([c[a][n] for c in gaps]) for n in gm} for a, gm in gaps[0].items()})
+
+    def _chunk(self, weights: np.ndarray) -> tuple[dict, dict, dict]:
+        """One chunk's ``(overall, groups, gaps)`` (see the class docstring)."""
+        members, compared, bounds = self.members, self.compared, self.cell_bounds
+        # float32 resamples (counts) are summed in float32: exact for whole numbers below 2**24, which the
+        # counts, the confusion and bin counts and the runs' weights stay below with fewer cases than 2**23
+        # (more cases: in float64); the Brier, NLL and calibration gaps' sums carry float32's rounding
+        dtype = np.float32 if weights.dtype == np.float32 and self.n_cases < FLOAT32_CASES else np.float64
+        features = self.evaluate_all.features(dtype)
+        # (units, rows), gathered (or copied) once unless already so: a cell's units are then a contiguous
+        # block, and every sparse product takes the transpose of a view of it without copying
+        by_patient = np.ascontiguousarray(weights.T, dtype=dtype)  # a view of resample_patients' chunks
+        by_unit = by_patient[self.unit_patient] if self.gather else by_patient
+        cell_sums = np.stack([by_unit[start:stop].T @ features[start:stop] for start, stop in zip(bounds, bounds[1:])])
+        overall = self.evaluate_all(by_unit.T, cell_sums.sum(axis=0))
+        by_group: dict[str, dict[str, dict]] = {a: {} for a in members}
+        gaps: dict[str, dict[str, np.ndarray]] = {}
+        for attribute, masks in members.items():
+            aucs = []
+            for group in masks:
+                group_metrics = self.evaluate_group[attribute][group](
+                    by_unit.T, cell_sums[self.group_cells[attribute, group]].sum(axis=0))
+                by_group[attribute][group] = group_metrics
+                if compared is None or group in compared.get(attribute, masks):
+                    aucs.append(group_metrics["auc"])
+            stacked = np.stack(aucs) if aucs else np.full((1, len(weights)), np.nan)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows are dropped by the interval
+                defined = (~np.isnan(stacked)).sum(axis=0)
+                gap = np.where(defined >= 2, np.nanmax(stacked, axis=0) - np.nanmin(stacked, axis=0), np.nan)
+                spread = np.nansum(np.abs(stacked - overall["auc"]), axis=0)
+                es = np.where(defined >= 1, overall["auc"] / (1 + spread), np.nan)
+            gaps[attribute] = {"auc_gap": gap, "es_auc": es}
+        return overall, by_group, gaps
+
+
+def ordered_map(function, items, *, workers: int) -> Iterator:
+    """``function`` of each of ``items`` in order, computed on ``workers`` threads, taking the next item only
+    as a result is handed on (at most ``workers`` + 1 items at once: a generator's chunks are drawn while
+    the threads work, not all up front). (``Executor.map`` submits every item at once; Python 3.14's
+    ``buffersize`` bounds it, 3.11 has none.)"""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def patient_codes(patient_ids: np.ndarray) -> np.ndarray:

@@ -55,8 +55,7 @@ class WeightedSums:
 
     binary: bool
     bin_count: np.ndarray  # (B, bins): weight per confidence bin
-    bin_accuracy: np.ndarray  # (B, bins): weighted correct (binary: positives) per bin
-    bin_confidence: np.ndarray  # (B, bins): weighted confidence per bin
+    bin_gap: np.ndarray  # (B, bins): weighted correct (binary: positives) minus weighted confidence, per bin
     tp: np.ndarray  # (B, K) per class
     fp: np.ndarray
     fn: np.ndarray
@@ -225,7 +224,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def _bin_gaps(s: WeightedSums) -> np.ndarray:
-    return np.abs(s.bin_accuracy - s.bin_confidence)
+    return np.abs(s.bin_gap)
 
 
 METRICS: tuple[MetricDeclaration, ...] = (

@@ -25,8 +25,9 @@ def ece_reference(confidence, accuracy, weights=None, n_bins=15):
     return ece, mce
 
 
-def synthetic_predictions(n: int, *, seed: int = 0, k: int = 2):
-    """Labels, probabilities and three group attributes with built-in group differences."""
+def synthetic_predictions(n: int, *, seed: int = 0, k: int = 2, decimals: int | None = 3):
+    """Labels, probabilities and three group attributes with built-in group differences (binary
+    probabilities rounded to ``decimals``, as scores of few distinct values; None: every score distinct)."""
     rng = np.random.default_rng(seed)
     sex = rng.choice(["F", "M"], n)
     site = rng.choice(["a", "b", "c"], n)
@@ -35,7 +36,9 @@ def synthetic_predictions(n: int, *, seed: int = 0, k: int = 2):
     strength = np.where(sex == "F", 0.6, 1.8)  # the model is worse for F
     if k == 2:
         logit = strength * (2 * y - 1) + rng.normal(size=n)
-        prob = np.round(1 / (1 + np.exp(-logit)), 3)  # rounding makes ties, as real scores have
+        prob = 1 / (1 + np.exp(-logit))
+        if decimals is not None:
+            prob = np.round(prob, decimals)  # rounding makes ties, as real scores have
         return y, prob, {"sex": sex, "site": site, "race": race}
     logits = rng.normal(size=(n, k)) + strength[:, None] * np.eye(k)[y]
     prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)

@@ -160,3 +160,100 @@ def test_a_biased_statistic_keeps_its_estimate_inside_its_interval():
     for name in ("ece", "mce", "auc", "brier"):
         low, high = ci[name]
         assert low - 1e-12 <= point[name] <= high + 1e-12, (name, point[name], ci[name])
+
+
+@pytest.mark.parametrize("specificity", [0.5, 0.85, 0.97])
+def test_runs_of_one_class_merge_levels_and_change_no_ranking_metric(specificity):
+    """Distinct scores of a good classifier fall into a few runs of one class; AUC (scikit-learn's with the
+    same weights) and sensitivity at specificity (the point function on repeated cases) are unchanged."""
+    from components.evaluation.bootstrap import WeightedMetrics
+    from components.evaluation.declarations import MetricSettings
+
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 2, 2000)
+    prob = 1 / (1 + np.exp(-(2.5 * (2 * y - 1) + rng.normal(size=2000))))  # 2,000 distinct scores
+    prob[:40], prob[40:80] = 0.5, 0.5 + 1e-9  # and two adjacent tied levels, each holding both classes
+    weights = rng.integers(0, 3, size=(4, 2000)).astype(float)
+    indicator = WeightedMetrics._level_indicator(prob, y == 1)
+    assert indicator.shape[0] // 2 < len(np.unique(prob)) // 3 and indicator.nnz == 2000
+    settings = MetricSettings(specificity=specificity)
+    m = weighted_metrics(y, prob, weights, threshold=0.5, settings=settings)
+    for b, w in enumerate(weights):
+        assert m["auc"][b] == pytest.approx(roc_auc_score(y, prob, sample_weight=w), abs=1e-12)
+        repeated = np.repeat(np.arange(2000), w.astype(int))
+        point = classification_metrics(y[repeated], prob[repeated], settings=settings)
+        assert m["sensitivity_at_specificity"][b] == pytest.approx(point["sensitivity_at_specificity"], abs=1e-12)
+
+
+def test_group_statistics_are_each_groups_own_when_patients_span_groups():
+    """Cells and units: a patient imaged at two sites counts in both sites' groups, with its weight."""
+    from components.evaluation.bootstrap import ResampledStatistics, WeightedMetrics, patient_codes
+
+    y, prob, groups = synthetic_predictions(900, seed=13)
+    codes = patient_codes(np.arange(900) // 3)  # three images a patient; sites drawn per image
+    counts = np.random.default_rng(14).integers(0, 3, size=(5, codes.max() + 1)).astype(float)
+    overall, by_group, gaps = ResampledStatistics(y, prob, codes, threshold=0.5, groups=groups)([counts])
+    expected = WeightedMetrics(y, prob, threshold=0.5)(counts[:, codes])
+    for name, values in expected.items():
+        np.testing.assert_allclose(overall[name], values, rtol=1e-10, err_msg=name)
+    assert len(np.unique(groups["site"].reshape(-1, 3), axis=0)) > 3  # patients do span sites
+    for attribute, labels in groups.items():
+        aucs = []
+        for group in np.unique(labels):
+            mask = labels == group
+            own = WeightedMetrics(y[mask], prob[mask], threshold=0.5)(counts[:, codes[mask]])
+            for name, values in own.items():
+                np.testing.assert_allclose(by_group[attribute][group][name], values, rtol=1e-10,
+                                           err_msg=f"{attribute}={group} {name}")
+            aucs.append(own["auc"])
+        np.testing.assert_allclose(gaps[attribute]["auc_gap"], np.ptp(aucs, axis=0), rtol=1e-10)
+
+
+def test_float32_resamples_sum_exactly_where_whole_and_in_float64_for_very_many_cases(monkeypatch):
+    from components.evaluation import bootstrap
+    from components.evaluation.bootstrap import ResampledStatistics, patient_codes, resample_patients
+
+    y, prob, groups = synthetic_predictions(10_000, seed=15)  # the AUC's sums pass 2**24: float32 would round
+    codes = patient_codes(np.arange(10_000) // 2)
+    counts = next(resample_patients(5000, n_resamples=8, rng=np.random.default_rng(0)))
+    assert counts.dtype == np.float32
+    statistics = ResampledStatistics(y, prob, codes, threshold=0.5, groups=groups)
+    single, double = statistics([counts]), statistics([counts.astype(np.float64)])
+    for name in single[0]:
+        if name in ("auc", "accuracy", "sensitivity", "specificity", "f1", "sensitivity_at_specificity"):
+            assert np.array_equal(single[0][name], double[0][name]), name  # whole numbers: exact
+        else:  # Brier, NLL, ECE: float32's rounding of the sums
+            np.testing.assert_allclose(single[0][name], double[0][name], rtol=1e-5, err_msg=name)
+    assert not np.array_equal(single[0]["nll"], double[0]["nll"])
+    monkeypatch.setattr(bootstrap, "FLOAT32_CASES", 10_000)  # as if 10,000 cases were too many for float32
+    assert statistics([counts])[0]["nll"].tolist() == double[0]["nll"].tolist()
+
+
+def test_ordered_map_keeps_the_order_and_draws_items_only_as_it_needs_them():
+    import threading
+    import time
+
+    from components.evaluation.bootstrap import ordered_map
+
+    drawn = []
+
+    def items():
+        for i in range(12):
+            drawn.append(i)
+            yield i
+
+    def slow_square(i):
+        time.sleep(0.01 * (i % 3))  # later items may finish first
+        return i * i, threading.current_thread().name
+
+    results = ordered_map(slow_square, items(), workers=2)
+    assert next(results)[0] == 0 and len(drawn) <= 3  # at most workers + 1 items ahead
+    rest = list(results)
+    assert [r for r, _ in rest] == [i * i for i in range(1, 12)]
+    assert len({name for _, name in rest}) == 2
+
+    def fails(i):
+        raise ValueError(f"case {i}")
+
+    with pytest.raises(ValueError, match="case 0"):
+        list(ordered_map(fails, range(5), workers=2))
