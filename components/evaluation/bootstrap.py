@@ -93,8 +93,8 @@ class WeightedMetrics:
     The constructor prepares, once, a dense matrix of the per-case terms of every
     linear metric (each confidence bin's count and summed accuracy minus confidence
     for ECE and MCE, the confusion matrix, Brier, NLL) and a sparse indicator of
-    score levels for each AUC; a call then costs one dense and one sparse product
-    with the (B, N) weights. The dense product is linear in the cases, so a caller
+    runs of one class along the scores for each AUC; a call then costs one dense
+    and one sparse product with the (B, N) weights. The dense product is linear in the cases, so a caller
     that holds it summed from parts (:class:`ResampledStatistics` sums it over cells
     of cases) passes it in as ``sums``.
     """
