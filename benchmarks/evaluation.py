@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--resamples", type=int, default=1000)
     args = parser.parse_args()
 
-    from components.evaluation.bootstrap import bootstrap_ci
+    from components.evaluation.intervals import bootstrap_ci
     from components.evaluation.report import evaluate_predictions
 
     rows = []

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from components.evaluation.bootstrap import difference_intervals
+from components.evaluation.intervals import difference_intervals
 from components.evaluation.declarations import MetricSettings
 from components.evaluation.report import EvaluationReport, check_predictions, evaluate_predictions
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from components.data.labels import label_matrix, parse_label_set
 from components.errors import EvaluationError
-from components.evaluation.bootstrap import bootstrap_ci, per_class_intervals
+from components.evaluation.intervals import bootstrap_ci, per_class_intervals
 from components.evaluation.declarations import DEFAULT_SPECIFICITY, MetricSettings
 from components.evaluation.fairness import fairness_summary, group_metrics
 from components.evaluation.metrics import classification_metrics, per_class_auc

@@ -23,7 +23,8 @@ from monai.metrics.utils import get_edge_surface_distance, get_mask_edges, get_s
 from scipy import ndimage
 
 from components.errors import EvaluationError
-from components.evaluation.bootstrap import bca_interval, jackknife_rows, resample_weights
+from components.evaluation.bootstrap import jackknife_rows, resample_weights
+from components.evaluation.intervals import bca_interval
 from components.evaluation.fairness import equity_scaled
 from components.evaluation.metrics import ECE_BINS
 from components.evaluation.report import DEFAULT_ATTRIBUTES, DUPLICATE_IDS, MISSING_COLUMN, UNKNOWN_IDS, EvaluationReport, _ids

@@ -21,7 +21,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from components.evaluation.bootstrap import bca_interval, jackknife_rows, resample_patients, weighted_auc
+from components.evaluation.bootstrap import jackknife_rows, resample_patients, weighted_auc
+from components.evaluation.intervals import bca_interval
 
 PROBE_MAX_ITER = 1000
 

@@ -23,9 +23,8 @@ from mlflow.tracking import MlflowClient
 from components import lineage, paths
 from components.data.versioning import read_version
 from components.errors import RegistryError
-from components.evaluation.bootstrap import (
-    ResampledStatistics, bca_interval, jackknife_rows, patient_codes, resample_patients,
-)
+from components.evaluation.bootstrap import ResampledStatistics, jackknife_rows, patient_codes, resample_patients
+from components.evaluation.intervals import bca_interval
 from components.evaluation.declarations import METRICS, metric as declared
 from components.evaluation.report import DEFAULT_ATTRIBUTES, check_predictions, read_table
 from components.inference.predict import predict_images

@@ -59,7 +59,7 @@ def test_a_site_held_out_is_never_trained_on_and_is_reported_apart(small_dataset
 
 
 def test_the_difference_interval_is_the_spread_of_independent_resamples():
-    from components.evaluation.bootstrap import difference_intervals  # noqa: PLC0415
+    from components.evaluation.intervals import difference_intervals  # noqa: PLC0415
 
     rng = np.random.default_rng(3)
     y1, y2 = rng.integers(0, 2, 300), rng.integers(0, 2, 300)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, recall_score, roc_auc_score
 
-from components.evaluation.bootstrap import bootstrap_ci, resample_weights, weighted_metrics
+from components.evaluation.bootstrap import resample_weights, weighted_metrics
+from components.evaluation.intervals import bootstrap_ci
 from components.evaluation.metrics import classification_metrics
 
 from .references import ece_reference, synthetic_predictions
@@ -126,7 +127,8 @@ def test_bca_intervals_equal_scipys_on_the_same_resamples(metric):
 
     from scipy import stats
 
-    from components.evaluation.bootstrap import bca_interval, jackknife_rows, resample_patients
+    from components.evaluation.bootstrap import jackknife_rows, resample_patients
+    from components.evaluation.intervals import bca_interval
     from components.evaluation.declarations import metric as declared
 
     y, prob, _ = synthetic_predictions(100, seed=11)
@@ -228,33 +230,3 @@ def test_float32_resamples_sum_exactly_where_whole_and_in_float64_for_very_many_
     assert not np.array_equal(single[0]["nll"], double[0]["nll"])
     monkeypatch.setattr(bootstrap, "FLOAT32_CASES", 10_000)  # as if 10,000 cases were too many for float32
     assert statistics([counts])[0]["nll"].tolist() == double[0]["nll"].tolist()
-
-
-def test_ordered_map_keeps_the_order_and_draws_items_only_as_it_needs_them():
-    import threading
-    import time
-
-    from components.evaluation.bootstrap import ordered_map
-
-    drawn = []
-
-    def items():
-        for i in range(12):
-            drawn.append(i)
-            yield i
-
-    def slow_square(i):
-        time.sleep(0.01 * (i % 3))  # later items may finish first
-        return i * i, threading.current_thread().name
-
-    results = ordered_map(slow_square, items(), workers=2)
-    assert next(results)[0] == 0 and len(drawn) <= 3  # at most workers + 1 items ahead
-    rest = list(results)
-    assert [r for r, _ in rest] == [i * i for i in range(1, 12)]
-    assert len({name for _, name in rest}) == 2
-
-    def fails(i):
-        raise ValueError(f"case {i}")
-
-    with pytest.raises(ValueError, match="case 0"):
-        list(ordered_map(fails, range(5), workers=2))
