@@ -40,7 +40,7 @@ def bare_simclr_loop(manifest_path: Path, config) -> int:
     from components.pretraining.methods import ENCODER_CLASSES
     from components.pretraining.simclr import TwoViews, contrastive_loss
     from components.pretraining.views import view_transforms
-    from components.training.backbones import strip_head
+    from components.training.pretrained import strip_head
     from components.training.models import build_classifier, classifier_kwargs
     from components.training.preprocess import PreprocessSpec, intensity_stats
 

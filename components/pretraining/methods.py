@@ -15,7 +15,8 @@ from components.errors import ConfigError
 from components.pretraining.mae import MaskedReconstruction, reconstruction_loss
 from components.pretraining.simclr import TwoViews, contrastive_loss
 from components.pretraining.views import view_transforms
-from components.training.backbones import FORMAT_MONAI, Backbone, load_backbone, strip_head
+from components.training.backbones import Backbone, load_backbone
+from components.training.pretrained import FORMAT_MONAI, strip_head
 from components.training.encoders import FORMAT_MAE, build_mae_encoder, mae_kwargs
 from components.training.models import CLASSIFIERS, build_classifier, check_name, classifier_kwargs
 from components.training.preprocess import PreprocessSpec

@@ -169,7 +169,7 @@ def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_
     # new studies through the ensemble: its embedding drift compares every fold's features, side by side
     import shutil  # noqa: PLC0415
 
-    from components.training.backbones import _head  # noqa: PLC0415
+    from components.training.pretrained import classification_head  # noqa: PLC0415
 
     new = tmp_path / "new"
     new.mkdir()
@@ -183,7 +183,7 @@ def test_three_fold_cross_validation_validates_each_case_once_and_ensembles_the_
     assert next(t for t in drift["tests"] if t["fact"] == "embedding.features")["n_batch"] == len(test)
     (reference,) = (tmp_path / ".medflow" / "cache" / "drift").glob(f"{summary['run_id']}-*.npy")
     members = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}/{summary['version']}").unwrap_python_model()
-    widths = [_head(m, 2)[1].in_features for m in members.model.members]
+    widths = [classification_head(m, 2)[1].in_features for m in members.model.members]
     assert len(widths) == 3 and np.load(reference).shape[1] == sum(widths)
 
 
