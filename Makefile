@@ -41,8 +41,12 @@ test-services:
 	  else echo "the tests need:$$missing; install them with: sudo apt-get install$$missing" >&2; exit 1; fi; \
 	fi
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), each with its share of the cores for torch and
+# BLAS (tests/conftest.py). A test file stays in one process, so its module-scoped fixtures (servers) start
+# once; the files with end-to-end runs go first (not xdist's default of the most tests first).
+TEST_WORKERS ?= 2
 test: $(STAMP) test-services
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py --write

@@ -8,8 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from components.machine import usable_cores
+
 # MONAI warns at import about a GPU decoder medflow does not use
 warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test`: workers share the cores
+    # each worker's torch, OpenMP and BLAS (and the processes it starts) take its share, set before torch is
+    # imported: two workers of two threads each on two cores ran some trainings ten times slower
+    _share = str(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, _share)
 
 from components.data.ingest import IngestSettings, ingest_export  # noqa: E402
 from components.data.synthetic import generate_export  # noqa: E402
@@ -20,6 +29,12 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 SALT = b"test-salt-0123456789abcdef012345"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end runs first, so that parallel workers (`make test`: whole files each) do not end on
+    them one after another."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pydicom_export(folder: Path, names: list[str], labels: str) -> tuple[Path, Path]:
