@@ -27,6 +27,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# the `mlflow server`s the tests start: MLflow 3's job runner (four huey consumer processes a server, for its
+# GenAI jobs) is nothing medflow uses, and its start costs CPU the tests share
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 SALT = b"test-salt-0123456789abcdef012345"
 

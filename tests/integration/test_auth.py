@@ -40,7 +40,8 @@ def servers(tmp_path_factory) -> Iterator[dict]:
                       f"admin_username = {ADMIN}\nadmin_password = {ADMIN_PASSWORD}\n"
                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "MEDFLOW"))}
-    mlflow_env = clean | {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "medflow-tests-csrf"}
+    mlflow_env = clean | {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "medflow-tests-csrf",
+                          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     tracking = MlflowServer(f"sqlite:///{home / 'mlflow.db'}", home / "artifacts", app_name="basic-auth",
                             env=mlflow_env).start()
     port = free_port()
