@@ -14,15 +14,18 @@ groups, summed into the overall and each group's figures
 (:class:`ResampledStatistics`); AUC and sensitivity at specificity are one
 sparse product per evaluator over runs of one class rather than every score
 level, and a few passes over its result (:meth:`WeightedMetrics._ranked`). The
-resamples are float32 counts, and chunks run on every usable core.
+resamples are float32 counts, each chunk drawn from its own random stream and
+evaluated on one of the threads, one per usable core.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 from threadpoolctl import threadpool_limits
 
@@ -40,22 +43,35 @@ EPS = np.finfo(np.float64).eps
 UNDEFINED_IN_A_RESAMPLE = ("auc", "sensitivity_at_specificity")  # NaN where a resample lacks a class
 
 
+def patient_draws(
+    n_patients: int, *, n_resamples: int, rng: np.random.Generator, chunk: int = CHUNK
+) -> list[Callable[[], np.ndarray]]:
+    """The resamples of :func:`resample_patients` as calls, one per chunk of ``chunk`` rows, each drawing from
+    its own random stream (spawned from ``rng``): chunks drawn in any order, on any thread, are the same, so
+    :class:`ResampledStatistics` draws them on the threads that evaluate them."""
+    sizes = [min(chunk, n_resamples - start) for start in range(0, n_resamples, chunk)]
+    return [partial(_draw_counts, n_patients, size, stream) for size, stream in zip(sizes, rng.spawn(len(sizes)))]
+
+
+def _draw_counts(n_patients: int, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each patient is drawn in each of ``rows`` resamples: the transpose of a patient-major
+    (P, rows) float32 array, the layout the sparse products and the gathers of :class:`ResampledStatistics`
+    take without copying."""
+    # n_patients uniform draws per row, counted: the multinomial, an order of magnitude faster than
+    # Generator.multinomial with this many categories; counts are exact in float32 (see ResampledStatistics)
+    counts = np.empty((n_patients, rows), dtype=np.float32)
+    for row in range(rows):
+        counts[:, row] = np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
+    return counts.T
+
+
 def resample_patients(
     n_patients: int, *, n_resamples: int, rng: np.random.Generator, chunk: int = CHUNK
 ) -> Iterator[np.ndarray]:
-    """How often each patient is drawn in each resample: (chunk, P) float32 arrays, ``chunk`` rows at a time.
-    Each is the transpose of a patient-major (P, chunk) array, the layout the sparse products and the
-    gathers of :class:`ResampledStatistics` take without copying."""
-    done = 0
-    while done < n_resamples:
-        b = min(chunk, n_resamples - done)
-        # n_patients uniform draws per row, counted: the multinomial, an order of magnitude
-        # faster than Generator.multinomial with this many categories
-        draws = rng.integers(0, n_patients, size=(b, n_patients))
-        draws += (np.arange(b) * n_patients)[:, None]  # each row counted in its own stretch: cache-friendly
-        counts = np.bincount(draws.ravel(), minlength=b * n_patients).reshape(b, n_patients)
-        yield counts.T.astype(np.float32, order="C").T  # counts: exact in float32 (see ResampledStatistics)
-        done += b
+    """How often each patient is drawn in each resample: (chunk, P) float32 arrays, ``chunk`` rows at a time,
+    drawn one after another (:func:`patient_draws`' chunks)."""
+    for draw in patient_draws(n_patients, n_resamples=n_resamples, rng=rng, chunk=chunk):
+        yield draw()
 
 
 def resample_weights(
@@ -286,15 +302,19 @@ class ResampledStatistics:
                  groups: Mapping[str, np.ndarray] | None = None,
                  compared: Mapping[str, Sequence[str]] | None = None,
                  settings: MetricSettings = MetricSettings()) -> None:
-        labels = {a: np.asarray(v).astype(str) for a, v in dict(groups or {}).items()}
-        self.members = {a: {g: lab == g for g in np.unique(lab)} for a, lab in labels.items()}
+        # each attribute's groups as codes in sorted order (pandas' hashing: sorting 100,000 strings, as
+        # np.unique does, takes most of the set-up)
+        factorized = {a: pd.factorize(np.asarray(v).astype(str), sort=True) for a, v in dict(groups or {}).items()}
+        self.members = {a: {g: group_code == i for i, g in enumerate(names)}
+                        for a, (group_code, names) in factorized.items()}
         self.compared = compared
         codes = np.asarray(codes)
         n_patients = int(codes.max()) + 1
-        group_codes = [np.unique(lab, return_inverse=True)[1].ravel() for lab in labels.values()]
-        cell = (np.unique(np.column_stack(group_codes), axis=0, return_inverse=True)[1].ravel() if group_codes
-                else np.zeros(len(codes), dtype=int))
-        unit_keys, unit = np.unique(cell * n_patients + codes, return_inverse=True)
+        cell = np.zeros(len(codes), dtype=np.int64)  # the cases' combination of groups, in sorted order
+        for group_code, names in factorized.values():
+            cell = cell * len(names) + group_code
+        cell = pd.factorize(cell, sort=True)[0]
+        unit, unit_keys = pd.factorize(cell * n_patients + codes, sort=True)
         self.unit_patient = unit_keys % n_patients
         # the units' weights are the patients' columns of a chunk, taken in this order (none to take without
         # groups, or when every patient's cases share their groups and the cells follow the patients' order)
@@ -311,9 +331,10 @@ class ResampledStatistics:
                     np.asarray(y_true)[mask], prob[mask], threshold=threshold, units=unit[mask],
                     n_units=len(unit_keys), settings=settings)
 
-    def __call__(self, weight_chunks) -> tuple[dict, dict, dict]:
-        # chunks in parallel on the usable cores (numpy, scipy's sparse products and BLAS release the GIL),
-        # each with a single-threaded BLAS so that the threads do not contend for the cores
+    def __call__(self, weight_chunks: Iterable[np.ndarray | Callable[[], np.ndarray]]) -> tuple[dict, dict, dict]:
+        # chunks (or the calls that draw them, :func:`patient_draws`) in parallel on the usable cores (numpy's
+        # draws and counts, scipy's sparse products and BLAS release the GIL), each with a single-threaded BLAS
+        # so that the threads do not contend for the cores
         with threadpool_limits(limits=1, user_api="blas"):
             parts = list(ordered_map(self._chunk, weight_chunks, workers=usable_cores()))
         join = lambda chunks: np.concatenate(chunks)  # noqa: E731
@@ -323,8 +344,10 @@ class ResampledStatistics:
                  for a, ag in by_group[0].items()},
                 {a: {n: join([c[a][n] for c in gaps]) for n in gm} for a, gm in gaps[0].items()})
 
-    def _chunk(self, weights: np.ndarray) -> tuple[dict, dict, dict]:
+    def _chunk(self, weights: np.ndarray | Callable[[], np.ndarray]) -> tuple[dict, dict, dict]:
         """One chunk's ``(overall, groups, gaps)`` (see the class docstring)."""
+        if callable(weights):
+            weights = weights()
         members, compared, bounds = self.members, self.compared, self.cell_bounds
         # float32 resamples (counts) are summed in float32: exact for whole numbers below 2**24, which the
         # counts, the confusion and bin counts and the runs' weights stay below with fewer cases than 2**23

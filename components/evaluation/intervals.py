@@ -26,6 +26,7 @@ from components.evaluation.bootstrap import (
     WeightedMetrics,
     jackknife_rows,
     patient_codes,
+    patient_draws,
     resample_patients,
     weighted_auc,
 )
@@ -117,7 +118,7 @@ def bootstrap_ci(
     n_patients = int(codes.max()) + 1
     statistics = ResampledStatistics(y_true, prob, codes, threshold=threshold, groups=groups, compared=compared,
                                      settings=settings)
-    resampled = statistics(resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed)))
+    resampled = statistics(patient_draws(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed)))
     jackknifed = statistics(jackknife_rows(n_patients))
     point = statistics([np.ones((1, n_patients))])
 

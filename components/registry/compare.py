@@ -23,7 +23,13 @@ from mlflow.tracking import MlflowClient
 from components import lineage, paths
 from components.data.versioning import read_version
 from components.errors import RegistryError
-from components.evaluation.bootstrap import ResampledStatistics, jackknife_rows, patient_codes, resample_patients
+from components.evaluation.bootstrap import (
+    ResampledStatistics,
+    jackknife_rows,
+    patient_codes,
+    patient_draws,
+    resample_patients,
+)
 from components.evaluation.intervals import bca_interval
 from components.evaluation.declarations import METRICS, metric as declared
 from components.evaluation.report import DEFAULT_ATTRIBUTES, check_predictions, read_table
@@ -91,7 +97,7 @@ def compare_predictions(y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarr
         first, second = stats_a(rows_of()), stats_b(rows_of())
         return first, second
 
-    draws = lambda: resample_patients(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed))  # noqa: E731
+    draws = lambda: patient_draws(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed))  # noqa: E731
     (res_a, res_b), (jack_a, jack_b) = paired(draws), paired(lambda: jackknife_rows(n_patients))
     point_a, point_b = stats_a([np.ones((1, n_patients))]), stats_b([np.ones((1, n_patients))])
     metrics = [

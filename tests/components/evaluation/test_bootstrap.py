@@ -60,6 +60,31 @@ def test_resamples_draw_patients_not_images():
         assert w[[0, 3, 4]].sum() == 3  # three patients drawn per resample
 
 
+def test_drawn_chunks_are_the_same_in_any_order():
+    """Each chunk of resamples draws from its own stream, so the threads that draw them may finish in any
+    order and a seed still gives one set of resamples."""
+    from components.evaluation.bootstrap import patient_draws, resample_patients
+
+    draws = patient_draws(40, n_resamples=100, rng=np.random.default_rng(5), chunk=32)
+    backwards = [draw() for draw in reversed(draws)][::-1]
+    in_order = list(resample_patients(40, n_resamples=100, rng=np.random.default_rng(5), chunk=32))
+    assert [len(chunk) for chunk in in_order] == [32, 32, 32, 4]
+    for drawn, expected in zip(backwards, in_order):
+        np.testing.assert_array_equal(drawn, expected)
+    assert all((chunk.sum(axis=1) == 40).all() for chunk in in_order)  # 40 patients drawn per resample
+    assert not np.array_equal(in_order[0], in_order[1])
+
+
+def test_intervals_do_not_depend_on_the_number_of_threads(monkeypatch):
+    from components.evaluation import bootstrap
+
+    y, prob, groups = synthetic_predictions(600)
+    patients = np.arange(600) // 2
+    threaded = bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=200, groups=groups)
+    monkeypatch.setattr(bootstrap, "usable_cores", lambda: 1)
+    assert bootstrap_ci(y, prob, patients, threshold=0.5, n_resamples=200, groups=groups) == threaded
+
+
 def test_intervals_cover_the_estimate_and_are_seeded():
     y, prob, groups = synthetic_predictions(600)
     patients = np.arange(600) // 2
