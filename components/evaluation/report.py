@@ -134,8 +134,9 @@ def check_predictions(
     ids = predictions["case_id"].astype(str)
     if ids.duplicated().any():
         raise EvaluationError(DUPLICATE_IDS.format(path=path, ids=_ids(ids[ids.duplicated()].unique())))
-    known = set(manifest["case_id"].astype(str))
-    unknown = ids[~ids.isin(known)]
+    # an index lookup: pandas 3.1's isin on its string dtype took a second for 100,000 ids
+    known = pd.Index(manifest["case_id"].astype(str).unique())
+    unknown = ids[known.get_indexer(ids) < 0]
     if len(unknown):
         raise EvaluationError(UNKNOWN_IDS.format(path=path, ids=_ids(unknown)))
     for column in [*targets, *columns]:

@@ -43,6 +43,26 @@ def test_gaps_and_equity_scaled_auc_from_the_definitions(predictions):
     assert summary["equalized_odds_difference"] == pytest.approx(expected_eod)
 
 
+def test_odds_and_parity_differences_equal_fairlearns_on_every_case():
+    """medflow hands fairlearn each distinct (label, decision, group) once with its count: the same figures as
+    fairlearn's on the cases themselves, over the groups large enough to compare."""
+    from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
+
+    y, prob, groups = synthetic_predictions(5000, seed=6)
+    race = pd.Series(groups["race"])
+    race[:30] = None  # an "unknown" group too small to compare
+    by_group = group_metrics(y, prob, race, threshold=0.4)
+    assert list(by_group) == ["unknown", "w", "x", "y", "z"]
+    summary = fairness_summary(y, prob, race, by_group, overall_auc=0.8, threshold=0.4, min_group_size=40)
+    assert summary["groups_compared"] == ["w", "x", "y", "z"]
+    compared = race.notna().to_numpy()
+    pred, features = (prob[compared] >= 0.4).astype(int), race[compared].to_numpy()
+    assert summary["equalized_odds_difference"] == pytest.approx(
+        equalized_odds_difference(y[compared], pred, sensitive_features=features), abs=1e-12)
+    assert summary["demographic_parity_difference"] == pytest.approx(
+        demographic_parity_difference(y[compared], pred, sensitive_features=features), abs=1e-12)
+
+
 def test_equity_scaling_is_the_metric_itself_when_groups_agree():
     assert equity_scaled(0.9, {"a": 0.9, "b": 0.9}) == 0.9
     assert equity_scaled(0.9, {"a": 0.8, "b": 1.0}) == pytest.approx(0.9 / 1.2)
