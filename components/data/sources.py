@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,12 +86,17 @@ def pseudonymise(value: str, *, salt: bytes, prefix: str) -> str:
     return prefix + hmac.new(salt, value.encode(), hashlib.sha256).hexdigest()[:12]
 
 
+# what nibabel raises for a file that is not NIfTI, is cut short (EOFError from gzip, OSError uncompressed) or
+# holds corrupt compressed data (zlib.error, which is not an OSError)
+NIFTI_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error)
+
+
 def _read_nifti(path: Path, *, dtype: type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Array (as ``dtype``; None keeps the stored type after scaling) and affine of a NIfTI file."""
     try:
         image = nib.load(path)
         array = np.asarray(image.dataobj, dtype=dtype)
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as exc:
+    except NIFTI_ERRORS as exc:
         raise IngestError(f"{path}: not a readable NIfTI file ({exc})") from exc
     return array, np.asarray(image.affine, dtype=float)
 

@@ -22,6 +22,7 @@ from monai.metrics import compute_dice
 from monai.metrics.utils import get_edge_surface_distance, get_mask_edges, get_surface_distance
 from scipy import ndimage
 
+from components.data.sources import NIFTI_ERRORS
 from components.errors import EvaluationError
 from components.evaluation.bootstrap import jackknife_rows, resample_weights
 from components.evaluation.intervals import bca_interval
@@ -41,7 +42,7 @@ def load_volume(path: Path, *, case: str, what: str) -> tuple[np.ndarray, np.nda
     try:
         image = nib.load(path)
         return np.asarray(image.dataobj), np.asarray(image.header.get_zooms()[: len(image.shape)], dtype=float)
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+    except NIFTI_ERRORS as exc:
         raise EvaluationError(BAD_VOLUME.format(case=case, what=what, path=path, problem=f"cannot be read ({exc})")) from exc
 
 

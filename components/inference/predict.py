@@ -16,7 +16,9 @@ import pandas as pd
 import torch
 from monai.data import DataLoader, Dataset
 
+from components.data.sources import NIFTI_ERRORS
 from components.errors import EvaluationError
+from components.evaluation.segmentation import BAD_VOLUME
 from components.progress import track
 from components.training.forward import predict_batches, sliding_window
 from components.training.preprocess import (
@@ -114,12 +116,6 @@ def segment_tensor(model: torch.nn.Module, spec: SegmentationSpec, image: np.nda
         return sliding_window(model, tensor, spec.patch_size)[0].numpy()
 
 
-def segment_file(model: torch.nn.Module, spec: SegmentationSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (K, *spatial) of one NIfTI image file, and its affine."""
-    image = nib.load(path)
-    return segment_tensor(model, spec, image.get_fdata(dtype=np.float32)), image.affine
-
-
 def segment_arrays(
     model: torch.nn.Module, spec: SegmentationSpec, images: np.ndarray, *, temperature: float = 1.0
 ) -> np.ndarray:
@@ -144,10 +140,26 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits) / temperature, dim=0).numpy()
 
 
+def read_image(path: Path, *, case: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (float32, scaled) and affine of a NIfTI image file.
+
+    Raises:
+        EvaluationError: naming the file (and ``case``, when given) when it is not NIfTI or its voxels are cut
+            short or corrupt.
+    """
+    try:
+        image = nib.load(path)
+        return image.get_fdata(dtype=np.float32), image.affine
+    except NIFTI_ERRORS as exc:
+        problem = f"cannot be read ({exc})"
+        raise EvaluationError(f"{path} {problem}" if case is None else
+                              BAD_VOLUME.format(case=case, what="image", path=path, problem=problem)) from exc
+
+
 def predict_images(model_uri: str, paths: list[Path]) -> np.ndarray:
     """Probabilities (N, K) of a registered model (its pyfunc) for NIfTI images, read as raw arrays."""
     model = mlflow.pyfunc.load_model(model_uri)
-    images = [nib.load(p).get_fdata(dtype=np.float32) for p in paths]
+    images = [read_image(p)[0] for p in paths]
     shapes = {i.shape for i in images}
     if len(shapes) == 1:
         return np.asarray(model.predict(np.stack(images)))

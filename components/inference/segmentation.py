@@ -19,6 +19,7 @@ import torch
 
 from components.config import RunConfig
 from components.data.ingest import load_manifest
+from components.data.sources import NIFTI_ERRORS
 from components.errors import EvaluationError
 from components.evaluation.calibration import fit_temperature
 from components.evaluation.declarations import FAIRNESS, metrics_for
@@ -27,7 +28,7 @@ from components.evaluation.segmentation import (
     BAD_VOLUME, calibration_bins, case_dice, ece_from_bins, evaluate_segmentation, load_volume,
 )
 from components.inference.results import REPORT_DIR, ModelEvaluation
-from components.inference.predict import segment_file, softmax
+from components.inference.predict import read_image, segment_tensor, softmax
 from components.progress import track
 from components.training.preprocess import SegmentationSpec
 
@@ -48,13 +49,21 @@ def _check_cases(cases: pd.DataFrame, root: Path) -> None:
         for what, path in (("image", root / image), ("true mask", root / label)):
             try:
                 shapes[what] = nib.load(path).shape
-            except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+            except NIFTI_ERRORS as exc:
                 raise EvaluationError(BAD_VOLUME.format(case=case, what=what, path=path,
                                                         problem=f"cannot be read ({exc})")) from exc
         if shapes["image"] != shapes["true mask"]:
             raise EvaluationError(BAD_VOLUME.format(case=case, what="true mask", path=root / label,
                                                     problem=f"has shape {shapes['true mask']}, its image "
                                                             f"{shapes['image']}"))
+
+
+def _segment_case(model: torch.nn.Module, spec: SegmentationSpec, image: Path, *, case: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (K, *spatial) of one case's image file, and its affine (an image :func:`_check_cases` passed on
+    its header whose voxels are cut short or corrupt is named with its case)."""
+    voxels, affine = read_image(image, case=case)
+    return segment_tensor(model, spec, voxels), affine
 
 
 def _sample_voxels(logits: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -71,13 +80,13 @@ def _segment_test_case(model: torch.nn.Module, spec: SegmentationSpec, image: Pa
 
     A function of its own so that the case's volumes (the logits alone are 0.6 GB on a full-size CT) are freed
     when it returns, not held by the caller's loop variables through the report."""
-    logits, affine = segment_file(model, spec, image)
+    logits, affine = _segment_case(model, spec, image, case=case)
     row = {"case_id": case, "mask": f"masks/{case}_mask.nii.gz"}
     # the logits' argmax is the calibrated probabilities' (T > 0), without their float rounding
     nib.save(nib.Nifti1Image(logits.argmax(axis=0).astype(np.uint8), affine), out_dir / row["mask"])
     if not binary:
         return row, 0
-    bins = calibration_bins(softmax(logits)[1], np.asarray(nib.load(label).dataobj))
+    bins = calibration_bins(softmax(logits)[1], load_volume(label, case=case, what="true mask")[0])
     row["prob_map"] = f"masks/{case}_prob.nii.gz"
     nib.save(nib.Nifti1Image(softmax(logits, temperature)[1], affine), out_dir / row["prob_map"])
     return row, bins
@@ -114,8 +123,10 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
     _check_cases(pd.concat([val, test]), root)
     rng = np.random.default_rng(config.evaluate.seed)
-    sampled = [_sample_voxels(segment_file(model, spec, root / image)[0], np.asarray(nib.load(root / label).dataobj), rng)
-               for image, label in track(list(zip(val["image"], val["label"])), description="Segmenting val")]
+    sampled = [_sample_voxels(_segment_case(model, spec, root / image, case=case)[0],
+                              load_volume(root / label, case=case, what="true mask")[0], rng)
+               for case, image, label in track(list(zip(val["case_id"], val["image"], val["label"])),
+                                               description="Segmenting val")]
     temperature = fit_temperature(np.concatenate([s[0] for s in sampled]), np.concatenate([s[1] for s in sampled]))
     binary = config.data.num_classes == 2
     masks_dir = out_dir / "masks"

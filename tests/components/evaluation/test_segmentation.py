@@ -198,7 +198,7 @@ def test_report_has_groups_es_dice_and_voxel_calibration(tmp_path):
     assert report.overall["voxel_ece"] == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["shape", "labels", "missing", "prob"])
+@pytest.mark.parametrize("case", ["shape", "labels", "missing", "prob", "cut short"])
 def test_bad_volumes_name_the_case(tmp_path, case):
     predictions, manifest = _dataset(tmp_path, n=4)
     affine = np.diag([*SPACING, 1.0])
@@ -211,6 +211,10 @@ def test_bad_volumes_name_the_case(tmp_path, case):
     elif case == "missing":
         predictions.loc[2, "mask"] = "gone.nii.gz"
         expected = f"c2: predicted mask {tmp_path / 'pred' / 'gone.nii.gz'} cannot be read"
+    elif case == "cut short":  # gzip's EOFError, which is not an OSError
+        path = tmp_path / "pred" / "c2.nii.gz"
+        path.write_bytes(path.read_bytes()[:-40])
+        expected = f"c2: predicted mask {path} cannot be read (Compressed file ended"
     else:
         nib.save(nib.Nifti1Image(np.full((24, 24, 12), 1.5, np.float32), affine), tmp_path / "pred" / "c3-prob.nii.gz")
         expected = "c3: probability map c3-prob.nii.gz must match its mask's shape and lie in [0, 1]"
@@ -293,6 +297,48 @@ def test_a_val_or_test_case_with_a_bad_file_is_named_before_anything_is_segmente
                                   out_dir=tmp_path / "out")
     assert str(info.value).startswith(expected)
     assert segmented == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("split", "damage"), [("val", "cut short"), ("test", "cut short"), ("test", "corrupt")])
+def test_an_image_that_cannot_be_read_is_named_with_its_case(tmp_path, seg2d_dataset, split, damage):
+    """Cut short, its header still reads (the check before segmenting passes it) and gzip's EOFError comes when its
+    voxels are read; corrupt, zlib's error (not an OSError) comes as soon as the small file is read."""
+    root = tmp_path / "data"
+    shutil.copytree(seg2d_dataset.parent, root)
+    manifest = load_manifest(root / seg2d_dataset.name)
+    case, image = manifest.loc[manifest["split"] == split, ["case_id", "image"]].iloc[-1]
+    compressed = (root / image).read_bytes()
+    if damage == "cut short":
+        (root / image).write_bytes(compressed[:-20])
+        assert nib.load(root / image).shape  # the header is whole
+    else:
+        middle = len(compressed) // 2
+        (root / image).write_bytes(compressed[:middle] + bytes(b ^ 0xFF for b in compressed[middle:middle + 40])
+                                   + compressed[middle + 40:])
+    config = load_config(overrides=["data.task=segmentation", "train.model=unet", "train.model_kwargs={}",
+                                    "train.loss=dice_ce", "evaluate.n_bootstrap=0"], environ={})
+    model = build_segmenter("unet", spatial_dims=2, in_channels=1, num_classes=2, patch_size=(32, 32),
+                            kwargs=segmenter_kwargs("unet", patch_size=(32, 32)))
+    with pytest.raises(EvaluationError) as info:
+        evaluate_segmentation_run(model=model, spec=SegmentationSpec((32, 32), 0.0, 1.0), run_id="never-logged",
+                                  manifest_path=root / seg2d_dataset.name, config=config, out_dir=tmp_path / "out")
+    assert str(info.value).startswith(f"{case}: image {root / image} cannot be read (")
+
+
+def test_an_image_read_for_a_registered_models_predictions_names_its_file(tmp_path):
+    """What ``medflow compare`` and the non-inferiority gate read the dataset's images with."""
+    from components.inference.predict import read_image
+
+    whole, cut = tmp_path / "whole.nii.gz", tmp_path / "cut.nii.gz"
+    voxels = np.arange(24 * 24 * 12, dtype=np.float32).reshape(24, 24, 12)
+    nib.save(nib.Nifti1Image(voxels, np.diag([*SPACING, 1.0])), whole)
+    read, affine = read_image(whole)
+    np.testing.assert_array_equal(read, voxels)
+    np.testing.assert_allclose(affine, np.diag([*SPACING, 1.0]), rtol=1e-6)  # stored in float32
+    cut.write_bytes(whole.read_bytes()[:-20])
+    with pytest.raises(EvaluationError) as info:
+        read_image(cut)
+    assert str(info.value).startswith(f"{cut} cannot be read (Compressed file ended")
 
 
 class _Spy(torch.nn.Module):
