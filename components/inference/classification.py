@@ -25,7 +25,7 @@ from components.evaluation.report import evaluate_predictions
 from components.evaluation.shortcuts import shortcut_audit
 from components.inference.predict import CPU, predict_frame
 from components.inference.results import REPORT_DIR, ModelEvaluation
-from components.training.backbones import penultimate
+from components.training.backbones import captured_features, penultimate
 from components.training.forward import extract_features
 from components.training.preprocess import PreprocessSpec
 
@@ -59,17 +59,17 @@ def predictions_frame(frame: pd.DataFrame, prob: np.ndarray, *, multilabel: bool
 
 
 def audit_shortcuts(model: torch.nn.Module, spec: PreprocessSpec, manifest: pd.DataFrame, root: Path, *,
-                    attributes: list[str], num_classes: int, config: RunConfig) -> dict:
-    """The shortcut audit of a classifier: its penultimate features of the train and test splits, probed for
-    each attribute (:func:`components.evaluation.shortcuts.shortcut_audit`)."""
+                    attributes: list[str], num_classes: int, config: RunConfig, test_features: np.ndarray) -> dict:
+    """The shortcut audit of a classifier: its penultimate features of the train split and the test split's
+    (``test_features``, taken from the pass that predicted the test split), probed for each attribute
+    (:func:`components.evaluation.shortcuts.shortcut_audit`)."""
     if not attributes:
         return {}
-    encoder = penultimate(model, num_classes)
     train, test = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
-    features = {name: extract_features(encoder, spec, frame, root, CPU, description=f"Features of {name}")
-                for name, frame in (("train", train), ("test", test))}
+    train_features = extract_features(penultimate(model, num_classes), spec, train, root, CPU,
+                                      description="Features of train")
     ev = config.evaluate
-    return shortcut_audit(features["train"], train, features["test"], test, attributes=attributes,
+    return shortcut_audit(train_features, train, test_features, test, attributes=attributes,
                           n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size)
 
 
@@ -85,7 +85,9 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
     probabilities = sigmoid if multilabel else softmax
     val_logits = predict_frame(model, spec, val, root, description="Predicting val")
     temperature = fit_temperature(val_logits, truth(val))
-    test_logits = predict_frame(model, spec, test, root, description="Predicting test")
+    with captured_features(model, k) as captured:  # the shortcut audit's test features, from the same pass
+        test_logits = predict_frame(model, spec, test, root, description="Predicting test")
+    test_features = torch.cat(captured).numpy() if captured else np.zeros((0, 0), dtype=np.float32)
     calibrated = predictions_frame(test, probabilities(test_logits, temperature=temperature), multilabel=multilabel)
     ev = config.evaluate
     attributes = [a for a in config.data.attributes if a in manifest.columns]
@@ -100,7 +102,8 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
         settings=MetricSettings(specificity=ev.target_specificity, ordinal=config.data.ordinal),
     )
     calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}
-    shortcuts = audit_shortcuts(model, spec, manifest, root, attributes=attributes, num_classes=k, config=config)
+    shortcuts = audit_shortcuts(model, spec, manifest, root, attributes=attributes, num_classes=k, config=config,
+                                test_features=test_features)
     report = dataclasses.replace(report, calibration=calibration, shortcuts=shortcuts)
     external = manifest[manifest["split"] == EXTERNAL]
     if len(external):  # study.external_sites: never trained or tuned on, calibrated with the internal temperature
