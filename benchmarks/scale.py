@@ -71,9 +71,9 @@ SAMPLER_SHARE = 19  # the peak sampler waits 19x as long as a reading took: 5 % 
 NOT_MEASURED = (  # what the section says is left
     "Not measured yet: a GPU (none was lent). 100,000 images have a section of their own below, and CT "
     "volumes another. On 2 cores the DataLoader workers share the cores the network trains on, "
-    "so they add nothing here; they pay where the accelerator waits for the transforms. Evaluation is linear "
-    "but costs about as much as one training epoch: it reads and preprocesses the val and test images again, "
-    "in the evaluating process, and the shortcut audit embeds every image."
+    "so they add nothing here; they pay where the accelerator waits for the transforms. Evaluation reads and "
+    "preprocesses the val and test images again, in the evaluating process, and the shortcut audit embeds the "
+    "training split (the test split's features come from the pass that predicts it)."
 )
 
 
