@@ -33,6 +33,12 @@ class DataValidationError(MedflowError):
     exit_code = 2
 
 
+class UnreadableImage(MedflowError):
+    """An image of an ingested dataset that cannot be read any more (cut short, corrupt or gone since ingest)."""
+
+    exit_code = 2
+
+
 class EvaluationError(MedflowError):
     """Predictions or a manifest that cannot be evaluated."""
 

@@ -30,7 +30,7 @@ from components.errors import ConfigError
 from components.pretraining.methods import ENCODER_CLASSES, build_method, describe_encoder
 from components.training.backbones import ENCODER_TASK, pinned_source
 from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device
-from components.training.preprocess import PreprocessSpec, intensity_stats
+from components.training.preprocess import PreprocessSpec, intensity_stats, unreadable_images_named
 
 STATS_SAMPLE = 256
 # L2-normalised embeddings of dimension D spread with a standard deviation near 1/sqrt(D) per dimension;
@@ -177,6 +177,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
     )
 
 
+@unreadable_images_named()
 def pretrain_encoder(*, manifest_path: Path, data_version: str, config: RunConfig,
                      params_out: Path | None = None) -> TrainResult:
     """Pretrain ``pretrain.model`` with ``pretrain.method`` on the manifest's train images (one rank; under

@@ -11,7 +11,6 @@ from monai.transforms import (
     DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -23,7 +22,7 @@ from monai.transforms import (
 )
 
 from components.config import PretrainConfig
-from components.training.preprocess import PreprocessSpec, normalisation
+from components.training.preprocess import LoadNamedImaged, PreprocessSpec, normalisation
 
 VIEW = "view"
 
@@ -47,7 +46,7 @@ def view_transforms(spec: PreprocessSpec, cfg: PretrainConfig, *, views: int = 2
     stacked on the channel axis (views * C, H, W), each with its own random draw. Everything before the
     first random transform is what a cache keeps."""
     steps: list = [
-        LoadImaged(keys="image", reader="NibabelReader", image_only=True),
+        LoadNamedImaged("image"),
         EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
         Resized(keys="image", spatial_size=spec.spatial_size),
         *normalisation(spec, keys="image"),  # the data's mean and std, or a checkpoint's channels and statistics

@@ -24,7 +24,7 @@ from components.training.forward import predict_batches
 from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device, splits
 from components.training.losses import build_loss, build_multilabel_loss, class_weights, positive_weights
 from components.training.models import build_classifier, classifier_kwargs
-from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms
+from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms, unreadable_images_named
 from components.training.transfer import transfer_recipe
 
 STATS_SAMPLE = 256
@@ -131,6 +131,7 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
                   tags={"medflow.cache": cache.reason})
 
 
+@unreadable_images_named()
 def train_classifier(
     *, manifest_path: Path, data_version: str, config: RunConfig, params_out: Path | None = None
 ) -> TrainResult:

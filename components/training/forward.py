@@ -17,7 +17,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from components.progress import track
-from components.training.preprocess import PreprocessSpec, training_transforms
+from components.training.preprocess import PreprocessSpec, training_transforms, unreadable_images_named
 
 SW_BATCH = 4
 SW_OVERLAP = 0.25
@@ -48,6 +48,7 @@ def release_free_memory() -> None:
 FEATURE_BATCH = 64
 
 
+@unreadable_images_named()
 def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.device, *,
                     progress=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (N, K) of every batch of ``loader`` (dicts with ``image``), and its ``label`` (N, ...) when the

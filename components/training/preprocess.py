@@ -12,7 +12,8 @@ normalised per channel with the checkpoint's mean and standard deviation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +41,70 @@ from monai.transforms import (
 )
 from sklearn.preprocessing import StandardScaler
 
-from components.errors import DataValidationError
+from components.data.sources import NIFTI_ERRORS
+from components.errors import DataValidationError, UnreadableImage
+
+CHANGED_SINCE_INGEST = ("the dataset changed after ingest: restore its version (medflow data checkout) or ingest "
+                        "its source again")
+
+
+def unreadable(path: str | Path, exc: BaseException) -> UnreadableImage:
+    """The error for an image of the dataset that cannot be read: its path and the reader's error, one line."""
+    said = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = f"{type(exc).__name__}: {said[-1]}" if said else type(exc).__name__
+    return UnreadableImage(f"{path}: cannot be read ({reason}); {CHANGED_SINCE_INGEST}")
+
+
+def read_nifti(path: str | Path, read: Callable = lambda image: image):
+    """``read`` of the NIfTI image at ``path`` (by default the image itself, only its header read yet), or
+    :class:`UnreadableImage` naming a file that cannot be read."""
+    try:
+        return read(nib.load(path))
+    except NIFTI_ERRORS as exc:
+        raise unreadable(path, exc) from exc
+
+
+class LoadNamedImaged(LoadImaged):
+    """MONAI's LoadImaged (nibabel) for one key, whose file that cannot be read raises :class:`UnreadableImage`
+    naming it: MONAI's own error names neither the file (an image cut short: gzip's EOFError) nor the reader's
+    problem but in a help text (a corrupt header or a missing file: "cannot find a suitable reader")."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(keys=key, reader="NibabelReader", image_only=True)
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except (*NIFTI_ERRORS, RuntimeError):
+            # MONAI tries its other readers too and keeps the last one's error (pydicom's, for a NIfTI file):
+            # the file is read again with nibabel alone, only when it failed, for nibabel's own error
+            read_nifti(data[self.keys[0]], lambda image: np.asarray(image.dataobj))
+            raise  # nibabel reads the file: the error is not the file's
+
+
+_UNREADABLE_LINE = f"{UnreadableImage.__module__}.{UnreadableImage.__qualname__}: "
+
+
+@contextlib.contextmanager
+def unreadable_images_named() -> Iterator[None]:
+    """Raise the :class:`UnreadableImage` that a load transform raised as itself (one line for the CLI), out of
+    MONAI's ``RuntimeError("applying transform ...")`` around it, or out of the text of the traceback that a
+    DataLoader worker process passes on (torch rebuilds only the outer error's type from that text)."""
+    try:
+        yield
+    except UnreadableImage:
+        raise
+    except Exception as exc:
+        seen, cause = set(), exc
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, UnreadableImage):
+                raise UnreadableImage(str(cause)) from exc
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        for line in str(exc).splitlines():
+            if line.startswith(_UNREADABLE_LINE):
+                raise UnreadableImage(line[len(_UNREADABLE_LINE):]) from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -85,7 +149,7 @@ def normalisation(spec: PreprocessSpec, *, keys: str | None) -> list:
 def training_transforms(spec: PreprocessSpec, *, augment: bool) -> Compose:
     """Dictionary transforms from a NIfTI path (key ``image``) to a normalised (C, H, W) tensor."""
     steps = [
-        LoadImaged(keys="image", reader="NibabelReader", image_only=True),
+        LoadNamedImaged("image"),
         EnsureChannelFirstd(keys="image", channel_dim="no_channel"),
         Resized(keys="image", spatial_size=spec.spatial_size),
         *normalisation(spec, keys="image"),
@@ -114,12 +178,13 @@ def intensity_stats(paths: Iterable[str | Path]) -> tuple[float, float]:
     merges each image's moments into the running ones).
 
     Raises:
+        UnreadableImage: an image that cannot be read.
         DataValidationError: an image with NaN or infinite voxels (scikit-learn would skip the NaNs and refuse
             the infinities with a traceback), or no image at all.
     """
     scaler = StandardScaler()
     for path in paths:
-        image = nib.load(path).get_fdata(dtype=np.float32)
+        image = read_nifti(path, lambda image: image.get_fdata(dtype=np.float32))
         bad = image.size - int(np.count_nonzero(np.isfinite(image)))
         if bad:
             raise DataValidationError(f"{path}: {bad} NaN or infinite voxel(s); the validation step refuses such "
@@ -156,7 +221,7 @@ def segmentation_transforms(spec: SegmentationSpec, *, augment: bool, samples: i
     keys = ["image", "label"]
     axes = list(range(len(spec.patch_size)))
     steps = [
-        LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        *(LoadNamedImaged(key) for key in keys),
         EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
         NormalizeIntensityd(keys="image", subtrahend=spec.mean, divisor=spec.std),
         EnsureTyped(keys=keys, track_meta=False),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -27,7 +26,9 @@ from components.training.forward import sliding_window
 from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device, splits
 from components.training.losses import build_seg_loss, class_weights
 from components.training.models import MIN_PATCH, build_segmenter, patch_divisor, segmenter_kwargs
-from components.training.preprocess import SegmentationSpec, intensity_stats, segmentation_transforms
+from components.training.preprocess import (
+    SegmentationSpec, intensity_stats, read_nifti, segmentation_transforms, unreadable_images_named,
+)
 
 STATS_SAMPLE = 32
 LARGEST_DEFAULT_PATCH = 96
@@ -58,7 +59,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
                           f"(label {str(manifest.loc[~masks, 'label'].iloc[0])!r}); was the dataset ingested for another task?")
     sample = train_df.sample(min(STATS_SAMPLE, len(train_df)), random_state=cfg.seed)
     # shapes from the headers; the voxels are read one image at a time (32 full-size CT volumes are 10 GB)
-    shapes = [tuple(nib.load(root / p).shape) for p in sample["image"]]
+    shapes = [tuple(read_nifti(root / p).shape) for p in sample["image"]]
     dims = {len(shape) for shape in shapes}
     if len(dims) != 1 or dims - {2, 3}:
         raise ConfigError(f"{manifest_path}: segmentation trains on 2D or 3D images of one kind, found {sorted(dims)}D")
@@ -89,8 +90,9 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
     val_loader = DataLoader(val_ds, batch_size=1)
     counts = np.zeros(num_classes, dtype=np.int64)
     if cfg.class_weights == "balanced":  # voxels of each class, one mask at a time
-        counts = sum((np.bincount(np.asarray(nib.load(root / p).dataobj, dtype=np.intp).ravel(), minlength=num_classes)
-                      for p in sample["label"]), start=counts)
+        voxels = lambda image: np.asarray(image.dataobj, dtype=np.intp).ravel()  # noqa: E731
+        counts = sum((np.bincount(read_nifti(root / p, voxels), minlength=num_classes) for p in sample["label"]),
+                     start=counts)
     weights = class_weights(cfg.class_weights, counts, num_classes)
     loss_fn = build_seg_loss(cfg.loss, None if weights is None else weights.to(device))
     # Dice of class-index maps (num_classes): no one-hot copies of a whole volume's prediction and mask
@@ -127,6 +129,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
                           "cache": cache.mode})
 
 
+@unreadable_images_named()
 def train_segmenter(
     *, manifest_path: Path, data_version: str, config: RunConfig, params_out: Path | None = None
 ) -> TrainResult:
