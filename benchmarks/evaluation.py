@@ -40,9 +40,15 @@ NOTE = ("Before cells, runs, float32 counts and threads (`benchmarks/evaluation.
         "through the contract's metrics, and fairlearn's odds and parity differences take each distinct "
         "(label, decision, group) once with its count: fairlearn's MetricFrame on every case took 15.9 of the "
         "report's 19.3 s at 100,000 (cProfile). The code before drawing on the threads and grouping with pandas "
-        "(217924e), in three runs interleaved with this code's, each in a fresh process: 1.41-1.48 s per patient "
-        "and 1.72-1.76 s per image at 100,000, against 1.12-1.34 and 1.40-1.44; this machine's timings vary by "
-        "about a tenth from run to run.")
+        "(217924e), in three runs interleaved with the code after it, each in a fresh process: 1.41-1.48 s per patient "
+        "and 1.72-1.76 s per image at 100,000, against 1.12-1.34 and 1.40-1.44. Since 90611c0 a chunk's draws are "
+        "written a row at a time and transposed once (a chunk's draw took 26 ms, now 19, the same numbers) and the "
+        "jackknife's rows are split evenly among the threads; two runs of the code before it (d823572) interleaved "
+        "with two of this code's on 2026-12-04, at 100,000: overall only 1.07 and 1.16 s against 0.78 and 0.83, per "
+        "patient 1.53 and 1.77 against 1.19 and 1.27, per image 1.94 and 1.93 against 1.68 and 1.74, distinct 2.93 "
+        "and 3.21 against 2.57 and 3.04. That afternoon the machine ran slower than the day before: the code before "
+        "it took 1.53-1.77 s per patient against 1.10 s the day before, and scikit-learn 181-235 ms a resample "
+        "against 142; this machine's timings vary by a tenth or more from run to run.")
 
 
 def _data(n: int, decimals: int | None = 3):
