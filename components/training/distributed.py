@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from components import lineage, paths
+from components import errors, lineage, paths
 from components.config import RunConfig
-from components.errors import ConfigError, DistributedTrainingError
+from components.errors import ConfigError, DistributedTrainingError, MedflowError
 
 
 def check_world(config: RunConfig, *, cuda_devices: int) -> None:
@@ -82,10 +82,23 @@ def launch_training(*, manifest_path: Path, data_version: str, config: RunConfig
                 sys.stderr.write(line)
                 tail.append(line.rstrip())
         if ranks.returncode != 0 or not result_file.exists():
+            said = rank_error(Path(tmp))
+            if said is not None and said["medflow"]:  # a rank refused its input (a bad image, a patch too large)
+                kind = getattr(errors, said["type"], None)
+                if isinstance(kind, type) and issubclass(kind, MedflowError):
+                    raise kind(said["message"])  # its own one line, not torchrun's tail of tracebacks
+            cause = f" rank {said['rank']}: {said['type']}: {said['message']}" if said else ""
             raise DistributedTrainingError(
-                f"distributed training failed (torchrun exit {ranks.returncode}):\n" + "\n".join(tail)
+                f"distributed training failed (torchrun exit {ranks.returncode}):{cause}\n" + "\n".join(tail)
             )
         return TrainResult(**json.loads(result_file.read_text()))
+
+
+def rank_error(folder: Path) -> dict | None:
+    """What the lowest failed rank said it failed with (:func:`main` writes ``error-rank<r>.json``): its
+    ``rank``, the error's ``type`` and ``message``, and whether it is ``medflow``'s; None when no rank said."""
+    said = sorted(folder.glob("error-rank*.json"), key=lambda p: int(p.stem.removeprefix("error-rank")))
+    return json.loads(said[0].read_text()) if said else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +128,17 @@ def main(argv: list[str] | None = None) -> int:
                              params_out=args.params_out)
         if dist.get_rank() == 0:
             args.result.write_text(json.dumps(result.__dict__))
+    except Exception as exc:  # for the launcher to say (see rank_error): torchrun's own summary names no cause
+        rank = dist.get_rank()
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        medflow = isinstance(exc, MedflowError)
+        args.result.with_name(f"error-rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "type": type(exc).__name__, "medflow": medflow,
+            "message": str(exc) if medflow else (lines[-1] if lines else "")}))
+        if not medflow:
+            raise  # the traceback, in the output the launcher shows
+        print(f"rank {rank}: medflow: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     finally:
         dist.destroy_process_group()
     return 0

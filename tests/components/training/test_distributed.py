@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from components import paths
 from components.config import load_config
 from components.errors import ConfigError
-from components.errors import DistributedTrainingError
+from components.errors import DistributedTrainingError, IngestError
 from components.training.distributed import check_world, launch_training
 
 TINY = ["train.epochs=2", "train.batch_size=16", "data.image_size=32", "registry.experiment=test-ddp", "train.device=cpu"]
@@ -46,11 +46,20 @@ def test_a_layout_that_cannot_run_is_refused_before_launch(overrides, devices, m
         check_world(load_config(overrides=overrides, environ={}), cuda_devices=devices)
 
 
-def test_a_failing_rank_is_one_error_with_the_tail_of_its_output(workspace, tmp_path):
+def test_a_rank_that_refuses_its_input_is_that_one_line_error(workspace, tmp_path):
     missing = tmp_path / "nowhere" / "manifest.parquet"
     config = load_config(overrides=[*TINY, "train.nproc_per_node=2"], environ={})
-    with pytest.raises(DistributedTrainingError, match=r"distributed training failed \(torchrun exit 1\)"):
+    with pytest.raises(IngestError) as refused:  # the ranks' own error, not torchrun's tail of tracebacks
         launch_training(manifest_path=missing, data_version="v1", config=config)
+    assert str(refused.value) == f"cannot read manifest {missing}: {missing}"
+
+
+def test_a_rank_failing_otherwise_is_one_error_with_the_tail_of_its_output(workspace, tmp_path):
+    config = load_config(overrides=[*TINY, "train.nproc_per_node=2"], environ={})
+    with pytest.raises(DistributedTrainingError, match=r"distributed training failed \(torchrun exit 1\): rank \d: "
+                                                       r"TypeError: loads\(\) missing 1 required positional argument: 's'\n"):
+        launch_training(manifest_path=tmp_path / "manifest.parquet", data_version="v1", config=config,
+                        entry="json:loads")  # not medflow's error: its last line, then the tail
 
 
 @pytest.mark.slow
