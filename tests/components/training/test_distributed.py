@@ -56,8 +56,8 @@ def test_a_rank_that_refuses_its_input_is_that_one_line_error(workspace, tmp_pat
 
 def test_a_rank_failing_otherwise_is_one_error_with_the_tail_of_its_output(workspace, tmp_path):
     config = load_config(overrides=[*TINY, "train.nproc_per_node=2"], environ={})
-    with pytest.raises(DistributedTrainingError, match=r"distributed training failed \(torchrun exit 1\): rank \d: "
-                                                       r"TypeError: loads\(\) missing 1 required positional argument: 's'\n"):
+    said = r"distributed training failed \(torchrun exit 1\): rank \d: TypeError: loads\(\) missing 1 required "
+    with pytest.raises(DistributedTrainingError, match=said + r"positional argument: 's'\n"):
         launch_training(manifest_path=tmp_path / "manifest.parquet", data_version="v1", config=config,
                         entry="json:loads")  # not medflow's error: its last line, then the tail
 
