@@ -164,22 +164,23 @@ def compare_segmentations(a: dict[str, np.ndarray], b: dict[str, np.ndarray], pa
 def _segmentation_cases(folder: Path, table, manifest_path: Path, model_uri: str) -> tuple[dict, dict, object]:
     """Per-case Dice and HD95 of the evaluated version (its logged masks) and of ``model_uri`` (its pyfunc
     segmenting the same volumes), and the joined manifest rows."""
-    import nibabel as nib  # noqa: PLC0415
-
     from components.evaluation.segmentation import case_metrics, load_volume  # noqa: PLC0415
+    from components.inference.predict import read_image  # noqa: PLC0415
     from components.progress import track  # noqa: PLC0415
 
     manifest = read_table(manifest_path).assign(case_id=lambda m: m["case_id"].astype(str)).set_index("case_id")
     joined = manifest.loc[table["case_id"].astype(str)].reset_index()
     model = mlflow.pyfunc.load_model(model_uri)
     first, second = {"dice": [], "hd95": []}, {"dice": [], "hd95": []}
-    for mask, image, label in track(list(zip(table["mask"], joined["image"], joined["label"])),
-                                    description="Segmenting with the second version"):
-        truth, spacing = load_volume(manifest_path.parent / label, case=str(mask), what="true mask")
-        volume = nib.load(manifest_path.parent / image).get_fdata(dtype=np.float32)
+    cases = list(zip(table["case_id"].astype(str), table["mask"], joined["image"], joined["label"]))
+    for case_id, mask, image, label in track(cases, description="Segmenting with the second version"):
+        # a file that cannot be read ends in one line naming the case and the file
+        truth, spacing = load_volume(manifest_path.parent / label, case=case_id, what="true mask")
+        volume, _ = read_image(manifest_path.parent / image, case=case_id)
         prob = model.predict(volume[None])
         classes = prob.shape[1]
-        for scores, predicted in ((first, np.asarray(nib.load(folder / mask).dataobj)), (second, prob[0].argmax(axis=0))):
+        logged, _ = load_volume(folder / mask, case=case_id, what="logged mask")
+        for scores, predicted in ((first, logged), (second, prob[0].argmax(axis=0))):
             case = case_metrics(predicted, truth, spacing=spacing, num_classes=classes)
             for name in scores:
                 scores[name].append(np.nan if case[name] is None else case[name])

@@ -82,3 +82,41 @@ def test_segmentations_compare_on_mean_dice_and_hd95_with_scipys_bca_of_the_pair
     assert gap.name == "sex.dice_gap"
     assert gap.a == pytest.approx(np.ptp(by_group(dice_a))) and gap.b == pytest.approx(np.ptp(by_group(dice_b)))
     assert gap.ci95[0] <= gap.difference <= gap.ci95[1] and gap.better == "a"
+
+
+@pytest.mark.parametrize("damaged", ["image", "logged mask"])
+def test_comparing_segmentations_names_a_file_it_cannot_read_with_its_case(tmp_path, seg2d_dataset, monkeypatch,
+                                                                         damaged):
+    import shutil
+
+    import mlflow
+    import nibabel as nib
+    import pandas as pd
+
+    from components.errors import EvaluationError
+    from components.registry.compare import _segmentation_cases
+
+    root = tmp_path / "data"
+    shutil.copytree(seg2d_dataset.parent, root)
+    manifest = pd.read_parquet(root / seg2d_dataset.name)
+    test = manifest[manifest["split"] == "test"]
+    folder = tmp_path / "report"
+    (folder / "masks").mkdir(parents=True)
+    for case, label in zip(test["case_id"], test["label"]):  # the evaluated version's masks: the true ones
+        shutil.copy(root / label, folder / f"masks/{case}_mask.nii.gz")
+    table = pd.DataFrame({"case_id": test["case_id"], "mask": [f"masks/{c}_mask.nii.gz" for c in test["case_id"]]})
+
+    class Segmenter:  # the second version's pyfunc: background everywhere
+        def predict(self, volume):
+            return np.stack([np.ones_like(volume), np.zeros_like(volume)], axis=1)
+
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda uri: Segmenter())
+    first, second, _ = _segmentation_cases(folder, table, root / seg2d_dataset.name, "models:/seg/2")
+    assert np.all(first["dice"] == 1.0) and len(second["dice"]) == len(test)  # the files as they are: read
+    case = str(test["case_id"].iloc[-1])
+    path = root / test["image"].iloc[-1] if damaged == "image" else folder / f"masks/{case}_mask.nii.gz"
+    path.write_bytes(path.read_bytes()[:-20])  # cut short: the header reads, gzip runs out in the voxels
+    assert nib.load(path).shape
+    with pytest.raises(EvaluationError) as info:
+        _segmentation_cases(folder, table, root / seg2d_dataset.name, "models:/seg/2")
+    assert str(info.value).startswith(f"{case}: {damaged} {path} cannot be read (")
