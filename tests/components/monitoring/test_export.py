@@ -85,3 +85,25 @@ def test_bad_input_is_one_line_and_writes_nothing(registered, workspace, monkeyp
     with pytest.raises(PredictError, match="is a segmentation model: ONNX export covers classifiers"):
         export_model("tiny/1", workspace / "m.onnx")
     assert not list(workspace.glob("m.*")) and not list(workspace.glob("tmp*"))
+
+
+def test_a_test_image_cut_short_is_named_before_anything_is_exported(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from components.errors import UnreadableImage
+
+    root = tmp_path / "data" / "small"
+    (root / "images").mkdir(parents=True)
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(np.ones((32, 32), dtype=np.float32), np.eye(4)), root / f"images/{name}.nii.gz")
+    manifest = pd.DataFrame({"image": ["images/a.nii.gz", "images/b.nii.gz"], "split": ["test", "test"]})
+    monkeypatch.setattr(export_module, "data_manifest", lambda dataset, version: manifest)
+    monkeypatch.setattr(export_module.paths, "data_root", lambda: tmp_path / "data")
+    model = SimpleNamespace(dataset="small", data_version="0123456789abcdef")
+    spec = PreprocessSpec(spatial_size=(32, 32), mean=0.0, std=1.0)
+    images, checked_on = export_module._check_images(model, spec, (32, 32))
+    assert images.shape == (2, 32, 32) and checked_on == "2 test images of small@0123456789ab"
+    cut = root / "images/b.nii.gz"
+    cut.write_bytes(cut.read_bytes()[:-20])
+    with pytest.raises(UnreadableImage, match=f"^{cut}: cannot be read \\(EOFError: "):
+        export_module._check_images(model, spec, (32, 32))
