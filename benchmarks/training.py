@@ -34,11 +34,13 @@ SECTION = "Training step: medflow vs a bare MONAI loop"
 
 
 def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_workers: int = 0,
-                    cache_dir: Path | None = None) -> int:
+                    cache_dir: Path | None = None, device: str = "cpu", epoch_ends: list[float] | None = None) -> int:
     """The same training as medflow's, written as a plain MONAI loop; returns the samples seen.
 
     ``cache`` is MONAI's CacheDataset (memory), PersistentDataset in ``cache_dir`` (disk) or Dataset (none);
-    ``num_workers`` the DataLoader's worker processes for training.
+    ``num_workers`` the DataLoader's worker processes for training. On ``device`` cuda the loop pins memory,
+    copies batches without blocking and, with ``train.amp``, trains under autocast with a GradScaler, as
+    medflow's loop does; ``epoch_ends`` (when given) receives the wall-clock time at the end of each epoch.
     """
     import torch
     from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
@@ -67,22 +69,33 @@ def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_w
         return Dataset(records(df), transform)
 
     train_ds, val_ds = dataset(train_df, True, "train"), dataset(val_df, False, "val")
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=num_workers)
+    cuda = torch.device(device).type == "cuda"
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=num_workers,
+                              pin_memory=cuda)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size)
-    model = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=2, kwargs=cfg.model_kwargs)
+    model = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=2,
+                             kwargs=cfg.model_kwargs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
+    amp = cfg.amp and cuda
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     for _ in range(cfg.epochs):
         model.train()
         for batch in train_loader:
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch["image"]), batch["label"])
-            loss.backward()
-            optimizer.step()
+            with torch.autocast(device_type=torch.device(device).type, enabled=amp):
+                loss = loss_fn(model(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         model.eval()
         with torch.no_grad():
             for batch in val_loader:
-                model(batch["image"])
+                model(batch["image"].to(device)).cpu()
+        if epoch_ends is not None:
+            epoch_ends.append(time.time())
     return len(train_df) * cfg.epochs
 
 

@@ -394,7 +394,8 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                     if sampler is not None:
                         sampler.set_epoch(epoch)
                     model.train()
-                    total, seen = 0.0, 0
+                    # the loss is summed on the device: a .item() per step would make the host wait for the GPU
+                    total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
                     for batch in loader if trainable else ():
                         reraise()
                         images = batch["image"].to(device, non_blocking=True)
@@ -405,8 +406,9 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                         scaler.scale(loss).backward()
                         scaler.step(optimizer)
                         scaler.update()
-                        total += loss.item() * len(images)
+                        total += loss.detach().double() * len(images)
                         seen += len(images)
+                    total = float(total)
                     if size > 1:  # the mean training loss over every rank's shard
                         sums = torch.tensor([total, float(seen)], dtype=torch.float64, device=device)
                         dist.all_reduce(sums)
