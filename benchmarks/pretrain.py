@@ -34,7 +34,7 @@ def bare_simclr_loop(manifest_path: Path, config) -> int:
     """The same pretraining as medflow's, written as a plain loop; returns the images seen."""
     import torch
     from monai.data import CacheDataset, DataLoader
-    from monai.utils import set_determinism
+    from monai.utils import convert_to_tensor, set_determinism
 
     from components.data.ingest import load_manifest
     from components.pretraining.methods import ENCODER_CLASSES
@@ -68,13 +68,13 @@ def bare_simclr_loop(manifest_path: Path, config) -> int:
         model.train()
         for batch in train_loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch["image"]))
+            loss = loss_fn(model(convert_to_tensor(batch["image"], track_meta=False)))  # as medflow
             loss.backward()
             optimizer.step()
         model.eval()
         with torch.no_grad():
             for batch in val_loader:
-                loss_fn(model(batch["image"]))
+                loss_fn(model(convert_to_tensor(batch["image"], track_meta=False)))
     return len(train_df) * cfg.epochs
 
 

@@ -34,17 +34,20 @@ SECTION = "Training step: medflow vs a bare MONAI loop"
 
 
 def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_workers: int = 0,
-                    cache_dir: Path | None = None, device: str = "cpu", epoch_ends: list[float] | None = None) -> int:
+                    cache_dir: Path | None = None, device: str = "cpu", epoch_ends: list[float] | None = None,
+                    plain: bool = True) -> int:
     """The same training as medflow's, written as a plain MONAI loop; returns the samples seen.
 
     ``cache`` is MONAI's CacheDataset (memory), PersistentDataset in ``cache_dir`` (disk) or Dataset (none);
     ``num_workers`` the DataLoader's worker processes for training. On ``device`` cuda the loop pins memory,
     copies batches without blocking and, with ``train.amp``, trains under autocast with a GradScaler, as
     medflow's loop does; ``epoch_ends`` (when given) receives the wall-clock time at the end of each epoch.
+    ``plain`` hands the network plain tensors, as medflow does; False keeps the MetaTensors that MONAI's random
+    transforms return (as the loops of MONAI's tutorials do).
     """
     import torch
     from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-    from monai.utils import set_determinism
+    from monai.utils import convert_to_tensor, set_determinism
 
     from components.data.ingest import load_manifest
     from components.training.models import build_classifier
@@ -82,7 +85,8 @@ def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_w
     for _ in range(cfg.epochs):
         model.train()
         for batch in train_loader:
-            images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"]
+            images = (convert_to_tensor(images, track_meta=False) if plain else images).to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=torch.device(device).type, enabled=amp):

@@ -29,6 +29,7 @@ from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.pretraining.methods import ENCODER_CLASSES, build_method, describe_encoder
 from components.training.backbones import ENCODER_TASK, pinned_source
+from components.training.forward import network_input
 from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device
 from components.training.preprocess import PreprocessSpec, intensity_stats, unreadable_images_named
 
@@ -152,7 +153,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)  # the same hidden patches every epoch (MAE), training's draws untouched
             for batch in val_loader:
-                views = batch["image"].to(device)
+                views = network_input(batch["image"], device)
                 total += float(loss(model(views), None)) * len(views)
                 seen += len(views)
                 features.append(model.encoder(parts.first_view(views)).flatten(1).cpu())

@@ -50,6 +50,7 @@ from components.errors import ConfigError, Interrupted
 from components.training.checkpoint import (
     TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, training_key,
 )
+from components.training.forward import network_input
 from components.tracking import use_experiment
 
 CHECKPOINT_DIR = "checkpoint"
@@ -398,7 +399,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                     total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
                     for batch in loader if trainable else ():
                         reraise()
-                        images = batch["image"].to(device, non_blocking=True)
+                        images = network_input(batch["image"], device, non_blocking=True)
                         labels = batch["label"].to(device, non_blocking=True)
                         optimizer.zero_grad(set_to_none=True)
                         with torch.autocast(device_type=device.type, enabled=amp):

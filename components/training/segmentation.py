@@ -22,7 +22,7 @@ from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.training.backbones import describe_report, init_segmenter
-from components.training.forward import sliding_window
+from components.training.forward import network_input, sliding_window
 from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device, splits
 from components.training.losses import build_seg_loss, class_weights
 from components.training.models import MIN_PATCH, build_segmenter, patch_divisor, segmenter_kwargs
@@ -103,7 +103,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
         losses = []
         with torch.no_grad():
             for batch in val_loader:
-                logits = sliding_window(model, batch.pop("image").to(device), patch)
+                logits = sliding_window(model, network_input(batch.pop("image"), device), patch)
                 label = batch["label"].to(device)
                 losses.append(float(loss_fn(logits, label)))
                 pred = logits.argmax(dim=1, keepdim=True)

@@ -30,6 +30,16 @@ def test_predict_batches_trims_the_heap_after_every_batch_and_predicts_as_the_mo
         np.testing.assert_allclose(logits, model(images).numpy(), rtol=1e-6)
 
 
+def test_network_input_is_a_plain_tensor_on_the_device_without_a_copy():
+    from monai.data import MetaTensor
+
+    batch = MetaTensor(torch.randn(2, 1, 4, 4), meta={"filename_or_obj": "a.nii.gz"})
+    plain = forward.network_input(batch, torch.device("cpu"))
+    assert type(plain) is torch.Tensor
+    assert plain.data_ptr() == batch.data_ptr()
+    assert torch.equal(plain, batch.as_tensor())
+
+
 def test_without_malloc_trim_in_the_c_library_release_does_nothing(monkeypatch):
     monkeypatch.setattr(forward.ctypes, "CDLL", lambda name: types.SimpleNamespace())  # macOS, musl: no malloc_trim
     assert forward._malloc_trim() is None

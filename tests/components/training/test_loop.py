@@ -74,3 +74,27 @@ def test_a_vit_trains_and_is_rebuilt_from_its_checkpoint(workspace, small_datase
     assert description["network_kwargs"]["img_size"] == 32 and description["network_kwargs"]["num_layers"] == 1
     with torch.no_grad():
         assert model(torch.zeros(3, 1, 32, 32)).shape == (3, 2)
+
+
+def test_the_network_is_handed_plain_tensors_in_training_and_validation(workspace, small_dataset, monkeypatch):
+    """MONAI's random transforms return MetaTensors, which send every operation of the network through Python
+    (an H200 waited on that: BENCHMARKS.md); the loop and the validation hand the network plain tensors."""
+    from components.training import models
+
+    seen = []
+    build = models.CLASSIFIERS["densenet"]
+
+    class Recording(torch.nn.Module):
+        def __init__(self, network: torch.nn.Module) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, x):
+            seen.append((self.training, type(x)))
+            return self.network(x)
+
+    monkeypatch.setitem(models.CLASSIFIERS, "densenet", lambda **kwargs: Recording(build(**kwargs)))
+    train_classifier(manifest_path=small_dataset, data_version="v",
+                     config=load_config(overrides=[*TINY, "train.epochs=1"], environ={}))
+    assert {training for training, _ in seen} == {True, False}  # training steps and validation both seen
+    assert {kind for _, kind in seen} == {torch.Tensor}
