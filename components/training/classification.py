@@ -97,7 +97,7 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
 
     def make_validate(val_loader: DataLoader):
         def validate(model: torch.nn.Module) -> dict[str, float]:
-            logits, labels = predict_batches(model, val_loader, device)
+            logits, labels = predict_batches(model, val_loader, device, trim=False)
             scores = {"val_loss": float(val_loss_fn(torch.tensor(logits), torch.tensor(labels)))}
             auc = _auc(logits, labels)
             return scores | ({"val_auc": auc} if auc is not None else {})

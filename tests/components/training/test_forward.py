@@ -30,6 +30,14 @@ def test_predict_batches_trims_the_heap_after_every_batch_and_predicts_as_the_mo
         np.testing.assert_allclose(logits, model(images).numpy(), rtol=1e-6)
 
 
+def test_predict_batches_without_trim_leaves_the_heap(monkeypatch):
+    trims = []
+    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
+    logits, _ = forward.predict_batches(torch.nn.Linear(4, 3), [{"image": torch.randn(2, 4)}] * 3,
+                                        torch.device("cpu"), trim=False)
+    assert trims == [] and logits.shape == (6, 3)
+
+
 def test_network_input_is_a_plain_tensor_on_the_device_without_a_copy():
     from monai.data import MetaTensor
 

@@ -76,11 +76,15 @@ def test_a_vit_trains_and_is_rebuilt_from_its_checkpoint(workspace, small_datase
         assert model(torch.zeros(3, 1, 32, 32)).shape == (3, 2)
 
 
-def test_the_network_is_handed_plain_tensors_in_training_and_validation(workspace, small_dataset, monkeypatch):
+def test_training_hands_the_network_plain_tensors_and_leaves_the_heap_untrimmed(workspace, small_dataset,
+                                                                               monkeypatch):
     """MONAI's random transforms return MetaTensors, which send every operation of the network through Python
-    (an H200 waited on that: BENCHMARKS.md); the loop and the validation hand the network plain tensors."""
-    from components.training import models
+    (an H200 waited on that: BENCHMARKS.md); the loop and the validation hand the network plain tensors. The
+    validation does not trim the heap: the next training step would fault the pages back in."""
+    from components.training import forward, models
 
+    trims = []
+    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
     seen = []
     build = models.CLASSIFIERS["densenet"]
 
@@ -98,3 +102,4 @@ def test_the_network_is_handed_plain_tensors_in_training_and_validation(workspac
                      config=load_config(overrides=[*TINY, "train.epochs=1"], environ={}))
     assert {training for training, _ in seen} == {True, False}  # training steps and validation both seen
     assert {kind for _, kind in seen} == {torch.Tensor}
+    assert trims == []
