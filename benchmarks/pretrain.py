@@ -127,17 +127,18 @@ def main() -> int:
     if args.write:
         section = (
             f"`make bench` (`benchmarks/pretrain.py`) on {date.today().isoformat()}, {os.cpu_count()} CPU cores, one "
-            f"rank (no GPU was lent), Python {platform.python_version()}, torch {torch.__version__}; SimCLR on "
+            f"rank (pretraining on a GPU has not been measured), Python {platform.python_version()}, "
+            f"torch {torch.__version__}; SimCLR on "
             f"{config.pretrain.model}, {rows[0][4] // rows[0][0]} training images, batch {config.pretrain.batch_size}, "
             f"best of {args.repeat} alternating runs. The baseline is a bare loop on the same views, encoder, "
             f"projection head and MONAI loss (lightly's loop cannot run here: it needs torchvision).\n\n"
             f"{table}\n\nTarget (at least 0.95 of the bare loop's images/s): "
             + "; ".join(f"{e}x{z} {'met' if b / m >= 0.95 else 'not met'}" for e, z, b, m, _ in rows)
             + ". medflow pays about a second per run whatever its length (the MLflow run with its params and dataset "
-            "input, the intensity statistics, the encoder artifact) and a resumable checkpoint per epoch, so the "
-            "ratio rises with the epochs; real pretraining runs tens of epochs. Run-to-run noise on this 2-core "
-            "machine is several per cent. Two ranks (torchrun) were not measured: on 2 cores they would share the "
-            "cores the single rank already uses.\n"
+            "input, the intensity statistics, the encoder artifact) and a resumable checkpoint per epoch; over the "
+            "tens of epochs of real pretraining the fixed second counts less. Run-to-run noise on this 2-core "
+            "machine is several per cent, as large as the difference between the rows. Two ranks (torchrun) were "
+            "not measured: on 2 cores they would share the cores the single rank already uses.\n"
         )
         write_section(SECTION, section)
     return 0
