@@ -91,6 +91,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script on a small run)")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the steady state runs from the end of the first epoch")
 
     import torch
 
@@ -160,7 +162,8 @@ def main() -> int:
         n_train = samples // args.epochs
         section = (
             f"`python benchmarks/gpu.py --write --patients {args.patients} --size {args.size} --epochs {args.epochs} "
-            f"--workers {args.workers} --batch-sizes {' '.join(map(str, args.batch_sizes))}` on {date.today().isoformat()}, one {name}, {os.cpu_count()} CPU cores, "
+            f"--workers {args.workers} --batch-sizes {' '.join(map(str, args.batch_sizes))}` on "
+            f"{date.today().isoformat()}, one {name}, {os.cpu_count()} CPU cores, "
             f"Python {platform.python_version()}, torch {torch.__version__}; {args.model} at {args.size}x{args.size}, "
             f"{n_train} training images, {args.epochs} epochs, every row with MONAI's CacheDataset; one run per "
             f"row after a warm-up epoch. Steady: from the end of the first epoch to the end of the last (the "

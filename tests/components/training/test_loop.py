@@ -103,3 +103,26 @@ def test_training_hands_the_network_plain_tensors_and_leaves_the_heap_untrimmed(
     assert {training for training, _ in seen} == {True, False}  # training steps and validation both seen
     assert {kind for _, kind in seen} == {torch.Tensor}
     assert trims == []
+
+
+def test_the_logged_training_loss_is_the_mean_over_every_sample_of_the_epoch(workspace):
+    """The loop sums each batch's mean loss times its size on the device; batches of 4, 4 and 2 samples must
+    give the mean over all 10 (with a learning rate too small to move the weights during the epoch)."""
+    from monai.transforms import Compose
+
+    from components.training.loop import Recipe, fit
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(10, 3), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0])
+    network = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(network(images), labels))
+    recipe = Recipe(network=network, train_data=[{"image": images[i], "label": labels[i]} for i in range(10)],
+                    augment=Compose([]), loss=torch.nn.CrossEntropyLoss(),
+                    validate=lambda model: {"val_loss": 0.0, "val_auc": 0.5}, metric="val_auc",
+                    description={}, params={})
+    config = load_config(overrides=["train.epochs=1", "train.batch_size=4", "train.lr=1e-12",
+                                    "train.weight_decay=0", "registry.experiment=test-train"], environ={})
+    result = fit(recipe, config=config, data_version="loss", device=torch.device("cpu"))
+    (logged,) = mlflow.MlflowClient().get_metric_history(result.run_id, "train_loss")
+    assert logged.value == pytest.approx(expected, rel=1e-6)
