@@ -156,7 +156,7 @@ def main() -> int:
     if args.write:
         section = (
             f"`make bench` (`benchmarks/backbones.py`) on {date.today().isoformat()}, {os.cpu_count()} CPU cores "
-            f"(no GPU was lent to this session: extraction with AMP is still to be measured), Python "
+            f"(extraction on a GPU, with AMP, is still to be measured), Python "
             f"{platform.python_version()}, torch {torch.__version__}; a DINOv2-small-shaped backbone (384 wide, 12 "
             f"layers, patch 14) with random weights in Hugging Face format, {n} synthetic images at {SIDE}x{SIDE}, "
             f"extraction best of {args.repeat + 2} in alternating order, steps best of {args.repeat + 1}."

@@ -69,7 +69,8 @@ VOLUME_BATCH = 2  # whole volumes per batch, each cropped to train.samples_per_v
 GB = 2**30
 SAMPLER_SHARE = 19  # the peak sampler waits 19x as long as a reading took: 5 % of a core
 NOT_MEASURED = (  # what the section says is left
-    "Not measured yet: a GPU (none was lent). 100,000 images have a section of their own below, and CT "
+    "Not measured yet: these steps on a GPU (the training step alone on an H200 is in the GPU section). "
+    "100,000 images have a section of their own below, and CT "
     "volumes another. On 2 cores the DataLoader workers share the cores the network trains on, "
     "so they add nothing here; they pay where the accelerator waits for the transforms. Evaluation reads and "
     "preprocesses the val and test images again, in the evaluating process, and the shortcut audit embeds the "
