@@ -20,13 +20,15 @@ by SeriesInstanceUID and sorting by position is therefore done here.
 
 from __future__ import annotations
 
+import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.datadict import tag_for_keyword
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
 from components.errors import IngestError
@@ -40,10 +42,15 @@ PHI_KEYWORDS = (
     "OperatorsName", "AccessionNumber", "StudyID", "StudyInstanceUID", "SeriesInstanceUID",
     "SOPInstanceUID", "FrameOfReferenceUID", "DeviceSerialNumber", "StationName",
 )
+PHI_TAGS = {keyword: tag_for_keyword(keyword) for keyword in PHI_KEYWORDS}
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 IGNORED_NAMES = ("DICOMDIR",)
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # PixelData, FloatPixelData, DoubleFloatPixelData
 DEFER_BYTES = 64 * 1024  # elements this large (pixel data) stay on disk until their value is used
+FUNCTIONAL_TAGS = {0x52009229, 0x52009230}  # Shared and PerFrame FunctionalGroupsSequence
+# what reading a header's values raises: pydicom's conversions, and numpy's on geometry of the wrong kind
+HEADER_ERRORS = (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError,
+                 KeyError, struct.error, EOFError, OSError, BytesLengthException)
 
 
 @dataclass(frozen=True)
@@ -61,26 +68,18 @@ class DicomCase:
     removed_tags: tuple[str, ...]
 
 
-def _parse_header(ds: pydicom.Dataset) -> None:
-    """Parse every element but the pixel data (left on disk until its file is decoded), recursing into sequences."""
-    for tag in ds.keys():
-        if tag in PIXEL_TAGS:
-            continue
-        element = ds[tag]
-        if element.VR == "SQ":
-            for item in element.value:
-                _parse_header(item)
-
-
 def read_file(path: Path) -> pydicom.Dataset:
     """The dataset in ``path``, with a message naming the file when it is not readable DICOM. Its pixel data
-    is read from the file when decoded (:func:`_pixels`), so a series' headers cost little memory."""
+    is read from the file when decoded (:func:`_pixels`), so a series' headers cost little memory.
+
+    pydicom converts an element's value when it is first used: an element medflow never reads (names, dates,
+    private tags) is never parsed, and one that is corrupt is reported where it is read (:func:`read_dicom_case`
+    names the file). Parsing every element here cost a sixth of a small image's conversion."""
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
-        _parse_header(ds)  # every element now, so that a corrupt one is reported here, naming the file
     except InvalidDicomError as exc:
         raise IngestError(f"{path}: not a DICOM file") from exc
-    except Exception as exc:  # pydicom raises many types for corrupt headers (BytesLengthException is a RuntimeError)
+    except Exception as exc:  # pydicom raises many types for corrupt headers
         raise IngestError(f"{path}: unreadable DICOM ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise IngestError(f"{path}: DICOM without pixel data")
@@ -110,6 +109,8 @@ def _pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
 
 def _functional(ds: pydicom.Dataset, index: int, sequence: str) -> pydicom.Dataset | None:
     """An enhanced file's functional group item for frame ``index``: per-frame first, then shared."""
+    if FUNCTIONAL_TAGS.isdisjoint(ds.keys()):  # not an enhanced file: a set test, no keyword lookups
+        return None
     for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
         if not groups:
             continue
@@ -263,6 +264,13 @@ def _drop_pixels(ds: pydicom.Dataset) -> None:
     ds._pixel_array = None  # noqa: SLF001 (pydicom keeps the decoded array; no public call drops it)
 
 
+def _series_uid(path: Path, ds: pydicom.Dataset) -> str:
+    try:
+        return str(ds.get("SeriesInstanceUID", ""))
+    except HEADER_ERRORS as exc:
+        raise IngestError(f"{path}: inconsistent DICOM header ({type(exc).__name__}: {exc})") from exc
+
+
 def read_dicom_case(path: Path) -> DicomCase:
     """Read a DICOM file or a folder holding one series.
 
@@ -279,7 +287,7 @@ def read_dicom_case(path: Path) -> DicomCase:
         datasets = [(f, read_file(f)) for f in files]
         series = defaultdict(list)
         for f, ds in datasets:
-            series[str(ds.get("SeriesInstanceUID", ""))].append((f, ds))
+            series[_series_uid(f, ds)].append((f, ds))
         if len(series) > 1:
             raise IngestError(
                 f"{path}: folder holds {len(series)} series; a labels row must name one series (a file or a folder)"
@@ -287,17 +295,18 @@ def read_dicom_case(path: Path) -> DicomCase:
     else:
         datasets = [(path, read_file(path))]
     first = datasets[0][1]
-    try:
+    try:  # every element read here is parsed here, so that a corrupt one is reported naming the file
         array, affine = _volume(datasets, path)
-    except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
-        # pixel data that does not fit Rows x Columns x frames, geometry values of the wrong kind, ...
+        modality = str(first.get("Modality", "") or "OT")
+        patient_id = str(first.get("PatientID", "") or "")
+        case_uid = str(first.get("SeriesInstanceUID" if path.is_dir() else "SOPInstanceUID", "") or "")
+    except HEADER_ERRORS as exc:
+        # pixel data that does not fit Rows x Columns x frames, geometry values of the wrong kind, a value whose
+        # length does not fit its VR, ...
         raise IngestError(f"{path}: inconsistent DICOM header ({type(exc).__name__}: {exc})") from exc
-    removed = sorted({k for _, ds in datasets for k in PHI_KEYWORDS if k in ds})
+    present = [set(ds.keys()) for _, ds in datasets]  # tags only: no value is parsed
+    removed = sorted({k for keys in present for k, tag in PHI_TAGS.items() if tag in keys})
     return DicomCase(
-        array=array,
-        affine=affine,
-        modality=str(first.get("Modality", "") or "OT"),
-        patient_id=str(first.get("PatientID", "") or ""),
-        case_uid=str(first.get("SeriesInstanceUID" if path.is_dir() else "SOPInstanceUID", "") or ""),
+        array=array, affine=affine, modality=modality, patient_id=patient_id, case_uid=case_uid,
         removed_tags=tuple(removed),
     )

@@ -165,17 +165,20 @@ def image_facts(array: np.ndarray, affine: np.ndarray) -> dict:
     chunks = [flat[start:start + FACT_CHUNK] for start in range(0, flat.size, FACT_CHUNK)]
     digest, count, total, nans, infs = hashlib.sha256(), 0, 0.0, 0, 0
     low, high = np.inf, -np.inf
+    whole = []  # per chunk: every value finite (the usual case, which skips the selections and counts)
     for chunk in chunks:
         digest.update(chunk.view(np.uint8))
-        finite = chunk[np.isfinite(chunk)]
-        nans, infs = nans + int(np.isnan(chunk).sum()), infs + int(np.isinf(chunk).sum())
+        whole.append(bool(np.isfinite(chunk).all()))
+        finite = chunk if whole[-1] else chunk[np.isfinite(chunk)]
+        if not whole[-1]:
+            nans, infs = nans + int(np.isnan(chunk).sum()), infs + int(np.isinf(chunk).sum())
         if finite.size:
             low, high = min(low, float(finite.min())), max(high, float(finite.max()))
             count, total = count + finite.size, total + float(finite.sum(dtype=np.float64))
     mean = total / count if count else float("nan")
     squares = 0.0
-    for chunk in chunks if count else ():
-        deviations = chunk[np.isfinite(chunk)].astype(np.float64)
+    for chunk, all_finite in zip(chunks, whole) if count else ():
+        deviations = (chunk if all_finite else chunk[np.isfinite(chunk)]).astype(np.float64)
         deviations -= mean
         squares += float(np.square(deviations, out=deviations).sum())
     return {
