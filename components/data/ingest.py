@@ -330,6 +330,7 @@ def _build(
             problems.setdefault(job.row, []).extend(result)
         else:
             converted[job.row] = result
+    del jobs  # each case's metadata is held once from here on: see the rows below
     first_row_of: dict[str, int] = {}
     for i, c in sorted(converted.items()):
         if c.case_id in first_row_of:  # the same DICOM instance (or series) listed twice, maybe in two syntaxes
@@ -349,10 +350,11 @@ def _build(
         reused.pop(i, None)
     if not converted and not reused:
         raise IngestError(f"{labels_csv}: no rows to ingest" + (f" ({len(problems)} skipped as bad)" if problems else ""))
+    n_converted = len(converted)
     rows, raw_patients, removed, cases_state = [], [], Counter(), {}
     for i, rec in labels.iterrows():
         if i in converted:
-            c = converted[i]
+            c = converted.pop(i)  # its row now holds its facts: a case's metadata is held once, not twice
             listed = rec.get("patient_id")
             raw = c.raw_patient_id or ("" if pd.isna(listed) else str(listed))
             row = {"case_id": c.case_id, "patient_id": pseudonymise(raw, salt=salt, prefix="P"), "modality": c.modality, **c.facts}
@@ -380,6 +382,7 @@ def _build(
         rows.append(row)
         raw_patients.append(raw)
     manifest = pd.DataFrame(rows)
+    del rows
     manifest["split"] = _splits(manifest, raw_patients, previous, settings)
     manifest = manifest[[c for c in MANIFEST_COLUMNS if c in manifest.columns]]
     manifest.to_parquet(staging / "manifest.parquet", index=False)
@@ -389,7 +392,7 @@ def _build(
     report = IngestReport(
         dataset_dir=dataset_dir, manifest=dataset_dir / "manifest.parquet", n_cases=len(manifest),
         n_patients=manifest["patient_id"].nunique(), removed_tags=dict(removed),
-        converted=len(converted), reused=len(reused), skipped=skipped,
+        converted=n_converted, reused=len(reused), skipped=skipped,
     )
     return report, {"cases": cases_state}
 
