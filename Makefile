@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/evaluation_memory.py --write
 	$(BIN)/python benchmarks/ingest.py --write
 	$(BIN)/python benchmarks/training.py --write
+	$(BIN)/python benchmarks/layouts.py --write
 	$(BIN)/python benchmarks/load.py --write
 	$(BIN)/python benchmarks/backbones.py --write
 	$(BIN)/python benchmarks/predict.py --write

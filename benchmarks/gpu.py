@@ -9,7 +9,8 @@ Run it where there is a CUDA device (it refuses otherwise). A synthetic export o
   with ``--workers``;
 - medflow's ``train_classifier`` with the same settings (MLflow logging, the
   resumable checkpoint every epoch);
-- medflow with ``--workers`` and ``train.amp=false``;
+- medflow with ``--workers`` and ``train.amp=false``, and with ``train.memory_format=contiguous`` (every other
+  row trains in the layout ``auto`` picks: channels_last for a DenseNet, the bare loop too);
 - then, for each further ``--batch-sizes``, the bare loop and medflow with ``--workers``.
 
 Every row caches the preprocessed samples in memory (MONAI's CacheDataset). Two
@@ -112,49 +113,53 @@ def main() -> int:
                               settings=IngestSettings(), salt=b"g" * 32)
     print(f"export and ingest: {time.perf_counter() - start:.1f} s", flush=True)
 
-    def config(workers: int, amp: bool = True, batch: int = args.batch_sizes[0], epochs: int = args.epochs):
+    def config(workers: int, amp: bool = True, batch: int = args.batch_sizes[0], epochs: int = args.epochs,
+               layout: str = "auto"):
         return load_config(overrides=[
             f"train.epochs={epochs}", f"train.batch_size={batch}", f"data.image_size={args.size}", f"train.model={args.model}",
             f"train.device={args.device}", f"train.num_workers={workers}", "train.cache=memory",
-            f"train.amp={str(amp).lower()}", "registry.experiment=bench-gpu"], environ={})
+            f"train.amp={str(amp).lower()}", f"train.memory_format={layout}", "registry.experiment=bench-gpu"],
+            environ={})
 
-    def bare(workers: int, amp: bool, batch: int):
+    def bare(workers: int, amp: bool, batch: int, layout: str):
         ends: list[float] = []
-        samples = bare_monai_loop(report.manifest, config(workers, amp, batch), num_workers=workers,
+        samples = bare_monai_loop(report.manifest, config(workers, amp, batch, layout=layout), num_workers=workers,
                                   device=args.device, epoch_ends=ends)
         return samples, ends
 
-    def medflow(workers: int, amp: bool, batch: int):
-        result = train_classifier(manifest_path=report.manifest, data_version=f"bench-{workers}-{amp}-{batch}",
-                                  config=config(workers, amp, batch))
+    def medflow(workers: int, amp: bool, batch: int, layout: str):
+        result = train_classifier(manifest_path=report.manifest,
+                                  data_version=f"bench-{workers}-{amp}-{batch}-{layout}",
+                                  config=config(workers, amp, batch, layout=layout))
         return None, medflow_epoch_ends(result.run_id)
 
     # warm-up, one epoch: imports, cuDNN's first use, the fork of workers
     bare_monai_loop(report.manifest, config(args.workers, epochs=1), num_workers=args.workers, device=args.device)
     first, workers = args.batch_sizes[0], args.workers
-    runs = [("bare MONAI loop", bare, 0, True, first), ("medflow", medflow, 0, True, first),
-            ("bare MONAI loop", bare, workers, True, first), ("medflow", medflow, workers, True, first),
-            ("medflow", medflow, workers, False, first),
-            *[(name, train, workers, True, batch) for batch in args.batch_sizes[1:]
+    runs = [("bare MONAI loop", bare, 0, True, first, "auto"), ("medflow", medflow, 0, True, first, "auto"),
+            ("bare MONAI loop", bare, workers, True, first, "auto"), ("medflow", medflow, workers, True, first, "auto"),
+            ("medflow", medflow, workers, False, first, "auto"),
+            ("medflow", medflow, workers, True, first, "contiguous"),
+            *[(name, train, workers, True, batch, "auto") for batch in args.batch_sizes[1:]
               for name, train in (("bare MONAI loop", bare), ("medflow", medflow))]]
     rows, samples = [], 0
-    for name, train, workers, amp, batch in runs:
+    for name, train, workers, amp, batch, layout in runs:
         with Utilisation() as gpu:
             began = time.time()
-            seen, ends = train(workers, amp, batch)
+            seen, ends = train(workers, amp, batch, layout)
             finished = time.time()
         samples = seen or samples
         per_epoch = samples // args.epochs
         steady = (len(ends) - 1) * per_epoch / (ends[-1] - ends[0])
-        rows.append((name, workers, amp, batch, finished - began, samples / (finished - began), steady,
+        rows.append((name, workers, amp, layout, batch, finished - began, samples / (finished - began), steady,
                      gpu.mean(ends[0], ends[-1]), gpu.mean(began, finished)))
         print(rows[-1], flush=True)
     table = "\n".join([
-        "| training | workers | AMP | batch | whole call (s) | samples/s | steady samples/s | GPU busy, steady | "
-        "GPU busy, whole call |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-        *[f"| {n} | {w} | {'yes' if a else 'no'} | {b} | {t:.1f} | {s:.0f} | {st:.0f} | {u:.0f} % | {uw:.0f} % |"
-          for n, w, a, b, t, s, st, u, uw in rows],
+        "| training | workers | AMP | layout | batch | whole call (s) | samples/s | steady samples/s | "
+        "GPU busy, steady | GPU busy, whole call |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        *[f"| {n} | {w} | {'yes' if a else 'no'} | {ly} | {b} | {t:.1f} | {s:.0f} | {st:.0f} | {u:.0f} % | "
+          f"{uw:.0f} % |" for n, w, a, ly, b, t, s, st, u, uw in rows],
     ])
     print(table)
     if args.write:

@@ -7,7 +7,8 @@ lightly imports torchvision, whose wheels do not load beside the CPU build of to
 medflow's ``pretrain_encoder`` adds MLflow logging (params, per-epoch metrics, the encoder artifact), the
 collapse check, the intensity statistics and a resumable checkpoint after every epoch. Both are timed whole
 (set-up included); each runs ``--repeat`` times, alternating, and the best time counts. Target: medflow
-reaches at least 0.95 of the bare loop's images per second.
+reaches at least 0.95 of the bare loop's images per second. Both train in the memory layout
+``train.memory_format`` picks for the encoder (channels_last for the DenseNet).
 
     .venv/bin/python benchmarks/pretrain.py [--write] [--runs 2x64 4x64] [--repeat 2]
 """
@@ -41,7 +42,7 @@ def bare_simclr_loop(manifest_path: Path, config) -> int:
     from components.pretraining.simclr import TwoViews, contrastive_loss
     from components.pretraining.views import view_transforms
     from components.training.pretrained import strip_head
-    from components.training.models import build_classifier, classifier_kwargs
+    from components.training.models import build_classifier, classifier_kwargs, memory_format
     from components.training.preprocess import PreprocessSpec, intensity_stats
 
     cfg = config.pretrain
@@ -62,6 +63,7 @@ def bare_simclr_loop(manifest_path: Path, config) -> int:
                                kwargs=classifier_kwargs(cfg.model, image_size=size, kwargs=cfg.model_kwargs))
     encoder, feature_dim, _ = strip_head(network, ENCODER_CLASSES)
     model = TwoViews(encoder, feature_dim, cfg.projection_dim)
+    model.to(memory_format=memory_format(config.train.memory_format, model))  # the layout medflow trains in
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = contrastive_loss(cfg.temperature)
     for _ in range(cfg.epochs):
@@ -131,7 +133,8 @@ def main() -> int:
             f"torch {torch.__version__}; SimCLR on "
             f"{config.pretrain.model}, {rows[0][4] // rows[0][0]} training images, batch {config.pretrain.batch_size}, "
             f"best of {args.repeat} alternating runs. The baseline is a bare loop on the same views, encoder, "
-            f"projection head and MONAI loss (lightly's loop cannot run here: it needs torchvision).\n\n"
+            f"projection head and MONAI loss (lightly's loop cannot run here: it needs torchvision), both in the "
+            f"layout `train.memory_format: auto` picks (channels_last).\n\n"
             f"{table}\n\nTarget (at least 0.95 of the bare loop's images/s): "
             + "; ".join(f"{e}x{z} {'met' if b / m >= 0.95 else 'not met'}" for e, z, b, m, _ in rows)
             + ". medflow pays about a second per run whatever its length (the MLflow run with its params and dataset "

@@ -6,7 +6,9 @@ validation pass, and nothing else. medflow's ``train_classifier`` adds MLflow
 logging (params, per-epoch metrics, the checkpoint artifact), the intensity
 statistics, and a resumable checkpoint after every epoch. Both are timed whole
 (set-up included); each runs ``--repeat`` times, alternating, and the best time
-counts. Target: medflow reaches at least 0.95 of the bare loop's samples per second.
+counts. Target: medflow reaches at least 0.95 of the bare loop's samples per second. Both train in the
+memory layout ``train.memory_format: auto`` picks (channels_last for the demo's DenseNet); a third column
+times medflow with ``train.memory_format=contiguous``, the layout it trained in before.
 
     .venv/bin/python benchmarks/training.py [--write] [--runs 3x64 10x64 10x128] [--repeat 3]
 
@@ -43,14 +45,15 @@ def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_w
     copies batches without blocking and, with ``train.amp``, trains under autocast with a GradScaler, as
     medflow's loop does; ``epoch_ends`` (when given) receives the wall-clock time at the end of each epoch.
     ``plain`` hands the network plain tensors, as medflow does; False keeps the MetaTensors that MONAI's random
-    transforms return (as the loops of MONAI's tutorials do).
+    transforms return (as the loops of MONAI's tutorials do). The network trains in the memory layout medflow
+    picks for it (``train.memory_format``).
     """
     import torch
     from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
     from monai.utils import convert_to_tensor, set_determinism
 
     from components.data.ingest import load_manifest
-    from components.training.models import build_classifier
+    from components.training.models import build_classifier, memory_format
     from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms
 
     cfg = config.train
@@ -78,6 +81,7 @@ def bare_monai_loop(manifest_path: Path, config, *, cache: str = "memory", num_w
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size)
     model = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=2,
                              kwargs=cfg.model_kwargs).to(device)
+    model.to(memory_format=memory_format(cfg.memory_format, model))  # the layout medflow trains in
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
     amp = cfg.amp and cuda
@@ -133,7 +137,9 @@ def main() -> int:
         report = manifests[size]
         config = load_config(overrides=[f"train.epochs={epochs}", f"data.image_size={size}", "train.device=cpu",
                                         "registry.experiment=bench"], environ={})
-        bare_times, medflow_times, samples = [], [], 0
+        contiguous = config.model_copy(
+            update={"train": config.train.model_copy(update={"memory_format": "contiguous"})})
+        bare_times, medflow_times, contiguous_times, samples = [], [], [], 0
         bare_monai_loop(report.manifest, config)  # warm-up: imports, first-use initialisation
         for _ in range(args.repeat):
             start = time.perf_counter()
@@ -142,11 +148,16 @@ def main() -> int:
             start = time.perf_counter()
             train_classifier(manifest_path=report.manifest, data_version="bench", config=config)
             medflow_times.append(time.perf_counter() - start)
-        rows.append((epochs, size, min(bare_times), min(medflow_times), samples))
+            start = time.perf_counter()
+            train_classifier(manifest_path=report.manifest, data_version="bench", config=contiguous)
+            contiguous_times.append(time.perf_counter() - start)
+        rows.append((epochs, size, min(bare_times), min(medflow_times), samples, min(contiguous_times)))
     table = "\n".join([
-        "| epochs | image | bare MONAI loop (s) | samples/s | medflow `train_classifier` (s) | samples/s | medflow / bare |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {e} | {z}x{z} | {b:.2f} | {n / b:.1f} | {m:.2f} | {n / m:.1f} | {b / m:.3f} |" for e, z, b, m, n in rows],
+        "| epochs | image | bare MONAI loop (s) | samples/s | medflow `train_classifier` (s) | samples/s "
+        "| medflow / bare | medflow, contiguous (s) | channels_last / contiguous |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {e} | {z}x{z} | {b:.2f} | {n / b:.1f} | {m:.2f} | {n / m:.1f} | {b / m:.3f} | {c:.2f} | {c / m:.2f}x |"
+          for e, z, b, m, n, c in rows],
     ])
     print(table)
     if args.write:
@@ -156,15 +167,17 @@ def main() -> int:
             f"torch {torch.__version__}; the demo network "
             f"({config.train.model}), {rows[0][4] // rows[0][0]} training images, batch "
             f"{config.train.batch_size}, best of {args.repeat} alternating runs; both hand the network plain tensors, "
-            f"not MetaTensors; medflow adds MLflow logging "
+            f"not MetaTensors, and train it in the layout `train.memory_format: auto` picks for it (channels_last); "
+            f"the last two columns time medflow again with `train.memory_format=contiguous`; medflow adds MLflow "
+            f"logging "
             f"(params, per-epoch metrics, the checkpoint artifact) and a resumable checkpoint every epoch.\n\n"
             f"{table}\n\nTarget (at least 0.95 of the bare loop's samples/s): "
-            + "; ".join(f"{e}x{z} {'met' if b / m >= 0.95 else 'not met'}" for e, z, b, m, _ in rows)
+            + "; ".join(f"{e}x{z} {'met' if b / m >= 0.95 else 'not met'}" for e, z, b, m, _, _ in rows)
             + ". medflow pays a fixed cost per run (creating the MLflow run, its params, the final artifact: about "
             "0.1 s) and about 0.05 s per epoch (profiled at 64x64: the resumable checkpoint 34 ms, the epoch's "
             "metrics into MLflow 11 ms, the validation's AUC 6 ms), so short epochs show it most (the bare loop's "
             "time per epoch, set-up included: "
-            + ", ".join(f"{e}x{z} {b / e:.1f} s" for e, z, b, _, _ in rows)
+            + ", ".join(f"{e}x{z} {b / e:.1f} s" for e, z, b, _, _, _ in rows)
             + "). Writing them on a background thread was tried and measured no better here (it shares the two "
             "cores and the GIL with the data transforms). Run-to-run noise on this 2-core machine is several per "
             "cent, hence the best of several runs. "

@@ -172,6 +172,10 @@ class TrainConfig(_Section):
         None, description="segmentation: training patch and sliding-window size, one side per image axis")
     samples_per_volume: int = Field(4, ge=1, description="segmentation: patches cropped from each image per epoch")
     amp: bool = Field(True, description="mixed precision (autocast + GradScaler) on CUDA; CPU trains in float32")
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto", description="the layout the network trains in; auto: channels_last for a classifier or encoder whose "
+                            "weights are mostly 2D convolutions (DenseNet, ResNet, EfficientNet), contiguous for a "
+                            "ViT, 3D networks and segmentation networks")
     resume: bool = Field(True, description="resume from the last epoch checkpoint of the same data, config and code")
     nproc_per_node: int = Field(1, ge=1, description="ranks per node; > 1 runs the training step under torchrun")
     nnodes: int = Field(1, ge=1, description="nodes of a multi-node torchrun (each runs the same step)")

@@ -51,6 +51,7 @@ from components.training.checkpoint import (
     TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, training_key,
 )
 from components.training.forward import network_input
+from components.training.models import memory_format
 from components.tracking import use_experiment
 
 CHECKPOINT_DIR = "checkpoint"
@@ -97,6 +98,7 @@ class Recipe:
         step: the step this fit is (``train``, ``pretrain``): the run's name and key tag.
         key: the step's key (the checkpoint's name, tagged on the run); default the training step's.
         higher_is_better: whether a larger ``metric`` is a better epoch (a loss is not).
+        dense: the network's output is a map (segmentation), which ``train.memory_format: auto`` keeps contiguous.
     """
 
     network: torch.nn.Module
@@ -114,6 +116,7 @@ class Recipe:
     step: str = "train"
     key: str | None = None
     higher_is_better: bool = True
+    dense: bool = False
 
 
 def select_device(choice: str) -> torch.device:
@@ -324,6 +327,10 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     cfg = config.train
     rank, size = world()
     network, augment = recipe.network, recipe.augment
+    layout = memory_format(cfg.memory_format, network, dense=recipe.dense)
+    # in place, so the recipe's parameter groups keep their parameters; the first convolution takes the images
+    # as they come (one channel: the same bytes in either layout)
+    network.to(memory_format=layout)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = (DistributedSampler(recipe.train_data, num_replicas=size, rank=rank, shuffle=True, seed=cfg.seed)
                if size > 1 else None)
@@ -373,7 +380,8 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     with run_context as run:
         if lead and resumed is None:
             mlflow.log_params(lineage.flatten(config.model_dump(mode="json")))
-            mlflow.log_params({**recipe.params, "device": str(device), "world_size": size})
+            mlflow.log_params({**recipe.params, "device": str(device), "world_size": size,
+                               "memory_format": str(layout).removeprefix("torch.")})
             mlflow.log_dict(config.model_dump(mode="json"), "config.json")
             for artifact, content in recipe.records.items():
                 mlflow.log_dict(content, artifact)

@@ -124,7 +124,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
         "preprocess": spec.to_dict(),
     }
     return Recipe(network=network, train_data=train_ds, augment=augment, loss=loss_fn, validate=validate,
-                  metric="val_dice", description=description, tags=tags, records=records,
+                  metric="val_dice", description=description, tags=tags, records=records, dense=True,
                   params={"n_train": len(train_df), "n_val": len(val_df), "patch_size": list(patch),
                           "cache": cache.mode})
 

@@ -126,3 +126,28 @@ def test_the_logged_training_loss_is_the_mean_over_every_sample_of_the_epoch(wor
     result = fit(recipe, config=config, data_version="loss", device=torch.device("cpu"))
     (logged,) = mlflow.MlflowClient().get_metric_history(result.run_id, "train_loss")
     assert logged.value == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(("choice", "layout", "logged"), [("auto", torch.channels_last, "channels_last"),
+                                                          ("contiguous", torch.contiguous_format, "contiguous_format")])
+def test_training_keeps_the_network_in_its_memory_format(workspace, choice, layout, logged):
+    """train.memory_format: auto puts a network whose weights are mostly 2D convolutions in channels_last
+    (faster on CPUs and tensor cores); the run records the layout it trained in."""
+    from monai.transforms import Compose
+
+    from components.training.loop import Recipe, fit
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 2, 12, 12), torch.tensor([0, 1] * 4)  # two channels: the layouts differ
+    network = torch.nn.Sequential(torch.nn.Conv2d(2, 16, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                  torch.nn.Linear(16, 2))
+    recipe = Recipe(network=network, train_data=[{"image": images[i], "label": labels[i]} for i in range(8)],
+                    augment=Compose([]), loss=torch.nn.CrossEntropyLoss(),
+                    validate=lambda model: {"val_loss": 0.0, "val_auc": 0.5}, metric="val_auc",
+                    description={}, params={})
+    config = load_config(overrides=["train.epochs=1", "train.batch_size=4", f"train.memory_format={choice}",
+                                    "registry.experiment=test-train"], environ={})
+    result = fit(recipe, config=config, data_version="layout", device=torch.device("cpu"))
+    assert network[0].weight.is_contiguous(memory_format=layout)
+    assert network[0].weight.is_contiguous() is (layout is torch.contiguous_format)
+    assert mlflow.MlflowClient().get_run(result.run_id).data.params["memory_format"] == logged
