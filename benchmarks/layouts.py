@@ -1,8 +1,8 @@
-"""Benchmark: one training step of each network in the contiguous layout against channels_last.
+"""Benchmark: a training step and a prediction of each network in the contiguous layout and in channels_last.
 
 For every classifier medflow names (``components.training.models.CLASSIFIERS``) at 64x64, the demo's narrow
-DenseNet, three 2D segmentation networks and a 3D UNet, a training step (forward, backward, AdamW) on random images of one channel, timed in both memory
-layouts of the same network in this process, alternating, best of ``--repeat``. The last column is what
+DenseNet, three 2D segmentation networks and a 3D UNet, a training step (forward, backward, AdamW) and a prediction (forward in eval mode, no gradients) on
+random images of one channel, timed in both memory layouts of the same network in this process, alternating, best of ``--repeat``. The last column is what
 ``train.memory_format: auto`` picks for the network. Baseline: the contiguous layout, which medflow trained in
 before ``train.memory_format`` existed.
 
@@ -26,8 +26,9 @@ sys.path.insert(0, str(REPO))
 SECTION = "Training step: memory layouts"
 
 
-def step_seconds(make, shape: tuple[int, ...], layout, *, steps: int) -> float:
-    """Seconds per training step of a fresh network from ``make`` in ``layout``, after one warm-up step."""
+def step_seconds(make, shape: tuple[int, ...], layout, *, steps: int) -> tuple[float, float]:
+    """Seconds per training step, then per prediction, of a fresh network from ``make`` in ``layout``, each
+    after one warm-up call."""
     import torch
 
     torch.manual_seed(0)
@@ -40,7 +41,14 @@ def step_seconds(make, shape: tuple[int, ...], layout, *, steps: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         network(images).float().square().mean().backward()
         optimizer.step()
-    return (time.perf_counter() - start) / steps
+    training = (time.perf_counter() - start) / steps
+    network.eval()
+    with torch.no_grad():
+        for i in range(steps + 1):
+            if i == 1:
+                start = time.perf_counter()
+            network(images)
+    return training, (time.perf_counter() - start) / steps
 
 
 def main() -> int:
@@ -84,21 +92,24 @@ def main() -> int:
         for _ in range(args.repeat):
             times["contiguous"].append(step_seconds(make, shape, torch.contiguous_format, steps=args.steps))
             times["channels_last"].append(step_seconds(make, shape, channels_last, steps=args.steps))
-        contiguous, last = min(times["contiguous"]), min(times["channels_last"])
-        rows.append((label, contiguous, last, picked))
+        best = {key: [min(t[i] for t in values) for i in (0, 1)] for key, values in times.items()}
+        rows.append((label, *best["contiguous"], *best["channels_last"], picked))
         print(rows[-1], flush=True)
     table = "\n".join([
-        "| network | contiguous (ms a step) | channels_last (ms a step) | speed-up | `auto` picks |",
-        "|---|---:|---:|---:|---|",
-        *[f"| {label} | {c * 1000:.0f} | {cl * 1000:.0f} | {c / cl:.2f}x | {picked} |" for label, c, cl, picked in rows],
+        "| network | training step, contiguous (ms) | channels_last (ms) | speed-up | prediction, contiguous (ms) "
+        "| channels_last (ms) | speed-up | `auto` picks |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+        *[f"| {label} | {c * 1000:.0f} | {cl * 1000:.0f} | {c / cl:.2f}x | {pc * 1000:.0f} | {pcl * 1000:.0f} "
+          f"| {pc / pcl:.2f}x | {picked} |" for label, c, pc, cl, pcl, picked in rows],
     ])
     print(table)
     if args.write:
         section = (
             f"`make bench` (`benchmarks/layouts.py`) on {date.today().isoformat()}, {os.cpu_count()} CPU cores, "
             f"Python {platform.python_version()}, torch {torch.__version__}; one training step (forward, backward, "
-            f"AdamW) on random one-channel images, each network in both layouts in one process, best of "
-            f"{args.repeat} alternating runs of {args.steps} steps after a warm-up step. Channels_last on a volume "
+            f"AdamW) and one prediction (eval mode, no gradients; evaluation, `medflow predict` and the served model "
+            f"predict in the layout `auto` picks) on random one-channel images, each network in both layouts in one process, best of "
+            f"{args.repeat} alternating runs of {args.steps} calls each after a warm-up call. Channels_last on a volume "
             f"network is PyTorch's channels_last_3d. Baseline: the contiguous layout, which every network trained in "
             f"before `train.memory_format`; `auto` picks channels_last for a network that classifies or embeds 2D "
             f"images and whose weights are mostly 2D convolutions; segmentation networks (dense outputs) stay "

@@ -18,16 +18,24 @@ import torch
 
 from components.training.backbones import build_described
 from components.training.loop import CHECKPOINT_DIR
+from components.training.models import memory_format
 from components.training.preprocess import PreprocessSpec, SegmentationSpec
 
 
 def load_checkpoint(folder: Path) -> tuple[torch.nn.Module, PreprocessSpec | SegmentationSpec, dict]:
-    """Network (eval mode, CPU), preprocessing and description from ``model.pt`` + ``model.json``."""
+    """Network (eval mode, CPU), preprocessing and description from ``model.pt`` + ``model.json``.
+
+    The network is in the memory layout ``train.memory_format: auto`` picks for it (channels_last for a
+    classifier or encoder of 2D convolutions: the demo's DenseNet predicts 1.5x as fast on a CPU in it,
+    BENCHMARKS.md), whatever layout it trained in: the layout changes how fast it computes, and its float
+    rounding, not what it computes.
+    """
     description = json.loads((folder / "model.json").read_text())
-    spec_type = SegmentationSpec if description.get("task") == "segmentation" else PreprocessSpec
-    spec = spec_type.from_dict(description["preprocess"])
+    segmentation = description.get("task") == "segmentation"
+    spec = (SegmentationSpec if segmentation else PreprocessSpec).from_dict(description["preprocess"])
     model = build_described(description)
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    model.to(memory_format=memory_format("auto", model, dense=segmentation))
     model.eval()
     return model, spec, description
 

@@ -118,10 +118,10 @@ def memory_format(choice: str, network: nn.Module, *, dense: bool = False) -> to
     """The layout ``network`` trains in (``train.memory_format``).
 
     auto: ``channels_last`` for a network that classifies or embeds 2D images (``dense`` False) and whose weights
-    are mostly 2D convolutions: oneDNN trains a DenseNet or EfficientNet step 18-31 % faster in that layout on
-    CPUs here, ResNet-50 9 % and ResNet-18 no slower (BENCHMARKS.md, "Training step: memory layouts"), as cuDNN
-    does on tensor cores. Contiguous for the rest: a ViT (its weights are linear layers), 3D networks (5 %
-    slower here) and networks with dense outputs (2D segmentation: from 0.91x to 1.16x, network by network).
+    are mostly 2D convolutions: in that layout oneDNN runs DenseNet, ResNet and EfficientNet 1.05-1.31x as fast a
+    training step and 1.14-1.52x a prediction on CPUs here (BENCHMARKS.md, "Training step: memory layouts"), as
+    cuDNN does on tensor cores. Contiguous for the rest: a ViT (its weights are linear layers), 3D networks (no
+    faster here) and networks with dense outputs (2D segmentation: 0.91x to 1.25x, network by network).
     ``channels_last`` asked for on a 3D network is ``channels_last_3d``.
     """
     if choice == "contiguous":

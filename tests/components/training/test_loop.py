@@ -33,6 +33,11 @@ def test_training_logs_every_epoch_and_the_best_checkpoint(workspace, small_data
     folder = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=CHECKPOINT_DIR))
     model, spec, description = load_checkpoint(folder)
     assert description["network"] == "densenet" and spec.spatial_size == (32, 32)
+    # it predicts in the layout train.memory_format auto picks: channels_last for a DenseNet
+    inner = next(m.weight for m in model.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1))
+    assert inner.is_contiguous(memory_format=torch.channels_last) and not inner.is_contiguous()
+    assert run.data.params["memory_format"] == "channels_last"
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
     assert json.loads(Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="config.json")).read_text())["train"]["epochs"] == 2
     # the data version is the run's MLflow dataset: the runs table's Dataset column shows it

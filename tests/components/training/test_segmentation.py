@@ -53,6 +53,7 @@ def test_training_logs_val_dice_that_an_independent_dice_of_the_checkpoint_repro
                                                       tracking_uri=paths.tracking_uri()))
     model, spec, description = load_checkpoint(folder)
     assert description["task"] == "segmentation" and description["spatial_dims"] == len(patch)
+    assert all(p.is_contiguous() for p in model.parameters())  # and so it predicts
     assert list(spec.patch_size) == patch
     manifest = load_manifest(manifest_path)
     val = manifest[manifest["split"] == "val"]
