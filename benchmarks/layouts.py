@@ -1,8 +1,9 @@
 """Benchmark: a training step and a prediction of each network in the contiguous layout and in channels_last.
 
 For every classifier medflow names (``components.training.models.CLASSIFIERS``) at 64x64, the demo's narrow
-DenseNet, three 2D segmentation networks and a 3D UNet, a training step (forward, backward, AdamW) and a prediction (forward in eval mode, no gradients) on
-random images of one channel, timed in both memory layouts of the same network in this process, alternating, best of ``--repeat``. The last column is what
+DenseNet, three 2D segmentation networks and a 3D UNet: a training step (forward, backward, AdamW) and a
+prediction (forward in eval mode, no gradients) on random images of one channel, timed in both memory layouts
+of the same network in this process, alternating, best of ``--repeat``. The last column is what
 ``train.memory_format: auto`` picks for the network. Baseline: the contiguous layout, which medflow trained in
 before ``train.memory_format`` existed.
 
@@ -87,7 +88,8 @@ def main() -> int:
     for label, make, shape, dense in networks:
         network = make()
         channels_last = memory_format("channels_last", network)
-        picked = "contiguous" if memory_format("auto", network, dense=dense) is torch.contiguous_format else "channels_last"
+        auto = memory_format("auto", network, dense=dense)
+        picked = "contiguous" if auto is torch.contiguous_format else "channels_last"
         times = {"contiguous": [], "channels_last": []}
         for _ in range(args.repeat):
             times["contiguous"].append(step_seconds(make, shape, torch.contiguous_format, steps=args.steps))
@@ -108,8 +110,9 @@ def main() -> int:
             f"`make bench` (`benchmarks/layouts.py`) on {date.today().isoformat()}, {os.cpu_count()} CPU cores, "
             f"Python {platform.python_version()}, torch {torch.__version__}; one training step (forward, backward, "
             f"AdamW) and one prediction (eval mode, no gradients; evaluation, `medflow predict` and the served model "
-            f"predict in the layout `auto` picks) on random one-channel images, each network in both layouts in one process, best of "
-            f"{args.repeat} alternating runs of {args.steps} calls each after a warm-up call. Channels_last on a volume "
+            f"predict in the layout `auto` picks) on random one-channel images, each network in both layouts in one "
+            f"process, best of {args.repeat} alternating runs of {args.steps} calls each after a warm-up call. "
+            f"Channels_last on a volume "
             f"network is PyTorch's channels_last_3d. Baseline: the contiguous layout, which every network trained in "
             f"before `train.memory_format`; `auto` picks channels_last for a network that classifies or embeds 2D "
             f"images and whose weights are mostly 2D convolutions; segmentation networks (dense outputs) stay "
