@@ -151,8 +151,9 @@ def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_line
     from components.training.preprocess import array_transform  # noqa: PLC0415
 
     batch = torch.stack([array_transform(spec)(image) for image in images])
-    with torch.no_grad():
-        np.testing.assert_allclose(backbone.encoder(batch).numpy(), encoder(batch).numpy(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the loaded encoder predicts in channels_last, the backbone in the layout fit will pick:
+        # the same weights, whose sums oneDNN orders by layout (differences of a few 1e-5, relative)
+        np.testing.assert_allclose(backbone.encoder(batch).numpy(), encoder(batch).numpy(), rtol=1e-4, atol=1e-5)
     tags = backbone.tags("linear_probe")
     assert tags["medflow.backbone.model"] == "small-encoder/1" and tags["medflow.backbone.run"] == pretrained.run_id
     assert tags["medflow.backbone.data_version"] == "v1"
