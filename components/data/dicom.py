@@ -264,11 +264,16 @@ def _drop_pixels(ds: pydicom.Dataset) -> None:
     ds._pixel_array = None  # noqa: SLF001 (pydicom keeps the decoded array; no public call drops it)
 
 
+def _header_error(path: Path, exc: Exception) -> IngestError:
+    """What a header value medflow reads and cannot use becomes: one line naming the file."""
+    return IngestError(f"{path}: inconsistent DICOM header ({type(exc).__name__}: {exc})")
+
+
 def _series_uid(path: Path, ds: pydicom.Dataset) -> str:
     try:
         return str(ds.get("SeriesInstanceUID", ""))
     except HEADER_ERRORS as exc:
-        raise IngestError(f"{path}: inconsistent DICOM header ({type(exc).__name__}: {exc})") from exc
+        raise _header_error(path, exc) from exc
 
 
 def read_dicom_case(path: Path) -> DicomCase:
@@ -303,7 +308,7 @@ def read_dicom_case(path: Path) -> DicomCase:
     except HEADER_ERRORS as exc:
         # pixel data that does not fit Rows x Columns x frames, geometry values of the wrong kind, a value whose
         # length does not fit its VR, ...
-        raise IngestError(f"{path}: inconsistent DICOM header ({type(exc).__name__}: {exc})") from exc
+        raise _header_error(path, exc) from exc
     present = [set(ds.keys()) for _, ds in datasets]  # tags only: no value is parsed
     removed = sorted({k for keys in present for k, tag in PHI_TAGS.items() if tag in keys})
     return DicomCase(

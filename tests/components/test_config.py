@@ -58,6 +58,12 @@ def test_invalid_value_names_the_field():
         load_config(overrides=["data.bias=1.5"], environ={})
 
 
+def test_an_unknown_memory_format_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"train\.memory_format: Input should be 'auto', 'channels_last' or "
+                                          r"'contiguous'"):
+        load_config(overrides=["train.memory_format=channels_first"], environ={})
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
