@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py --write
 	$(BIN)/python benchmarks/training.py --write
 	$(BIN)/python benchmarks/layouts.py --write
+	$(BIN)/python benchmarks/transforms.py --write
 	$(BIN)/python benchmarks/load.py --write
 	$(BIN)/python benchmarks/backbones.py --write
 	$(BIN)/python benchmarks/predict.py --write

@@ -5,7 +5,6 @@ shift, Gaussian noise and blur; no colour jitter, which has no meaning on CT or 
 from __future__ import annotations
 
 from monai.transforms import (
-    Compose,
     ConcatItemsd,
     CopyItemsd,
     DeleteItemsd,
@@ -22,7 +21,7 @@ from monai.transforms import (
 )
 
 from components.config import PretrainConfig
-from components.training.preprocess import LoadNamedImaged, PreprocessSpec, normalisation
+from components.training.preprocess import LoadNamedImaged, PlainCompose, PreprocessSpec, normalisation
 
 VIEW = "view"
 
@@ -41,7 +40,7 @@ def _augment(key: str, spec: PreprocessSpec, cfg: PretrainConfig) -> list:
     ]
 
 
-def view_transforms(spec: PreprocessSpec, cfg: PretrainConfig, *, views: int = 2) -> Compose:
+def view_transforms(spec: PreprocessSpec, cfg: PretrainConfig, *, views: int = 2) -> PlainCompose:
     """Dictionary transforms from a NIfTI path (key ``image``) to ``views`` augmented views of the image
     stacked on the channel axis (views * C, H, W), each with its own random draw. Everything before the
     first random transform is what a cache keeps."""
@@ -53,10 +52,10 @@ def view_transforms(spec: PreprocessSpec, cfg: PretrainConfig, *, views: int = 2
         EnsureTyped(keys="image", track_meta=False),
     ]
     if views == 1:
-        return Compose([*steps, *_augment("image", spec, cfg), EnsureTyped(keys="image", track_meta=False)])
+        return PlainCompose([*steps, *_augment("image", spec, cfg), EnsureTyped(keys="image", track_meta=False)])
     names = [f"{VIEW}{k}" for k in range(1, views)]
     steps.append(CopyItemsd(keys="image", times=len(names), names=names))
     for key in ("image", *names):  # each view draws its own augmentation
         steps += _augment(key, spec, cfg)
-    return Compose([*steps, ConcatItemsd(keys=["image", *names], name="image", dim=0), DeleteItemsd(keys=names),
+    return PlainCompose([*steps, ConcatItemsd(keys=["image", *names], name="image", dim=0), DeleteItemsd(keys=names),
                     EnsureTyped(keys="image", track_meta=False)])
