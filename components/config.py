@@ -177,6 +177,9 @@ class TrainConfig(_Section):
                             "weights are mostly 2D convolutions (DenseNet, ResNet, EfficientNet), contiguous for a "
                             "ViT, 3D networks and segmentation networks")
     resume: bool = Field(True, description="resume from the last epoch checkpoint of the same data, config and code")
+    checkpoint_interval_s: float = Field(
+        60.0, ge=0, description="checkpoint at the end of the first epoch that ends this many seconds after the last "
+                                "checkpoint (and after the last epoch); 0: after every epoch")
     nproc_per_node: int = Field(1, ge=1, description="ranks per node; > 1 runs the training step under torchrun")
     nnodes: int = Field(1, ge=1, description="nodes of a multi-node torchrun (each runs the same step)")
     rdzv_endpoint: str | None = Field(None, description="host:port of torchrun's c10d rendezvous, for nnodes > 1")

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import mlflow
 import pandas as pd
 import torch
 import torch.distributed as dist
+from mlflow.entities import Metric
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import Compose
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -55,6 +57,7 @@ from components.training.models import memory_format
 from components.tracking import use_experiment
 
 CHECKPOINT_DIR = "checkpoint"
+now = time.monotonic  # the clock train.checkpoint_interval_s is measured on
 
 
 @dataclass(frozen=True)
@@ -291,27 +294,60 @@ def discarded_interrupts():
         sys.unraisablehook = previous
 
 
-def interrupted(saved_epoch: int, *, resumable: bool, lead: bool) -> Interrupted:
-    """The interruption of a training whose checkpoint holds ``saved_epoch``: the MLflow run ends KILLED
-    (not FAILED: nothing went wrong) and the message says what the next ``medflow run`` does."""
+def interrupted(saved_epoch: int, *, epoch: int, resumable: bool, lead: bool) -> Interrupted:
+    """The interruption in ``epoch`` of a training whose checkpoint holds ``saved_epoch``: the MLflow run ends
+    KILLED (not FAILED: nothing went wrong) and the message says what the next ``medflow run`` does."""
     if lead:
         mlflow.end_run("KILLED")
-    if not saved_epoch:
-        return Interrupted("interrupted in epoch 1, before its checkpoint; `medflow run` trains again from the start")
     if not resumable:
-        return Interrupted(f"interrupted after epoch {saved_epoch}; train.resume is off, so `medflow run` trains "
-                           "again from the start")
-    return Interrupted(f"interrupted after epoch {saved_epoch}, which is checkpointed; `medflow run` resumes from there")
+        return Interrupted(f"interrupted in epoch {epoch}; train.resume is off, so `medflow run` trains again from "
+                           "the start")
+    if not saved_epoch:
+        return Interrupted(f"interrupted in epoch {epoch}, before the first checkpoint; `medflow run` trains again "
+                           "from the start")
+    if saved_epoch == epoch - 1:
+        return Interrupted(f"interrupted after epoch {saved_epoch}, which is checkpointed; `medflow run` resumes "
+                           "from there")
+    return Interrupted(f"interrupted in epoch {epoch}; the last checkpoint holds epoch {saved_epoch} "
+                       "(train.checkpoint_interval_s), and `medflow run` resumes from there")
+
+
+def logged_epochs(run_id: str) -> int:
+    """The last epoch a run's history holds (0: none): a resumed training logs only the epochs after it, so
+    that the epochs it trains again since its checkpoint appear once."""
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val_loss")
+    return max((metric.step for metric in history), default=0)
+
+
+def log_epochs(run_id: str, ended: list[tuple[int, dict[str, float], int]]) -> None:
+    """Log the metrics of the epochs in ``ended`` (epoch, metrics, the time it ended in ms), each at its step
+    and time, in one MLflow call (``log_batch``, which splits past MLflow's batch limits); empties ``ended``."""
+    if ended:
+        mlflow.MlflowClient().log_batch(run_id, metrics=[
+            Metric(name, float(value), timestamp, epoch) for epoch, values, timestamp in ended
+            for name, value in values.items()])
+        ended.clear()
+
+
+def log_epochs_on_the_way_out(run_id: str, ended: list) -> None:
+    """:func:`log_epochs` for a training that stops on an error or an interrupt: its last epochs are in its
+    history, but a tracking server that fails now does not hide why the training stopped."""
+    try:
+        log_epochs(run_id, ended)
+    except Exception as exc:  # noqa: BLE001 (the error or interrupt being raised is the one to show)
+        logging.getLogger(__name__).warning("the metrics of epoch(s) %s could not be logged: %s",
+                                            ", ".join(str(epoch) for epoch, _, _ in ended), exc)
 
 
 def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.device,
         params_out: Path | None = None, manifest_path: Path | None = None) -> TrainResult:
-    """Train ``recipe`` for ``train.epochs`` (or until early stopping), checkpointing every epoch.
+    """Train ``recipe`` for ``train.epochs`` (or until early stopping), checkpointing as it goes.
 
-    After every epoch the whole training state is checkpointed under
-    ``.medflow/checkpoints/``; started again with the same data, config and code
-    (after a crash or a kill), training resumes from the last checkpoint and logs
-    into the same MLflow run.
+    At the end of the first epoch that ends ``train.checkpoint_interval_s`` after the last checkpoint (every
+    epoch with 0), and of the last epoch, the whole training state is checkpointed under
+    ``.medflow/checkpoints/``, after the metrics of the epochs since the last one are logged (in one MLflow
+    call). Started again with the same data, config and code (after a crash or a kill), training resumes from
+    the last checkpoint and logs into the same MLflow run; an epoch trained again appears once in its history.
 
     Args:
         recipe: the task's network, data, loss and validation.
@@ -392,6 +428,10 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
         elif lead:
             mlflow.set_tag("medflow.resumed_from_epoch", str(resumed.epoch))
         saved_epoch = first_epoch - 1  # the epoch the checkpoint on disk holds
+        saved_when = now()
+        logged = logged_epochs(run.info.run_id) if lead and resumed is not None else 0
+        ended: list[tuple[int, dict[str, float], int]] = []  # epochs whose metrics wait for the next checkpoint
+        epoch = first_epoch
         try:
             columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                        TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
@@ -442,8 +482,12 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                     else:
                         stale += 1
                     last_epoch = epoch
-                    if lead:  # the epoch's metrics first: a run resumed from this checkpoint has no gap in its history
-                        mlflow.log_metrics(metrics, step=epoch)
+                    stop = bool(cfg.early_stopping_patience and stale >= cfg.early_stopping_patience)
+                    if lead and epoch > logged:
+                        ended.append((epoch, metrics, int(time.time() * 1000)))
+                    due = epoch == epochs or stop or now() - saved_when >= cfg.checkpoint_interval_s
+                    if lead and due:  # the epochs' metrics first: a run resumed from this checkpoint has no gap
+                        log_epochs(run.info.run_id, ended)
                         save_checkpoint(saved_at, TrainingState(
                             epoch=epoch, run_id=run.info.run_id, model=network.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -453,15 +497,20 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
                             best_metric=best_metric, best_epoch=best_epoch, stale_epochs=stale,
                             rng=capture_rng(generator=generator, transforms=augment),
                         ))
-                        saved_epoch = epoch
+                        saved_epoch, saved_when = epoch, now()
                     shown = value if value is None else round(value, 3)
                     progress.update(task, advance=1, status=f"{recipe.metric} {shown}")
-                    if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+                    if stop:
                         break
         except Exception:
+            if lead:
+                log_epochs_on_the_way_out(run.info.run_id, ended)
             raise  # an error: MLflow's context marks the run FAILED
         except BaseException as exc:  # Ctrl-C (KeyboardInterrupt), SIGTERM (Prefect's TerminationSignal), an exit
-            stopped = interrupted(saved_epoch, resumable=cfg.resume, lead=lead)
+            if lead:
+                log_epochs_on_the_way_out(run.info.run_id, ended)
+            stopped = interrupted(saved_epoch, epoch=epoch if epoch > saved_epoch else saved_epoch + 1,
+                                  resumable=cfg.resume, lead=lead)
             if isinstance(exc, KeyboardInterrupt):
                 raise stopped from exc
             # Prefect's own signal keeps its type (Prefect tells a cancellation from a crash by it); it carries

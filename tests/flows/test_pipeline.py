@@ -211,7 +211,7 @@ def test_ctrl_c_during_training_exits_130_in_seconds_with_the_runs_recorded_as_s
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFLOW", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
     env["PREFECT_HOME"] = str(tmp_path / ".medflow" / "prefect")
-    settings = [*SMALL[:2], "train.epochs=500"]
+    settings = [*SMALL[:2], "train.epochs=500", "train.checkpoint_interval_s=0"]
     run = subprocess.Popen([MEDFLOW, "run", *[arg for item in settings for arg in ("--set", item)]], cwd=tmp_path,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     checkpoints = tmp_path / ".medflow" / "checkpoints"

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 MEDFLOW = str(Path(sys.executable).with_name("medflow"))
 MODEL = "fault-demo"
-SETTINGS = ["data.n_patients=200", "data.image_size=48", "train.epochs=25", "evaluate.n_bootstrap=50",
+SETTINGS = ["data.n_patients=200", "data.image_size=48", "train.epochs=25", "train.checkpoint_interval_s=0",
+            "evaluate.n_bootstrap=50",
             "promotion.non_inferiority=[]", f"registry.model_name={MODEL}", "registry.experiment=faults"]
 
 

@@ -188,7 +188,7 @@ def test_pretraining_continues_a_hugging_face_backbone_whose_lineage_the_encoder
 
 
 def test_a_pretraining_killed_after_an_epoch_resumes_into_the_same_run(workspace, small_dataset, monkeypatch):
-    config = load_config(overrides=[*TINY, "pretrain.epochs=3"], environ={})
+    config = load_config(overrides=[*TINY, "pretrain.epochs=3", "train.checkpoint_interval_s=0"], environ={})
     whole = pretrain_encoder(manifest_path=small_dataset, data_version="v1", config=config)
     save = loop.save_checkpoint
 

@@ -1,5 +1,6 @@
-"""Checkpoint every epoch; a run killed with SIGKILL resumes into the same MLflow run; Ctrl-C and SIGTERM end
-it KILLED with its checkpoint intact; early stopping; losses."""
+"""Checkpoint every epoch or every train.checkpoint_interval_s; a run killed with SIGKILL resumes into the same
+MLflow run; Ctrl-C and SIGTERM end it KILLED with its checkpoint intact, every finished epoch logged once; early
+stopping; losses."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from components.training.checkpoint import checkpoint_path, load_checkpoint, tra
 from components.training.classification import train_classifier
 from components.training.losses import build_loss, class_weights
 
-TINY = ["train.batch_size=16", "data.image_size=32", "registry.experiment=test-resume", "train.device=cpu"]
+TINY = ["train.batch_size=16", "data.image_size=32", "registry.experiment=test-resume", "train.device=cpu",
+        "train.checkpoint_interval_s=0"]  # a checkpoint every epoch
 
 
 @pytest.mark.slow
@@ -152,6 +154,93 @@ def test_an_interrupt_ends_the_mlflow_run_killed_and_keeps_the_checkpoint_to_res
     resumed = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
     assert resumed.run_id == kept.run_id and resumed.resumed_from_epoch == kept.epoch
     assert client.get_run(kept.run_id).info.status == "FINISHED"
+
+
+def _val_losses(run_id: str) -> list[tuple[int, float]]:
+    history = MlflowClient(paths.tracking_uri()).get_metric_history(run_id, "val_loss")
+    return sorted((m.step, m.value) for m in history)
+
+
+def _checkpointed_epochs(monkeypatch) -> list[int]:
+    import components.training.loop as loop  # noqa: PLC0415
+
+    epochs, real = [], loop.save_checkpoint
+
+    def save(path, state):
+        epochs.append(state.epoch)
+        real(path, state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    return epochs
+
+
+def test_with_the_default_interval_short_epochs_are_checkpointed_once_and_every_epoch_is_logged(
+        workspace, small_dataset, monkeypatch):
+    config = load_config(overrides=[*TINY[:-1], "train.epochs=4"], environ={})
+    assert config.train.checkpoint_interval_s == 60
+    saved = _checkpointed_epochs(monkeypatch)
+    result = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    assert saved == [4]  # epochs of a fraction of a second: only the last one
+    history = MlflowClient(paths.tracking_uri()).get_metric_history(result.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    by_step = sorted(history, key=lambda m: m.step)
+    assert [m.timestamp for m in by_step] == sorted(m.timestamp for m in by_step)  # each at the time it ended
+
+
+def test_an_interrupt_between_checkpoints_logs_the_finished_epochs_and_the_resumed_run_logs_each_once(
+        workspace, small_dataset, monkeypatch):
+    import components.training.loop as loop  # noqa: PLC0415
+
+    config = load_config(overrides=[*TINY[:-1], "train.epochs=7", "train.checkpoint_interval_s=30"], environ={})
+    whole = train_classifier(manifest_path=small_dataset, data_version="v1-whole", config=config)
+
+    calls = iter(range(10, 10_000, 10))  # a clock that moves 10 s every time the loop reads it
+
+    def clock():
+        t = next(calls)
+        if t == 70:  # the 7th reading: epoch 5's check whether a checkpoint is due
+            raise KeyboardInterrupt
+        return float(t)
+
+    monkeypatch.setattr(loop, "now", clock)
+    saved = _checkpointed_epochs(monkeypatch)
+    with pytest.raises(Interrupted) as stopped:
+        train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    assert saved == [3]  # start at 10; epoch 3 ends at 40, 30 s later
+    assert str(stopped.value) == ("interrupted in epoch 5; the last checkpoint holds epoch 3 "
+                                  "(train.checkpoint_interval_s), and `medflow run` resumes from there")
+    kept = load_checkpoint(checkpoint_path(training_key(config, "v1")))
+    assert kept.epoch == 3
+    assert [step for step, _ in _val_losses(kept.run_id)] == [1, 2, 3, 4, 5]  # epochs 4 and 5 logged on the way out
+
+    monkeypatch.setattr(loop, "now", time.monotonic)
+    resumed = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    assert resumed.run_id == kept.run_id and resumed.resumed_from_epoch == 3
+    # epochs 4 and 5 trained again, logged once: and as an uninterrupted run has them
+    assert [step for step, _ in _val_losses(resumed.run_id)] == [1, 2, 3, 4, 5, 6, 7]
+    assert [v for _, v in _val_losses(resumed.run_id)] == pytest.approx([v for _, v in _val_losses(whole.run_id)],
+                                                                        rel=1e-6)
+
+
+def test_an_error_between_checkpoints_fails_the_run_with_its_finished_epochs_logged(workspace, small_dataset,
+                                                                                   monkeypatch):
+    import components.training.loop as loop  # noqa: PLC0415
+
+    config = load_config(overrides=[*TINY[:-1], "train.epochs=5"], environ={})
+    calls = iter(range(1, 100))
+
+    def clock():
+        if next(calls) == 4:  # epoch 3's check whether a checkpoint is due
+            raise OSError("the clock broke")
+        return 0.0
+
+    monkeypatch.setattr(loop, "now", clock)
+    with pytest.raises(OSError, match="the clock broke"):
+        train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
+    client = MlflowClient(paths.tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("test-resume").experiment_id])
+    assert run.info.status == "FAILED"
+    assert [step for step, _ in _val_losses(run.info.run_id)] == [1, 2, 3]
 
 
 def test_early_stopping_ends_training_when_validation_stops_improving(workspace, small_dataset):
