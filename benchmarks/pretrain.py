@@ -5,7 +5,8 @@ transforms, the same DenseNet encoder and projection head, MONAI's ContrastiveLo
 pass over the val images each epoch, and nothing else. lightly's own training loop cannot be the baseline:
 lightly imports torchvision, whose wheels do not load beside the CPU build of torch installed here.
 medflow's ``pretrain_encoder`` adds MLflow logging (params, per-epoch metrics, the encoder artifact), the
-collapse check, the intensity statistics and a resumable checkpoint after every epoch. Both are timed whole
+collapse check, the intensity statistics and a resumable checkpoint every ``train.checkpoint_interval_s``
+(by default once a minute and after the last epoch). Both are timed whole
 (set-up included); each runs ``--repeat`` times, alternating, and the best time counts. Target: medflow
 reaches at least 0.95 of the bare loop's images per second. Both train in the memory layout
 ``train.memory_format`` picks for the encoder (channels_last for the DenseNet).
@@ -134,11 +135,13 @@ def main() -> int:
             f"{config.pretrain.model}, {rows[0][4] // rows[0][0]} training images, batch {config.pretrain.batch_size}, "
             f"best of {args.repeat} alternating runs. The baseline is a bare loop on the same views, encoder, "
             f"projection head and MONAI loss (lightly's loop cannot run here: it needs torchvision), both in the "
-            f"layout `train.memory_format: auto` picks (channels_last).\n\n"
+            f"layout `train.memory_format: auto` picks (channels_last), through medflow's view transforms (on "
+            f"plain tensors).\n\n"
             f"{table}\n\nTarget (at least 0.95 of the bare loop's images/s): "
             + "; ".join(f"{e}x{z} {'met' if b / m >= 0.95 else 'not met'}" for e, z, b, m, _ in rows)
             + ". medflow pays about a second per run whatever its length (the MLflow run with its params and dataset "
-            "input, the intensity statistics, the encoder artifact) and a resumable checkpoint per epoch; over the "
+            "input, the intensity statistics, the encoder artifact) and a resumable checkpoint once a minute "
+            "(`train.checkpoint_interval_s`) and after the last epoch; over the "
             "tens of epochs of real pretraining the fixed second counts less. Run-to-run noise on this 2-core "
             "machine is several per cent, as large as the difference between the rows. Two ranks (torchrun) were "
             "not measured: on 2 cores they would share the cores the single rank already uses.\n"
