@@ -18,6 +18,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from components.progress import track
+from components.training.models import memory_format
 from components.training.preprocess import PreprocessSpec, training_transforms, unreadable_images_named
 
 SW_BATCH = 4
@@ -94,10 +95,11 @@ def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.de
 def extract_features(encoder: nn.Module, spec: PreprocessSpec, frame: pd.DataFrame, root: Path,
                      device: torch.device, *, batch_size: int = FEATURE_BATCH, description: str = "Features"
                      ) -> np.ndarray:
-    """Features (N, D) of the images of ``frame`` (paths relative to ``root``) through a frozen encoder."""
+    """Features (N, D) of the images of ``frame`` (paths relative to ``root``) through a frozen encoder, which
+    is moved to ``device`` in the layout ``train.memory_format: auto`` picks for it (channels_last for a CNN)."""
     records = [{"image": str(root / p)} for p in frame["image"]]
     loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
-    encoder.to(device)
+    encoder.to(device=device, memory_format=memory_format("auto", encoder))
     features, _ = predict_batches(encoder, loader, device,
                                   progress=lambda it: track(it, description=description))
     return features

@@ -85,3 +85,35 @@ def test_release_free_memory_hands_freed_heap_pages_back_to_the_system():
                          cwd=REPO)  # the repository on the path wherever pytest was started
     released = int(out.stdout.split()[-1])
     assert released > 100 * 2**20, f"only {released / 2**20:.0f} MiB of 125 MiB freed went back to the system"
+
+
+def test_features_come_from_the_encoder_in_autos_layout_and_equal_a_contiguous_pass(tmp_path):
+    import nibabel as nib  # noqa: PLC0415
+    import pandas as pd  # noqa: PLC0415
+
+    from components.training.models import build_classifier  # noqa: PLC0415
+    from components.training.preprocess import PreprocessSpec, training_transforms  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        nib.save(nib.Nifti1Image(rng.normal(100, 30, (40, 40)).astype(np.float32), np.eye(4)), tmp_path / f"{i}.nii.gz")
+    frame = pd.DataFrame({"image": [f"{i}.nii.gz" for i in range(5)]})
+    spec = PreprocessSpec(spatial_size=(32, 32), mean=100.0, std=30.0)
+    torch.manual_seed(0)
+    encoder = build_classifier("densenet", spatial_dims=2, in_channels=1, num_classes=2,
+                               kwargs={"init_features": 16, "growth_rate": 16, "block_config": [2, 4, 4]}).eval()
+    transform = training_transforms(spec, augment=False)
+    images = torch.stack([transform({"image": str(tmp_path / p)})["image"] for p in frame["image"]])
+    with torch.no_grad():
+        contiguous = encoder(images).numpy()
+    features = forward.extract_features(encoder, spec, frame, tmp_path, torch.device("cpu"), batch_size=2)
+    # a weight of one input channel or a 1x1 kernel has the same bytes in either layout
+    weight = next(p for p in encoder.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    np.testing.assert_allclose(features, contiguous, rtol=1e-4, atol=1e-5)  # another layout rounds differently
+
+    vit = build_classifier("vit", spatial_dims=2, in_channels=1, num_classes=2,
+                           kwargs={"img_size": 32, "patch_size": 8, "hidden_size": 48, "mlp_dim": 96,
+                                   "num_layers": 1, "num_heads": 2}).eval()
+    forward.extract_features(vit, spec, frame, tmp_path, torch.device("cpu"))
+    assert all(p.is_contiguous() for p in vit.parameters())  # a ViT's weights are linear layers: left as they are
