@@ -3,6 +3,7 @@ MONAI's own Compose of the same transforms gives, bit for bit."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import nibabel as nib
@@ -75,6 +76,23 @@ def test_each_pipeline_gives_plain_tensors_equal_to_a_tracked_compose_of_its_tra
                 compared += 1
     assert compared >= len(items)
     assert get_track_meta()  # put back
+
+
+@pytest.mark.parametrize("name", ["training", "pretraining views", "segmentation"])
+def test_epochs_leave_the_memory_cache_as_it_was(images, name):
+    # the memory cache hands its samples to the random transforms without a copy: none may write into them
+    from components.training.loop import make_dataset  # noqa: PLC0415
+
+    make, items = _pipelines(images)[name]
+    dataset = make_dataset(items, make(), cache="memory", key="k")
+    before = copy.deepcopy(dataset._cache)
+    for _ in range(3):  # epochs: every random branch is taken on some sample
+        for index in range(len(dataset)):
+            dataset[index]
+    for cached, kept in zip(dataset._cache, before):
+        for key in ("image", "label"):
+            if torch.is_tensor(kept[key]):
+                assert torch.equal(cached[key], kept[key]), key
 
 
 def test_the_transforms_inside_see_tracking_off_and_it_is_put_back_after_an_error():
