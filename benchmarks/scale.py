@@ -198,7 +198,7 @@ def _child_training(manifest: str, overrides: list[str], workspace: str, repeat:
     from components import paths  # noqa: PLC0415
     from components.config import load_config  # noqa: PLC0415
     from components.training.classification import train_classifier  # noqa: PLC0415
-    from components.training.loop import plan_cache  # noqa: PLC0415
+    from components.training.datasets import plan_cache  # noqa: PLC0415
 
     os.chdir(workspace)
     config = load_config(overrides=overrides, environ={})

@@ -30,7 +30,8 @@ from components.errors import ConfigError
 from components.pretraining.methods import ENCODER_CLASSES, build_method, describe_encoder
 from components.training.backbones import ENCODER_TASK, pinned_source
 from components.training.forward import network_input
-from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device
+from components.training.datasets import cached_datasets
+from components.training.loop import Recipe, TrainResult, fit, select_device
 from components.training.preprocess import PreprocessSpec, intensity_stats, unreadable_images_named
 
 STATS_SAMPLE = 256

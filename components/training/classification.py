@@ -21,7 +21,8 @@ from components.data.ingest import load_manifest
 from components.data.labels import label_matrix, parse_label_set
 from components.errors import ConfigError
 from components.training.forward import predict_batches
-from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device, splits
+from components.training.datasets import cached_datasets
+from components.training.loop import Recipe, TrainResult, fit, select_device, splits
 from components.training.losses import build_loss, build_multilabel_loss, class_weights, positive_weights
 from components.training.models import build_classifier, classifier_kwargs
 from components.training.preprocess import PreprocessSpec, intensity_stats, training_transforms, unreadable_images_named

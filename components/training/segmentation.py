@@ -23,7 +23,8 @@ from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.training.backbones import describe_report, init_segmenter
 from components.training.forward import network_input, sliding_window
-from components.training.loop import Recipe, TrainResult, cached_datasets, fit, select_device, splits
+from components.training.datasets import cached_datasets
+from components.training.loop import Recipe, TrainResult, fit, select_device, splits
 from components.training.losses import build_seg_loss, class_weights
 from components.training.models import MIN_PATCH, build_segmenter, patch_divisor, segmenter_kwargs
 from components.training.preprocess import (

@@ -34,7 +34,8 @@ from components.config import RunConfig
 from components.training.backbones import FROZEN_REGIMES, Backbone, describe_report, load_backbone
 from components.training.heads import BackboneClassifier, KNNHead, add_lora, layer_decay_groups, merge_lora
 from components.training.forward import extract_features
-from components.training.loop import Recipe, cached_datasets
+from components.training.datasets import cached_datasets
+from components.training.loop import Recipe
 from components.training.preprocess import PreprocessSpec, training_transforms
 
 log = logging.getLogger("medflow.training")

@@ -10,7 +10,7 @@ from components import paths
 from components.config import load_config
 from components.errors import ConfigError
 from components.training.classification import train_classifier
-from components.training.loop import plan_cache
+from components.training.datasets import plan_cache
 
 TINY = ["train.epochs=1", "train.batch_size=16", "data.image_size=32", "registry.experiment=test-cache"]
 SAMPLE = 4 * 32 * 32  # one preprocessed 32x32 float32 image

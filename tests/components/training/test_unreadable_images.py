@@ -18,7 +18,7 @@ from components.config import load_config
 from components.errors import UnreadableImage
 from components.pretraining.pretrain import pretrain_encoder
 from components.training.classification import train_classifier
-from components.training.loop import train_loader
+from components.training.datasets import train_loader
 from components.training.forward import predict_batches
 from components.training.preprocess import (
     PreprocessSpec, SegmentationSpec, segmentation_transforms, training_transforms, unreadable_images_named,

@@ -9,7 +9,7 @@ import pytest
 from components import paths
 from components.config import load_config
 from components.errors import ConfigError, Interrupted
-from components.training import loop
+from components.training import datasets, loop
 from components.training.classification import train_classifier
 
 TINY = ["train.batch_size=16", "data.image_size=32", "registry.experiment=test-workers", "train.device=cpu",
@@ -60,8 +60,8 @@ def _loader_start_method(workers: int) -> str | None:
 
     config = load_config(overrides=[*TINY, f"train.num_workers={workers}"], environ={})
     data = [{"image": torch.full((1, 4, 4), float(i)), "label": i % 2} for i in range(32)]
-    loader = loop.train_loader(data, config.train, sampler=None, generator=torch.Generator().manual_seed(0),
-                               device=torch.device("cpu"))
+    loader = datasets.train_loader(data, config.train, sampler=None, generator=torch.Generator().manual_seed(0),
+                                   device=torch.device("cpu"))
     assert sorted(int(v) for batch in loader for v in batch["label"]) == sorted(d["label"] for d in data)
     context = loader.multiprocessing_context
     return context.get_start_method() if context is not None else multiprocessing.get_start_method()
