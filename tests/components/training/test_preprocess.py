@@ -20,6 +20,7 @@ from components.training.preprocess import (
     PreprocessSpec,
     SegmentationSpec,
     array_transform,
+    segmentation_array_transform,
     segmentation_transforms,
     training_transforms,
     untracked_meta,
@@ -81,7 +82,7 @@ def test_each_pipeline_gives_plain_tensors_equal_to_a_tracked_compose_of_its_tra
 @pytest.mark.parametrize("name", ["training", "pretraining views", "segmentation"])
 def test_epochs_leave_the_memory_cache_as_it_was(images, name):
     # the memory cache hands its samples to the random transforms without a copy: none may write into them
-    from components.training.loop import make_dataset  # noqa: PLC0415
+    from components.training.datasets import make_dataset  # noqa: PLC0415
 
     make, items = _pipelines(images)[name]
     dataset = make_dataset(items, make(), cache="memory", key="k")
@@ -109,9 +110,18 @@ def test_the_transforms_inside_see_tracking_off_and_it_is_put_back_after_an_erro
     assert get_track_meta()
 
 
-def test_the_served_preprocessing_returns_a_plain_tensor():
-    out = array_transform(SPEC)(np.random.default_rng(1).normal(100, 30, (70, 80)).astype(np.float32))
-    assert type(out) is torch.Tensor and out.shape == (1, 64, 64)
+@pytest.mark.parametrize("name", ["classification", "segmentation"])
+def test_the_served_preprocessing_is_plain_and_equals_a_tracked_compose(name):
+    rng = np.random.default_rng(1)
+    pipeline, raw = {
+        "classification": (array_transform(SPEC), rng.normal(100, 30, (70, 80)).astype(np.float32)),
+        "segmentation": (segmentation_array_transform(SegmentationSpec(patch_size=(16, 16, 8), mean=0.0, std=1.0)),
+                         rng.normal(0, 1, (20, 18, 9)).astype(np.float32)),
+    }[name]
+    assert isinstance(pipeline, PlainCompose)
+    ours, theirs = pipeline(raw), Compose(pipeline.transforms)(raw)
+    assert type(ours) is torch.Tensor
+    assert torch.equal(ours, torch.as_tensor(theirs).as_subclass(torch.Tensor))
     assert get_track_meta()
 
 
