@@ -253,7 +253,8 @@ def _volume(datasets: list[tuple[Path, pydicom.Dataset]], where: Path) -> tuple[
         pixels = _pixels(ds, path)
         for i in range(pixels.shape[0]):
             volume[:, :, slot[k, i]] = pixels[i]
-        _drop_pixels(ds)
+        if len(datasets) > 1:  # a series: the files still to decode need the room (one file's go with it)
+            _drop_pixels(ds)
     return (volume[:, :, 0] if len(sources) == 1 else volume), affine
 
 

@@ -207,3 +207,27 @@ def test_the_same_instance_listed_twice_is_named(tmp_path):
     with pytest.raises(IngestError) as info:
         _ingest(source, labels, tmp_path / "data" / "d", IngestSettings())
     assert f"{labels} row 3: MR_small_RLE.dcm is the same image as row 2 (MR_small.dcm)" in str(info.value)
+
+
+@pytest.mark.parametrize(("array", "name"), [
+    (np.random.default_rng(0).normal(size=(64, 48)).astype(np.float32), "image.nii.gz"),
+    (np.random.default_rng(1).integers(0, 3, size=(20, 16, 8)).astype(np.uint8), "mask.nii.gz"),
+    (np.arange(12, dtype=np.float32).reshape(3, 4), "plain.nii"),
+])
+def test_a_converted_image_is_written_byte_for_byte_as_nibabel_writes_it(tmp_path, monkeypatch, array, name):
+    """One compressed write for an image up to ONE_WRITE_BYTES, nibabel's stream beyond: the same file either way
+    (so a dataset's DVC hashes do not change with the path taken)."""
+    from components.data import sources  # noqa: PLC0415
+
+    affine = np.diag([0.7, 0.7, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(array, affine), tmp_path / f"nibabel-{name}")
+    expected = (tmp_path / f"nibabel-{name}").read_bytes()
+    streamed = []
+    monkeypatch.setattr(sources.nib, "save", lambda image, path: streamed.append(path))
+    sources.save_nifti(nib.Nifti1Image(array, affine), tmp_path / name)
+    if name.endswith(".gz"):
+        assert streamed == [] and (tmp_path / name).read_bytes() == expected
+    monkeypatch.undo()
+    monkeypatch.setattr(sources, "ONE_WRITE_BYTES", array.nbytes - 1)  # a larger image is streamed by nibabel
+    sources.save_nifti(nib.Nifti1Image(array, affine), tmp_path / f"large-{name}")
+    assert (tmp_path / f"large-{name}").read_bytes() == expected
