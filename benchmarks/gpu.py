@@ -11,7 +11,10 @@ Run it where there is a CUDA device (it refuses otherwise). A synthetic export o
   resumable checkpoint every epoch);
 - medflow with ``--workers`` and ``train.amp=false``, and with ``train.memory_format=contiguous`` (every other
   row trains in the layout ``auto`` picks: channels_last for a DenseNet, the bare loop too);
-- then, for each further ``--batch-sizes``, the bare loop and medflow with ``--workers``.
+- then, for each further ``--batch-sizes``, the bare loop and medflow with ``--workers``;
+- then the evaluation step (``evaluate_run``: val, test and the shortcut audit's train features, the
+  bootstrap, the reports) of the first medflow run with workers, with ``train.device=cpu`` and no workers
+  against the GPU with ``--workers``.
 
 Every row caches the preprocessed samples in memory (MONAI's CacheDataset). Two
 figures per row: the whole call (set-up, the cache's fill, every epoch), and the
@@ -100,6 +103,7 @@ def main() -> int:
     from components.config import load_config
     from components.data.ingest import IngestSettings, ingest_export
     from components.data.synthetic import generate_export
+    from components.inference.evaluate import evaluate_run
     from components.training.classification import train_classifier
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -114,10 +118,10 @@ def main() -> int:
     print(f"export and ingest: {time.perf_counter() - start:.1f} s", flush=True)
 
     def config(workers: int, amp: bool = True, batch: int = args.batch_sizes[0], epochs: int = args.epochs,
-               layout: str = "auto"):
+               layout: str = "auto", device: str = args.device):
         return load_config(overrides=[
             f"train.epochs={epochs}", f"train.batch_size={batch}", f"data.image_size={args.size}", f"train.model={args.model}",
-            f"train.device={args.device}", f"train.num_workers={workers}", "train.cache=memory",
+            f"train.device={device}", f"train.num_workers={workers}", "train.cache=memory",
             f"train.amp={str(amp).lower()}", f"train.memory_format={layout}", "registry.experiment=bench-gpu"],
             environ={})
 
@@ -127,10 +131,14 @@ def main() -> int:
                                   device=args.device, epoch_ends=ends)
         return samples, ends
 
+    trained: list[str] = []
+
     def medflow(workers: int, amp: bool, batch: int, layout: str):
         result = train_classifier(manifest_path=report.manifest,
                                   data_version=f"bench-{workers}-{amp}-{batch}-{layout}",
                                   config=config(workers, amp, batch, layout=layout))
+        if workers:
+            trained.append(result.run_id)
         return None, medflow_epoch_ends(result.run_id)
 
     # warm-up, one epoch: imports, cuDNN's first use, the fork of workers
@@ -154,12 +162,23 @@ def main() -> int:
         rows.append((name, workers, amp, layout, batch, finished - began, samples / (finished - began), steady,
                      gpu.mean(ends[0], ends[-1]), gpu.mean(began, finished)))
         print(rows[-1], flush=True)
+    evaluations = []
+    for device, workers in (("cpu", 0), (args.device, args.workers)):
+        began = time.perf_counter()
+        evaluate_run(run_id=trained[0], manifest_path=report.manifest, config=config(workers, device=device),
+                     out_dir=folder / f"eval-{device}-{workers}")
+        evaluations.append((device, workers, time.perf_counter() - began))
+        print(evaluations[-1], flush=True)
     table = "\n".join([
         "| training | workers | AMP | layout | batch | whole call (s) | samples/s | steady samples/s | "
         "GPU busy, steady | GPU busy, whole call |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
         *[f"| {n} | {w} | {'yes' if a else 'no'} | {ly} | {b} | {t:.1f} | {s:.0f} | {st:.0f} | {u:.0f} % | "
           f"{uw:.0f} % |" for n, w, a, ly, b, t, s, st, u, uw in rows],
+        "",
+        "| evaluation step (`evaluate_run`) | workers | whole call (s) | / the CPU's |",
+        "|---|---:|---:|---:|",
+        *[f"| train.device={d} | {w} | {t:.1f} | {evaluations[0][2] / t:.2f}x |" for d, w, t in evaluations],
     ])
     print(table)
     if args.write:

@@ -4,6 +4,7 @@ test, fit the temperature on val, judge the calibrated test predictions, log it 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
 from components.evaluation.shortcuts import shortcut_audit
-from components.inference.predict import CPU, predict_frame
+from components.inference.predict import predict_frame
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.training.backbones import captured_features, penultimate
 from components.training.forward import extract_features
@@ -59,23 +60,25 @@ def predictions_frame(frame: pd.DataFrame, prob: np.ndarray, *, multilabel: bool
 
 
 def audit_shortcuts(model: torch.nn.Module, spec: PreprocessSpec, manifest: pd.DataFrame, root: Path, *,
-                    attributes: list[str], num_classes: int, config: RunConfig, test_features: np.ndarray) -> dict:
+                    attributes: list[str], num_classes: int, config: RunConfig, test_features: np.ndarray,
+                    device: torch.device) -> dict:
     """The shortcut audit of a classifier: its penultimate features of the train split and the test split's
     (``test_features``, taken from the pass that predicted the test split), probed for each attribute
     (:func:`components.evaluation.shortcuts.shortcut_audit`)."""
     if not attributes:
         return {}
     train, test = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
-    train_features = extract_features(penultimate(model, num_classes), spec, train, root, CPU,
-                                      description="Features of train")
+    train_features = extract_features(penultimate(model, num_classes), spec, train, root, device,
+                                      num_workers=config.train.num_workers, description="Features of train")
     ev = config.evaluate
     return shortcut_audit(train_features, train, test_features, test, attributes=attributes,
                           n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size)
 
 
 def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, description: dict, run_id: str,
-                            manifest_path: Path, config: RunConfig, out_dir: Path) -> ModelEvaluation:
-    """Evaluate a loaded classifier on the test split; log the report to ``run_id``."""
+                            manifest_path: Path, config: RunConfig, out_dir: Path,
+                            device: torch.device) -> ModelEvaluation:
+    """Evaluate a loaded classifier (on ``device``) on the test split; log the report to ``run_id``."""
     manifest = load_manifest(manifest_path)
     root = manifest_path.parent
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
@@ -83,10 +86,12 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
     k = description["num_classes"]
     truth = (lambda f: label_matrix(f["label"], k)) if multilabel else (lambda f: f["label"].to_numpy())  # noqa: E731
     probabilities = sigmoid if multilabel else softmax
-    val_logits = predict_frame(model, spec, val, root, description="Predicting val")
+    predict = functools.partial(predict_frame, model, spec, root=root, device=device,
+                                num_workers=config.train.num_workers)
+    val_logits = predict(val, description="Predicting val")
     temperature = fit_temperature(val_logits, truth(val))
     with captured_features(model, k) as captured:  # the shortcut audit's test features, from the same pass
-        test_logits = predict_frame(model, spec, test, root, description="Predicting test")
+        test_logits = predict(test, description="Predicting test")
     test_features = torch.cat(captured).numpy() if captured else np.zeros((0, 0), dtype=np.float32)
     calibrated = predictions_frame(test, probabilities(test_logits, temperature=temperature), multilabel=multilabel)
     ev = config.evaluate
@@ -103,11 +108,11 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
     )
     calibration = {"temperature": temperature, "fitted_on": "val", "before": before, "after": report.overall}
     shortcuts = audit_shortcuts(model, spec, manifest, root, attributes=attributes, num_classes=k, config=config,
-                                test_features=test_features)
+                                test_features=test_features, device=device)
     report = dataclasses.replace(report, calibration=calibration, shortcuts=shortcuts)
     external = manifest[manifest["split"] == EXTERNAL]
     if len(external):  # study.external_sites: never trained or tuned on, calibrated with the internal temperature
-        external_logits = predict_frame(model, spec, external, root, description="Predicting external sites")
+        external_logits = predict(external, description="Predicting external sites")
         external_table = predictions_frame(external, probabilities(external_logits, temperature=temperature),
                                            multilabel=multilabel)
         found, delta = external_evaluation(

@@ -6,6 +6,7 @@ take any evaluated run, and the served pyfunc gives the ensemble's calibrated pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from components.evaluation.declarations import MetricSettings
 from components.evaluation.metrics import classification_metrics
 from components.inference.classification import contract_probabilities, predictions_frame
 from components.inference.model import download_checkpoint, load_checkpoint
-from components.inference.predict import predict_frame
+from components.inference.predict import evaluation_device, predict_frame
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.steps import get_step
 from components.training.ensemble import ENSEMBLE
@@ -100,7 +101,9 @@ def evaluate_fold_ensemble(*, fold_runs: Sequence[str], temperatures: Sequence[f
             mlflow.log_artifacts(str(checkpoint), CHECKPOINT_DIR)
             mlflow.log_params({"folds": len(fold_runs), "network": description["members"][0]["network"]})
     multilabel = description.get("task") == "multilabel"
-    logits = predict_frame(model, spec, test, manifest_path.parent, description="Predicting test (fold ensemble)")
+    predict = functools.partial(predict_frame, model, spec, root=manifest_path.parent,
+                                device=evaluation_device(model, config), num_workers=config.train.num_workers)
+    logits = predict(test, description="Predicting test (fold ensemble)")
     probabilities = (sigmoid if multilabel else softmax)(logits)
     calibrated = predictions_frame(test, probabilities, multilabel=multilabel)
     ev = config.evaluate
@@ -110,7 +113,7 @@ def evaluate_fold_ensemble(*, fold_runs: Sequence[str], temperatures: Sequence[f
                                   target_specificity=ev.target_specificity, ordinal=config.data.ordinal)
     model.temperatures.fill_(1.0)  # before scaling: the mean of the folds' uncalibrated probabilities
     uncalibrated = (sigmoid if multilabel else softmax)(
-        predict_frame(model, spec, test, manifest_path.parent, description="Predicting test (folds unscaled)"))
+        predict(test, description="Predicting test (folds unscaled)"))
     truth = label_matrix(test["label"], description["num_classes"]) if multilabel else test["label"].to_numpy()
     before = classification_metrics(truth, uncalibrated if multilabel else contract_probabilities(uncalibrated),
                                     threshold=ev.threshold, settings=MetricSettings(

@@ -15,6 +15,7 @@ from components.data.step import DatasetVersion
 from components.data.study import study_manifest
 from components.inference.classification import evaluate_classifier_run
 from components.inference.model import load_run_model
+from components.inference.predict import evaluation_device
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.inference.segmentation import evaluate_segmentation_run
 from components.steps import get_step
@@ -30,16 +31,18 @@ def evaluate_run(*, run_id: str, manifest_path: Path, config: RunConfig, out_dir
     Args:
         run_id: MLflow run holding ``checkpoint/``.
         manifest_path: the dataset manifest.
-        config: the run config (``evaluate`` and ``data.attributes``).
+        config: the run config (``evaluate`` and ``data.attributes``; it predicts on ``train.device`` with
+            ``train.num_workers`` processes preparing the images).
         out_dir: local folder for report.json and predictions.parquet.
     """
     use_experiment(config.registry.experiment)
     model, spec, description = load_run_model(run_id)
+    device = evaluation_device(model, config)
     if description.get("task") == "segmentation":
         return evaluate_segmentation_run(model=model, spec=spec, run_id=run_id, manifest_path=manifest_path,
-                                         config=config, out_dir=out_dir)
+                                         config=config, out_dir=out_dir, device=device)
     return evaluate_classifier_run(model=model, spec=spec, description=description, run_id=run_id,
-                                   manifest_path=manifest_path, config=config, out_dir=out_dir)
+                                   manifest_path=manifest_path, config=config, out_dir=out_dir, device=device)
 
 
 def evaluate_model(run_id: str, dataset: DatasetVersion, config: RunConfig) -> ModelEvaluation:

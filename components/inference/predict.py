@@ -14,27 +14,45 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader
 
 from components.data.sources import NIFTI_ERRORS
 from components.errors import EvaluationError
 from components.evaluation.segmentation import BAD_VOLUME
 from components.progress import track
-from components.training.forward import predict_batches, sliding_window
+from components.training.datasets import check_workers
+from components.training.forward import CPU, inference_loader, predict_batches, sliding_window
+from components.training.loop import select_device
 from components.training.preprocess import (
     PreprocessSpec, SegmentationSpec, array_transform, segmentation_array_transform, training_transforms,
 )
 
 BATCH_SIZE = 64
-CPU = torch.device("cpu")
+
+
+def evaluation_device(model: torch.nn.Module, config) -> torch.device:
+    """Where an evaluation predicts: the device training takes (``train.device``: a GPU when there is one, under
+    ``auto``), the model moved there. Its ``train.num_workers`` processes prepare the images, as in training.
+
+    Raises:
+        ConfigError: ``train.device`` is ``cuda`` without a GPU, or more workers than cores.
+    """
+    device = select_device(config.train.device)
+    check_workers(config.train.num_workers)
+    model.to(device)
+    return device
 
 
 def predict_frame(model: torch.nn.Module, spec: PreprocessSpec, frame: pd.DataFrame, root: Path, *,
-                  batch_size: int = BATCH_SIZE, description: str = "Predicting") -> np.ndarray:
-    """Logits (N, K) of a classifier for the images of ``frame`` (``image`` paths relative to ``root``)."""
+                  batch_size: int = BATCH_SIZE, device: torch.device = CPU, num_workers: int = 0,
+                  description: str = "Predicting") -> np.ndarray:
+    """Logits (N, K) of a classifier (on ``device``) for the images of ``frame`` (``image`` paths relative to
+    ``root``), read and preprocessed by ``num_workers`` processes
+    (:func:`components.training.forward.inference_loader`)."""
     records = [{"image": str(root / p)} for p in frame["image"]]
-    loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
-    logits, _ = predict_batches(model, loader, CPU,
+    loader = inference_loader(records, training_transforms(spec, augment=False), batch_size=batch_size,
+                              num_workers=num_workers, device=device)
+    logits, _ = predict_batches(model, loader, device,
                                 progress=lambda it: track(it, description=description))
     return logits if len(logits) else np.zeros((0, 2), dtype=np.float32)
 
@@ -106,14 +124,15 @@ def embed_arrays(model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarra
     return features.reshape(len(features), -1).astype(np.float32)
 
 
-def segment_tensor(model: torch.nn.Module, spec: SegmentationSpec, image: np.ndarray) -> np.ndarray:
+def segment_tensor(model: torch.nn.Module, spec: SegmentationSpec, image: np.ndarray, *,
+                   device: torch.device = CPU) -> np.ndarray:
     """Logits (K, *spatial), float32 as the network gives them, of one raw image (*spatial), preprocessed as in
-    training, by sliding window. (A float64 copy would add nothing to their precision, and on a full-size CT it
-    is 1.3 GB.)"""
+    training, by sliding window on ``device`` (the model's; the image and its logits stay in host memory). (A
+    float64 copy would add nothing to their precision, and on a full-size CT it is 1.3 GB.)"""
     model.eval()
     with torch.no_grad():
         tensor = segmentation_array_transform(spec)(np.asarray(image, dtype=np.float32))[None]
-        return sliding_window(model, tensor, spec.patch_size)[0].numpy()
+        return sliding_window(model, tensor, spec.patch_size, device=device)[0].numpy()
 
 
 def segment_arrays(

@@ -58,12 +58,12 @@ def _check_cases(cases: pd.DataFrame, root: Path) -> None:
                                                             f"{shapes['image']}"))
 
 
-def _segment_case(model: torch.nn.Module, spec: SegmentationSpec, image: Path, *, case: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (K, *spatial) of one case's image file, and its affine (an image :func:`_check_cases` passed on
-    its header whose voxels are cut short or corrupt is named with its case)."""
+def _segment_case(model: torch.nn.Module, spec: SegmentationSpec, image: Path, *, case: str,
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (K, *spatial) of one case's image file, segmented on ``device``, and its affine (an image
+    :func:`_check_cases` passed on its header whose voxels are cut short or corrupt is named with its case)."""
     voxels, affine = read_image(image, case=case)
-    return segment_tensor(model, spec, voxels), affine
+    return segment_tensor(model, spec, voxels, device=device), affine
 
 
 def _sample_voxels(logits: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -74,13 +74,14 @@ def _sample_voxels(logits: np.ndarray, mask: np.ndarray, rng: np.random.Generato
 
 
 def _segment_test_case(model: torch.nn.Module, spec: SegmentationSpec, image: Path, label: Path, *, case: str,
-                       temperature: float, out_dir: Path, binary: bool) -> tuple[dict, np.ndarray | int]:
+                       temperature: float, out_dir: Path, binary: bool,
+                       device: torch.device) -> tuple[dict, np.ndarray | int]:
     """Segment one test case: write its mask (and, for a binary task, its calibrated foreground probability map);
     its predictions row and its voxel calibration bins before scaling (0 when not binary).
 
     A function of its own so that the case's volumes (the logits alone are 0.6 GB on a full-size CT) are freed
     when it returns, not held by the caller's loop variables through the report."""
-    logits, affine = _segment_case(model, spec, image, case=case)
+    logits, affine = _segment_case(model, spec, image, case=case, device=device)
     row = {"case_id": case, "mask": f"masks/{case}_mask.nii.gz"}
     # the logits' argmax is the calibrated probabilities' (T > 0), without their float rounding
     nib.save(nib.Nifti1Image(logits.argmax(axis=0).astype(np.uint8), affine), out_dir / row["mask"])
@@ -112,8 +113,8 @@ def _overlays(test: pd.DataFrame, *, root: Path, out_dir: Path, num_classes: int
 
 
 def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec, run_id: str, manifest_path: Path,
-                              config: RunConfig, out_dir: Path) -> ModelEvaluation:
-    """Evaluate a loaded segmentation checkpoint on the test split; log the report to ``run_id``.
+                              config: RunConfig, out_dir: Path, device: torch.device) -> ModelEvaluation:
+    """Evaluate a loaded segmentation checkpoint (on ``device``) on the test split; log the report to ``run_id``.
 
     Writes ``out_dir/masks/<case>_mask.nii.gz`` and ``<case>_prob.nii.gz`` (binary tasks), ``predictions.parquet``
     (``case_id, mask, prob_map``), ``report.json``, ``report.html`` and ``calibration.json``.
@@ -123,7 +124,7 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
     _check_cases(pd.concat([val, test]), root)
     rng = np.random.default_rng(config.evaluate.seed)
-    sampled = [_sample_voxels(_segment_case(model, spec, root / image, case=case)[0],
+    sampled = [_sample_voxels(_segment_case(model, spec, root / image, case=case, device=device)[0],
                               load_volume(root / label, case=case, what="true mask")[0], rng)
                for case, image, label in track(list(zip(val["case_id"], val["image"], val["label"])),
                                                description="Segmenting val")]
@@ -135,7 +136,7 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     for case, image, label in track(list(zip(test["case_id"], test["image"], test["label"])),
                                     description="Segmenting test"):
         row, bins = _segment_test_case(model, spec, root / image, root / label, case=case, temperature=temperature,
-                                       out_dir=out_dir, binary=binary)
+                                       out_dir=out_dir, binary=binary, device=device)
         rows.append(row)
         bins_before = bins_before + bins
     predictions = pd.DataFrame(rows)

@@ -119,9 +119,8 @@ def embedding_drift(python_model, model, features: np.ndarray | None, num_classe
     """The MMD test of the batch's penultimate features (N, D), taken from the pass that predicted them
     (:func:`components.training.backbones.captured_features`), against the training split's, or why there is
     none; the two feature matrices go into ``samples`` (for the page's plot) when given."""
-    from components.inference.predict import CPU  # noqa: PLC0415 (torch, for classifiers only)
-    from components.training.backbones import penultimate  # noqa: PLC0415
-    from components.training.forward import extract_features  # noqa: PLC0415
+    from components.training.backbones import penultimate  # noqa: PLC0415 (torch, for classifiers only)
+    from components.training.forward import CPU, extract_features  # noqa: PLC0415
 
     if model.task == "segmentation":
         return "embedding drift not computed: it compares a classifier's features"

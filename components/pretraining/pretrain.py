@@ -199,9 +199,10 @@ def pretrain_encoder(*, manifest_path: Path, data_version: str, config: RunConfi
 
 
 def knn_check(encoder: torch.nn.Module, spec: PreprocessSpec, manifest: pd.DataFrame, root: Path, *,
-              k: int) -> float | None:
+              k: int, device: torch.device = torch.device("cpu"), num_workers: int = 0) -> float | None:
     """The encoder's k-NN check on a labelled dataset: scikit-learn's cosine k-NN classifier on the train
-    images' features, its AUC on the val images' (macro one-vs-rest for several classes). None when the
+    images' features (taken on ``device``, ``num_workers`` processes reading the images), its AUC on the val
+    images' (macro one-vs-rest for several classes). None when the
     dataset has no labels, or the val split one class."""
     from sklearn.metrics import roc_auc_score  # noqa: PLC0415
     from sklearn.neighbors import KNeighborsClassifier  # noqa: PLC0415
@@ -216,8 +217,8 @@ def knn_check(encoder: torch.nn.Module, spec: PreprocessSpec, manifest: pd.DataF
     y_train, y_val = labels[train.index].to_numpy(int), labels[val.index].to_numpy(int)
     if len(np.unique(y_val)) < 2 or len(np.unique(y_train)) < 2:
         return None
-    cpu = torch.device("cpu")
-    features = {name: extract_features(encoder.eval(), spec, frame, root, cpu, description=f"k-NN check ({name})")
+    features = {name: extract_features(encoder.eval(), spec, frame, root, device, num_workers=num_workers,
+                                       description=f"k-NN check ({name})")
                 for name, frame in (("train", train), ("val", val))}
     knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), metric="cosine").fit(features["train"], y_train)
     prob = knn.predict_proba(features["val"])

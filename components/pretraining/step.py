@@ -11,6 +11,7 @@ from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.data.step import DatasetVersion
 from components.inference.model import load_run_model
+from components.inference.predict import evaluation_device
 from components.pretraining.pretrain import PretrainResult, check_pretrainable, knn_check, pretrain_encoder
 from components.tracking import use_experiment
 
@@ -30,7 +31,8 @@ def pretrain_dataset(dataset: DatasetVersion, validation_report: Path, config: R
     client = MlflowClient()
     client.log_artifact(trained.run_id, str(validation_report), "validation")
     encoder, spec, _ = load_run_model(trained.run_id)
-    auc = knn_check(encoder, spec, load_manifest(dataset.manifest), dataset.manifest.parent, k=config.pretrain.knn_k)
+    auc = knn_check(encoder, spec, load_manifest(dataset.manifest), dataset.manifest.parent, k=config.pretrain.knn_k,
+                    device=evaluation_device(encoder, config), num_workers=config.train.num_workers)
     if auc is not None:
         client.log_metric(trained.run_id, "knn_val_auc", auc)
     # the kept epoch's spread (the run's latest value is the last epoch's, which may not be the one registered)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import multiprocessing
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,17 @@ def release_free_memory() -> None:
 
 
 FEATURE_BATCH = 64
+CPU = torch.device("cpu")
+
+
+def inference_loader(records: list[dict], transform, *, batch_size: int, num_workers: int = 0,
+                     device: torch.device = CPU) -> DataLoader:
+    """Batches of ``records`` in order, for a forward pass: prepared by ``num_workers`` worker processes (forked
+    on Linux, as training's are: :func:`components.training.datasets.train_loader`) while the network runs, in
+    pinned memory on CUDA. Without augmentation the batches are the same whatever the workers."""
+    context = multiprocessing.get_context("fork") if num_workers and sys.platform.startswith("linux") else None
+    return DataLoader(Dataset(records, transform), batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", multiprocessing_context=context)
 
 
 def network_input(images: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
@@ -82,10 +95,11 @@ def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.de
     logits, labels = [], []
     with torch.no_grad():
         for batch in (progress(loader) if progress else loader):
-            logits.append(model(network_input(batch["image"], device)).float().cpu())
+            images = network_input(batch["image"], device, non_blocking=device.type == "cuda")
+            logits.append(model(images).float().cpu())
             if "label" in batch:
                 labels.append(torch.as_tensor(batch["label"]))
-            del batch
+            del batch, images
             if trim:
                 release_free_memory()  # every batch: trimming every 8th only halved the growth (one run)
     out = torch.cat(logits).numpy() if logits else np.zeros((0, 0), dtype=np.float32)
@@ -93,19 +107,26 @@ def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.de
 
 
 def extract_features(encoder: nn.Module, spec: PreprocessSpec, frame: pd.DataFrame, root: Path,
-                     device: torch.device, *, batch_size: int = FEATURE_BATCH, description: str = "Features"
-                     ) -> np.ndarray:
+                     device: torch.device, *, batch_size: int = FEATURE_BATCH, num_workers: int = 0,
+                     description: str = "Features") -> np.ndarray:
     """Features (N, D) of the images of ``frame`` (paths relative to ``root``) through a frozen encoder, which
-    is moved to ``device`` in the layout ``train.memory_format: auto`` picks for it (channels_last for a CNN)."""
+    is moved to ``device`` in the layout ``train.memory_format: auto`` picks for it (channels_last for a CNN);
+    ``num_workers`` processes read and preprocess the images (:func:`inference_loader`)."""
     records = [{"image": str(root / p)} for p in frame["image"]]
-    loader = DataLoader(Dataset(records, training_transforms(spec, augment=False)), batch_size=batch_size)
+    loader = inference_loader(records, training_transforms(spec, augment=False), batch_size=batch_size,
+                              num_workers=num_workers, device=device)
     encoder.to(device=device, memory_format=memory_format("auto", encoder))
     features, _ = predict_batches(encoder, loader, device,
                                   progress=lambda it: track(it, description=description))
     return features
 
 
-def sliding_window(network: torch.nn.Module, image: torch.Tensor, patch_size: tuple[int, ...]) -> torch.Tensor:
-    """Logits (B, K, *spatial) of whole images (B, C, *spatial), by overlapping Gaussian-weighted patches (MONAI)."""
+def sliding_window(network: torch.nn.Module, image: torch.Tensor, patch_size: tuple[int, ...], *,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Logits (B, K, *spatial) of whole images (B, C, *spatial), by overlapping Gaussian-weighted patches (MONAI).
+
+    With ``device`` the patches go there for the network and are stitched where ``image`` is: a full-size CT
+    stays in host memory, and the GPU holds only ``SW_BATCH`` patches and their outputs at a time."""
     return sliding_window_inference(image, roi_size=patch_size, sw_batch_size=SW_BATCH, predictor=network,
-                                    overlap=SW_OVERLAP, mode="gaussian")
+                                    overlap=SW_OVERLAP, mode="gaussian", sw_device=device,
+                                    device=image.device if device is not None else None)

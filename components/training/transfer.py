@@ -55,8 +55,9 @@ def feature_key(backbone: Backbone, spec: PreprocessSpec, manifest_path: Path, s
 
 
 def cached_features(backbone: Backbone, frame: pd.DataFrame, manifest_path: Path, split: str,
-                    device: torch.device) -> tuple[np.ndarray, bool]:
-    """The split's frozen features, from ``.medflow/features/<key>.pt`` when extracted before; (features, reused)."""
+                    device: torch.device, *, num_workers: int = 0) -> tuple[np.ndarray, bool]:
+    """The split's frozen features, from ``.medflow/features/<key>.pt`` when extracted before (else with
+    ``num_workers`` processes reading the images); (features, reused)."""
     key = feature_key(backbone, backbone.spec, manifest_path, split)
     path = paths.medflow_home() / "features" / f"{key}.pt"
     case_ids = [str(c) for c in frame["case_id"]]
@@ -68,7 +69,7 @@ def cached_features(backbone: Backbone, frame: pd.DataFrame, manifest_path: Path
         except (OSError, RuntimeError, EOFError, KeyError):
             log.warning("unreadable feature cache %s; extracting again", path)
     features = extract_features(backbone.encoder, backbone.spec, frame, manifest_path.parent, device,
-                                description=f"Features of {split}")
+                                num_workers=num_workers, description=f"Features of {split}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"case_ids": case_ids, "features": torch.as_tensor(features)}, tmp)
@@ -116,8 +117,10 @@ def transfer_recipe(
         encoder = backbone.encoder.to(device).eval()
         for parameter in encoder.parameters():
             parameter.requires_grad_(False)
-        train_features, reused = cached_features(backbone, train_df, manifest_path, "train", device)
-        val_features, _ = cached_features(backbone, val_df, manifest_path, "val", device)
+        workers = config.train.num_workers
+        train_features, reused = cached_features(backbone, train_df, manifest_path, "train", device,
+                                                 num_workers=workers)
+        val_features, _ = cached_features(backbone, val_df, manifest_path, "val", device, num_workers=workers)
         common["params"]["backbone.features_reused"] = reused
         train_targets, val_targets = targets(train_df), targets(val_df)
         as_records = lambda feats, ys: [{"image": torch.as_tensor(f), "label": y} for f, y in zip(feats, ys)]  # noqa: E731

@@ -294,7 +294,7 @@ def test_a_val_or_test_case_with_a_bad_file_is_named_before_anything_is_segmente
     with pytest.raises(EvaluationError) as info:
         evaluate_segmentation_run(model=_Spy(model, segmented), spec=SegmentationSpec((32, 32), 0.0, 1.0),
                                   run_id="never-logged", manifest_path=root / seg2d_dataset.name, config=config,
-                                  out_dir=tmp_path / "out")
+                                  out_dir=tmp_path / "out", device=torch.device("cpu"))
     assert str(info.value).startswith(expected)
     assert segmented == [] and not (tmp_path / "out").exists()
 
@@ -321,7 +321,8 @@ def test_an_image_that_cannot_be_read_is_named_with_its_case(tmp_path, seg2d_dat
                             kwargs=segmenter_kwargs("unet", patch_size=(32, 32)))
     with pytest.raises(EvaluationError) as info:
         evaluate_segmentation_run(model=model, spec=SegmentationSpec((32, 32), 0.0, 1.0), run_id="never-logged",
-                                  manifest_path=root / seg2d_dataset.name, config=config, out_dir=tmp_path / "out")
+                                  manifest_path=root / seg2d_dataset.name, config=config, out_dir=tmp_path / "out",
+                                  device=torch.device("cpu"))
     assert str(info.value).startswith(f"{case}: image {root / image} cannot be read (")
 
 
