@@ -73,7 +73,7 @@ NOT_MEASURED = (  # what the section says is left
     "100,000 images have a section of their own below, and CT "
     "volumes another. On 2 cores the DataLoader workers share the cores the network trains on, "
     "so they add nothing here; they pay where the accelerator waits for the transforms. Evaluation reads and "
-    "preprocesses the val and test images again, in the evaluating process, and the shortcut audit embeds the "
+    "preprocesses the val and test images again (in `train.num_workers` processes), and the shortcut audit embeds the "
     "training split (the test split's features come from the pass that predicts it)."
 )
 
