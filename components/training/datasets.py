@@ -81,10 +81,15 @@ def train_loader(dataset: Dataset, cfg, *, sampler: DistributedSampler | None, g
     workers import torch again and are sent a pickled copy of the whole cached
     dataset every epoch (seconds an epoch); forked ones share it.
     """
-    context = multiprocessing.get_context("fork") if cfg.num_workers and sys.platform.startswith("linux") else None
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                       generator=generator if sampler is None else None, num_workers=cfg.num_workers,
-                      pin_memory=device.type == "cuda", multiprocessing_context=context)
+                      pin_memory=device.type == "cuda", multiprocessing_context=worker_context(cfg.num_workers))
+
+
+def worker_context(num_workers: int):
+    """How DataLoader workers start: forked on Linux (see :func:`train_loader`), the default elsewhere or
+    without workers. Training's and the forward passes' loaders (:mod:`components.training.forward`) share it."""
+    return multiprocessing.get_context("fork") if num_workers and sys.platform.startswith("linux") else None
 
 
 def make_dataset(records: list[dict], transform: Compose, *, cache: str, key: str) -> Dataset:

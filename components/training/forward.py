@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import multiprocessing
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from components.progress import track
+from components.training.datasets import worker_context
 from components.training.models import memory_format
 from components.training.preprocess import PreprocessSpec, training_transforms, unreadable_images_named
 
@@ -56,11 +55,10 @@ CPU = torch.device("cpu")
 def inference_loader(records: list[dict], transform, *, batch_size: int, num_workers: int = 0,
                      device: torch.device = CPU) -> DataLoader:
     """Batches of ``records`` in order, for a forward pass: prepared by ``num_workers`` worker processes (forked
-    on Linux, as training's are: :func:`components.training.datasets.train_loader`) while the network runs, in
+    on Linux, as training's are: :func:`components.training.datasets.worker_context`) while the network runs, in
     pinned memory on CUDA. Without augmentation the batches are the same whatever the workers."""
-    context = multiprocessing.get_context("fork") if num_workers and sys.platform.startswith("linux") else None
     return DataLoader(Dataset(records, transform), batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", multiprocessing_context=context)
+                      pin_memory=device.type == "cuda", multiprocessing_context=worker_context(num_workers))
 
 
 def network_input(images: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:
