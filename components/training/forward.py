@@ -18,7 +18,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from components.progress import track
-from components.training.datasets import worker_context
+from components.training.datasets import start_worker, worker_context
 from components.training.models import memory_format
 from components.training.preprocess import PreprocessSpec, training_transforms, unreadable_images_named
 
@@ -58,7 +58,8 @@ def inference_loader(records: list[dict], transform, *, batch_size: int, num_wor
     on Linux, as training's are: :func:`components.training.datasets.worker_context`) while the network runs, in
     pinned memory on CUDA. Without augmentation the batches are the same whatever the workers."""
     return DataLoader(Dataset(records, transform), batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", multiprocessing_context=worker_context(num_workers))
+                      pin_memory=device.type == "cuda", multiprocessing_context=worker_context(num_workers),
+                      worker_init_fn=start_worker)
 
 
 def network_input(images: torch.Tensor, device: torch.device, *, non_blocking: bool = False) -> torch.Tensor:

@@ -76,3 +76,57 @@ def test_workers_are_forked_even_where_the_process_was_spawned():
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         assert pool.submit(_loader_start_method, 2).result() == "fork"
+
+
+class _WorkerProbe:
+    """A dataset with one of MONAI's random transforms: each sample says how many objects its worker found frozen,
+    the worker's seed and the transform's first draw there."""
+
+    def __init__(self) -> None:
+        from monai.transforms import RandFlip
+
+        self.flip = RandFlip(prob=0.5)
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict:
+        import gc
+
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        return {"frozen": gc.get_freeze_count(), "seed": info.seed, "draw": int(self.flip.R.randint(2**30)),
+                "label": index}
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="fork is Linux's")
+@pytest.mark.parametrize("kind", ["training", "inference"])
+def test_workers_freeze_what_they_inherit_and_keep_monais_seeds(kind):
+    """A forked worker shares its parent's pages until it writes to one, and a full garbage collection writes into
+    every object it inherited: each worker freezes them first (the parent keeps collecting its own); a training
+    worker's random transforms are then seeded by MONAI from the worker's seed, as without the freeze."""
+    import gc
+
+    import numpy as np
+    import torch
+
+    from components.training.forward import inference_loader
+
+    before = gc.get_freeze_count()
+    if kind == "training":
+        config = load_config(overrides=[*TINY, "train.num_workers=2", "train.batch_size=1"], environ={})
+        loader = datasets.train_loader(_WorkerProbe(), config.train, sampler=None,
+                                       generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    else:
+        loader = inference_loader(list(range(4)), _WorkerProbe().__getitem__, batch_size=1, num_workers=2)
+    samples = [{key: int(value[0]) for key, value in batch.items()} for batch in loader]
+    assert all(sample["frozen"] > 1000 for sample in samples)  # torch, MONAI and this test's modules, frozen
+    assert gc.get_freeze_count() == before  # the parent's objects are still collected
+    if kind == "inference":
+        return  # no random transforms to seed
+    first = {}
+    for sample in samples:
+        first.setdefault(sample["seed"], sample["draw"])
+    assert len(first) == 2  # two workers, two seeds
+    assert all(draw == np.random.RandomState(seed % 2**32).randint(2**30) for seed, draw in first.items())
