@@ -20,7 +20,7 @@ from components.config import RunConfig, Task
 from components.data.ingest import load_manifest
 from components.data.labels import label_matrix, parse_label_set
 from components.errors import ConfigError
-from components.training.forward import predict_batches
+from components.training.forward import VALIDATION_FREE_HEAP, predict_batches
 from components.training.datasets import cached_datasets
 from components.training.loop import Recipe, TrainResult, fit, select_device, splits
 from components.training.losses import build_loss, build_multilabel_loss, class_weights, positive_weights
@@ -98,7 +98,7 @@ def classification_recipe(manifest_path: Path, config: RunConfig, device: torch.
 
     def make_validate(val_loader: DataLoader):
         def validate(model: torch.nn.Module) -> dict[str, float]:
-            logits, labels = predict_batches(model, val_loader, device, trim=False)
+            logits, labels = predict_batches(model, val_loader, device, trim_above=VALIDATION_FREE_HEAP)
             scores = {"val_loss": float(val_loss_fn(torch.tensor(logits), torch.tensor(labels)))}
             auc = _auc(logits, labels)
             return scores | ({"val_auc": auc} if auc is not None else {})

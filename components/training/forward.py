@@ -34,17 +34,47 @@ def _malloc_trim():
         return None
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33 and later), every field in bytes or chunks."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's ``mallinfo2``, or None where the C library has none (glibc before 2.33, macOS, musl)."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
 MALLOC_TRIM = _malloc_trim()
+MALLINFO2 = _mallinfo2()
+# training's validation hands the heap back once glibc holds this much free in it: 20,369 validation images of
+# 256x256 read after an epoch of 55,000 left 4.5 GB free in the heap (the step's peak 5.9 GB against 1.6 trimmed)
+VALIDATION_FREE_HEAP = 256 * 2**20
 
 
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system. A batch's activations are freed into glibc's heaps
-    (below its mmap threshold, which rises to 32 MB as large blocks are freed), and the next batches' blocks
+def free_heap_bytes() -> int | None:
+    """Bytes glibc's heaps hold free (``mallinfo2``'s ``fordblks``, every arena), None where it cannot say."""
+    return MALLINFO2().fordblks if MALLINFO2 is not None else None
+
+
+def release_free_memory(*, above: int = 0) -> None:
+    """Hand the C heap's free pages back to the system; with ``above``, only once the heaps hold more than that
+    many bytes free (every time where glibc cannot say how much). A batch's activations are freed into glibc's
+    heaps (below its mmap threshold, which rises to 32 MB as large blocks are freed), and the next batches' blocks
     land among them: without this an evaluation of 4,024 images of 256x256 peaked about 200 MiB above one of
     1,006, and each varied by 100 MiB or more from run to run; trimmed, both peak at about 380 MiB, for 3 % more
     time (``benchmarks/evaluation_memory.py``). Torch and numpy allocate with malloc and offer no way to trim its
     heaps, hence ctypes."""
-    if MALLOC_TRIM is not None:
+    if MALLOC_TRIM is None:
+        return
+    free = free_heap_bytes() if above else None
+    if free is None or free > above:
         MALLOC_TRIM(0)
 
 
@@ -75,20 +105,21 @@ def network_input(images: torch.Tensor, device: torch.device, *, non_blocking: b
 
 @unreadable_images_named()
 def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.device, *,
-                    progress=None, trim: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                    progress=None, trim_above: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (N, K) of every batch of ``loader`` (dicts with ``image``), and its ``label`` (N, ...) when the
-    batches carry one (else None). The model is put in eval mode; no gradients; with ``trim`` the heap's free
-    pages go back to the system after each batch (:func:`release_free_memory`), so the peak does not grow with
-    the batches.
+    batches carry one (else None). The model is put in eval mode; no gradients; the heap's free pages go back to
+    the system after each batch (:func:`release_free_memory`), so the peak does not grow with the batches.
 
     Args:
         model: the network, on ``device``.
         loader: batches of ``{"image": (B, C, *spatial)[, "label": ...]}``.
         device: where the network runs.
         progress: wraps the loader (e.g. a progress bar) when given.
-        trim: False for training's validation: the training steps' heap, with their gradients, already holds
-            a batch's activations, and the pages trimmed would be faulted back in by the next step (about 5 %
-            of an epoch of the demo's network at 128x128 on 2 cores).
+        trim_above: trim only once the heap holds more than this many bytes free (0: after every batch).
+            Training's validation passes :data:`VALIDATION_FREE_HEAP`: the training steps' heap, with their
+            gradients, already holds a batch's activations, and pages trimmed after every batch were faulted back
+            in by the next step (about 5 % of an epoch of the demo's network at 128x128 on 2 cores); a large
+            validation split after a long epoch still fragments the heap past that.
     """
     model.eval()
     logits, labels = [], []
@@ -99,8 +130,7 @@ def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.de
             if "label" in batch:
                 labels.append(torch.as_tensor(batch["label"]))
             del batch, images
-            if trim:
-                release_free_memory()  # every batch: trimming every 8th only halved the growth (one run)
+            release_free_memory(above=trim_above)  # every batch: trimming every 8th only halved the growth
     out = torch.cat(logits).numpy() if logits else np.zeros((0, 0), dtype=np.float32)
     return out, (torch.cat(labels).numpy() if labels else None)
 

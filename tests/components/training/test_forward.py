@@ -30,12 +30,22 @@ def test_predict_batches_trims_the_heap_after_every_batch_and_predicts_as_the_mo
         np.testing.assert_allclose(logits, model(images).numpy(), rtol=1e-6)
 
 
-def test_predict_batches_without_trim_leaves_the_heap(monkeypatch):
+def test_predict_batches_with_a_free_heap_limit_trims_only_past_it(monkeypatch):
+    trims, free = [], iter([10, 300 * 2**20, 10])  # what glibc says it holds free after each of three batches
+    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
+    monkeypatch.setattr(forward, "free_heap_bytes", lambda: next(free))
+    logits, _ = forward.predict_batches(torch.nn.Linear(4, 3), [{"image": torch.randn(2, 4)}] * 3,
+                                        torch.device("cpu"), trim_above=forward.VALIDATION_FREE_HEAP)
+    assert trims == [0] and logits.shape == (6, 3)
+
+
+def test_where_glibc_cannot_say_what_is_free_a_limit_trims_every_time(monkeypatch):
     trims = []
     monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
-    logits, _ = forward.predict_batches(torch.nn.Linear(4, 3), [{"image": torch.randn(2, 4)}] * 3,
-                                        torch.device("cpu"), trim=False)
-    assert trims == [] and logits.shape == (6, 3)
+    monkeypatch.setattr(forward, "MALLINFO2", None)  # glibc before 2.33
+    assert forward.free_heap_bytes() is None
+    forward.release_free_memory(above=forward.VALIDATION_FREE_HEAP)
+    assert trims == [0]
 
 
 def test_network_input_is_a_plain_tensor_on_the_device_without_a_copy():
@@ -50,13 +60,14 @@ def test_network_input_is_a_plain_tensor_on_the_device_without_a_copy():
 
 def test_without_malloc_trim_in_the_c_library_release_does_nothing(monkeypatch):
     monkeypatch.setattr(forward.ctypes, "CDLL", lambda name: types.SimpleNamespace())  # macOS, musl: no malloc_trim
-    assert forward._malloc_trim() is None
+    assert forward._malloc_trim() is None and forward._mallinfo2() is None
     monkeypatch.setattr(forward, "MALLOC_TRIM", None)
     forward.release_free_memory()
 
 
 FRAGMENTED_HEAP = """
 import ctypes
+import sys
 from components.training.forward import release_free_memory
 
 def resident():
@@ -73,18 +84,29 @@ pin = libc.malloc(96 * 1024)  # from the heap's top, above them: freeing them ca
 for block in blocks:
     libc.free(block)
 before = resident()
-release_free_memory()
+release_free_memory(above=int(sys.argv[1]))
 print(before - resident())
 """
 
 
+def _released(above: int) -> int:
+    """Bytes :func:`release_free_memory` hands back after 125 MiB were freed below a pinned block, in a fresh
+    process (no other test's heap in the figures)."""
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP, str(above)], capture_output=True, text=True,
+                         check=True, cwd=REPO)  # the repository on the path wherever pytest was started
+    return int(out.stdout.split()[-1])
+
+
 @pytest.mark.skipif(forward.MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
 def test_release_free_memory_hands_freed_heap_pages_back_to_the_system():
-    # a fresh process, so that no other test's heap is in the figures
-    out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP], capture_output=True, text=True, check=True,
-                         cwd=REPO)  # the repository on the path wherever pytest was started
-    released = int(out.stdout.split()[-1])
+    released = _released(0)
     assert released > 100 * 2**20, f"only {released / 2**20:.0f} MiB of 125 MiB freed went back to the system"
+
+
+@pytest.mark.skipif(forward.MALLINFO2 is None, reason="the C library has no mallinfo2 (not glibc 2.33+)")
+def test_release_free_memory_past_a_limit_counts_what_glibc_holds_free():
+    assert _released(200 * 2**20) < 20 * 2**20  # 125 MiB free is under a 200 MiB limit: kept
+    assert _released(50 * 2**20) > 100 * 2**20  # and over a 50 MiB one: handed back
 
 
 def test_features_come_from_the_encoder_in_autos_layout_and_equal_a_contiguous_pass(tmp_path):
