@@ -255,3 +255,19 @@ def test_float32_resamples_sum_exactly_where_whole_and_in_float64_for_very_many_
     assert not np.array_equal(single[0]["nll"], double[0]["nll"])
     monkeypatch.setattr(bootstrap, "FLOAT32_CASES", 10_000)  # as if 10,000 cases were too many for float32
     assert statistics([counts])[0]["nll"].tolist() == double[0]["nll"].tolist()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 63, 64, 65, 1000])
+def test_weight_below_is_the_exclusive_cumulative_sum_down_the_rows(rows):
+    """The triangular products and their carried block totals equal numpy's cumsum: exactly for float32 counts
+    (the resamples'), to rounding for float64 weights, past the last whole block too."""
+    from components.evaluation.bootstrap import BELOW_BLOCK, weight_below
+
+    assert BELOW_BLOCK == 64  # the sizes above straddle one and several whole blocks
+    rng = np.random.default_rng(15)
+    counts = rng.poisson(3.0, size=(rows, 32)).astype(np.float32)
+    below = weight_below(counts)
+    assert below.dtype == np.float32
+    np.testing.assert_array_equal(below, np.cumsum(counts, axis=0) - counts)
+    weights = rng.random((rows, 5))
+    np.testing.assert_allclose(weight_below(weights), np.cumsum(weights, axis=0) - weights, rtol=1e-12, atol=1e-12)
