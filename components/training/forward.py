@@ -26,10 +26,11 @@ SW_BATCH = 4
 SW_OVERLAP = 0.25
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+def _libc_function(name: str):
+    """The C library's function ``name``, or None where it has none (``malloc_trim``: macOS, musl;
+    ``mallinfo2``: glibc before 2.33 too)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
     except (OSError, AttributeError, TypeError):
         return None
 
@@ -42,16 +43,14 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _mallinfo2():
-    """glibc's ``mallinfo2``, or None where the C library has none (glibc before 2.33, macOS, musl)."""
-    try:
-        function = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.restype = _MallInfo2
+    """glibc's ``mallinfo2`` returning its struct, or None where the C library has none."""
+    function = _libc_function("mallinfo2")
+    if function is not None:
+        function.restype = _MallInfo2
     return function
 
 
-MALLOC_TRIM = _malloc_trim()
+MALLOC_TRIM = _libc_function("malloc_trim")
 MALLINFO2 = _mallinfo2()
 # training's validation hands the heap back once glibc holds this much free in it: 20,369 validation images of
 # 256x256 read after an epoch of 55,000 left 4.5 GB free in the heap (the step's peak 5.9 GB against 1.6 trimmed)

@@ -1,4 +1,5 @@
-"""The batch loop every stage predicts with hands the C heap's free pages back after each batch."""
+"""The batch loop every stage predicts with hands the C heap's free pages back: after each batch, or in training's
+validation once glibc's heaps hold more than a limit free."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_network_input_is_a_plain_tensor_on_the_device_without_a_copy():
 
 def test_without_malloc_trim_in_the_c_library_release_does_nothing(monkeypatch):
     monkeypatch.setattr(forward.ctypes, "CDLL", lambda name: types.SimpleNamespace())  # macOS, musl: no malloc_trim
-    assert forward._malloc_trim() is None and forward._mallinfo2() is None
+    assert forward._libc_function("malloc_trim") is None and forward._mallinfo2() is None
     monkeypatch.setattr(forward, "MALLOC_TRIM", None)
     forward.release_free_memory()
 
