@@ -103,7 +103,11 @@ def test_the_two_views_of_an_image_differ_and_are_the_same_for_a_seed(small_data
 
 @pytest.mark.parametrize(("method", "network"), [("simclr", "densenet"), ("mae", "vit")])
 def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_lineage(workspace, small_dataset, method,
-                                                                                     network):
+                                                                                     network, monkeypatch):
+    from components.training import forward
+
+    trims = []  # the validation offers the heap back after each batch, past the limit the classifier's uses
+    monkeypatch.setattr(pretrain_module, "release_free_memory", lambda *, above=0: trims.append(above))
     config = load_config(overrides=[*TINY, f"pretrain.method={method}", f"pretrain.model={network}"], environ={})
     report = workspace / "validation.json"
     report.write_text("{}")
@@ -120,6 +124,8 @@ def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_line
     assert pretrained.embedding_std == _history(pretrained.run_id, "embedding_std")[pretrained.best_epoch - 1]
     manifest = pd.read_parquet(small_dataset)
     assert run.data.params["n_train"] == str((manifest["split"] == "train").sum())
+    n_val = int((manifest["split"] == "val").sum())
+    assert trims == [forward.VALIDATION_FREE_HEAP] * (2 * (n_val // min(config.pretrain.batch_size, n_val)))
 
     # the k-NN check is scikit-learn's on the encoder's features, fitted on train, scored on val
     encoder, spec, description = load_run_model(pretrained.run_id)
