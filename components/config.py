@@ -186,7 +186,8 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    """Evaluation: decision threshold, bootstrap, subgroup sizes and the specificity sensitivity is read at."""
+    """Evaluation: decision threshold, bootstrap, subgroup sizes, the specificity sensitivity is read at and
+    the training cases the shortcut probe is fitted on."""
 
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     n_bootstrap: int = Field(1000, ge=0)
@@ -194,6 +195,9 @@ class EvaluateConfig(_Section):
     min_group_size: int = Field(10, ge=1)
     target_specificity: float = Field(0.9, gt=0.0, lt=1.0, description="where overall.sensitivity_at_specificity "
                                                                         "is read")
+    shortcut_train_cases: int | None = Field(
+        20_000, ge=2, description="the shortcut probe is fitted on at most this many training cases, drawn with "
+                                  "evaluate.seed (null: every one); only their images are read again")
 
 
 class Operator(str, Enum):

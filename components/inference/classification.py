@@ -23,7 +23,7 @@ from components.evaluation.external import external_evaluation
 from components.evaluation.html_report import write_html_report
 from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
-from components.evaluation.shortcuts import shortcut_audit
+from components.evaluation.shortcuts import probe_cases, shortcut_audit
 from components.inference.predict import predict_frame
 from components.inference.results import REPORT_DIR, ModelEvaluation
 from components.training.backbones import captured_features, penultimate
@@ -62,15 +62,17 @@ def predictions_frame(frame: pd.DataFrame, prob: np.ndarray, *, multilabel: bool
 def audit_shortcuts(model: torch.nn.Module, spec: PreprocessSpec, manifest: pd.DataFrame, root: Path, *,
                     attributes: list[str], num_classes: int, config: RunConfig, test_features: np.ndarray,
                     device: torch.device) -> dict:
-    """The shortcut audit of a classifier: its penultimate features of the train split and the test split's
-    (``test_features``, taken from the pass that predicted the test split), probed for each attribute
+    """The shortcut audit of a classifier: its penultimate features of the train split (at most
+    ``evaluate.shortcut_train_cases`` of its cases, :func:`probe_cases`) and the test split's (``test_features``,
+    taken from the pass that predicted the test split), probed for each attribute
     (:func:`components.evaluation.shortcuts.shortcut_audit`)."""
     if not attributes:
         return {}
-    train, test = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
+    ev = config.evaluate
+    train = probe_cases(manifest[manifest["split"] == "train"], limit=ev.shortcut_train_cases, seed=ev.seed)
+    test = manifest[manifest["split"] == "test"]
     train_features = extract_features(penultimate(model, num_classes), spec, train, root, device,
                                       num_workers=config.train.num_workers, description="Features of train")
-    ev = config.evaluate
     return shortcut_audit(train_features, train, test_features, test, attributes=attributes,
                           n_bootstrap=ev.n_bootstrap, seed=ev.seed, min_group_size=ev.min_group_size)
 

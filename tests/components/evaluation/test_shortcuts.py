@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from components.evaluation.bootstrap import resample_patients
-from components.evaluation.shortcuts import audit_attribute, shortcut_audit
+from components.evaluation.shortcuts import audit_attribute, probe_cases, shortcut_audit
 
 
 def split(rng, n, groups, signal):
@@ -99,6 +99,17 @@ def test_attributes_that_cannot_be_judged_are_null_with_the_reason():
     assert audits["test_only_one"]["auc"] is None and "one group only (F)" in audits["test_only_one"]["reason"]
 
 
+def test_the_probe_is_fitted_on_at_most_the_limit_of_training_cases_drawn_with_the_seed():
+    train = pd.DataFrame({"case_id": [f"c{i}" for i in range(50)], "patient_id": [f"p{i // 2}" for i in range(50)]},
+                         index=np.arange(100, 150))
+    assert probe_cases(train, limit=None, seed=0) is train and probe_cases(train, limit=50, seed=0) is train
+    drawn = probe_cases(train, limit=20, seed=3)
+    assert len(drawn) == 20 and drawn.index.is_monotonic_increasing and set(drawn.index) <= set(train.index)
+    assert drawn.equals(probe_cases(train, limit=20, seed=3))  # the same rows for the same seed
+    assert not drawn.index.equals(probe_cases(train, limit=20, seed=4).index)
+    assert not drawn.index.equals(train.index[:20])  # drawn, not the first rows
+
+
 def test_an_evaluated_run_reports_its_shortcuts_from_the_networks_own_features(workspace, small_dataset):
     """End to end on a trained DenseNet: the report's shortcut AUC equals scikit-learn's probe on features
     computed by hand from MONAI's DenseNet layers (everything before its last linear layer)."""
@@ -113,8 +124,9 @@ def test_an_evaluated_run_reports_its_shortcuts_from_the_networks_own_features(w
     from components.training.classification import train_classifier
     from components.training.preprocess import training_transforms
 
-    config = load_config(overrides=["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=50",
-                                    "evaluate.min_group_size=3", "registry.experiment=test-shortcuts"], environ={})
+    config_overrides = ["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=50", "evaluate.min_group_size=3",
+                        "registry.experiment=test-shortcuts"]
+    config = load_config(overrides=config_overrides, environ={})
     trained = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
     evaluation = evaluate_run(run_id=trained.run_id, manifest_path=small_dataset, config=config,
                               out_dir=workspace / "eval")
@@ -140,3 +152,15 @@ def test_an_evaluated_run_reports_its_shortcuts_from_the_networks_own_features(w
     assert "<h2>Shortcuts</h2>" in page and "shortcut AUC chart" in page
     gate = evaluate_gates(report, [GateRule(metric="shortcuts.sex.auc", op="<=", value=1.0)])[0]
     assert gate.passed and gate.value == pytest.approx(sex["auc"])
+
+    # with evaluate.shortcut_train_cases below the training split, the probe is fitted on the cases drawn
+    limit = len(train) // 2
+    capped = load_config(overrides=[*config_overrides, f"evaluate.shortcut_train_cases={limit}"], environ={})
+    evaluation = evaluate_run(run_id=trained.run_id, manifest_path=small_dataset, config=capped,
+                              out_dir=workspace / "eval-capped")
+    capped_sex = json.loads(evaluation.report.read_text())["shortcuts"]["sex"]
+    drawn = probe_cases(train, limit=limit, seed=capped.evaluate.seed)
+    assert len(drawn) == limit and capped_sex["n_train"] == limit
+    expected = reference_auc(features(drawn), drawn["sex"].astype(str).to_numpy(), features(test),
+                             test["sex"].astype(str).to_numpy())
+    assert capped_sex["auc"] == pytest.approx(expected, abs=1e-6)
