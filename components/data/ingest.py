@@ -16,13 +16,15 @@ Patients already in the dataset keep their split.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
-from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,9 @@ MANIFEST_COLUMNS = (
 )
 TASKS = ("classification", "multilabel", "segmentation", "unlabelled")
 PARALLEL_MIN_CASES = 64
+IN_FLIGHT_BATCHES = 4  # conversion batches submitted per worker ahead of the results read
+ROWS_PER_FRAME = 4096  # manifest rows held as Python objects at once; each batch then becomes a DataFrame
+TAG_SEPARATOR = "|"  # between a case's removed tag names while the rows are frames (names are keywords)
 
 
 @dataclass(frozen=True)
@@ -172,15 +177,38 @@ def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataF
     return labels, problems
 
 
-def _run_jobs(jobs: list[CaseJob], workers: int) -> list[ConvertedCase | list[str]]:
-    """Convert every job, in worker processes when there are enough of them; with a progress bar."""
-    description = f"Converting {len(jobs)} case(s)"
-    if workers <= 1 or len(jobs) < PARALLEL_MIN_CASES:
-        return [convert_case(j) for j in track(jobs, description=description)]
+def _convert_batch(jobs: list[CaseJob]) -> list[ConvertedCase | list[str]]:
+    return [convert_case(j) for j in jobs]
+
+
+def _converted(jobs: Iterator[CaseJob], total: int, workers: int) -> Iterator[ConvertedCase | list[str]]:
+    """Each job's result, in the jobs' order, with a progress bar; in worker processes when there are enough jobs.
+
+    At most ``IN_FLIGHT_BATCHES`` batches per worker are submitted ahead of the results read, so that neither
+    the jobs nor their results are all held at once (``Executor.map`` submits every job before it yields;
+    its ``buffersize`` arrives in Python 3.14).
+    """
+    description = f"Converting {total} case(s)"
+    if workers <= 1 or total < PARALLEL_MIN_CASES:
+        yield from track(map(convert_case, jobs), total=total, description=description)
+        return
+    size = max(1, min(64, total // (workers * 8)))
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        chunk = max(1, min(64, len(jobs) // (workers * 8)))
-        return list(track(pool.map(convert_case, jobs, chunksize=chunk), total=len(jobs), description=description))
+        pending: deque[Future] = deque()
+        try:
+            def results() -> Iterator[ConvertedCase | list[str]]:
+                for batch in iter(lambda: list(itertools.islice(jobs, size)), []):
+                    pending.append(pool.submit(_convert_batch, batch))
+                    if len(pending) >= IN_FLIGHT_BATCHES * workers:
+                        yield from pending.popleft().result()
+                while pending:
+                    yield from pending.popleft().result()
+
+            yield from track(results(), total=total, description=description)
+        finally:
+            for future in pending:  # stopped early (a bad case, an interrupt): nothing more is converted
+                future.cancel()
 
 
 def default_workers() -> int:
@@ -303,112 +331,156 @@ def ingest_export(
     return report, new_state
 
 
+def _reusable(rec: pd.Series, known: dict, inputs: dict, previous_rows: pd.DataFrame | None) -> dict | None:
+    """The state entry of a row whose inputs are unchanged since its case was converted; else None."""
+    entry = known.get(rec["path"])
+    if entry and entry["input"] == inputs.get(rec["path"]) and entry["mask_input"] == inputs.get(rec["label"]) \
+            and entry["case_id"] in previous_rows.index:
+        return entry
+    return None
+
+
 def _build(
     *, labels, source, labels_csv, staging, dataset_dir, settings, salt, skip_bad, workers, problems, inputs, previous, state
 ) -> tuple[IngestReport, dict]:
-    """Convert or reuse every good row into ``staging``; write manifest and audit there."""
+    """Convert or reuse every good row into ``staging``; write manifest and audit there.
+
+    The conversions stream from the workers in the rows' order, and the manifest's rows are held as Python
+    objects ``ROWS_PER_FRAME`` at a time, each batch then as a DataFrame: no phase holds every case's
+    metadata as Python objects.
+    """
     known = state.get("cases", {}) if previous is not None else {}
     previous_rows = previous.set_index("case_id") if previous is not None else None
-    jobs, reused = [], {}
-    for i, rec in labels.iterrows():
-        if i in problems:
-            continue
-        rel = rec["path"]
-        entry = known.get(rel)
-        if entry and entry["input"] == inputs.get(rel) and entry["mask_input"] == inputs.get(rec["label"]) \
-                and entry["case_id"] in previous_rows.index:
-            reused[i] = entry
-            _link(dataset_dir / previous_rows.at[entry["case_id"], "image"], staging / previous_rows.at[entry["case_id"], "image"])
-            if settings.task == "segmentation":
-                _link(dataset_dir / previous_rows.at[entry["case_id"], "label"], staging / previous_rows.at[entry["case_id"], "label"])
-            continue
-        mask = source / rec["label"] if settings.task == "segmentation" else None
-        jobs.append(CaseJob(i, source / rel, rel, settings.fmt, mask, settings.num_classes, staging, salt))
-    converted = {}
-    for job, result in zip(jobs, _run_jobs(jobs, workers)):
-        if isinstance(result, list):
-            problems.setdefault(job.row, []).extend(result)
-        else:
-            converted[job.row] = result
-    del jobs  # each case's metadata is held once from here on: see the rows below
-    first_row_of: dict[str, int] = {}
-    for i, c in sorted(converted.items()):
-        if c.case_id in first_row_of:  # the same DICOM instance (or series) listed twice, maybe in two syntaxes
-            problems.setdefault(i, []).append(
-                f"{labels_csv} row {i + 2}: {labels.at[i, 'path']} is the same image as row "
-                f"{first_row_of[c.case_id] + 2} ({labels.at[first_row_of[c.case_id], 'path']}): same SOP/Series Instance UID"
-            )
-        else:
-            first_row_of[c.case_id] = i
-    for i, c in converted.items():
-        if not c.raw_patient_id and pd.isna(labels.at[i, "patient_id"] if "patient_id" in labels.columns else None):
-            problems.setdefault(i, []).append(f"{source / labels.at[i, 'path']}: no PatientID in the header and no patient_id in the labels")
+    bad = set(problems)  # rows found bad before converting: the job list and the rows below skip the same ones
+    reused = {i for i, rec in labels.iterrows() if i not in bad and _reusable(rec, known, inputs, previous_rows)}
+    n_jobs = len(labels) - len(bad) - len(reused)
+
+    def jobs() -> Iterator[CaseJob]:
+        for i, rec in labels.iterrows():
+            if i not in bad and i not in reused:
+                mask = source / rec["label"] if settings.task == "segmentation" else None
+                yield CaseJob(i, source / rec["path"], rec["path"], settings.fmt, mask, settings.num_classes, staging,
+                              salt)
+
+    frames, batch = [], []
+    with closing(_converted(jobs(), n_jobs, workers)) as results:
+        for i, rec in labels.iterrows():
+            if i in bad:
+                continue
+            if i in reused:
+                entry = known[rec["path"]]
+                previous_row = previous_rows.loc[entry["case_id"]]
+                for column in ("image", "label") if settings.task == "segmentation" else ("image",):
+                    _link(dataset_dir / previous_row[column], staging / previous_row[column])
+                row = previous_row.to_dict() | {"case_id": entry["case_id"], "_raw": None}
+                tags = entry["removed_tags"]
+            else:
+                c = next(results)
+                if isinstance(c, list):
+                    problems.setdefault(i, []).extend(c)
+                    continue
+                listed = rec.get("patient_id")
+                if not c.raw_patient_id and pd.isna(listed):
+                    problems.setdefault(i, []).append(
+                        f"{source / rec['path']}: no PatientID in the header and no patient_id in the labels")
+                    continue
+                raw = c.raw_patient_id or str(listed)
+                row = {"case_id": c.case_id, "patient_id": pseudonymise(raw, salt=salt, prefix="P"),
+                       "modality": c.modality, **c.facts, "_raw": raw}
+                tags = c.removed_tags
+            row |= {"_row": i, "_reused": i in reused, "_removed": TAG_SEPARATOR.join(tags),
+                    "_input": inputs.get(rec["path"]), "_mask_input": inputs.get(rec["label"])}
+            if settings.task == "classification":
+                row["label"] = int(rec["label"])
+            elif settings.task in ("multilabel", "unlabelled"):
+                row["label"] = rec["label"]
+            for column in ("site", "sex", "race"):
+                if column in labels.columns:
+                    row[column] = rec[column]
+            if "age" in labels.columns:
+                row["age"] = float(rec["age"])
+                row["age_group"] = age_group(rec["age"], settings.age_bins)
+            batch.append(row)
+            if len(batch) == ROWS_PER_FRAME:
+                frames.append(pd.DataFrame(batch))
+                batch = []
+    if batch:
+        frames.append(pd.DataFrame(batch))
+    del batch
+    cases = _concat(frames)
+    del frames
+    _flag_duplicates(cases, labels, labels_csv, problems)
     if problems and not skip_bad:
         _raise_problems([m for i in sorted(problems) for m in problems[i]])
-    for i in problems:
-        converted.pop(i, None)
-        reused.pop(i, None)
-    if not converted and not reused:
+    cases = cases[~cases["_row"].isin(list(problems))].reset_index(drop=True)
+    if cases.empty:
         raise IngestError(f"{labels_csv}: no rows to ingest" + (f" ({len(problems)} skipped as bad)" if problems else ""))
-    n_converted = len(converted)
-    rows, raw_patients, removed, cases_state = [], [], Counter(), {}
-    for i, rec in labels.iterrows():
-        if i in converted:
-            c = converted.pop(i)  # its row now holds its facts: a case's metadata is held once, not twice
-            listed = rec.get("patient_id")
-            raw = c.raw_patient_id or ("" if pd.isna(listed) else str(listed))
-            row = {"case_id": c.case_id, "patient_id": pseudonymise(raw, salt=salt, prefix="P"), "modality": c.modality, **c.facts}
-            removed.update(c.removed_tags)
-            entry = {"case_id": c.case_id, "removed_tags": list(c.removed_tags)}
-        elif i in reused:
-            entry = reused[i]
-            row = previous_rows.loc[entry["case_id"]].to_dict() | {"case_id": entry["case_id"]}
-            raw = None
-            removed.update(entry["removed_tags"])
-        else:
-            continue
-        entry |= {"input": inputs.get(rec["path"]), "mask_input": inputs.get(rec["label"])}
-        cases_state[rec["path"]] = entry
-        if settings.task == "classification":
-            row["label"] = int(rec["label"])
-        elif settings.task in ("multilabel", "unlabelled"):
-            row["label"] = rec["label"]
-        for c in ("site", "sex", "race"):
-            if c in labels.columns:
-                row[c] = rec[c]
-        if "age" in labels.columns:
-            row["age"] = float(rec["age"])
-            row["age_group"] = age_group(rec["age"], settings.age_bins)
-        rows.append(row)
-        raw_patients.append(raw)
-    manifest = pd.DataFrame(rows)
-    del rows
-    manifest["split"] = _splits(manifest, raw_patients, previous, settings)
-    manifest = manifest[[c for c in MANIFEST_COLUMNS if c in manifest.columns]]
+    removed = Counter(tag for tags in cases["_removed"] for tag in tags.split(TAG_SEPARATOR) if tag)
+    cases["split"] = _splits(cases, previous, settings)
+    manifest = cases[[c for c in MANIFEST_COLUMNS if c in cases.columns]]
     manifest.to_parquet(staging / "manifest.parquet", index=False)
+    del manifest
     audit = {"profile": "DICOM PS3.15 basic confidentiality (subset)", "removed_tags": dict(sorted(removed.items()))}
     (staging / "deid_audit.json").write_text(json.dumps(audit, indent=2) + "\n")
     skipped = tuple((str(labels.at[i, "path"]), "; ".join(problems[i])) for i in sorted(problems))
+    n_reused = int(cases["_reused"].sum())
     report = IngestReport(
-        dataset_dir=dataset_dir, manifest=dataset_dir / "manifest.parquet", n_cases=len(manifest),
-        n_patients=manifest["patient_id"].nunique(), removed_tags=dict(removed),
-        converted=n_converted, reused=len(reused), skipped=skipped,
+        dataset_dir=dataset_dir, manifest=dataset_dir / "manifest.parquet", n_cases=len(cases),
+        n_patients=cases["patient_id"].nunique(), removed_tags=dict(removed),
+        converted=len(cases) - n_reused, reused=n_reused, skipped=skipped,
     )
+    tag_lists: dict[str, list[str]] = {}  # one list per set of removed tags, shared by its cases' entries
+    cases_state = {
+        labels.at[i, "path"]: {"case_id": case_id,
+                               "removed_tags": tag_lists.setdefault(tags, tags.split(TAG_SEPARATOR) if tags else []),
+                               "input": _text(given), "mask_input": _text(mask)}
+        for i, case_id, tags, given, mask in zip(cases["_row"], cases["case_id"], cases["_removed"], cases["_input"],
+                                                 cases["_mask_input"])
+    }
     return report, {"cases": cases_state}
 
 
-def _splits(manifest: pd.DataFrame, raw_patients: list, previous: pd.DataFrame | None, settings: IngestSettings) -> pd.Series:
+def _text(value) -> str | None:
+    """A string cell of the rows' frame; None where it is missing."""
+    return None if pd.isna(value) else str(value)
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The batches' frames as one; a column whose batches inferred different types (a batch of missing values
+    beside one of strings) is inferred again over all its values, as one frame of every row would have."""
+    if not frames:
+        return pd.DataFrame({"case_id": pd.Series(dtype=str), "_row": pd.Series(dtype=int)})
+    cases = pd.concat(frames, ignore_index=True)
+    for column in cases.columns:
+        if len({str(f[column].dtype) for f in frames if column in f.columns}) > 1:
+            cases[column] = pd.Series(cases[column].tolist(), index=cases.index)
+    return cases
+
+
+def _flag_duplicates(cases: pd.DataFrame, labels: pd.DataFrame, labels_csv: Path, problems: dict) -> None:
+    """A problem for each row whose case is an earlier row's: the same DICOM instance (or series) listed twice."""
+    duplicated = cases["case_id"].duplicated()
+    first_row_of = cases.loc[~duplicated].set_index("case_id")["_row"]
+    for i, case_id in zip(cases.loc[duplicated, "_row"], cases.loc[duplicated, "case_id"]):
+        first = first_row_of[case_id]
+        problems.setdefault(i, []).append(
+            f"{labels_csv} row {i + 2}: {labels.at[i, 'path']} is the same image as row {first + 2} "
+            f"({labels.at[first, 'path']}): same SOP/Series Instance UID"
+        )
+
+
+def _splits(cases: pd.DataFrame, previous: pd.DataFrame | None, settings: IngestSettings) -> pd.Series:
     """Patients already in the dataset keep their split; new ones are ranked by their source IDs.
 
-    The source IDs are used here and never stored, so the same export and seed give the
-    same splits in any workspace, whatever its pseudonym key.
+    The source IDs (``_raw``, missing for reused cases) are used here and never stored, so the same export and
+    seed give the same splits in any workspace, whatever its pseudonym key.
     """
     kept = {}
     if previous is not None and "split" in previous.columns:
         kept = previous.groupby("patient_id")["split"].first().to_dict()
-    rank_ids = pd.Series([r if r is not None else p for r, p in zip(raw_patients, manifest["patient_id"])], index=manifest.index)
+    rank_ids = cases["_raw"].where(cases["_raw"].notna(), cases["patient_id"])
     by_label = settings.task in ("classification", "multilabel")  # a multi-label stratum is a set of classes
-    stratify = manifest[["patient_id"] + (["label"] if by_label else []) + (["site"] if "site" in manifest.columns else [])]
+    stratify = cases[["patient_id"] + (["label"] if by_label else []) + (["site"] if "site" in cases.columns else [])]
     if not by_label:
         stratify = stratify.assign(label=0)
     return assign_splits(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pydicom
 import pytest
 
 from components.data.ingest import IngestSettings, ingest_export, save_state, write_ingest_report
@@ -75,12 +76,26 @@ def test_a_changed_label_reuses_the_images_and_changes_the_manifest(grown_export
 def test_a_changed_file_is_converted_again(grown_export, tmp_path):
     source, early, _ = grown_export
     target, state = tmp_path / "data" / "d", tmp_path / "state.json"
-    _run(source, early, target, state)
+    first = _run(source, early, target, state)
     first_path = source / pd.read_csv(early)["path"].iloc[0]
-    other = source / pd.read_csv(early)["path"].iloc[1]
-    first_path.write_bytes(other.read_bytes())
+    scan = pydicom.dcmread(first_path)
+    scan.PixelData = (scan.pixel_array[::-1].copy()).tobytes()  # new pixels, the same instance
+    scan.save_as(first_path)
     again = _run(source, early, target, state)
-    assert again.converted == 1
+    assert (again.converted, again.reused) == (1, first.n_cases - 1)
+    manifest = pd.read_parquet(target / "manifest.parquet")
+    assert manifest["case_id"].is_unique and len(manifest) == first.n_cases
+
+
+def test_a_file_changed_into_another_rows_image_is_refused_as_the_same_image(grown_export, tmp_path):
+    """The changed row's case would be the unchanged (reused) row's: refused, as two rows of one new export are."""
+    source, early, _ = grown_export
+    target, state = tmp_path / "data" / "d", tmp_path / "state.json"
+    _run(source, early, target, state)
+    paths = pd.read_csv(early)["path"]
+    (source / paths.iloc[0]).write_bytes((source / paths.iloc[1]).read_bytes())
+    with pytest.raises(IngestError, match=rf"row 3: {paths.iloc[1]} is the same image as row 2 \({paths.iloc[0]}\)"):
+        _run(source, early, target, state)
 
 
 def test_skip_bad_ingests_the_rest_and_records_why(grown_export, tmp_path):

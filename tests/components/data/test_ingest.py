@@ -13,8 +13,11 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from components.data.ingest import MANIFEST_COLUMNS, IngestSettings, age_group, ingest_export
-from components.data.sources import pseudonymise
+from components.data.ingest import (
+    IN_FLIGHT_BATCHES, MANIFEST_COLUMNS, IngestSettings, _converted, age_group, ingest_export,
+)
+from components.data.sources import CaseJob, pseudonymise
+from components.data.synthetic import generate_export
 from components.errors import IngestError
 
 from tests.conftest import SALT, pydicom_export
@@ -183,3 +186,25 @@ def test_the_same_export_gives_the_same_dataset_under_any_key(small_export, tmp_
     ma, mb = pd.read_parquet(a.manifest), pd.read_parquet(b.manifest)
     assert not set(ma["patient_id"]) & set(mb["patient_id"])  # different keys, different pseudonyms
     assert ma["split"].tolist() == mb["split"].tolist() and ma["sha256"].tolist() == mb["sha256"].tolist()
+
+
+def test_conversions_stream_in_order_with_a_bounded_number_of_jobs_ahead(tmp_path):
+    """The workers get a few batches ahead of the results read, not every job at once (``Executor.map`` would)."""
+    export = generate_export(tmp_path / "export", n_patients=160, image_size=8, seed=3)
+    paths = pd.read_csv(export.labels_csv)["path"].tolist()
+    (tmp_path / "staging" / "images").mkdir(parents=True)
+    pulled = []
+
+    def jobs():
+        for i, rel in enumerate(paths):
+            pulled.append(i)
+            yield CaseJob(i, export.folder / rel, rel, "dicom", None, 2, tmp_path / "staging", SALT)
+
+    rows, ahead = [], []
+    for result in _converted(jobs(), len(paths), workers=2):
+        rows.append(result.row)
+        ahead.append(len(pulled) - len(rows))
+    bound = IN_FLIGHT_BATCHES * 2 * (len(paths) // 16)  # batches in flight x jobs a batch (a sixteenth here)
+    assert rows == list(range(len(paths)))
+    assert len(paths) > 2 * bound and max(ahead) <= bound
+    assert len(list((tmp_path / "staging" / "images").iterdir())) == len(paths)
