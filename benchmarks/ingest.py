@@ -98,13 +98,13 @@ def main() -> int:
         folder = Path(tempfile.mkdtemp(prefix="medflow-bench-ingest-"))
         try:
             export = generate_export(folder / "export", n_patients=n_cases // 2, image_size=64, seed=1)
-            one, t_one = _ingest(export, folder / "one" / "data" / "d", folder / "one.json", workers=1)
-            many, t_many = _ingest(export, folder / "ws" / "data" / "d", folder / "ws.json", workers=workers)
+            one, t_one = _ingest(export, folder / "one" / "data" / "d", folder / "one.sqlite", workers=1)
+            many, t_many = _ingest(export, folder / "ws" / "data" / "d", folder / "ws.sqlite", workers=workers)
             start = time.perf_counter()
             version = version_dataset(folder / "ws", many.dataset_dir, remote=str(folder / "remote"))
             push_dataset(folder / "ws", version.dvc_file)
             t_dvc = time.perf_counter() - start
-            again, t_again = _ingest(export, folder / "ws" / "data" / "d", folder / "ws.json", workers=workers)
+            again, t_again = _ingest(export, folder / "ws" / "data" / "d", folder / "ws.sqlite", workers=workers)
             assert again.unchanged
             manifest = load_manifest(many.manifest)
             config = load_config(overrides=["validation.min_group_size=1"], environ={})

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.data.incremental import (  # save_state: re-exported, callers save what ingest_export returns
-    STATE_VERSION, content_hash, fingerprint, load_state, matches_state, save_state,  # noqa: F401
+from components.data.incremental import (  # load_state, save_state: re-exported for the callers of ingest_export
+    TAG_SEPARATOR, IngestState, content_hash, fingerprint, load_state, matches_state, new_state,
+    save_state,  # noqa: F401
 )
 from components.data.labels import LABEL_SEPARATOR, parse_label_set
 from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, pseudonymise
@@ -51,8 +52,7 @@ MANIFEST_COLUMNS = (
 TASKS = ("classification", "multilabel", "segmentation", "unlabelled")
 PARALLEL_MIN_CASES = 64
 IN_FLIGHT_BATCHES = 4  # conversion batches submitted per worker ahead of the results read
-ROWS_PER_FRAME = 4096  # manifest rows held as Python objects at once; each batch then becomes a DataFrame
-TAG_SEPARATOR = "|"  # between a case's removed tag names while the rows are frames (names are keywords)
+ROWS_PER_FRAME = 1024  # manifest rows held as Python objects at once; each batch then becomes a DataFrame
 
 
 @dataclass(frozen=True)
@@ -216,12 +216,14 @@ def default_workers() -> int:
     return min(8, usable_cores())
 
 
-def _hash_inputs(source: Path, labels_csv: Path, settings: IngestSettings, salt: bytes, state: dict):
-    """Labels, row problems, content hash per input, refreshed hash cache, and the fingerprint of it all."""
+def _hash_inputs(source: Path, labels_csv: Path, settings: IngestSettings, salt: bytes, previous: IngestState,
+                 new: IngestState | None):
+    """Labels, row problems, content hash per input, and the fingerprint of it all; each file's hash is recorded
+    in ``new`` (None: nowhere), reused from ``previous`` while the file's size and mtime are unchanged."""
     if not source.is_dir():
         raise IngestError(f"source folder {source} does not exist or is not a folder")
     labels, row_problems = read_labels(labels_csv, settings=settings)
-    cache, hashes, inputs = state.get("hashes", {}), {}, {}
+    inputs = {}
     problems: dict[int, list[str]] = {}
     for i, message in row_problems:
         problems.setdefault(i, []).append(message)
@@ -234,10 +236,10 @@ def _hash_inputs(source: Path, labels_csv: Path, settings: IngestSettings, salt:
             if not full.exists():
                 problems.setdefault(i, []).append(f"{labels_csv} row {i + 2}: {rel}: file not found")
             elif column == "path":
-                inputs[rel] = content_hash(full, cache, hashes)
+                inputs[rel] = content_hash(full, previous, new)
             else:
-                inputs[rel] = inputs.get(rec["path"], "") + ":" + content_hash(full, cache, hashes)
-    return labels, problems, inputs, hashes, fingerprint(settings, salt, labels_csv, inputs)
+                inputs[rel] = inputs.get(rec["path"], "") + ":" + content_hash(full, previous, new)
+    return labels, problems, inputs, fingerprint(settings, salt, labels_csv, inputs)
 
 
 def unchanged_version(
@@ -248,15 +250,15 @@ def unchanged_version(
     Hashing only (sizes and mtimes spare re-reading unchanged files): nothing is converted or written.
     """
     state = load_state(state_file)
-    if not state.get("data_version") or not labels_csv.exists():
+    if not state.data_version or not labels_csv.exists():
         return None
     try:
-        _, problems, _, _, fingerprint = _hash_inputs(source, labels_csv, settings, salt, state)
+        _, problems, _, fingerprint = _hash_inputs(source, labels_csv, settings, salt, state, None)
     except IngestError:
         return None
     if problems or not matches_state(state, fingerprint, dataset_dir / "manifest.parquet"):
         return None
-    return str(state["data_version"])
+    return state.data_version
 
 
 def ingest_export(
@@ -289,7 +291,8 @@ def ingest_export(
         IngestError: naming every file or row that could not be ingested.
     """
     state = load_state(state_file)
-    labels, problems, inputs, hashes, fingerprint = _hash_inputs(source, labels_csv, settings, salt, state)
+    new = new_state(state_file.parent if state_file is not None else None)
+    labels, problems, inputs, fingerprint = _hash_inputs(source, labels_csv, settings, salt, state, new)
     manifest_path = dataset_dir / "manifest.parquet"
     if not problems and matches_state(state, fingerprint, manifest_path):
         manifest = load_manifest(manifest_path)
@@ -307,10 +310,10 @@ def ingest_export(
     if settings.task == "segmentation":
         (staging / "labels").mkdir()
     try:
-        report, new_state = _build(
+        report = _build(
             labels=labels, source=source, labels_csv=labels_csv, staging=staging, dataset_dir=dataset_dir,
             settings=settings, salt=salt, skip_bad=skip_bad, workers=workers, problems=problems,
-            inputs=inputs, previous=previous, state=state,
+            inputs=inputs, previous=previous, known=state, new=new,
         )
     except OSError as exc:  # a full disk, a read-only or vanished folder while writing the new version
         shutil.rmtree(staging, ignore_errors=True)
@@ -326,14 +329,15 @@ def ingest_export(
         shutil.rmtree(staging, ignore_errors=True)
         raise IngestError(f"cannot move the new version of dataset {dataset_dir.name} into place: "
                           f"{exc.strerror or exc}") from exc
-    new_state |= {"version": STATE_VERSION, "fingerprint": fingerprint, "hashes": hashes,
-                  "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest()}
-    return report, new_state
+    new.set_meta(fingerprint=fingerprint, manifest_sha256=hashlib.sha256(manifest_path.read_bytes()).hexdigest())
+    return report, new
 
 
-def _reusable(rec: pd.Series, known: dict, inputs: dict, previous_rows: pd.DataFrame | None) -> dict | None:
+def _reusable(rec: pd.Series, known: IngestState, inputs: dict, previous_rows: pd.DataFrame | None) -> dict | None:
     """The state entry of a row whose inputs are unchanged since its case was converted; else None."""
-    entry = known.get(rec["path"])
+    if previous_rows is None:
+        return None
+    entry = known.case(rec["path"])
     if entry and entry["input"] == inputs.get(rec["path"]) and entry["mask_input"] == inputs.get(rec["label"]) \
             and entry["case_id"] in previous_rows.index:
         return entry
@@ -341,15 +345,15 @@ def _reusable(rec: pd.Series, known: dict, inputs: dict, previous_rows: pd.DataF
 
 
 def _build(
-    *, labels, source, labels_csv, staging, dataset_dir, settings, salt, skip_bad, workers, problems, inputs, previous, state
-) -> tuple[IngestReport, dict]:
+    *, labels, source, labels_csv, staging, dataset_dir, settings, salt, skip_bad, workers, problems, inputs, previous,
+    known, new
+) -> IngestReport:
     """Convert or reuse every good row into ``staging``; write manifest and audit there.
 
     The conversions stream from the workers in the rows' order, and the manifest's rows are held as Python
     objects ``ROWS_PER_FRAME`` at a time, each batch then as a DataFrame: no phase holds every case's
-    metadata as Python objects.
+    metadata as Python objects. Each case is recorded in ``new``; ``known`` holds the cases of ``previous``.
     """
-    known = state.get("cases", {}) if previous is not None else {}
     previous_rows = previous.set_index("case_id") if previous is not None else None
     bad = set(problems)  # rows found bad before converting: the job list and the rows below skip the same ones
     reused = {i for i, rec in labels.iterrows() if i not in bad and _reusable(rec, known, inputs, previous_rows)}
@@ -368,7 +372,7 @@ def _build(
             if i in bad:
                 continue
             if i in reused:
-                entry = known[rec["path"]]
+                entry = known.case(rec["path"])
                 previous_row = previous_rows.loc[entry["case_id"]]
                 for column in ("image", "label") if settings.task == "segmentation" else ("image",):
                     _link(dataset_dir / previous_row[column], staging / previous_row[column])
@@ -429,15 +433,12 @@ def _build(
         n_patients=cases["patient_id"].nunique(), removed_tags=dict(removed),
         converted=len(cases) - n_reused, reused=n_reused, skipped=skipped,
     )
-    tag_lists: dict[str, list[str]] = {}  # one list per set of removed tags, shared by its cases' entries
-    cases_state = {
-        labels.at[i, "path"]: {"case_id": case_id,
-                               "removed_tags": tag_lists.setdefault(tags, tags.split(TAG_SEPARATOR) if tags else []),
-                               "input": _text(given), "mask_input": _text(mask)}
+    new.record_cases(
+        (labels.at[i, "path"], case_id, tags, _text(given), _text(mask))
         for i, case_id, tags, given, mask in zip(cases["_row"], cases["case_id"], cases["_removed"], cases["_input"],
                                                  cases["_mask_input"])
-    }
-    return report, {"cases": cases_state}
+    )
+    return report
 
 
 def _text(value) -> str | None:

@@ -14,7 +14,8 @@ from pathlib import Path
 from components import paths
 from components.config import RunConfig, SourceFormat, Task
 from components.data.ingest import (
-    IngestSettings, default_workers, ingest_export, load_manifest, save_state, unchanged_version, write_ingest_report,
+    IngestSettings, default_workers, ingest_export, load_manifest, load_state, save_state, unchanged_version,
+    write_ingest_report,
 )
 from components.data.sources import load_salt
 from components.data.synthetic import generate_export
@@ -89,7 +90,7 @@ def unchanged_data_version(config: RunConfig) -> str | None:
     version = unchanged_version(
         source=source, labels_csv=labels, dataset_dir=paths.data_root() / config.data.name,
         settings=ingest_settings(config), salt=load_salt(paths.medflow_home() / "secrets" / "pseudonym.key"),
-        state_file=paths.medflow_home() / "ingest" / f"{config.data.name}.json",
+        state_file=_state_file(config.data.name),
     )
     return version if version is not None and version == read_version(dvc_file) else None
 
@@ -133,7 +134,7 @@ def prepare_dataset(config: RunConfig) -> PreparedDataset:
     dataset_dir = paths.data_root() / d.name
     dvc_file = dataset_dir.with_name(d.name + ".dvc")
     before = read_version(dvc_file) if dvc_file.exists() else None
-    state_file = paths.medflow_home() / "ingest" / f"{d.name}.json"
+    state_file = _state_file(d.name)
     report, state = ingest_export(
         source=source,
         labels_csv=labels,
@@ -146,13 +147,18 @@ def prepare_dataset(config: RunConfig) -> PreparedDataset:
     )
     write_ingest_report(report, paths.medflow_home() / "ingest" / f"{d.name}-report.json")
     pending = None
-    if not (report.unchanged and before is not None and state.get("data_version") == before):
-        pending = state_file.with_name(f"{d.name}.pending.json")
+    if not (report.unchanged and before is not None and state.data_version == before):
+        pending = state_file.with_name(f"{d.name}.pending.sqlite")
         save_state(pending, state, data_version="")
     return PreparedDataset(
         name=d.name, manifest=report.manifest, n_cases=report.n_cases, n_patients=report.n_patients,
         skipped=len(report.skipped), previous_version=before, pending_state=pending,
     )
+
+
+def _state_file(name: str) -> Path:
+    """Where the incremental state of dataset ``name`` lives (it names source paths: outside the dataset)."""
+    return paths.medflow_home() / "ingest" / f"{name}.sqlite"
 
 
 def _push(name: str) -> bool:
@@ -194,8 +200,7 @@ def version_prepared(prepared: PreparedDataset, config: RunConfig) -> DatasetVer
         paths.workspace_root(), prepared.manifest.parent,
         remote=config.data.remote or str(paths.dvc_remote_default()), meta=meta,
     )
-    state = json.loads(prepared.pending_state.read_text())
-    save_state(prepared.pending_state.with_name(f"{prepared.name}.json"), state, data_version=version.version)
+    save_state(_state_file(prepared.name), load_state(prepared.pending_state), data_version=version.version)
     prepared.pending_state.unlink()
     pushed = _push(prepared.name)
     return DatasetVersion(

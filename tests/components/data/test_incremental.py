@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
 
 import pandas as pd
 import pydicom
 import pytest
 
 from components.data.ingest import IngestSettings, ingest_export, save_state, write_ingest_report
+from components.data.incremental import STATE_VERSION
 from components.data.synthetic import generate_export
 from components.errors import IngestError
 
@@ -37,7 +40,7 @@ def _run(source, labels, target, state_file, **kwargs):
 
 def test_unchanged_inputs_do_no_work(grown_export, tmp_path):
     source, early, _ = grown_export
-    target, state = tmp_path / "data" / "d", tmp_path / "state.json"
+    target, state = tmp_path / "data" / "d", tmp_path / "state.sqlite"
     first = _run(source, early, target, state)
     before = {p: p.stat().st_mtime_ns for p in target.rglob("*")}
     again = _run(source, early, target, state)
@@ -48,7 +51,7 @@ def test_unchanged_inputs_do_no_work(grown_export, tmp_path):
 
 def test_a_grown_export_converts_only_new_files_and_keeps_every_split(grown_export, tmp_path):
     source, early, full = grown_export
-    target, state = tmp_path / "data" / "d", tmp_path / "state.json"
+    target, state = tmp_path / "data" / "d", tmp_path / "state.sqlite"
     first = _run(source, early, target, state)
     splits_before = pd.read_parquet(first.manifest).set_index("case_id")["split"]
     grown = _run(source, full, target, state)
@@ -63,7 +66,7 @@ def test_a_grown_export_converts_only_new_files_and_keeps_every_split(grown_expo
 
 def test_a_changed_label_reuses_the_images_and_changes_the_manifest(grown_export, tmp_path):
     source, early, _ = grown_export
-    target, state = tmp_path / "data" / "d", tmp_path / "state.json"
+    target, state = tmp_path / "data" / "d", tmp_path / "state.sqlite"
     _run(source, early, target, state)
     table = pd.read_csv(early)
     table.loc[0, "label"] = 1 - table.loc[0, "label"]
@@ -75,7 +78,7 @@ def test_a_changed_label_reuses_the_images_and_changes_the_manifest(grown_export
 
 def test_a_changed_file_is_converted_again(grown_export, tmp_path):
     source, early, _ = grown_export
-    target, state = tmp_path / "data" / "d", tmp_path / "state.json"
+    target, state = tmp_path / "data" / "d", tmp_path / "state.sqlite"
     first = _run(source, early, target, state)
     first_path = source / pd.read_csv(early)["path"].iloc[0]
     scan = pydicom.dcmread(first_path)
@@ -90,7 +93,7 @@ def test_a_changed_file_is_converted_again(grown_export, tmp_path):
 def test_a_file_changed_into_another_rows_image_is_refused_as_the_same_image(grown_export, tmp_path):
     """The changed row's case would be the unchanged (reused) row's: refused, as two rows of one new export are."""
     source, early, _ = grown_export
-    target, state = tmp_path / "data" / "d", tmp_path / "state.json"
+    target, state = tmp_path / "data" / "d", tmp_path / "state.sqlite"
     _run(source, early, target, state)
     paths = pd.read_csv(early)["path"]
     (source / paths.iloc[0]).write_bytes((source / paths.iloc[1]).read_bytes())
@@ -105,8 +108,8 @@ def test_skip_bad_ingests_the_rest_and_records_why(grown_export, tmp_path):
         f.write("broken.dcm,0,F,50,W,a\nmissing.dcm,1,M,40,B,a\n")
     target = tmp_path / "data" / "d"
     with pytest.raises(IngestError, match=r"^2 problem\(s\) in the input"):
-        _run(source, early, target, tmp_path / "s.json")
-    report = _run(source, early, target, tmp_path / "s.json", skip_bad=True)
+        _run(source, early, target, tmp_path / "s.sqlite")
+    report = _run(source, early, target, tmp_path / "s.sqlite", skip_bad=True)
     assert [p for p, _ in report.skipped] == ["broken.dcm", "missing.dcm"]
     assert "not a DICOM file" in report.skipped[0][1] and "file not found" in report.skipped[1][1]
     written = json.loads(write_ingest_report(report, tmp_path / "report.json").read_text())
@@ -115,6 +118,58 @@ def test_skip_bad_ingests_the_rest_and_records_why(grown_export, tmp_path):
 
 def test_parallel_conversion_gives_the_same_dataset(grown_export, tmp_path):
     source, early, _ = grown_export
-    one = _run(source, early, tmp_path / "a" / "d", tmp_path / "a.json", workers=1)
-    two = _run(source, early, tmp_path / "b" / "d", tmp_path / "b.json", workers=2)
+    one = _run(source, early, tmp_path / "a" / "d", tmp_path / "a.sqlite", workers=1)
+    two = _run(source, early, tmp_path / "b" / "d", tmp_path / "b.sqlite", workers=2)
     pd.testing.assert_frame_equal(pd.read_parquet(one.manifest), pd.read_parquet(two.manifest))
+
+
+def test_the_state_records_every_file_and_case_and_leaves_no_draft_behind(grown_export, tmp_path):
+    source, early, _ = grown_export
+    state = tmp_path / "states" / "d.sqlite"
+    first = _run(source, early, tmp_path / "data" / "d", state)
+    with sqlite3.connect(state) as db:
+        files = dict(db.execute("SELECT path, digest FROM hashes"))
+        cases = db.execute("SELECT path, case_id, removed_tags, input FROM cases").fetchall()
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+    paths = pd.read_csv(early)["path"]
+    assert set(files) == {str(source / p) for p in paths} and len(cases) == first.n_cases
+    one = source / paths.iloc[0]
+    assert files[str(one)] == hashlib.sha256(one.read_bytes()).hexdigest()
+    manifest = pd.read_parquet(first.manifest)
+    assert {c[1] for c in cases} == set(manifest["case_id"]) and all(c[3] == files[str(source / c[0])] for c in cases)
+    assert {"PatientID", "PatientName"} <= set(dict((c[0], c[2]) for c in cases)[paths.iloc[0]].split("|"))
+    assert meta["data_version"] == "v" and meta["version"] == str(STATE_VERSION)
+    written = (tmp_path / "data" / "d" / "manifest.parquet").read_bytes()
+    assert meta["manifest_sha256"] == hashlib.sha256(written).hexdigest()
+    assert sorted(p.name for p in state.parent.iterdir()) == ["d.sqlite"]
+
+
+def test_a_version_1_json_state_is_carried_over_and_its_cases_reused(grown_export, tmp_path):
+    """An ingest made before the state moved to SQLite: its cases are reused, the manifest is built again, and
+    the JSON file gives way to the new state."""
+    source, early, _ = grown_export
+    target, state = tmp_path / "data" / "d", tmp_path / "d.sqlite"
+    first = _run(source, early, target, state)
+    with sqlite3.connect(state) as db:
+        legacy = {"version": 1, "data_version": "v", "fingerprint": "of the old format",
+                  "hashes": {p: [s, m, d] for p, s, m, d in db.execute("SELECT * FROM hashes")},
+                  "cases": {p: {"case_id": c, "removed_tags": t.split("|"), "input": i, "mask_input": m}
+                            for p, c, t, i, m in db.execute("SELECT * FROM cases")}}
+    state.unlink()
+    state.with_suffix(".json").write_text(json.dumps(legacy))
+    before = pd.read_parquet(first.manifest)
+    again = _run(source, early, target, state)
+    assert not again.unchanged and (again.converted, again.reused) == (0, first.n_cases)
+    pd.testing.assert_frame_equal(pd.read_parquet(again.manifest), before)
+    assert not state.with_suffix(".json").exists() and _run(source, early, target, state).unchanged
+
+
+@pytest.mark.parametrize("content", [b"not a database", b""])
+def test_an_unreadable_state_converts_everything_again(grown_export, tmp_path, content):
+    source, early, _ = grown_export
+    target, state = tmp_path / "data" / "d", tmp_path / "d.sqlite"
+    first = _run(source, early, target, state)
+    state.write_bytes(content)
+    again = _run(source, early, target, state)
+    assert (again.converted, again.reused) == (first.n_cases, 0)
+    pd.testing.assert_frame_equal(pd.read_parquet(again.manifest), pd.read_parquet(first.manifest))
