@@ -35,7 +35,7 @@ from components.data.incremental import (  # load_state, save_state: re-exported
     save_state,  # noqa: F401
 )
 from components.data.labels import LABEL_SEPARATOR, parse_label_set
-from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, pseudonymise
+from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, convert_cases, pseudonymise
 from components.data.splits import assign_splits
 from components.errors import BadInputData, IngestError
 from components.machine import usable_cores
@@ -177,10 +177,6 @@ def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataF
     return labels, problems
 
 
-def _convert_batch(jobs: list[CaseJob]) -> list[ConvertedCase | list[str]]:
-    return [convert_case(j) for j in jobs]
-
-
 def _converted(jobs: Iterator[CaseJob], total: int, workers: int) -> Iterator[ConvertedCase | list[str]]:
     """Each job's result, in the jobs' order, with a progress bar; in worker processes when there are enough jobs.
 
@@ -199,7 +195,7 @@ def _converted(jobs: Iterator[CaseJob], total: int, workers: int) -> Iterator[Co
         try:
             def results() -> Iterator[ConvertedCase | list[str]]:
                 for batch in iter(lambda: list(itertools.islice(jobs, size)), []):
-                    pending.append(pool.submit(_convert_batch, batch))
+                    pending.append(pool.submit(convert_cases, batch))
                     if len(pending) >= IN_FLIGHT_BATCHES * workers:
                         yield from pending.popleft().result()
                 while pending:

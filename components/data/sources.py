@@ -267,3 +267,8 @@ def convert_case(job: CaseJob) -> ConvertedCase | list[str]:
         facts["mask_shape"], facts["mask_spacing"] = describe_geometry(mask, image.affine)
         facts["foreground"] = float((mask > 0).mean())
     return ConvertedCase(job.row, case_id, image.patient_id, image.modality, image.removed_tags, facts)
+
+
+def convert_cases(jobs: list[CaseJob]) -> list[ConvertedCase | list[str]]:
+    """:func:`convert_case` on each job: one submission to a worker process, which imports this module only."""
+    return [convert_case(job) for job in jobs]
