@@ -84,11 +84,6 @@ class IngestState:
         """Record ``(path, case_id, removed tags joined by TAG_SEPARATOR, input, mask_input)`` rows."""
         self._db.executemany("INSERT OR REPLACE INTO cases VALUES (?, ?, ?, ?, ?)", rows)
 
-    def counts(self) -> tuple[int, int]:
-        """Recorded files and cases."""
-        return (self._db.execute("SELECT count(*) FROM hashes").fetchone()[0],
-                self._db.execute("SELECT count(*) FROM cases").fetchone()[0])
-
     def save(self, target: Path) -> None:
         """Copy the records into ``target`` (replaced whole: a reader sees the old state or the new one)."""
         self._db.commit()
