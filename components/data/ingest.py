@@ -16,14 +16,11 @@ Patients already in the dataset keep their split.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import multiprocessing
 import os
 import shutil
-from collections import Counter, deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +31,12 @@ from components.data.incremental import (  # load_state, save_state: re-exported
     TAG_SEPARATOR, IngestState, content_hash, fingerprint, load_state, matches_state, new_state,
     save_state,  # noqa: F401
 )
-from components.data.labels import LABEL_SEPARATOR, parse_label_set
-from components.data.sources import FORMATS, CaseJob, ConvertedCase, convert_case, convert_cases, pseudonymise
+from components.data.labels import age_group, label_rows, read_labels
+from components.data.sources import FORMATS, CaseJob, convert_in_order, pseudonymise
 from components.data.splits import assign_splits
 from components.errors import BadInputData, IngestError
 from components.machine import usable_cores
-from components.progress import track
 
-REQUIRED_COLUMNS = ("path", "label")
-OPTIONAL_COLUMNS = ("patient_id", "sex", "age", "race", "site")
 MAX_LISTED_PROBLEMS = 20
 MANIFEST_COLUMNS = (
     "case_id", "patient_id", "split", "image", "label", "modality", "site", "sex", "age", "age_group",
@@ -50,8 +44,6 @@ MANIFEST_COLUMNS = (
     "mask_shape", "mask_spacing", "foreground",
 )
 TASKS = ("classification", "multilabel", "segmentation", "unlabelled")
-PARALLEL_MIN_CASES = 64
-IN_FLIGHT_BATCHES = 4  # conversion batches submitted per worker ahead of the results read
 ROWS_PER_FRAME = 1024  # manifest rows held as Python objects at once; each batch then becomes a DataFrame
 
 
@@ -101,19 +93,6 @@ class IngestReport:
     skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
-def age_group(age: float, bins: Sequence[int]) -> str:
-    """Age group label for ``age`` in years with cut points ``bins``: ``<40``, ``40-59``, ``60+``."""
-    if pd.isna(age):
-        return "unknown"
-    edges = list(bins)
-    if age < edges[0]:
-        return f"<{edges[0]}"
-    for low, high in zip(edges, edges[1:]):
-        if low <= age < high:
-            return f"{low}-{high - 1}"
-    return f"{edges[-1]}+"
-
-
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         shown = problems[:MAX_LISTED_PROBLEMS]
@@ -121,103 +100,9 @@ def _raise_problems(problems: list[str]) -> None:
         raise BadInputData(f"{len(problems)} problem(s) in the input:\n" + "\n".join(shown) + more)
 
 
-def read_labels(labels_csv: Path, *, settings: IngestSettings) -> tuple[pd.DataFrame, list[tuple[int, str]]]:
-    """Read the labels CSV and check its rows.
-
-    Returns:
-        The table (``label`` as int for classification) and the problems of single
-        rows as (row index, message); rows with problems are still in the table.
-
-    Raises:
-        IngestError: when the file cannot be read or lacks a required column.
-    """
-    try:
-        # index_col=False: a row with more fields than the header is an error, never an implicit index
-        labels = pd.read_csv(labels_csv, dtype=str, index_col=False, keep_default_na=True)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise IngestError(f"cannot read labels file {labels_csv}: {exc}") from exc
-    labels = labels.reset_index(drop=True)
-    required = ("path",) if settings.task == "unlabelled" else REQUIRED_COLUMNS
-    missing = [c for c in required if c not in labels.columns]
-    if settings.fmt != "dicom" and "patient_id" not in labels.columns:
-        missing.append("patient_id")
-    if missing:
-        raise IngestError(
-            f"{labels_csv}: missing column(s) {', '.join(missing)}; "
-            f"expected {','.join(required)} and optionally {','.join(OPTIONAL_COLUMNS)}"
-            + ("" if settings.fmt == "dicom" else f" (patient_id is required for {settings.fmt} sources)")
-        )
-    problems = [(i, f"{labels_csv} row {i + 2}: duplicate path {p}") for i, p in labels["path"][labels["path"].duplicated()].items()]
-    problems += [(i, f"{labels_csv} row {i + 2}: empty path") for i in labels.index[labels["path"].isna()]]
-    if settings.task == "classification":
-        numeric = pd.to_numeric(labels["label"], errors="coerce")
-        bad = labels.index[numeric.isna() | ~numeric.isin(range(settings.num_classes))]
-        problems += [
-            (i, f"{labels_csv} row {i + 2}: label {str(labels.at[i, 'label'])!r} not in 0..{settings.num_classes - 1}")
-            for i in bad
-        ]
-        labels["label"] = numeric.fillna(-1).astype(int)
-    elif settings.task == "multilabel":
-        parsed = [parse_label_set(v, settings.num_classes) for v in labels["label"]]
-        problems += [(i, f"{labels_csv} row {i + 2}: label {str(labels.at[i, 'label'])!r} is not a set of classes "
-                         f"in 0..{settings.num_classes - 1} written like 0{LABEL_SEPARATOR}2")
-                     for i, v in zip(labels.index, parsed) if v is None]
-        labels["label"] = [v if v is not None else "" for v in parsed]
-    elif settings.task == "unlabelled":  # images only: a label column, if any, is not kept
-        labels["label"] = ""
-    else:
-        problems += [(i, f"{labels_csv} row {i + 2}: no mask path in column label") for i in labels.index[labels["label"].isna()]]
-    if "patient_id" in labels.columns and settings.fmt != "dicom":
-        problems += [(i, f"{labels_csv} row {i + 2}: empty patient_id") for i in labels.index[labels["patient_id"].isna()]]
-    if "age" in labels.columns:
-        age = pd.to_numeric(labels["age"], errors="coerce")
-        bad = labels.index[age.isna() & labels["age"].notna()]
-        problems += [(i, f"{labels_csv} row {i + 2}: age {labels.at[i, 'age']!r} is not a number") for i in bad]
-        labels["age"] = age
-    return labels, problems
-
-
-def _converted(jobs: Iterator[CaseJob], total: int, workers: int) -> Iterator[ConvertedCase | list[str]]:
-    """Each job's result, in the jobs' order, with a progress bar; in worker processes when there are enough jobs.
-
-    At most ``IN_FLIGHT_BATCHES`` batches per worker are submitted ahead of the results read, so that neither
-    the jobs nor their results are all held at once (``Executor.map`` submits every job before it yields;
-    its ``buffersize`` arrives in Python 3.14).
-    """
-    description = f"Converting {total} case(s)"
-    if workers <= 1 or total < PARALLEL_MIN_CASES:
-        yield from track(map(convert_case, jobs), total=total, description=description)
-        return
-    size = max(1, min(64, total // (workers * 8)))
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: deque[Future] = deque()
-        try:
-            def results() -> Iterator[ConvertedCase | list[str]]:
-                for batch in iter(lambda: list(itertools.islice(jobs, size)), []):
-                    pending.append(pool.submit(convert_cases, batch))
-                    if len(pending) >= IN_FLIGHT_BATCHES * workers:
-                        yield from pending.popleft().result()
-                while pending:
-                    yield from pending.popleft().result()
-
-            yield from track(results(), total=total, description=description)
-        finally:
-            for future in pending:  # stopped early (a bad case, an interrupt): nothing more is converted
-                future.cancel()
-
-
 def default_workers() -> int:
     """Conversion processes: every core this process may use, at most 8."""
     return min(8, usable_cores())
-
-
-def _records(labels: pd.DataFrame, rows: int = ROWS_PER_FRAME) -> Iterator[tuple[int, dict]]:
-    """Each row of ``labels`` with its index, as a dict of plain Python values (``iterrows`` builds a Series a
-    row, ten times slower), ``rows`` rows at a time."""
-    for start in range(0, len(labels), rows):
-        chunk = labels.iloc[start:start + rows]
-        yield from zip(chunk.index, chunk.to_dict("records"))
 
 
 def _hash_inputs(source: Path, labels_csv: Path, settings: IngestSettings, salt: bytes, previous: IngestState,
@@ -226,12 +111,13 @@ def _hash_inputs(source: Path, labels_csv: Path, settings: IngestSettings, salt:
     in ``new`` (None: nowhere), reused from ``previous`` while the file's size and mtime are unchanged."""
     if not source.is_dir():
         raise IngestError(f"source folder {source} does not exist or is not a folder")
-    labels, row_problems = read_labels(labels_csv, settings=settings)
+    labels, row_problems = read_labels(labels_csv, task=settings.task, fmt=settings.fmt,
+                                       num_classes=settings.num_classes)
     inputs = {}
     problems: dict[int, list[str]] = {}
     for i, message in row_problems:
         problems.setdefault(i, []).append(message)
-    for i, rec in _records(labels):
+    for i, rec in label_rows(labels):
         if i in problems:
             continue
         paths = [("path", rec["path"])] + ([("label", rec["label"])] if settings.task == "segmentation" else [])
@@ -361,7 +247,7 @@ def _build(
     previous_rows = previous.set_index("case_id") if previous is not None else None
     bad = set(problems)  # rows found bad before converting: the job list and the rows below skip the same ones
     reused = set() if previous_rows is None else {
-        i for i, rec in _records(labels) if i not in bad and _reusable(rec, known, inputs, previous_rows)}
+        i for i, rec in label_rows(labels) if i not in bad and _reusable(rec, known, inputs, previous_rows)}
     n_jobs = len(labels) - len(bad) - len(reused)
 
     def jobs() -> Iterator[CaseJob]:
@@ -371,8 +257,8 @@ def _build(
                 yield CaseJob(i, source / rel, rel, settings.fmt, mask, settings.num_classes, staging, salt)
 
     frames, batch = [], []
-    with closing(_converted(jobs(), n_jobs, workers)) as results:
-        for i, rec in _records(labels):
+    with closing(convert_in_order(jobs(), n_jobs, workers)) as results:
+        for i, rec in label_rows(labels):
             if i in bad:
                 continue
             if i in reused:
@@ -437,11 +323,10 @@ def _build(
         n_patients=cases["patient_id"].nunique(), removed_tags=dict(removed),
         converted=len(cases) - n_reused, reused=n_reused, skipped=skipped,
     )
-    new.record_cases(
-        (rel, case_id, tags, _text(given), _text(mask))
-        for rel, case_id, tags, given, mask in zip(labels["path"].loc[cases["_row"]], cases["case_id"], cases["_removed"],
-                                                   cases["_input"], cases["_mask_input"])
-    )
+    columns = (labels["path"].loc[cases["_row"]], cases["case_id"], cases["_removed"], cases["_input"],
+               cases["_mask_input"])
+    new.record_cases((rel, case_id, tags, _text(given), _text(mask))
+                     for rel, case_id, tags, given, mask in zip(*columns))
     return report
 
 

@@ -14,8 +14,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
+import itertools
+import multiprocessing
 import secrets
 import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +29,15 @@ import numpy as np
 
 from components.data.dicom import read_dicom_case
 from components.errors import IngestError
+from components.progress import track
 
 FORMATS = ("dicom", "nifti", "png")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
 GEOMETRY_ATOL_MM = 1e-3
 FACT_CHUNK = 1 << 18  # voxels per pass of image_facts: 1 MiB of float32
+PARALLEL_MIN_CASES = 64  # fewer cases are converted in this process: starting workers costs more
+IN_FLIGHT_BATCHES = 4  # conversion batches submitted per worker ahead of the results read
 ONE_WRITE_BYTES = 32 << 20  # save_nifti compresses images up to this size in one write (2048x2048 float32: 16 MiB)
 
 
@@ -272,3 +280,36 @@ def convert_case(job: CaseJob) -> ConvertedCase | list[str]:
 def convert_cases(jobs: list[CaseJob]) -> list[ConvertedCase | list[str]]:
     """:func:`convert_case` on each job: one submission to a worker process, which imports this module only."""
     return [convert_case(job) for job in jobs]
+
+
+def convert_in_order(jobs: Iterator[CaseJob], total: int, workers: int) -> Iterator[ConvertedCase | list[str]]:
+    """Each job's result, in the jobs' order, with a progress bar; in worker processes when there are enough jobs.
+
+    At most ``IN_FLIGHT_BATCHES`` batches per worker are submitted ahead of the results read, so that neither
+    the jobs nor their results are all held at once (``Executor.map`` submits every job before it yields;
+    its ``buffersize`` arrives in Python 3.14).
+    """
+    description = f"Converting {total} case(s)"
+    if workers <= 1 or total < PARALLEL_MIN_CASES:
+        yield from track(map(convert_case, jobs), total=total, description=description)
+        return
+    size = max(1, min(64, total // (workers * 8)))
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        try:
+            yield from track(_windowed(pool, jobs, size, IN_FLIGHT_BATCHES * workers, pending), total=total,
+                             description=description)
+        finally:
+            for future in pending:  # stopped early (a bad case, an interrupt): nothing more is converted
+                future.cancel()
+
+
+def _windowed(pool: ProcessPoolExecutor, jobs: Iterator[CaseJob], size: int, window: int,
+              pending: deque[Future]) -> Iterator[ConvertedCase | list[str]]:
+    """The results of ``jobs`` submitted in batches of ``size``, at most ``window`` batches ahead (in ``pending``)."""
+    for batch in iter(lambda: list(itertools.islice(jobs, size)), []):
+        pending.append(pool.submit(convert_cases, batch))
+        if len(pending) >= window:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()

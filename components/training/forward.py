@@ -68,8 +68,8 @@ def release_free_memory(*, above: int = 0) -> None:
     heaps (below its mmap threshold, which rises to 32 MB as large blocks are freed), and the next batches' blocks
     land among them: without this an evaluation of 4,024 images of 256x256 peaked 120 MiB above one of 1,006
     (medians of 3 runs, each varying by 100 MiB or more); trimmed, they peak at 338 and 352 MiB, for 5 % more
-    time (``benchmarks/evaluation_memory.py``, 2026-12-05). Torch and numpy allocate with malloc and offer no way to trim its
-    heaps, hence ctypes."""
+    time (``benchmarks/evaluation_memory.py``, 2026-12-05). Torch and numpy allocate with malloc and offer no way
+    to trim its heaps, hence ctypes."""
     if MALLOC_TRIM is None:
         return
     free = free_heap_bytes() if above else None

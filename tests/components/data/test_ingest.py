@@ -14,9 +14,10 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
 from components.data.ingest import (
-    IN_FLIGHT_BATCHES, MANIFEST_COLUMNS, IngestSettings, _converted, age_group, ingest_export,
+    MANIFEST_COLUMNS, IngestSettings, ingest_export,
 )
-from components.data.sources import CaseJob, pseudonymise
+from components.data.labels import age_group
+from components.data.sources import IN_FLIGHT_BATCHES, CaseJob, convert_in_order, pseudonymise
 from components.data.synthetic import generate_export
 from components.errors import IngestError
 
@@ -201,7 +202,7 @@ def test_conversions_stream_in_order_with_a_bounded_number_of_jobs_ahead(tmp_pat
             yield CaseJob(i, export.folder / rel, rel, "dicom", None, 2, tmp_path / "staging", SALT)
 
     rows, ahead = [], []
-    for result in _converted(jobs(), len(paths), workers=2):
+    for result in convert_in_order(jobs(), len(paths), workers=2):
         rows.append(result.row)
         ahead.append(len(pulled) - len(rows))
     bound = IN_FLIGHT_BATCHES * 2 * (len(paths) // 16)  # batches in flight x jobs a batch (a sixteenth here)
