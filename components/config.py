@@ -7,21 +7,19 @@ environment overrides with ``MEDFLOW__SECTION__KEY=value``.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
-import typing
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.errors import ConfigError
+from components.overrides import apply_override, check_keys, read_yaml
 from components.steps import get_step
 
 ENV_PREFIX = "MEDFLOW__"
@@ -396,7 +394,7 @@ def with_candidate(config: RunConfig, candidate: Mapping[str, Any], *, where: st
     for key, value in candidate.items():
         section = str(key).split(".")[0]
         try:
-            _apply_override(raw, f"{key}={json.dumps(value)}")
+            apply_override(raw, f"{key}={json.dumps(value)}", model=RunConfig)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         if section not in CANDIDATE_SECTIONS:
@@ -432,16 +430,16 @@ def load_config(
         ConfigError: the file is missing or malformed, a key is unknown, or a value invalid.
     """
     path = path or default_config_path()
-    raw = _read_yaml(path)
-    _check_keys(raw, where=str(path))
+    raw = read_yaml(path)
+    check_keys(raw, where=str(path), model=RunConfig)
     environ = os.environ if environ is None else environ
     origins: dict[tuple[str, ...], str] = {}  # which override set a key, to blame it for a bad value
     for key, value in sorted(environ.items()):
         if key.startswith(ENV_PREFIX):
             item = f"{key[len(ENV_PREFIX):].lower().replace('__', '.')}={value}"
-            origins[_apply_override(raw, item)] = f"{key}={value}"
+            origins[apply_override(raw, item, model=RunConfig)] = f"{key}={value}"
     for item in overrides:
-        origins[_apply_override(raw, item)] = f"override {item!r}"
+        origins[apply_override(raw, item, model=RunConfig)] = f"override {item!r}"
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -450,78 +448,3 @@ def load_config(
         where = ".".join(loc) or "(top level)"
         blamed = [origins[k] for k in sorted(origins, key=len, reverse=True) if loc[:len(k)] == k]
         raise ConfigError(f"{blamed[0] if blamed else path}: {where}: {first['msg']}") from exc
-
-
-def _unknown_key(parts: list[str], depth: int, fields: Mapping[str, Any]) -> str:
-    """``unknown config key 'a.b'; did you mean 'a.c'?`` for ``parts[depth]`` not among ``fields``."""
-    hint = difflib.get_close_matches(parts[depth], list(fields), n=1)
-    suggestion = f"; did you mean {'.'.join([*parts[:depth], hint[0]])!r}?" if hint else ""
-    return f"unknown config key {'.'.join(parts)!r}{suggestion}"
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The section model of a field: ``Section`` or ``Section | None`` (an optional section)."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
-
-
-def _check_keys(raw: Mapping[str, Any], *, where: str, model: type[BaseModel] = RunConfig,
-                prefix: tuple[str, ...] = ()) -> None:
-    """Refuse a key of a config file that the schema does not know, with the closest name."""
-    for key, value in raw.items():
-        parts = [*prefix, str(key)]
-        if key not in model.model_fields:
-            raise ConfigError(f"{where}: {_unknown_key(parts, len(prefix), model.model_fields)}")
-        section = _section_model(model.model_fields[key].annotation)
-        if section is not None and isinstance(value, Mapping):
-            _check_keys(value, where=where, model=section, prefix=tuple(parts))
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        since = (f" ({exc.context} from line {context.line + 1}, column {context.column + 1})"
-                 if context is not None and getattr(exc, "context", None) else "")
-        raise ConfigError(f"{path} is not valid YAML{at}: {problem}{since}") from exc
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
-    """Set ``key.path=value`` in ``raw``, refusing keys the schema does not know; the key's parts."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form key.path=value")
-    parts = key.strip().split(".")
-    model: type[BaseModel] | None = RunConfig
-    node = raw
-    for depth, part in enumerate(parts):
-        if model is not None:
-            fields = model.model_fields
-            if part not in fields:
-                raise ConfigError(_unknown_key(parts, depth, fields))
-            model = _section_model(fields[part].annotation)
-        if depth == len(parts) - 1:
-            try:
-                node[part] = yaml.safe_load(text) if text.strip() else None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"override {item!r}: value is not valid YAML") from exc
-        else:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
-            node = child
-    return tuple(parts)
