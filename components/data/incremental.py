@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import tempfile
 import weakref
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_VERSION = 2
+DRAFT_PREFIX, DRAFT_SUFFIX = ".ingest-", ".draft"  # a draft is <prefix><host>-<pid>-<random><suffix>
 TAG_SEPARATOR = "|"  # between a case's removed tag names (DICOM keywords) in one column
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -104,12 +106,39 @@ def _remove(db: sqlite3.Connection, path: Path) -> None:
 
 
 def new_state(folder: Path | None = None) -> IngestState:
-    """An empty state in a temporary file (in ``folder``, beside the saved state, or the system's temp folder)."""
+    """An empty state in a temporary file (in ``folder``, beside the saved state, or the system's temp folder),
+    named after this host and process; the drafts in ``folder`` of this host's processes that are gone (killed
+    before their draft's object went) are removed first."""
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=".ingest-", suffix=".draft", dir=folder)
+        remove_stale_drafts(folder)
+    handle, name = tempfile.mkstemp(prefix=f"{DRAFT_PREFIX}{socket.gethostname()}-{os.getpid()}-",
+                                    suffix=DRAFT_SUFFIX, dir=folder)
     os.close(handle)
     return IngestState(Path(name), temporary=True)
+
+
+def remove_stale_drafts(folder: Path) -> list[Path]:
+    """Remove the drafts in ``folder`` whose process, on this host, no longer runs; the paths removed. A draft
+    of another host (a shared volume: another pod's ingest may still write it), of a process that runs, or
+    without an owner in its name (made before drafts were named after theirs) is left alone."""
+    host, removed = socket.gethostname(), []
+    for draft in folder.glob(f"{DRAFT_PREFIX}*{DRAFT_SUFFIX}"):
+        owner = draft.name[len(DRAFT_PREFIX):-len(DRAFT_SUFFIX)].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _running(int(owner[1])):
+            draft.unlink(missing_ok=True)
+            removed.append(draft)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _file_hash(path: Path, previous: IngestState, new: IngestState | None) -> str:

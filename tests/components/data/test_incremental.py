@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
 
 import pandas as pd
 import pydicom
 import pytest
 
 from components.data.ingest import IngestSettings, ingest_export, save_state, write_ingest_report
-from components.data.incremental import STATE_VERSION
+from components.data.incremental import STATE_VERSION, new_state
 from components.data.synthetic import generate_export
 from components.errors import IngestError
 
@@ -173,3 +177,27 @@ def test_an_unreadable_state_converts_everything_again(grown_export, tmp_path, c
     again = _run(source, early, target, state)
     assert (again.converted, again.reused) == (first.n_cases, 0)
     pd.testing.assert_frame_equal(pd.read_parquet(again.manifest), pd.read_parquet(first.manifest))
+
+
+def test_a_draft_left_by_a_killed_ingest_is_removed_by_the_next(tmp_path):
+    """A draft's object is removed when it goes, but not after SIGKILL: the next ingest on this host removes the
+    drafts of processes that no longer run, and leaves those of running processes, of other hosts (a shared
+    volume), and the unnamed ones of older versions."""
+    folder, host = tmp_path / "ingest", socket.gethostname()
+    folder.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = folder / f".ingest-{host}-{gone.stdout.strip()}-a1b2c3d4.draft"
+    alive = folder / f".ingest-{host}-{os.getpid()}-e5f6g7h8.draft"
+    elsewhere = folder / f".ingest-another-host-{gone.stdout.strip()}-i9j0k1l2.draft"
+    unnamed = folder / ".ingest-m3n4o5p6.draft"
+    saved = folder / "d.sqlite"
+    for path in (dead, alive, elsewhere, unnamed, saved):
+        path.write_bytes(b"")
+    state = new_state(folder)
+    assert state.path.name.startswith(f".ingest-{host}-{os.getpid()}-") and state.path.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (alive, elsewhere, unnamed, saved,
+                                                                                  state.path))
+    draft = state.path
+    del state
+    assert not draft.exists()
