@@ -146,9 +146,10 @@ def transfer_recipe(
         trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
         common["params"]["backbone.trainable_parameters"] = trainable
 
-        def export(state: dict) -> dict:  # the adapters merged into the encoder's weights
+        def merged(state: dict) -> dict:  # the adapters merged into the encoder's weights
             network.load_state_dict(state)
             return merge_lora(network).state_dict()
+        export = merged
     network = network.to(device).train()
     groups = (layer_decay_groups(network, lr=cfg.lr, decay=settings.layer_decay)
               if settings.regime == "finetune" and settings.layer_decay else None)
