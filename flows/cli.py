@@ -401,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
+    except OSError as exc:  # the file system's refusal (permission, no space, a file where a folder goes)
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"medflow: error: {where}{exc.strerror or exc} (--debug shows where)", file=sys.stderr)
+        return 1
     except typer.TyperException as exc:  # usage errors: typer's click raises these
         exc.show()
         return getattr(exc, "exit_code", 2)

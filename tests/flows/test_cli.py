@@ -30,6 +30,16 @@ def test_debug_shows_the_traceback(workspace):
         main(["--debug", "run", "--set", "train.epoch=2"])
 
 
+def test_a_file_system_refusal_is_one_line_naming_the_path(workspace, capsys):
+    """Permission denied, no space left, or (here, as root may write anywhere) a file where .medflow/ goes."""
+    (workspace / ".medflow").write_text("not a folder")
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"medflow: error: {workspace / '.medflow'}: File exists (--debug shows where)"
+    with pytest.raises(FileExistsError):
+        main(["--debug", "run"])
+
+
 def test_missing_config_file(workspace, capsys):
     assert main(["run", "--config", "nope.yaml"]) == 1
     assert capsys.readouterr().err.startswith("medflow: error: cannot read config nope.yaml")
