@@ -19,14 +19,14 @@ from pydantic import BaseModel
 from components.errors import ConfigError
 
 
-def unknown_key(parts: list[str], depth: int, fields: Mapping[str, Any]) -> str:
+def _unknown_key(parts: list[str], depth: int, fields: Mapping[str, Any]) -> str:
     """``unknown config key 'a.b'; did you mean 'a.c'?`` for ``parts[depth]`` not among ``fields``."""
     hint = difflib.get_close_matches(parts[depth], list(fields), n=1)
     suggestion = f"; did you mean {'.'.join([*parts[:depth], hint[0]])!r}?" if hint else ""
     return f"unknown config key {'.'.join(parts)!r}{suggestion}"
 
 
-def section_model(annotation: Any) -> type[BaseModel] | None:
+def _section_model(annotation: Any) -> type[BaseModel] | None:
     """The section model of a field: ``Section`` or ``Section | None`` (an optional section)."""
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
@@ -40,8 +40,8 @@ def check_keys(raw: Mapping[str, Any], *, where: str, model: type[BaseModel],
     for key, value in raw.items():
         parts = [*prefix, str(key)]
         if key not in model.model_fields:
-            raise ConfigError(f"{where}: {unknown_key(parts, len(prefix), model.model_fields)}")
-        section = section_model(model.model_fields[key].annotation)
+            raise ConfigError(f"{where}: {_unknown_key(parts, len(prefix), model.model_fields)}")
+        section = _section_model(model.model_fields[key].annotation)
         if section is not None and isinstance(value, Mapping):
             check_keys(value, where=where, model=section, prefix=tuple(parts))
 
@@ -80,8 +80,8 @@ def apply_override(raw: dict[str, Any], item: str, *, model: type[BaseModel]) ->
         if section is not None:
             fields = section.model_fields
             if part not in fields:
-                raise ConfigError(unknown_key(parts, depth, fields))
-            section = section_model(fields[part].annotation)
+                raise ConfigError(_unknown_key(parts, depth, fields))
+            section = _section_model(fields[part].annotation)
         if depth == len(parts) - 1:
             try:
                 node[part] = yaml.safe_load(text) if text.strip() else None

@@ -118,26 +118,24 @@ def new_state(folder: Path | None = None) -> IngestState:
     return IngestState(Path(name), temporary=True)
 
 
-def remove_stale_drafts(folder: Path) -> list[Path]:
-    """Remove the drafts in ``folder`` whose process, on this host, no longer runs; the paths removed. A draft
-    of another host (a shared volume: another pod's ingest may still write it), of a process that runs, or
-    without an owner in its name (made before drafts were named after theirs) is left alone."""
-    host, removed = socket.gethostname(), []
+def remove_stale_drafts(folder: Path) -> None:
+    """Remove the drafts in ``folder`` whose process, on this host, no longer runs. A draft of another host (a
+    shared volume: another pod's ingest may still write it), of a process that runs, or without an owner in its
+    name (made before drafts were named after theirs) is left alone."""
+    host = socket.gethostname()
     for draft in folder.glob(f"{DRAFT_PREFIX}*{DRAFT_SUFFIX}"):
         owner = draft.name[len(DRAFT_PREFIX):-len(DRAFT_SUFFIX)].rsplit("-", 2)
         if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _running(int(owner[1])):
             draft.unlink(missing_ok=True)
-            removed.append(draft)
-    return removed
 
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: is there such a process (no signal is sent)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # there is, another user's
+        pass
     return True
 
 

@@ -16,7 +16,7 @@ from pydicom.pixels import apply_modality_lut
 from components.data.ingest import (
     MANIFEST_COLUMNS, IngestSettings, ingest_export,
 )
-from components.data.labels import age_group
+from components.data.labels import age_group, label_rows
 from components.data.sources import IN_FLIGHT_BATCHES, CaseJob, convert_in_order, pseudonymise
 from components.data.synthetic import generate_export
 from components.errors import IngestError
@@ -209,3 +209,16 @@ def test_conversions_stream_in_order_with_a_bounded_number_of_jobs_ahead(tmp_pat
     assert rows == list(range(len(paths)))
     assert len(paths) > 2 * bound and max(ahead) <= bound
     assert len(list((tmp_path / "staging" / "images").iterdir())) == len(paths)
+
+
+def test_label_rows_give_every_row_once_with_its_index_across_chunks():
+    """The rows as iterrows gives them, whatever the chunk size: ingest builds the manifest row by row from these."""
+    labels = pd.DataFrame({"path": [f"f{i}.dcm" for i in range(7)], "label": [0, 1, 1, 0, 1, 0, 1],
+                           "age": [30.5, None, 61, 45, 70, 12, 80]}, index=[0, 1, 2, 4, 5, 8, 9])
+    expected = [(i, rec.to_dict()) for i, rec in labels.iterrows()]
+    for rows in (1, 3, 7, 1024):
+        got = list(label_rows(labels, rows=rows))
+        assert [i for i, _ in got] == [i for i, _ in expected]
+        assert [r["path"] for _, r in got] == [r["path"] for _, r in expected]
+        assert [r["label"] for _, r in got] == [r["label"] for _, r in expected]
+        np.testing.assert_array_equal([r["age"] for _, r in got], [r["age"] for _, r in expected])
