@@ -25,7 +25,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "Evaluation: bootstrap and report"
-NOTE = ("Since 30f918b the negative weight below each run is summed by blocks of 64 runs, each one product "
+NOTE = ("Since 30f918b the negative weight below each run is summed by blocks of runs (64 then, 16 now), each one product "
         "with a triangular matrix (`weight_below`: numpy's cumsum down the runs walked each resample's column a "
         "cache line an element, 0.63 s of one core at 100,000 distinct scores), and each unit's linear terms by "
         "one sparse product (the dense one-hot rows took about 1 s of one core before the first chunk could "
@@ -63,7 +63,13 @@ NOTE = ("Since 30f918b the negative weight below each run is summed by blocks of
         "the evening of 2026-12-04, when scikit-learn took 102-104 ms a resample: 0.74-0.88 s per patient, "
         "0.96-1.04 s per image and 1.73-2.01 s with distinct scores at 100,000; the table is a fifth run. So the "
         "target is met per patient (and about met per image) when the machine runs as fast as it did that "
-        "evening, not on a slower afternoon.")
+        "evening, not on a slower afternoon."
+        " On a second machine (an AMD EPYC with AVX2, on the afternoon of 2026-12-05, when scikit-learn took "
+        "169-187 ms a resample), two runs with blocks of 64 runs interleaved with two with blocks of 16 (the "
+        "default since), each in a fresh process, at 100,000: per patient 1.20 and 1.53 s against 1.20 and "
+        "1.16, per image 1.54 and 1.84 against 1.48 and 1.44, every score distinct 2.33 and 2.66 against 2.31 "
+        "and 2.21; there numpy's stacked products of 64x64 matrices ran 3.7x slower than of 16x16 "
+        "(`weight_below`'s docstring), and no column with attributes meets the target.")
 
 
 def _data(n: int, decimals: int | None = 3):
