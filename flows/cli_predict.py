@@ -23,6 +23,8 @@ def predict(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another model's predictions in --out.")] = False,
     drift_alpha: Annotated[float, typer.Option(help="Significance of the drift tests (Bonferroni-corrected).")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="Where the network runs: auto (a GPU when there is one), cpu or "
+                                        "cuda.")] = "auto",
     dicom: Annotated[bool, typer.Option("--dicom/--no-dicom", help="For DICOM input, also write each result as "
                                         "DICOM (SEG or structured report) into dicom/.")] = True,
 ) -> None:
@@ -31,11 +33,11 @@ def predict(
     from components.monitoring.predict import predict_source  # noqa: PLC0415
 
     result = predict_source(model, source, format_, out, strict=strict, overwrite=overwrite, batch_size=batch_size,
-                            dicom_results=dicom,
-                            drift_alpha=drift_alpha)
+                            dicom_results=dicom, drift_alpha=drift_alpha, device=device)
     m = result.model
     console.print(f"Predicted    {result.n_predicted} of {result.n_inputs} inputs with {m.name} version {m.version} "
-                  f"({m.task}, trained on {m.dataset}@{m.data_version[:12]}) -> {out}", markup=False, soft_wrap=True)
+                  f"({m.task}, trained on {m.dataset}@{m.data_version[:12]}) on {result.device} -> {out}", markup=False,
+                  soft_wrap=True)
     for item in result.skipped[:20]:
         console.print(f"  skipped {item['path']}: {item['reason']}", markup=False, soft_wrap=True)
     if len(result.skipped) > 20:

@@ -80,8 +80,9 @@ def check_images(images: np.ndarray, *, trained: tuple[int, ...]) -> None:
 
 
 def forward_arrays(model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *,
-                   batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """The network's outputs (N, ...) for raw images (N, H, W) or one image (H, W), preprocessed as in training.
+                   batch_size: int = BATCH_SIZE, device: torch.device = CPU) -> np.ndarray:
+    """The network's outputs (N, ...) for raw images (N, H, W) or one image (H, W), preprocessed as in training,
+    on ``device`` (the model's); the outputs in host memory.
 
     Raises:
         EvaluationError: the array is not (N, H, W) or (H, W).
@@ -94,13 +95,13 @@ def forward_arrays(model: torch.nn.Module, spec: PreprocessSpec, images: np.ndar
     check_images(images, trained=tuple(spec.spatial_size))
     transform = array_transform(spec)
     loader = DataLoader([{"image": transform(img)} for img in images], batch_size=batch_size)
-    outputs, _ = predict_batches(model, loader, CPU)
+    outputs, _ = predict_batches(model, loader, device)
     return outputs
 
 
 def predict_arrays(
     model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *, temperature: float = 1.0,
-    batch_size: int = BATCH_SIZE, multilabel: bool = False,
+    batch_size: int = BATCH_SIZE, multilabel: bool = False, device: torch.device = CPU,
 ) -> np.ndarray:
     """Class probabilities (N, K) for raw images (N, H, W) or one image (H, W); for a multi-label model
     each label's own probability (sigmoid), so rows need not sum to 1.
@@ -108,19 +109,19 @@ def predict_arrays(
     Raises:
         EvaluationError: the array is not (N, H, W) or (H, W).
     """
-    logits = forward_arrays(model, spec, images, batch_size=batch_size)
+    logits = forward_arrays(model, spec, images, batch_size=batch_size, device=device)
     scaled = torch.as_tensor(logits).double() / temperature
     return (torch.sigmoid(scaled) if multilabel else torch.softmax(scaled, dim=1)).numpy().astype(np.float32)
 
 
 def embed_arrays(model: torch.nn.Module, spec: PreprocessSpec, images: np.ndarray, *,
-                 batch_size: int = BATCH_SIZE) -> np.ndarray:
+                 batch_size: int = BATCH_SIZE, device: torch.device = CPU) -> np.ndarray:
     """An encoder's features (N, D) for raw images (N, H, W) or one image (H, W).
 
     Raises:
         EvaluationError: the array is not (N, H, W) or (H, W).
     """
-    features = forward_arrays(model, spec, images, batch_size=batch_size)
+    features = forward_arrays(model, spec, images, batch_size=batch_size, device=device)
     return features.reshape(len(features), -1).astype(np.float32)
 
 
@@ -136,9 +137,11 @@ def segment_tensor(model: torch.nn.Module, spec: SegmentationSpec, image: np.nda
 
 
 def segment_arrays(
-    model: torch.nn.Module, spec: SegmentationSpec, images: np.ndarray, *, temperature: float = 1.0
+    model: torch.nn.Module, spec: SegmentationSpec, images: np.ndarray, *, temperature: float = 1.0,
+    device: torch.device = CPU,
 ) -> np.ndarray:
-    """Probabilities (N, K, *spatial) for raw images (N, *spatial) or one image (*spatial), by sliding window.
+    """Probabilities (N, K, *spatial) for raw images (N, *spatial) or one image (*spatial), by sliding window on
+    ``device`` (the model's).
 
     Raises:
         EvaluationError: the array has the wrong number of dimensions for the network.
@@ -150,7 +153,7 @@ def segment_arrays(
     if images.ndim != dims + 1:
         raise EvaluationError(f"expected {dims}D images of shape (N, *spatial) or (*spatial), got {images.shape}")
     check_images(images, trained=tuple(spec.patch_size))
-    return np.stack([softmax(segment_tensor(model, spec, img), temperature) for img in images])
+    return np.stack([softmax(segment_tensor(model, spec, img, device=device), temperature) for img in images])
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

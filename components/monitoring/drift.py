@@ -120,7 +120,7 @@ def embedding_drift(python_model, model, features: np.ndarray | None, num_classe
     (:func:`components.training.backbones.captured_features`), against the training split's, or why there is
     none; the two feature matrices go into ``samples`` (for the page's plot) when given."""
     from components.training.backbones import penultimate  # noqa: PLC0415 (torch, for classifiers only)
-    from components.training.forward import CPU, extract_features  # noqa: PLC0415
+    from components.training.forward import extract_features  # noqa: PLC0415
 
     if model.task == "segmentation":
         return "embedding drift not computed: it compares a classifier's features"
@@ -134,7 +134,8 @@ def embedding_drift(python_model, model, features: np.ndarray | None, num_classe
     else:
         sample = reference.sample(min(len(reference), EMBEDDING_REFERENCE), random_state=0)
         seen = extract_features(penultimate(python_model.model, num_classes), python_model.spec, sample,
-                                paths.data_root() / model.dataset, CPU, description="Features of training cases")
+                                paths.data_root() / model.dataset, python_model.device,
+                                description="Features of training cases")
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache.with_suffix(".tmp.npy"), seen)
         cache.with_suffix(".tmp.npy").replace(cache)

@@ -115,6 +115,7 @@ def export_model(reference: str, out: Path, *, fmt: str = "onnx", input_size: tu
                            "classifiers (the pyfunc's sliding window is a loop outside the network)")
     served = mlflow.pyfunc.load_model(model.uri)
     python_model = served.unwrap_python_model()
+    python_model.use_device("cpu")  # torch.onnx traces on the CPU, and the check compares the pyfunc there
     spec = python_model.spec
     size = tuple(input_size or spec.spatial_size)
     if min(size) < min(16, *spec.spatial_size):

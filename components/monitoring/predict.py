@@ -85,6 +85,7 @@ class BatchResult:
     drift: dict | None = None
     run_id: str = ""
     no_dicom: list[dict] = field(default_factory=list)
+    device: str = "cpu"  # where the network ran, as torch names it (cpu, cuda:0)
 
 
 def resolve_model(reference: str) -> ModelRef:
@@ -189,7 +190,7 @@ def _read(path: Path, fmt: str, source: Path, *, task: str) -> tuple[np.ndarray,
 def predict_source(
     reference: str, source: Path, fmt: str, out_dir: Path, *, strict: bool = False, overwrite: bool = False,
     batch_size: int = BATCH_SIZE, drift_alpha: float = 0.01, experiment: str = "medflow-predict",
-    dicom_results: bool = True,
+    dicom_results: bool = True, device: str = "auto",
 ) -> BatchResult:
     """Predict every input of ``source`` with the registered version ``reference`` into ``out_dir``.
 
@@ -198,7 +199,11 @@ def predict_source(
         PredictError: a batch size under 1 or a drift alpha outside (0, 1), a missing or empty source, an
             output folder holding another model's predictions, no input the model can read, or (``strict``)
             any unreadable input.
+        ConfigError: a ``device`` other than auto, cpu and cuda, or cuda without a GPU.
     """
+    from components.training.loop import select_device  # noqa: PLC0415 (torch, as the pyfunc)
+
+    select_device(device, setting="--device")  # refused before anything is read or loaded
     if batch_size < 1:
         raise PredictError(f"--batch-size must be at least 1, not {batch_size}")
     if not 0 < drift_alpha < 1:
@@ -207,6 +212,7 @@ def predict_source(
     inputs = list_inputs(source, fmt)
     _check_output(out_dir, model, overwrite=overwrite)
     pyfunc = mlflow.pyfunc.load_model(model.uri)
+    ran_on = str(pyfunc.unwrap_python_model().use_device(device, setting="--device"))  # the network's and features'
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
@@ -227,13 +233,14 @@ def predict_source(
         (staging / "drift.json").write_text(json.dumps(drift, indent=2, default=str) + "\n")
         write_drift_html(drift, samples, staging / "drift.html")
         result = BatchResult(out_dir=out_dir, model=model, n_inputs=len(inputs), n_predicted=len(rows),
-                             skipped=skipped, drift=drift, no_dicom=no_dicom)
+                             skipped=skipped, drift=drift, no_dicom=no_dicom, device=ran_on)
         result.run_id = _log_batch(result, fmt=fmt, experiment=experiment, page=staging / "drift.html")
         (staging / PREDICT_RECORD).write_text(json.dumps({
             "model": asdict(model), "source": str(source), "format": fmt,
             "predicted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "code_version": lineage.code_version(), "mlflow_run_id": result.run_id,
-            "n_inputs": len(inputs), "n_predicted": len(rows), "skipped": skipped, "no_dicom_result": no_dicom,
+            "n_inputs": len(inputs), "n_predicted": len(rows), "device": ran_on, "skipped": skipped,
+            "no_dicom_result": no_dicom,
         }, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -384,7 +391,7 @@ def _log_batch(result: BatchResult, *, fmt: str, experiment: str, page: Path) ->
                                 "medflow.model": model.name, "medflow.model_version": model.version,
                                 **{lineage.TAG_ORCHESTRATION + k: v for k, v in lineage.orchestration().items()}}) as run:
         mlflow.log_params({"model": model.name, "version": model.version, "format": fmt, "task": model.task,
-                           "threshold": model.threshold})
+                           "threshold": model.threshold, "device": result.device})
         mlflow.log_metrics({"n_inputs": result.n_inputs, "n_predicted": result.n_predicted,
                             "n_skipped": len(result.skipped), **(result.drift or {}).get("metrics", {})})
         mlflow.log_dict(result.drift or {}, "drift.json")

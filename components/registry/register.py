@@ -21,6 +21,7 @@ from components import lineage
 from components.config import RunConfig
 from components.evaluation.declarations import SHORTCUT, report_metrics
 from components.inference.model import download_checkpoint
+from components.registry.model import DEVICE_CONFIG
 from components.tracking import use_experiment
 
 ALIAS_CHALLENGER = "challenger"
@@ -129,6 +130,7 @@ def log_pyfunc(run_id: str, checkpoint: Path, *, signature: ModelSignature, exam
             signature=signature,
             input_example=example,
             pip_requirements=model_requirements(),
+            model_config=DEVICE_CONFIG,  # so that a loader or MLFLOW_PYFUNC_INFERENCE_CONFIG may name the device
             registered_model_name=name,
         )
     return str(info.registered_model_version)

@@ -120,10 +120,19 @@ class Recipe:
     dense: bool = False
 
 
-def select_device(choice: str) -> torch.device:
-    """``auto`` takes CUDA when present; under torchrun, each rank its own GPU (``LOCAL_RANK``)."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def select_device(choice: str, *, setting: str = "train.device") -> torch.device:
+    """``auto`` takes CUDA when present; under torchrun, each rank its own GPU (``LOCAL_RANK``).
+
+    Raises:
+        ConfigError: naming ``setting``, for a choice other than :data:`DEVICES` or ``cuda`` without a GPU.
+    """
+    if choice not in DEVICES:
+        raise ConfigError(f"{setting} must be one of {', '.join(DEVICES)}, not {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError(f"{setting} is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if choice != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -136,6 +136,7 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     predicted = _cli(tmp_path, "predict", "--model", "medflow-demo-classifier@champion", "--source", str(export),
                      "--format", "dicom", "--out", "predictions")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert re.search(r"^Predicted .* on (cpu|cuda:0) -> predictions$", predicted.stdout, re.MULTILINE), predicted.stdout
     assert len(pd.read_csv(tmp_path / "predictions" / "predictions.csv")) == len(list(export.rglob("*.dcm")))
     outputs = [r.stdout + r.stderr for r in (first, again, cached, strict, second, history, refused, forced, back, forced,
                                              predicted)]

@@ -22,7 +22,7 @@ from components import paths
 from components.config import load_config
 from components.data.sources import pseudonymise
 from components.data.synthetic_segmentation import write_dicom_series
-from components.errors import PredictError, RegistryError
+from components.errors import ConfigError, PredictError, RegistryError
 from components.inference.evaluate import evaluate_run
 from components.monitoring.predict import predict_source
 from components.registry.register import register_model
@@ -81,6 +81,8 @@ def test_a_dicom_export_gets_one_row_per_file_equal_to_the_pyfuncs_probabilities
     record = json.loads((out / "predict.json").read_text())
     assert record["model"]["name"] == "tiny" and record["model"]["data_version"] == "v1"
     assert record["n_inputs"] == len(files) and record["mlflow_run_id"] == result.run_id
+    # where the network ran: a GPU under the default --device auto when the machine has one
+    assert record["device"] == result.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
     drift = json.loads((out / "drift.json").read_text())
     assert drift["notes"] == [] and {t["fact"] for t in drift["tests"]} >= {"input.mean", "input.modality",
                                                                               "prediction.confidence", "embedding.features"}
@@ -88,6 +90,7 @@ def test_a_dicom_export_gets_one_row_per_file_equal_to_the_pyfuncs_probabilities
     logged = _logged_text(result.run_id)
     run = MlflowClient(paths.tracking_uri()).get_run(result.run_id)
     assert run.data.metrics["n_predicted"] == len(files) and run.data.params["version"] == "1"
+    assert run.data.params["device"] == result.device
     assert MlflowClient(paths.tracking_uri()).get_experiment(run.info.experiment_id).name == "medflow-predict"
     uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:20]]
     assert not [x for x in [*table["path"][:20], *uids, str(small_export.folder)] if x in logged]
@@ -213,6 +216,11 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(registered, small_exp
         predict_source("tiny/1", small_export.folder, "dicom", workspace / "out", batch_size=0)
     with pytest.raises(PredictError, match="--drift-alpha must be between 0 and 1, not 5"):
         predict_source("tiny/1", small_export.folder, "dicom", workspace / "out", drift_alpha=5)
+    with pytest.raises(ConfigError, match="--device must be one of auto, cpu, cuda, not 'gpu'"):
+        predict_source("tiny/1", small_export.folder, "dicom", workspace / "out", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device is 'cuda' but no CUDA device is available"):
+            predict_source("tiny/1", small_export.folder, "dicom", workspace / "out", device="cuda")
     (workspace / "empty").mkdir()
     with pytest.raises(PredictError, match="holds no nifti input"):
         predict_source("tiny/1", workspace / "empty", "nifti", workspace / "out")

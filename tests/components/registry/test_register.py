@@ -7,10 +7,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from components import lineage, paths
 from components.config import load_config
+from components.errors import ConfigError
 from components.inference.evaluate import evaluate_run
 from components.registry.register import ALIAS_CHALLENGER, register_model
 from components.training.classification import train_classifier
@@ -19,7 +21,7 @@ TINY = ["train.epochs=1", "data.image_size=32", "evaluate.n_bootstrap=50", "regi
         "registry.model_name=tiny", "evaluate.min_group_size=2"]
 
 
-def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset):
+def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset, monkeypatch):
     config = load_config(overrides=TINY, environ={})
     trained = train_classifier(manifest_path=small_dataset, data_version="v1", config=config)
     evaluation = evaluate_run(run_id=trained.run_id, manifest_path=small_dataset, config=config, out_dir=workspace / "eval")
@@ -73,3 +75,18 @@ def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset)
     with pytest.raises(MlflowException, match=r"images of shape \(1, 1\) are smaller than the model can see") as raised:
         served.predict(np.ones((1, 1, 1), dtype=np.float32))
     assert raised.value.get_http_status_code() == 400
+
+    # it predicts where its model_config says (auto: a GPU when there is one); a loader or the serving
+    # environment overrides that, as MLflow lets it for the keys a version was logged with
+    gpu = torch.cuda.is_available()
+    assert served.unwrap_python_model().device.type == ("cuda" if gpu else "cpu")
+    on_cpu = mlflow.pyfunc.load_model(f"models:/tiny/{model.version}", model_config={"device": "cpu"})
+    assert on_cpu.unwrap_python_model().device.type == "cpu"
+    np.testing.assert_allclose(on_cpu.predict(images), prob, rtol=1e-4, atol=1e-3 if gpu else 1e-5)  # cuDNN's TF32
+    with pytest.raises(ConfigError, match=r"the model's device \(model_config 'device'\) must be one of auto, cpu, "
+                                          r"cuda, not 'gpu'"):
+        mlflow.pyfunc.load_model(f"models:/tiny/{model.version}", model_config={"device": "gpu"})
+    if not gpu:
+        with monkeypatch.context() as env, pytest.raises(ConfigError, match="'cuda' but no CUDA device is available"):
+            env.setenv("MLFLOW_PYFUNC_INFERENCE_CONFIG", json.dumps({"device": "cuda"}))
+            mlflow.pyfunc.load_model(f"models:/tiny/{model.version}")
