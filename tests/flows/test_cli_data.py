@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -122,3 +123,30 @@ def test_a_source_without_a_format_is_refused_not_replaced_by_the_demo(workspace
     assert main(["ingest", "--source", str(export.folder)]) == 1
     assert "data.format is 'synthetic' (the demo generator, which reads no source)" in capsys.readouterr().err
     assert list(workspace.iterdir()) == []
+
+
+def test_a_workspace_whose_dvc_cache_hard_links_its_files_keeps_every_version_intact(workspace, export):
+    """DVC's large-dataset set-up (``cache.type hardlink,copy``, BENCHMARKS.md): the dataset's files are the
+    cache's own, read-only. A second ingest (which hard-links the unchanged files into a new folder) and a
+    checkout of the first version change no cached file: each still hashes to the md5 that names it."""
+    import hashlib
+
+    from components.data.versioning import ensure_repository
+
+    ensure_repository(workspace)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "config", "cache.type", "hardlink,copy"], cwd=workspace,
+                   check=True)
+    assert _ingest(export, "early.csv") == 0
+    first = _version(workspace)
+    first_manifest = pd.read_parquet(workspace / "data" / "ward" / "manifest.parquet")
+    images = [p for p in (workspace / "data" / "ward").rglob("*.nii*")]
+    assert images and all(p.stat().st_nlink >= 2 and not p.stat().st_mode & 0o222 for p in images)
+    assert _ingest(export, "labels.csv") == 0
+    assert _version(workspace) != first
+    assert main(["data", "checkout", first[:10], "--dataset", "ward"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(workspace / "data" / "ward" / "manifest.parquet"), first_manifest)
+    cached = [p for p in (workspace / ".dvc" / "cache" / "files" / "md5").rglob("*") if p.is_file()]
+    assert len(cached) > len(images)
+    for path in cached:
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+        assert digest == path.parent.name + path.name.removesuffix(".dir"), path
