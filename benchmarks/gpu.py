@@ -14,7 +14,10 @@ Run it where there is a CUDA device (it refuses otherwise). A synthetic export o
 - then, for each further ``--batch-sizes``, the bare loop and medflow with ``--workers``;
 - then the evaluation step (``evaluate_run``: val, test and the shortcut audit's train features, the
   bootstrap, the reports) of the first medflow run with workers, with ``train.device=cpu`` and no workers
-  against the GPU with ``--workers``.
+  against the GPU with ``--workers``;
+- then that run's network as the registered pyfunc serves it (``MedflowModel``, which ``medflow predict`` and
+  ``mlflow models serve`` load) predicting the test split's images as raw arrays, with its ``model_config``
+  ``device`` set to ``cpu`` against the GPU.
 
 Every row caches the preprocessed samples in memory (MONAI's CacheDataset). Two
 figures per row: the whole call (set-up, the cache's fill, every epoch), and the
@@ -81,6 +84,36 @@ def medflow_epoch_ends(run_id: str) -> list[float]:
 
     history = MlflowClient().get_metric_history(run_id, "train_loss")
     return [m.timestamp / 1000 for m in sorted(history, key=lambda m: m.step)]
+
+
+def served_model(run_id: str, manifest_path: Path, folder: Path, device: str, *, limit: int = 2048) -> list[tuple]:
+    """(device, images, seconds) of the registered pyfunc's ``predict`` on up to ``limit`` test images read as
+    raw arrays (N, H, W), in batches of 64 as ``medflow predict`` hands them, on the CPU and on ``device``; each
+    after a warm-up batch."""
+    from types import SimpleNamespace
+
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from components.inference.model import download_checkpoint
+    from components.registry.model import MedflowModel
+
+    checkpoint = download_checkpoint(run_id, dst=folder / "pyfunc")
+    manifest = pd.read_parquet(manifest_path)
+    paths = manifest.loc[manifest["split"] == "test", "image"].head(limit)
+    images = np.stack([nib.load(manifest_path.parent / p).get_fdata(dtype=np.float32) for p in paths])
+    rows = []
+    for choice in ("cpu", device):
+        model = MedflowModel()
+        model.load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}, model_config={"device": choice}))
+        model.predict(None, images[:64])
+        began = time.perf_counter()
+        for start in range(0, len(images), 64):
+            model.predict(None, images[start:start + 64])
+        rows.append((str(model.device), len(images), time.perf_counter() - began))
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> int:
@@ -169,6 +202,7 @@ def main() -> int:
                      out_dir=folder / f"eval-{device}-{workers}")
         evaluations.append((device, workers, time.perf_counter() - began))
         print(evaluations[-1], flush=True)
+    served = served_model(trained[0], report.manifest, folder, args.device)
     table = "\n".join([
         "| training | workers | AMP | layout | batch | whole call (s) | samples/s | steady samples/s | "
         "GPU busy, steady | GPU busy, whole call |",
@@ -179,6 +213,10 @@ def main() -> int:
         "| evaluation step (`evaluate_run`) | workers | whole call (s) | / the CPU's |",
         "|---|---:|---:|---:|",
         *[f"| train.device={d} | {w} | {t:.1f} | {evaluations[0][2] / t:.2f}x |" for d, w, t in evaluations],
+        "",
+        "| registered model (pyfunc) | images | predict (s) | images/s | / the CPU's |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| device={d} | {n} | {t:.2f} | {n / t:.0f} | {served[0][2] / t:.2f}x |" for d, n, t in served],
     ])
     print(table)
     if args.write:
