@@ -25,7 +25,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "Evaluation: bootstrap and report"
-NOTE = ("Since 30f918b the negative weight below each run is summed by blocks of runs (64 then, 16 now), each one product "
+NOTE = ("Since 30f918b the negative weight below each run is summed by blocks of runs (64 then, 16 now), each one "
+        "product "
         "with a triangular matrix (`weight_below`: numpy's cumsum down the runs walked each resample's column a "
         "cache line an element, 0.63 s of one core at 100,000 distinct scores), and each unit's linear terms by "
         "one sparse product (the dense one-hot rows took about 1 s of one core before the first chunk could "

@@ -242,7 +242,7 @@ def test_ctrl_c_during_training_exits_130_in_seconds_with_the_runs_recorded_as_s
         except ProcessLookupError:
             break
         time.sleep(0.2)
-    with sqlite3.connect(tmp_path / ".medflow" / "prefect" / "prefect.db", timeout=30) as db:  # the run as Prefect has it
+    with sqlite3.connect(tmp_path / ".medflow" / "prefect" / "prefect.db", timeout=30) as db:  # as Prefect keeps it
         states = dict(db.execute("select f.name, r.state_type from flow_run r join flow f on f.id = r.flow_id"))
     assert states == {"medflow-retrain": "CRASHED"}
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")
