@@ -170,7 +170,7 @@ def main() -> int:
         result = train_classifier(manifest_path=report.manifest,
                                   data_version=f"bench-{workers}-{amp}-{batch}-{layout}",
                                   config=config(workers, amp, batch, layout=layout))
-        if workers:
+        if workers == args.workers:  # the evaluation and pyfunc rows take the first run with --workers
             trained.append(result.run_id)
         return None, medflow_epoch_ends(result.run_id)
 
