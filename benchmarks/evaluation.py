@@ -33,8 +33,8 @@ NOTE = ("Since 30f918b the negative weight below each run is summed by blocks of
         "start). Five runs of this benchmark with the code before (0baa062) interleaved with five of this "
         "code's, each in a fresh process, on 2026-12-05, at 100,000: overall only 0.69-1.13 s against "
         "0.44-0.73, per patient 0.76-1.11 against 0.69-1.00, per image 0.94-1.25 against 1.02-1.34 (no change "
-        "beyond the noise), every score distinct 1.75-2.02 against 1.39-1.75; the table above is a sixth run of "
-        "this code. By hand, the resamples, jackknife and point alone (no intervals) three times each in one "
+        "beyond the noise), every score distinct 1.75-2.02 against 1.39-1.75 (a sixth run gave the "
+        "table of that day). By hand, the resamples, jackknife and point alone (no intervals) three times each in one "
         "process on 2 threads, the two codes interleaved: distinct 1.57-2.91 s against 1.12-1.14, rounded per "
         "image 0.83-1.20 against 0.72-0.79, every figure equal to the bit. "
         "Before cells, runs, float32 counts and threads (`benchmarks/evaluation.py` at e91c7af, 2026-12-04, the "
@@ -62,7 +62,7 @@ NOTE = ("Since 30f918b the negative weight below each run is summed by blocks of
         "it took 1.53-1.77 s per patient against 1.10 s the day before, and scikit-learn 181-235 ms a resample "
         "against 142; this machine's timings vary by a tenth or more from run to run. The same code in four runs on "
         "the evening of 2026-12-04, when scikit-learn took 102-104 ms a resample: 0.74-0.88 s per patient, "
-        "0.96-1.04 s per image and 1.73-2.01 s with distinct scores at 100,000; the table is a fifth run. So the "
+        "0.96-1.04 s per image and 1.73-2.01 s with distinct scores at 100,000. So the "
         "target is met per patient (and about met per image) when the machine runs as fast as it did that "
         "evening, not on a slower afternoon."
         " On a second machine (an AMD EPYC with AVX2, on the afternoon of 2026-12-05, when scikit-learn took "
@@ -70,7 +70,8 @@ NOTE = ("Since 30f918b the negative weight below each run is summed by blocks of
         "default since), each in a fresh process, at 100,000: per patient 1.20 and 1.53 s against 1.20 and "
         "1.16, per image 1.54 and 1.84 against 1.48 and 1.44, every score distinct 2.33 and 2.66 against 2.31 "
         "and 2.21; there numpy's stacked products of 64x64 matrices ran 3.7x slower than of 16x16 "
-        "(`weight_below`'s docstring), and no column with attributes meets the target.")
+        "(`weight_below`'s docstring). The table above is a fifth run on that machine, of the code as it is "
+        "now; on that machine no column with attributes meets the target.")
 
 
 def _data(n: int, decimals: int | None = 3):

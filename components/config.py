@@ -24,6 +24,7 @@ from components.steps import get_step
 
 ENV_PREFIX = "MEDFLOW__"
 DEFAULT_CONFIG = "demo-classification.yaml"
+DEVICES = ("auto", "cpu", "cuda")  # train.device, medflow predict --device, the registered model's model_config
 
 
 class _Section(BaseModel):
@@ -155,7 +156,7 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     loss: Literal["cross_entropy", "focal", "dice", "dice_ce", "dice_focal"] = "cross_entropy"
     class_weights: Literal["none", "balanced"] | list[float] = "none"
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val score")

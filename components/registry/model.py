@@ -24,7 +24,7 @@ from components.training.loop import select_device
 from components.training.preprocess import SegmentationSpec
 
 
-DEVICE_CONFIG = {"device": "auto"}  # the model_config a version is logged with: where it predicts (auto, cpu, cuda)
+DEVICE_CONFIG = {"device": "auto"}  # the model_config a version is logged with: where it predicts (config.DEVICES)
 
 
 class MedflowModel(mlflow.pyfunc.PythonModel):

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from components import lineage, paths
-from components.config import RunConfig
+from components.config import DEVICES, RunConfig
 from components.progress import interactive
 from components.errors import ConfigError, Interrupted
 from components.training.datasets import check_workers, train_loader
@@ -118,9 +118,6 @@ class Recipe:
     key: str | None = None
     higher_is_better: bool = True
     dense: bool = False
-
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def select_device(choice: str, *, setting: str = "train.device") -> torch.device:
