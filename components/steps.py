@@ -33,6 +33,7 @@ from typing import Any
 
 from components import paths
 from components.errors import ConfigError
+from components.machine import arrow_on_c_heap
 
 KEY_SCHEME = "s2"  # bumped whenever the key's recipe changes: earlier caches and checkpoints then never match
 SOURCE_PACKAGES = ("components", "flows")
@@ -71,7 +72,9 @@ class Step:
     flow: str = "retrain"
 
     def resolve(self) -> Callable[..., Any]:
-        """The step's plain function (imports its stage)."""
+        """The step's plain function (imports its stage; Arrow's buffers go to the C heap from then on,
+        :func:`components.machine.arrow_on_c_heap`)."""
+        arrow_on_c_heap()
         module, _, attribute = self.function.partition(":")
         return getattr(importlib.import_module(module), attribute)
 
