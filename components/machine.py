@@ -23,7 +23,7 @@ def arrow_on_c_heap() -> None:
     15,824 rows left 20 MiB more resident than one of 989 with 5 MiB of it in use, and an evaluation of those
     rows peaked 126-128 MiB above its start against 93 on the C heap (74-84 for 989 rows, the same time), where
     numpy and pandas reuse the pages Arrow frees. Called as a step is resolved
-    (:meth:`components.steps.Step.resolve`)."""
+    (:meth:`components.steps.Step.resolve`) and as the command line starts a command."""
     if ARROW_POOL_ENV in os.environ:
         return
     import pyarrow  # noqa: PLC0415 (pandas' string columns import it anyway; this module stays light)

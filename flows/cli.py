@@ -20,6 +20,7 @@ from components import paths
 from components.progress import make_console, metric_text
 from components.config import load_config
 from components.errors import Interrupted, MedflowError, PromotionRefused
+from components.machine import arrow_on_c_heap
 from flows.cli_data import data_app, ingest, init
 from flows.cli_predict import export, predict
 from flows.cli_pretrain import pretrain
@@ -73,6 +74,7 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks."
     """medflow command line."""
     os.environ["MEDFLOW_DEBUG"] = "1" if debug else os.environ.get("MEDFLOW_DEBUG", "0")
     quiet_libraries()
+    arrow_on_c_heap()  # predict, compare and drift read tables outside the steps too
 
 
 def quiet_libraries() -> None:

@@ -23,6 +23,22 @@ def test_unknown_override_is_one_line_and_exit_1(workspace, capsys):
     assert not (workspace / "data").exists()
 
 
+def test_every_command_puts_arrows_buffers_on_the_c_heap(workspace, monkeypatch):
+    """As resolving a step does (tests/components/test_machine.py): predict, compare and drift read tables too."""
+    import pyarrow as pa
+
+    from components.machine import ARROW_POOL_ENV
+
+    monkeypatch.delenv(ARROW_POOL_ENV, raising=False)
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pa.mimalloc_memory_pool())
+    try:
+        assert main(["run", "--set", "train.epoch=2"]) == 1
+        assert pa.default_memory_pool().backend_name == "system"
+    finally:
+        pa.set_memory_pool(before)
+
+
 def test_debug_shows_the_traceback(workspace):
     from components.errors import ConfigError
 
