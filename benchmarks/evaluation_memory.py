@@ -1,15 +1,18 @@
-"""Benchmark: the evaluation step's peak memory against the batches it runs, with and without trimming the C heap.
+"""Benchmark: the evaluation step's peak memory against the batches it runs: trimming the C heap, and the heap
+Arrow allocates on.
 
 One synthetic DICOM export of ``--images`` images at ``--image`` pixels goes through ingest, version, validate and
 one training epoch (each a plain call in a fresh process, as in ``scale.py``). Its trained run is then evaluated
 (``evaluate_run``: val and test predictions, the bootstrap, the shortcut audit's features, report.json and
 report.html) on the manifest replicated ``--factors`` times: each copy's cases and patients renamed, its images the
 same files, so the batches and the per-case tables grow with the factor while the export and the model stay the
-same. Each evaluation runs in a fresh process, once as medflow runs it (glibc's free heap pages handed back after
-every batch, ``components.training.forward.release_free_memory``) and once without (the baseline, glibc's
-default). Peak: the process's peak resident memory (VmHWM, reset before the evaluation) above its memory when the
-evaluation starts. Where glibc's heap leaves freed pages is not the same from run to run, so each evaluation runs
-``--repeat`` times, interleaved; the table gives the medians and the peaks' range.
+same. Each evaluation runs in a fresh process, in three ways: as medflow runs it (glibc's free heap pages handed
+back after every batch, ``components.training.forward.release_free_memory``, and Arrow's buffers, pandas' strings
+and Parquet's, on the C heap, ``components.machine.arrow_on_c_heap``); trimmed with Arrow on pyarrow's default
+mimalloc pool (before 2026-12-05); and neither (the baseline, glibc's and pyarrow's defaults). Peak: the
+process's peak resident memory (VmHWM, reset before the evaluation) above its memory when the evaluation starts.
+Where the heaps leave freed pages is not the same from run to run, so each evaluation runs ``--repeat`` times,
+interleaved; the table gives the medians and the peaks' range.
 
     .venv/bin/python benchmarks/evaluation_memory.py [--write] [--images 1000] [--image 256] [--factors 1 4]
                                                      [--repeat 3]
@@ -35,6 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "Evaluation memory against batches"
 MIB = 2**20
+# (label, glibc's heap trimmed after every batch, Arrow on the C heap); the first is the baseline, the last medflow
+WAYS = (("glibc and pyarrow defaults", False, False), ("trimmed, Arrow on mimalloc", True, False),
+        ("trimmed, Arrow on the C heap (medflow)", True, True))
 
 
 def _resident(field: str) -> int:
@@ -42,8 +48,8 @@ def _resident(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
 
 
-def _child_evaluate(run_id: str, manifest: str, factor: int, trim: bool, overrides: list[str], workspace: str
-                    ) -> tuple[float, int]:
+def _child_evaluate(run_id: str, manifest: str, factor: int, trim: bool, c_heap: bool, overrides: list[str],
+                    workspace: str) -> tuple[float, int]:
     """Seconds and peak bytes (above the start) of one evaluation on the manifest replicated ``factor`` times."""
     import gc  # noqa: PLC0415
 
@@ -51,14 +57,20 @@ def _child_evaluate(run_id: str, manifest: str, factor: int, trim: bool, overrid
 
     quiet_libraries()
     import pandas as pd  # noqa: PLC0415
+    import pyarrow as pa  # noqa: PLC0415
 
     from components.config import load_config  # noqa: PLC0415
     from components.inference.evaluate import evaluate_run  # noqa: PLC0415
+    from components.machine import arrow_on_c_heap  # noqa: PLC0415
     from components.training import forward  # noqa: PLC0415
 
     os.chdir(workspace)
     if not trim:
         forward.MALLOC_TRIM = None
+    if c_heap:
+        arrow_on_c_heap()  # as resolving a step does
+    else:
+        pa.set_memory_pool(pa.mimalloc_memory_pool())  # before any Arrow buffer: the manifest is read below
     config = load_config(None, overrides=overrides, environ={})
     source = pd.read_parquet(manifest)
     copies = [source.assign(case_id=source["case_id"] + f"-{i}", patient_id=source["patient_id"] + f"-{i}")
@@ -70,7 +82,8 @@ def _child_evaluate(run_id: str, manifest: str, factor: int, trim: bool, overrid
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the present resident memory
     start_memory, start = _resident("VmRSS"), time.perf_counter()
-    evaluate_run(run_id=run_id, manifest_path=path, config=config, out_dir=Path(workspace) / f"eval-x{factor}-{trim}")
+    evaluate_run(run_id=run_id, manifest_path=path, config=config,
+                 out_dir=Path(workspace) / f"eval-x{factor}-{trim}-{c_heap}")
     return time.perf_counter() - start, _resident("VmHWM") - start_memory
 
 
@@ -84,7 +97,7 @@ def main() -> int:
     args = parser.parse_args()
     if not Path("/proc/self/clear_refs").exists():
         raise SystemExit("this benchmark reads peak memory from /proc (Linux only)")
-    for key in [k for k in os.environ if k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MEDFLOW"))]:
+    for key in [k for k in os.environ if k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MEDFLOW", "ARROW_"))]:
         del os.environ[key]
     from components.data.synthetic import generate_export
 
@@ -102,15 +115,14 @@ def main() -> int:
             outputs[name] = _in_fresh_process(_child_step, name, inputs(outputs), overrides, str(workspace))[0]
             print(f"  {name}: done", flush=True)
         run_id, manifest = outputs["train"].run_id, str(outputs["version"].manifest)
-        runs: dict[tuple[int, bool], list[tuple[float, int]]] = {}
+        runs: dict[tuple[int, str], list[tuple[float, int]]] = {}
         for _ in range(args.repeat):
             for factor in sorted(args.factors):
-                for trim in (False, True):
-                    seconds, peak = _in_fresh_process(_child_evaluate, run_id, manifest, factor, trim, overrides,
-                                                      str(workspace))
-                    runs.setdefault((factor, trim), []).append((seconds, peak))
-                    print(f"  x{factor}, {'trim' if trim else 'no trim'}: {seconds:.1f} s, peak {peak / MIB:.0f} MiB",
-                          flush=True)
+                for way, trim, c_heap in WAYS:
+                    seconds, peak = _in_fresh_process(_child_evaluate, run_id, manifest, factor, trim, c_heap,
+                                                      overrides, str(workspace))
+                    runs.setdefault((factor, way), []).append((seconds, peak))
+                    print(f"  x{factor}, {way}: {seconds:.1f} s, peak {peak / MIB:.0f} MiB", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -118,21 +130,22 @@ def main() -> int:
     figures = {key: (statistics.median(s for s, _ in found), statistics.median(p for _, p in found))
                for key, found in runs.items()}
 
-    def peaks(key: tuple[int, bool]) -> str:
+    def peaks(key: tuple[int, str]) -> str:
         least, most = min(p for _, p in runs[key]) / MIB, max(p for _, p in runs[key]) / MIB
         return f"{figures[key][1] / MIB:.0f} ({least:.0f}-{most:.0f})"
 
-    rows = [f"| {n * f:,} images ({f}x) | {figures[f, False][0]:.1f} | {figures[f, True][0]:.1f} "
-            f"| {figures[f, True][0] / figures[f, False][0]:.3f} | {peaks((f, False))} | {peaks((f, True))} |"
-            for f in sorted(args.factors)]
-    table = "\n".join(["| evaluated | s, glibc default | s, trimmed | time ratio | peak MiB, glibc default "
-                       "| peak MiB, trimmed |", "|---|---:|---:|---:|---:|---:|", *rows])
+    base, medflow = WAYS[0][0], WAYS[-1][0]
+    rows = [f"| {n * f:,} images ({f}x) | {way} | {figures[f, way][0]:.1f} "
+            f"| {figures[f, way][0] / figures[f, base][0]:.3f} | {peaks((f, way))} |"
+            for f in sorted(args.factors) for way, _, _ in WAYS]
+    table = "\n".join(["| evaluated | way | s | time against the defaults | peak MiB |", "|---|---|---:|---:|---:|",
+                       *rows])
     low, high = min(args.factors), max(args.factors)
-    change = {trim: (figures[high, trim][1] - figures[low, trim][1]) / MIB for trim in (False, True)}
+    growth = "; ".join(f"{(figures[high, way][1] - figures[low, way][1]) / MIB:+.0f} MiB {way}" for way, _, _ in WAYS)
     summary = (f"Medians of {args.repeat} runs each. Peak from {low}x to {high}x ({(high - low) * n:,} more images): "
-               f"{change[False]:+.0f} MiB with glibc's default, {change[True]:+.0f} MiB trimmed; trimming lowers the "
-               f"median peak by {min(figures[f, False][1] - figures[f, True][1] for f in args.factors) / MIB:.0f} "
-               "MiB or more.")
+               f"{growth}. medflow's median peak against the defaults': "
+               + ", ".join(f"{(figures[f, medflow][1] - figures[f, base][1]) / MIB:+.0f} MiB at {f}x"
+                           for f in sorted(args.factors)) + ".")
     print(table, summary, sep="\n\n")
     if args.write:
         command = " ".join(["python benchmarks/evaluation_memory.py", *(a for a in sys.argv[1:] if a != "--write")])
@@ -141,8 +154,9 @@ def main() -> int:
             f"{platform.python_version()}; one export of {n:,} synthetic {args.image}x{args.image} DICOM images, "
             f"the demo network after one epoch, evaluated (predictions, bootstrap, shortcut features, reports) on "
             f"its manifest replicated {', '.join(f'{f}x' for f in sorted(args.factors))} (the same image files), "
-            f"each evaluation in a fresh process, {args.repeat} times interleaved. Peak: VmHWM above the process's "
-            f"memory when the evaluation starts; in brackets the range over the runs.\n\n{table}\n\n{summary}\n"))
+            f"each evaluation in a fresh process in each way, {args.repeat} times interleaved. Peak: VmHWM above the "
+            f"process's memory when the evaluation starts; in brackets the range over the runs.\n\n{table}\n\n"
+            f"{summary}\n"))
     return 0
 
 
