@@ -244,6 +244,23 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(registered, small_exp
     assert json.loads((workspace / "out" / "predict.json").read_text())["model"]["name"] == "tiny"
 
 
+def test_the_device_asked_for_is_where_the_network_moves(registered, workspace, monkeypatch):
+    """--device reaches the loaded version: on a machine without a GPU every choice would read "cpu" after the
+    fact, so the choices the network was moved to are recorded (the version's own model_config first)."""
+    from components.registry.model import MedflowModel  # noqa: PLC0415
+
+    folder = workspace / "three"
+    folder.mkdir()
+    for image in pd.read_parquet(registered)["image"][:3]:
+        shutil.copy(registered.parent / image, folder / Path(image).name)
+    chosen = []
+    original = MedflowModel.use_device
+    monkeypatch.setattr(MedflowModel, "use_device",
+                        lambda self, choice, **kwargs: chosen.append(choice) or original(self, choice, **kwargs))
+    result = predict_source("tiny/1", folder, "nifti", workspace / "out", device="cpu")
+    assert chosen[-1] == "cpu" and result.device == "cpu" and result.n_predicted == 3
+
+
 def test_a_segmentation_version_writes_each_volumes_mask_as_its_pyfunc_segments_it(workspace, seg_dataset):
     from components.training.segmentation import train_segmenter
 
