@@ -14,8 +14,11 @@ process's peak resident memory (VmHWM, reset before the evaluation) above its me
 Where the heaps leave freed pages is not the same from run to run, so each evaluation runs ``--repeat`` times,
 interleaved; the table gives the medians and the peaks' range.
 
-    .venv/bin/python benchmarks/evaluation_memory.py [--write] [--images 1000] [--image 256] [--factors 1 4]
+    .venv/bin/python benchmarks/evaluation_memory.py [--write] [--images 1000] [--image 64] [--factors 1 16]
                                                      [--repeat 3]
+
+Small images and many copies: the per-case tables (the manifest, predictions, groups, features) grow with the
+factor, and an image's pixels, which each batch frees again, do not hide them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,23 @@ MIB = 2**20
 # (label, glibc's heap trimmed after every batch, Arrow on the C heap); the first is the baseline, the last medflow
 WAYS = (("glibc and pyarrow defaults", False, False), ("trimmed, Arrow on mimalloc", True, False),
         ("trimmed, Arrow on the C heap (medflow)", True, True))
+NOTE = (
+    "Arrow's pool: pandas' string columns and Parquet's reads and writes allocate in pyarrow's memory pool, "
+    'mimalloc by default on Linux, which kept the pages of the buffers Arrow had freed for Arrow alone '
+    '(reading a manifest of 15,824 rows left 20 MiB more resident than one of 989, 5 MiB of it in use). Since '
+    '2026-12-05 (c125579, 3ccf9b0) medflow puts them on the C heap, where numpy and pandas reuse the freed '
+    'pages, as a step is resolved or a command starts; `ARROW_DEFAULT_MEMORY_POOL`, where set, still decides. '
+    'The scale benchmark with `ARROW_DEFAULT_MEMORY_POOL=mimalloc` (the old default) and without it (`python '
+    'benchmarks/scale.py --sizes 1000 12000 --image 64 --runs --loops-at 0` on c125579, one run each way, '
+    '2026-12-05), at 11,896 images of 64x64, peak above imports on mimalloc against the C heap (GB): ingest '
+    '0.07 and 0.07, version 0.15 and 0.11, validate 0.14 and 0.11, train 0.49 and 0.45, evaluate 0.19 and '
+    '0.16, register 0.08 and 0.08, promote 0.12 and 0.08; growth from 989 images: ingest +0.04 and +0.00, '
+    "validate +0.03 and +0.01, evaluate +0.05 and +0.03, promote +0.04 and +0.01; the steps' times within the "
+    "runs' noise (evaluate 65.2 and 63.7 s, ingest 35.5 and 36.3 s; in the table above, at 16x, 95.5 to "
+    "104.9 s on the C heap and 91.5 to 117.3 on mimalloc). 100,000 images have not been measured "
+    'since. The table before (2026-12-05, 1,006 and 4,024 images of 256x256, trimmed or not, Arrow on '
+    'mimalloc) read 338 and 352 MiB trimmed against 433 and 553 untrimmed, for 5 % more time.'
+)
 
 
 def _resident(field: str) -> int:
@@ -91,8 +111,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--images", type=int, default=1000, help="images of the export")
-    parser.add_argument("--image", type=int, default=256, help="rows and columns of each image")
-    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4], help="copies of the manifest evaluated")
+    parser.add_argument("--image", type=int, default=64, help="rows and columns of each image")
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 16], help="copies of the manifest evaluated")
     parser.add_argument("--repeat", type=int, default=3, help="evaluations of each factor, trimmed and not")
     args = parser.parse_args()
     if not Path("/proc/self/clear_refs").exists():
@@ -143,7 +163,7 @@ def main() -> int:
     low, high = min(args.factors), max(args.factors)
     growth = "; ".join(f"{(figures[high, way][1] - figures[low, way][1]) / MIB:+.0f} MiB {way}" for way, _, _ in WAYS)
     summary = (f"Medians of {args.repeat} runs each. Peak from {low}x to {high}x ({(high - low) * n:,} more images): "
-               f"{growth}. medflow's median peak against the defaults': "
+               f"{growth}. medflow's median peak against the defaults: "
                + ", ".join(f"{(figures[f, medflow][1] - figures[f, base][1]) / MIB:+.0f} MiB at {f}x"
                            for f in sorted(args.factors)) + ".")
     print(table, summary, sep="\n\n")
@@ -156,7 +176,7 @@ def main() -> int:
             f"its manifest replicated {', '.join(f'{f}x' for f in sorted(args.factors))} (the same image files), "
             f"each evaluation in a fresh process in each way, {args.repeat} times interleaved. Peak: VmHWM above the "
             f"process's memory when the evaluation starts; in brackets the range over the runs.\n\n{table}\n\n"
-            f"{summary}\n"))
+            f"{summary}\n\n{NOTE}\n"))
     return 0
 
 
