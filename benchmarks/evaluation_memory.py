@@ -9,7 +9,7 @@ same files, so the batches and the per-case tables grow with the factor while th
 same. Each evaluation runs in a fresh process, in three ways: as medflow runs it (glibc's free heap pages handed
 back after every batch, ``components.training.forward.release_free_memory``, and Arrow's buffers, pandas' strings
 and Parquet's, on the C heap, ``components.machine.arrow_on_c_heap``); trimmed with Arrow on pyarrow's default
-mimalloc pool (before 2026-12-05); and neither (the baseline, glibc's and pyarrow's defaults). Peak: the
+mimalloc pool (medflow until c125579, 2026-12-05); and neither (the baseline, glibc's and pyarrow's defaults). Peak: the
 process's peak resident memory (VmHWM, reset before the evaluation) above its memory when the evaluation starts.
 Where the heaps leave freed pages is not the same from run to run, so each evaluation runs ``--repeat`` times,
 interleaved; the table gives the medians and the peaks' range.
