@@ -39,13 +39,15 @@ def announce_drift(result: BatchResult) -> None:
 
 @flow(name="medflow-predict")
 def predict_workspace(workspace: str, source: str, model: str = "medflow-demo-classifier@champion",
-                      format: str = "dicom", out: str = "predictions", drift_alpha: float = 0.01) -> dict:  # noqa: A002
+                      format: str = "dicom", out: str = "predictions", drift_alpha: float = 0.01,  # noqa: A002
+                      device: str = "auto") -> dict:
     """Predict the studies in ``source`` (relative to ``workspace``, or absolute) with ``model`` into
-    ``out/<UTC time>/``; announce drift. The deployments' entry point (scheduled scoring of a watched folder).
+    ``out/<UTC time>/`` on ``device`` (auto, cpu or cuda, as ``medflow predict --device``); announce drift.
+    The deployments' entry point (scheduled scoring of a watched folder).
     """
     enter_workspace(workspace)
     batch = Path(out) / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = predict_source(model, Path(source), format, batch, drift_alpha=drift_alpha)
+    result = predict_source(model, Path(source), format, batch, drift_alpha=drift_alpha, device=device)
     drift = result.drift or {}
     if drift.get("detected"):
         announce_drift(result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 import tomllib
@@ -110,6 +111,23 @@ def test_every_deployment_entrypoint_is_a_flow_on_a_known_pool():
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         assert isinstance(getattr(module, name), Flow), deployment["entrypoint"]
         assert deployment["work_pool"]["name"] in ("medflow-local", "medflow-k8s")
+
+
+def test_every_deployments_parameters_are_its_flows_and_fill_what_it_requires():
+    """Prefect checks a deployment's parameters against its flow only when a run starts, on the worker: a
+    renamed flow argument would break the schedule or the trigger that night, not at deploy time."""
+    for deployment in _prefect_yaml()["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        accepted = inspect.signature(flow.fn).parameters
+        required = {n for n, p in accepted.items() if p.default is inspect.Parameter.empty}
+        given = deployment.get("parameters", {})
+        assert set(given) <= set(accepted), (deployment["entrypoint"], set(given) - set(accepted))
+        for trigger in deployment.get("triggers", []):
+            assert set(trigger.get("parameters", {})) <= set(accepted), deployment["entrypoint"]
+            assert required <= set(given) | set(trigger.get("parameters", {})), deployment["entrypoint"]
+        if given and "schedules" in deployment:
+            assert required <= set(given), (deployment["entrypoint"], required - set(given))
 
 
 def test_every_step_has_a_local_deployment_and_training_a_gpu_one():

@@ -261,6 +261,45 @@ def test_the_device_asked_for_is_where_the_network_moves(registered, workspace, 
     assert chosen[-1] == "cpu" and result.device == "cpu" and result.n_predicted == 3
 
 
+def test_the_nightly_flow_scores_a_timed_batch_and_announces_only_drift(registered, workspace, monkeypatch):
+    """flows/predict.py's medflow-predict (the nightly deployment's entry point) as a plain function: each batch
+    in out/<UTC time>/ on the device asked for, medflow.drift.detected emitted for the brighter batch alone."""
+    import flows.predict as flow  # noqa: PLC0415
+    from components.registry.model import MedflowModel  # noqa: PLC0415
+
+    events, artifacts, chosen = [], [], []
+    monkeypatch.setattr(flow, "emit_event", lambda **event: events.append(event))
+    monkeypatch.setattr(flow, "create_markdown_artifact", lambda **artifact: artifacts.append(artifact))
+    original = MedflowModel.use_device
+    monkeypatch.setattr(MedflowModel, "use_device",
+                        lambda self, choice, **kwargs: chosen.append(choice) or original(self, choice, **kwargs))
+    test = pd.read_parquet(registered).query("split == 'test'")
+    for folder, gain in (("same", 1.0), ("brighter", 2.5)):
+        (workspace / folder).mkdir()
+        for image in test["image"]:
+            nifti = nib.load(registered.parent / image)
+            nib.save(nib.Nifti1Image(nifti.get_fdata(dtype=np.float32) * gain, nifti.affine),
+                     workspace / folder / Path(image).name)
+
+    steady = flow.predict_workspace.fn(str(workspace), "same", model="tiny/1", format="nifti", out="nightly",
+                                       device="cpu")
+    assert steady["drifted"] == [] and events == [] and chosen[-1] == "cpu"
+    shifted = flow.predict_workspace.fn(str(workspace), str(workspace / "brighter"), model="tiny/1",
+                                        format="nifti", out="nightly")
+    assert chosen[-1] == "auto"  # the flow's default, as the command's
+    for summary in (steady, shifted):
+        batch = workspace / summary["out"]
+        assert batch.parent == workspace / "nightly" and len(batch.name) == len("20261201T010000Z")
+        assert summary["n_predicted"] == len(pd.read_csv(batch / "predictions.csv")) == len(test)
+    assert "input.mean" in shifted["drifted"] and steady["out"] != shifted["out"]
+    (event,) = events
+    assert event["event"] == flow.DRIFT_EVENT and event["resource"]["prefect.resource.id"] == "medflow.model.tiny"
+    assert (event["resource"]["medflow.workspace"], event["resource"]["medflow.model_version"]) == (str(workspace), "1")
+    assert event["payload"] == {"drifted": shifted["drifted"], "n_batch": len(test),
+                                "mlflow_run_id": shifted["mlflow_run_id"]}
+    assert [a["markdown"].splitlines()[0] for a in artifacts] == [f"# {len(test)} of {len(test)} studies predicted"] * 2
+
+
 def test_a_segmentation_version_writes_each_volumes_mask_as_its_pyfunc_segments_it(workspace, seg_dataset):
     from components.training.segmentation import train_segmenter
 
