@@ -328,7 +328,9 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
     with run_context as run:
         if lead and resumed is None:
             mlflow.log_params(lineage.flatten(config.model_dump(mode="json")))
-            mlflow.log_params({**recipe.params, "device": str(device), "world_size": size,
+            # "trained_on", not "device": registering the version logs its model_config ({"device": "auto"},
+            # where it predicts) into this run's params, and MLflow refuses to change a param's value
+            mlflow.log_params({**recipe.params, "trained_on": str(device), "world_size": size,
                                "memory_format": str(layout).removeprefix("torch.")})
             mlflow.log_dict(config.model_dump(mode="json"), "config.json")
             for artifact, content in recipe.records.items():

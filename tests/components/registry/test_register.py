@@ -40,6 +40,9 @@ def test_train_evaluate_register_then_serve_raw_arrays(workspace, small_dataset,
     model = register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
                            report_path=evaluation.report, config=config)
     client = MlflowClient(paths.tracking_uri())
+    params = client.get_run(trained.run_id).data.params  # where it trained, and the version's model_config
+    assert params["trained_on"].startswith("cuda" if torch.cuda.is_available() else "cpu")
+    assert params["device"] == "auto"  # logged by MLflow with the model: no clash with the training's param
     version = client.get_model_version("tiny", model.version)
     assert version.tags[lineage.TAG_DATA_VERSION] == "v1"
     assert version.tags[lineage.TAG_CONFIG_HASH] == config.config_hash()
