@@ -39,6 +39,28 @@ def _logged_text(run_id: str) -> str:
     return "\n".join(texts)
 
 
+def _test_images_scaled(manifest_path: Path, folder: Path, gain: float) -> int:
+    """The test split's NIfTI images times ``gain`` (a scanner that much brighter) in ``folder``; their count."""
+    test = pd.read_parquet(manifest_path).query("split == 'test'")
+    folder.mkdir()
+    for image in test["image"]:
+        nifti = nib.load(manifest_path.parent / image)
+        nib.save(nib.Nifti1Image(nifti.get_fdata(dtype=np.float32) * gain, nifti.affine), folder / Path(image).name)
+    return len(test)
+
+
+@pytest.fixture
+def devices_chosen(monkeypatch) -> list[str]:
+    """Every device a loaded version is moved to, in order: on a machine without a GPU every choice would read
+    "cpu" after the fact, so the choices themselves are recorded (the version's own model_config first)."""
+    from components.registry.model import MedflowModel  # noqa: PLC0415
+
+    chosen, original = [], MedflowModel.use_device
+    monkeypatch.setattr(MedflowModel, "use_device",
+                        lambda self, choice, **kwargs: chosen.append(choice) or original(self, choice, **kwargs))
+    return chosen
+
+
 def test_a_dicom_export_gets_one_row_per_file_equal_to_the_pyfuncs_probabilities(registered, small_export, workspace):
     out = workspace / "out"
     result = predict_source("tiny@challenger", small_export.folder, "dicom", out)
@@ -97,20 +119,15 @@ def test_a_dicom_export_gets_one_row_per_file_equal_to_the_pyfuncs_probabilities
 
 
 def test_a_batch_from_a_brighter_scanner_drifts_and_the_same_images_do_not(registered, workspace):
-    manifest = pd.read_parquet(registered)
-    test = manifest[manifest["split"] == "test"]
     same, brighter = workspace / "same", workspace / "brighter"
-    for folder, gain in ((same, 1.0), (brighter, 2.5)):
-        folder.mkdir()
-        for image in test["image"]:
-            nifti = nib.load(registered.parent / image)
-            nib.save(nib.Nifti1Image(nifti.get_fdata(dtype=np.float32) * gain, nifti.affine), folder / Path(image).name)
+    n_test = _test_images_scaled(registered, same, 1.0)
+    _test_images_scaled(registered, brighter, 2.5)
     steady = predict_source("tiny/1", same, "nifti", workspace / "p1")
     assert steady.drift["detected"] is False, (steady.drift["drifted"], steady.drift["tests"])
     cached = list((paths.medflow_home() / "cache" / "drift").glob("*.npy"))  # the training features, once a version
     assert len(cached) == 1 and np.load(cached[0]).shape[0] == (pd.read_parquet(registered)["split"] == "train").sum()
     embedding = next(t for t in steady.drift["tests"] if t["fact"] == "embedding.features")
-    assert embedding["test"] == "mmd_permutation" and embedding["n_batch"] == len(test)
+    assert embedding["test"] == "mmd_permutation" and embedding["n_batch"] == n_test
     shifted = predict_source("tiny/1", brighter, "nifti", workspace / "p2")
     assert "input.mean" in shifted.drift["drifted"] and shifted.drift["detected"]
     mean = next(t for t in shifted.drift["tests"] if t["fact"] == "input.mean")
@@ -244,42 +261,27 @@ def test_bad_input_is_one_line_and_nothing_is_half_written(registered, small_exp
     assert json.loads((workspace / "out" / "predict.json").read_text())["model"]["name"] == "tiny"
 
 
-def test_the_device_asked_for_is_where_the_network_moves(registered, workspace, monkeypatch):
-    """--device reaches the loaded version: on a machine without a GPU every choice would read "cpu" after the
-    fact, so the choices the network was moved to are recorded (the version's own model_config first)."""
-    from components.registry.model import MedflowModel  # noqa: PLC0415
-
+def test_the_device_asked_for_is_where_the_network_moves(registered, workspace, devices_chosen):
+    """--device reaches the loaded version."""
     folder = workspace / "three"
     folder.mkdir()
     for image in pd.read_parquet(registered)["image"][:3]:
         shutil.copy(registered.parent / image, folder / Path(image).name)
-    chosen = []
-    original = MedflowModel.use_device
-    monkeypatch.setattr(MedflowModel, "use_device",
-                        lambda self, choice, **kwargs: chosen.append(choice) or original(self, choice, **kwargs))
     result = predict_source("tiny/1", folder, "nifti", workspace / "out", device="cpu")
-    assert chosen[-1] == "cpu" and result.device == "cpu" and result.n_predicted == 3
+    assert devices_chosen[-1] == "cpu" and result.device == "cpu" and result.n_predicted == 3
 
 
-def test_the_nightly_flow_scores_a_timed_batch_and_announces_only_drift(registered, workspace, monkeypatch):
+def test_the_nightly_flow_scores_a_timed_batch_and_announces_only_drift(registered, workspace, monkeypatch,
+                                                                        devices_chosen):
     """flows/predict.py's medflow-predict (the nightly deployment's entry point) as a plain function: each batch
     in out/<UTC time>/ on the device asked for, medflow.drift.detected emitted for the brighter batch alone."""
     import flows.predict as flow  # noqa: PLC0415
-    from components.registry.model import MedflowModel  # noqa: PLC0415
 
-    events, artifacts, chosen = [], [], []
+    events, artifacts, chosen = [], [], devices_chosen
     monkeypatch.setattr(flow, "emit_event", lambda **event: events.append(event))
     monkeypatch.setattr(flow, "create_markdown_artifact", lambda **artifact: artifacts.append(artifact))
-    original = MedflowModel.use_device
-    monkeypatch.setattr(MedflowModel, "use_device",
-                        lambda self, choice, **kwargs: chosen.append(choice) or original(self, choice, **kwargs))
-    test = pd.read_parquet(registered).query("split == 'test'")
-    for folder, gain in (("same", 1.0), ("brighter", 2.5)):
-        (workspace / folder).mkdir()
-        for image in test["image"]:
-            nifti = nib.load(registered.parent / image)
-            nib.save(nib.Nifti1Image(nifti.get_fdata(dtype=np.float32) * gain, nifti.affine),
-                     workspace / folder / Path(image).name)
+    n_test = _test_images_scaled(registered, workspace / "same", 1.0)
+    _test_images_scaled(registered, workspace / "brighter", 2.5)
 
     steady = flow.predict_workspace.fn(str(workspace), "same", model="tiny/1", format="nifti", out="nightly",
                                        device="cpu")
@@ -290,14 +292,14 @@ def test_the_nightly_flow_scores_a_timed_batch_and_announces_only_drift(register
     for summary in (steady, shifted):
         batch = workspace / summary["out"]
         assert batch.parent == workspace / "nightly" and len(batch.name) == len("20261201T010000Z")
-        assert summary["n_predicted"] == len(pd.read_csv(batch / "predictions.csv")) == len(test)
+        assert summary["n_predicted"] == len(pd.read_csv(batch / "predictions.csv")) == n_test
     assert "input.mean" in shifted["drifted"] and steady["out"] != shifted["out"]
     (event,) = events
     assert event["event"] == flow.DRIFT_EVENT and event["resource"]["prefect.resource.id"] == "medflow.model.tiny"
     assert (event["resource"]["medflow.workspace"], event["resource"]["medflow.model_version"]) == (str(workspace), "1")
-    assert event["payload"] == {"drifted": shifted["drifted"], "n_batch": len(test),
+    assert event["payload"] == {"drifted": shifted["drifted"], "n_batch": n_test,
                                 "mlflow_run_id": shifted["mlflow_run_id"]}
-    assert [a["markdown"].splitlines()[0] for a in artifacts] == [f"# {len(test)} of {len(test)} studies predicted"] * 2
+    assert [a["markdown"].splitlines()[0] for a in artifacts] == [f"# {n_test} of {n_test} studies predicted"] * 2
 
 
 def test_a_segmentation_version_writes_each_volumes_mask_as_its_pyfunc_segments_it(workspace, seg_dataset):
