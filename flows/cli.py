@@ -90,8 +90,17 @@ def quiet_libraries() -> None:
     if not medflow_logger.handlers:  # medflow's own warnings (data drift) reach the console
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.addFilter(_unless_prefect_prints)
         medflow_logger.addHandler(handler)
         medflow_logger.setLevel(logging.INFO)
+
+
+def _unless_prefect_prints(record: object) -> bool:
+    """Once a flow has set up Prefect's logging, its console handler on the root logger prints medflow's
+    records (with the time and the logger's name): this handler then stays quiet, or each line came twice."""
+    import logging  # noqa: PLC0415
+
+    return not any(type(h).__name__ == "PrefectConsoleHandler" for h in logging.getLogger().handlers)
 
 
 @app.command()

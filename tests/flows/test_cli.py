@@ -23,6 +23,36 @@ def test_unknown_override_is_one_line_and_exit_1(workspace, capsys):
     assert not (workspace / "data").exists()
 
 
+def test_medflows_log_lines_print_once_where_prefects_console_handler_prints_them_too():
+    """A flow's console showed "INFO cache: ..." twice: medflow's handler, and Prefect's on the root logger."""
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.cli import quiet_libraries
+
+    quiet_libraries()
+    (ours,) = logging.getLogger("medflow").handlers
+    our_lines, prefects_lines = io.StringIO(), io.StringIO()
+    previous, prefects = ours.setStream(our_lines), PrefectConsoleHandler(stream=prefects_lines)
+    root = logging.getLogger()
+    set_up = [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]  # importing prefect adds one
+    for handler in set_up:
+        root.removeHandler(handler)
+    try:
+        logging.getLogger("medflow.training").info("cache: memory")  # a command outside a flow
+        assert our_lines.getvalue() == "INFO cache: memory\n" and prefects_lines.getvalue() == ""
+        root.addHandler(prefects)  # as Prefect's logging set-up does
+        logging.getLogger("medflow.training").warning("cache: disk")
+        assert "cache: disk" not in our_lines.getvalue() and prefects_lines.getvalue().count("cache: disk") == 1
+    finally:
+        root.removeHandler(prefects)
+        for handler in set_up:
+            root.addHandler(handler)
+        ours.setStream(previous)
+
+
 def test_every_command_puts_arrows_buffers_on_the_c_heap(workspace, monkeypatch):
     """As resolving a step does (tests/components/test_machine.py): predict, compare and drift read tables too."""
     import pyarrow as pa
