@@ -277,7 +277,7 @@ def test_the_nightly_flow_scores_a_timed_batch_and_announces_only_drift(register
     in out/<UTC time>/ on the device asked for, medflow.drift.detected emitted for the brighter batch alone."""
     import flows.predict as flow  # noqa: PLC0415
 
-    events, artifacts, chosen = [], [], devices_chosen
+    events, artifacts = [], []
     monkeypatch.setattr(flow, "emit_event", lambda **event: events.append(event))
     monkeypatch.setattr(flow, "create_markdown_artifact", lambda **artifact: artifacts.append(artifact))
     n_test = _test_images_scaled(registered, workspace / "same", 1.0)
@@ -285,10 +285,10 @@ def test_the_nightly_flow_scores_a_timed_batch_and_announces_only_drift(register
 
     steady = flow.predict_workspace.fn(str(workspace), "same", model="tiny/1", format="nifti", out="nightly",
                                        device="cpu")
-    assert steady["drifted"] == [] and events == [] and chosen[-1] == "cpu"
+    assert steady["drifted"] == [] and events == [] and devices_chosen[-1] == "cpu"
     shifted = flow.predict_workspace.fn(str(workspace), str(workspace / "brighter"), model="tiny/1",
                                         format="nifti", out="nightly")
-    assert chosen[-1] == "auto"  # the flow's default, as the command's
+    assert devices_chosen[-1] == "auto"  # the flow's default, as the command's
     for summary in (steady, shifted):
         batch = workspace / summary["out"]
         assert batch.parent == workspace / "nightly" and len(batch.name) == len("20261201T010000Z")
