@@ -26,7 +26,7 @@ from flows.cli_predict import export, predict
 from flows.cli_pretrain import pretrain
 from flows.cli_ui import ui
 from flows.prefect_server import (  # noqa: F401 (use_embedded_prefect: the benchmarks' entry too)
-    check_prefect_server, hide_user_tracebacks, shield_embedded_server, stop_embedded_server, use_embedded_prefect,
+    check_prefect_server, hide_user_tracebacks, stop_embedded_server, use_embedded_prefect,
 )
 
 class _Stopped(Exception):
