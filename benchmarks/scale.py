@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,8 +74,9 @@ NOT_MEASURED = (  # what the section says is left
     "100,000 images have a section of their own below, and CT "
     "volumes another. On 2 cores the DataLoader workers share the cores the network trains on, "
     "so they add nothing here; they pay where the accelerator waits for the transforms. Evaluation reads and "
-    "preprocesses the val and test images again (in `train.num_workers` processes), and the shortcut audit embeds the "
-    "training split (the test split's features come from the pass that predicts it)."
+    "preprocesses the val and test images again (in `train.num_workers` processes), and the shortcut audit embeds at "
+    "most `evaluate.shortcut_train_cases` (20,000) of the training split's cases (the test split's features come from "
+    "the pass that predicts it)."
 )
 
 
@@ -216,11 +218,13 @@ def _child_training(manifest: str, overrides: list[str], workspace: str, repeat:
             start = time.perf_counter()
             samples = bare_monai_loop(manifest_path, config, cache=plan.mode, num_workers=workers, cache_dir=cache_dir)
             times[label].append(time.perf_counter() - start)
+            print(f"  {label}: {samples / times[label][-1]:.1f} samples/s", flush=True)
             shutil.rmtree(cache_dir)
         shutil.rmtree(paths.medflow_home() / "cache", ignore_errors=True)  # medflow's disk cache, cold like the bare one
         start = time.perf_counter()
         train_classifier(manifest_path=manifest_path, data_version="bench", config=config)
         times["medflow"].append(time.perf_counter() - start)
+        print(f"  medflow: {samples / times['medflow'][-1]:.1f} samples/s", flush=True)  # each run: the spread
     return {label: samples / min(seconds) for label, seconds in times.items()} | {"cache": plan.mode}
 
 
@@ -294,6 +298,22 @@ def slope(sizes: list[int], values: list[float]) -> float:
     return math.log(v2 / v1) / math.log(n2 / n1) if v1 > 0 and v2 > 0 else float("nan")
 
 
+def _end_children_on_sigterm() -> None:
+    """SIGTERM ends this process's step processes too. Ctrl-C reaches the whole process group, but a SIGTERM sent
+    to this process alone left the running step's fresh process (and its workers) running without it."""
+    def end(signum, _frame):
+        import psutil  # noqa: PLC0415
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.terminate()
+            except psutil.Error:  # ended meanwhile
+                pass
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, end)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true")
@@ -311,6 +331,7 @@ def main() -> int:
     parser.add_argument("--volume-cache-gb", type=float, default=4.0,
                         help="train.cache_max_gb of the volume rows (a batch of two full-size volumes is 2.3 GB)")
     args = parser.parse_args()
+    _end_children_on_sigterm()
     for key in [k for k in os.environ if k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MEDFLOW"))]:
         del os.environ[key]
 
