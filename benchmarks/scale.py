@@ -46,6 +46,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -225,7 +226,9 @@ def _child_training(manifest: str, overrides: list[str], workspace: str, repeat:
         train_classifier(manifest_path=manifest_path, data_version="bench", config=config)
         times["medflow"].append(time.perf_counter() - start)
         print(f"  medflow: {samples / times['medflow'][-1]:.1f} samples/s", flush=True)  # each run: the spread
-    return {label: samples / min(seconds) for label, seconds in times.items()} | {"cache": plan.mode}
+    # each round's medflow run against that round's bare loop: the machine's speed drifts between rounds
+    rounds = [bare / ours for bare, ours in zip(times["bare"], times["medflow"])]
+    return {label: samples / min(seconds) for label, seconds in times.items()} | {"cache": plan.mode, "rounds": rounds}
 
 
 def run_cli_peak(folder: Path, overrides: list[str]) -> tuple[float, int]:
@@ -410,6 +413,10 @@ def _images_section(args, root: Path, imports: int, train_overrides: list[str], 
         f"| bare MONAI loop, no workers | {training['bare, no workers']:.1f} "
         f"| {training['medflow'] / training['bare, no workers']:.3f} |",
         f"| medflow `train_classifier`, {args.workers} workers | {training['medflow']:.1f} | 1.000 |",
+        "",
+        "medflow against the bare loop with the same workers in the same round, round by round: "
+        + ", ".join(f"{r:.3f}" for r in training["rounds"])
+        + f" (median {statistics.median(training['rounds']):.3f}).",
     ]) if training else "(no training loop rows: `--loops-at 0`)"
     run_table = "\n".join([
         "| `medflow run` | wall time (s) | peak memory, process tree (PSS, GB) |", "|---|---:|---:|",
