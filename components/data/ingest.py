@@ -20,12 +20,13 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from components.data.incremental import (  # load_state, save_state: re-exported for the callers of ingest_export
     TAG_SEPARATOR, IngestState, content_hash, fingerprint, load_state, matches_state, new_state,
@@ -413,9 +414,15 @@ def write_ingest_report(report: IngestReport, path: Path) -> Path:
     return path
 
 
-def load_manifest(path: Path) -> pd.DataFrame:
-    """Read a manifest (Parquet or CSV)."""
+def load_manifest(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a manifest (Parquet or CSV): every column, or those of ``columns`` that it has, in its own order
+    (a reader that needs a few of its columns leaves the image facts and hashes unread)."""
     try:
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        if columns is None:
+            return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        wanted = set(columns)
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path, columns=[c for c in pq.read_schema(path).names if c in wanted])
+        return pd.read_csv(path, usecols=lambda c: c in wanted)
     except (OSError, ValueError) as exc:
         raise IngestError(f"cannot read manifest {path}: {exc}") from exc

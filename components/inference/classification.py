@@ -33,6 +33,9 @@ from components.training.preprocess import PreprocessSpec
 SHORTCUT_AUC = metric("shortcut_auc")
 FAIRNESS_LOGGED = tuple(m.name for m in metrics_for("binary", kind=(FAIRNESS,)))  # test_<attribute>_<name> metrics
 VAL_PREDICTIONS = "val_predictions.parquet"  # the val split's probabilities before temperature scaling
+# the manifest's columns an evaluation reads, besides the configured attributes: its image facts and hashes (about
+# half of a manifest's bytes) stay unread, and out of the per-case tables the report joins
+EVALUATED_COLUMNS = ("case_id", "patient_id", "split", "image", "label", "site")
 
 
 def contract_probabilities(prob: np.ndarray) -> np.ndarray:
@@ -81,7 +84,7 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
                             manifest_path: Path, config: RunConfig, out_dir: Path,
                             device: torch.device) -> ModelEvaluation:
     """Evaluate a loaded classifier (on ``device``) on the test split; log the report to ``run_id``."""
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, columns=[*EVALUATED_COLUMNS, *config.data.attributes])
     root = manifest_path.parent
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
     multilabel = description.get("task") == "multilabel"

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
 from components.data.ingest import (
-    MANIFEST_COLUMNS, IngestSettings, ingest_export,
+    MANIFEST_COLUMNS, IngestSettings, ingest_export, load_manifest,
 )
 from components.data.labels import age_group, label_rows
 from components.data.sources import IN_FLIGHT_BATCHES, CaseJob, convert_in_order, pseudonymise
@@ -174,6 +174,18 @@ def test_malformed_labels_files(real_export, tmp_path, content, message):
     labels.write_text(content)
     with pytest.raises(IngestError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _ingest(source, labels, tmp_path / "data" / "x")
+
+
+def test_a_manifest_read_for_some_columns_has_those_it_holds_in_its_own_order(small_dataset, tmp_path):
+    whole = pd.read_parquet(small_dataset)
+    as_csv = tmp_path / "manifest.csv"
+    whole.to_csv(as_csv, index=False)
+    for path in (small_dataset, as_csv):
+        read = load_manifest(path, columns=["label", "case_id", "scanner"])  # no scanner column: left out
+        assert list(read.columns) == ["case_id", "label"]
+        pd.testing.assert_frame_equal(read, load_manifest(path)[["case_id", "label"]])
+    with pytest.raises(IngestError, match="cannot read manifest .*missing.parquet"):
+        load_manifest(tmp_path / "missing.parquet", columns=["case_id"])
 
 
 def test_missing_source_folder(tmp_path):
