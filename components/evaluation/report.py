@@ -135,10 +135,13 @@ def check_predictions(
     if ids.duplicated().any():
         raise EvaluationError(DUPLICATE_IDS.format(path=path, ids=_ids(ids[ids.duplicated()].unique())))
     # an index lookup: pandas 3.1's isin on its string dtype took a second for 100,000 ids
-    known = pd.Index(manifest["case_id"].astype(str).unique())
+    manifest_ids = manifest["case_id"].astype(str)
+    known = pd.Index(manifest_ids.unique())
     unknown = ids[known.get_indexer(ids) < 0]
     if len(unknown):
         raise EvaluationError(UNKNOWN_IDS.format(path=path, ids=_ids(unknown)))
+    # the predicted cases' rows: the copies below then grow with the predictions, not with every split's cases
+    manifest = manifest[pd.Index(ids).get_indexer(manifest_ids) >= 0]
     for column in [*targets, *columns]:
         nan = ids[predictions[column].isna().to_numpy()]
         if len(nan):
