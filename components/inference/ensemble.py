@@ -26,7 +26,7 @@ from components.evaluation.report import evaluate_predictions
 from components.data.labels import label_matrix
 from components.evaluation.declarations import MetricSettings
 from components.evaluation.metrics import classification_metrics
-from components.inference.classification import contract_probabilities, predictions_frame
+from components.inference.classification import EVALUATED_COLUMNS, contract_probabilities, predictions_frame
 from components.inference.model import download_checkpoint, load_checkpoint
 from components.inference.predict import evaluation_device, predict_frame
 from components.inference.results import REPORT_DIR, ModelEvaluation
@@ -87,7 +87,7 @@ def evaluate_fold_ensemble(*, fold_runs: Sequence[str], temperatures: Sequence[f
     done = _evaluated(experiment_id, key)
     if done is not None:  # the same folds judged alike before: the same run, so no new version is registered
         return done
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, columns=[*EVALUATED_COLUMNS, *config.data.attributes])
     test = manifest[manifest["split"] == "test"]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     with tempfile.TemporaryDirectory() as tmp:
