@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -52,3 +54,5 @@ def test_the_folds_joined_once_are_reused_until_they_or_the_evaluation_change(wo
     assert again.run_id != first.run_id
     run = mlflow.MlflowClient(paths.tracking_uri()).get_run(first.run_id)
     assert run.data.tags[TAG_FOLDS] == ",".join(runs) and first.temperature == 1.0
+    report = json.loads(first.report.read_text())  # the manifest's attribute columns read with the rest
+    assert set(report["groups"]) == set(config.data.attributes)
