@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,6 +34,19 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 SALT = b"test-salt-0123456789abcdef012345"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Prefect's console handlers print warnings only from here on: at exit Prefect stops the temporary server
+    that flows run in-process started and logs "Stopping temporary server" (info) into the stream pytest has
+    closed by then, which printed a "--- Logging error ---" traceback at the end of `make test`. (Stopping the
+    server here instead leaves Prefect's event client, which flushes at exit too, without its server.)"""
+    prefect_handlers = sys.modules.get("prefect.logging.handlers")  # none to quiet if no test imported Prefect
+    if prefect_handlers is None:
+        return
+    for handler in [h for name in [None, *logging.root.manager.loggerDict] for h in logging.getLogger(name).handlers]:
+        if isinstance(handler, prefect_handlers.PrefectConsoleHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
