@@ -44,7 +44,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     prefect_handlers = sys.modules.get("prefect.logging.handlers")  # none to quiet if no test imported Prefect
     if prefect_handlers is None:
         return
-    for handler in [h for name in [None, *logging.root.manager.loggerDict] for h in logging.getLogger(name).handlers]:
+    loggers = [logging.root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in [h for logger in loggers for h in logger.handlers]:
         if isinstance(handler, prefect_handlers.PrefectConsoleHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
 
