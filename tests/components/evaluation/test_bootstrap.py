@@ -75,6 +75,26 @@ def test_drawn_chunks_are_the_same_in_any_order():
     assert not np.array_equal(in_order[0], in_order[1])
 
 
+def test_chunks_of_any_multiple_of_the_stream_are_the_same_resamples():
+    """The statistics evaluate 64 resamples at once and the other callers take 32: both see one set of
+    resamples for a seed, as every 32 rows come from one stream however they are chunked."""
+    from components.evaluation.bootstrap import EVALUATED, STREAM, patient_draws, resample_patients
+
+    def rows(chunk: int) -> np.ndarray:
+        return np.concatenate([draw() for draw in patient_draws(
+            40, n_resamples=150, rng=np.random.default_rng(5), chunk=chunk)])
+
+    by_stream = rows(STREAM)
+    assert [len(draw()) for draw in patient_draws(40, n_resamples=150, rng=np.random.default_rng(5))] == [
+        EVALUATED, EVALUATED, 150 - 2 * EVALUATED]
+    for chunk in (EVALUATED, 3 * STREAM, 160):
+        np.testing.assert_array_equal(rows(chunk), by_stream)
+    np.testing.assert_array_equal(np.concatenate(list(resample_patients(
+        40, n_resamples=150, rng=np.random.default_rng(5)))), by_stream)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        patient_draws(40, n_resamples=150, rng=np.random.default_rng(5), chunk=48)
+
+
 def test_intervals_do_not_depend_on_the_number_of_threads(monkeypatch):
     from components.evaluation import bootstrap
 
