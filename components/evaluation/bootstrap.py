@@ -388,11 +388,22 @@ class ResampledStatistics:
                     n_units=len(unit_keys), settings=settings)
 
     def __call__(self, weight_chunks: Iterable[np.ndarray | Callable[[], np.ndarray]]) -> tuple[dict, dict, dict]:
+        return self.each(weight_chunks)[0]
+
+    def each(self, *row_sets: Iterable[np.ndarray | Callable[[], np.ndarray]]) -> list[tuple[dict, dict, dict]]:
+        """``self(chunks)`` for each of ``row_sets`` (an interval's jackknife, resamples and point), in one pass
+        over the threads: no thread waits for the last chunk of one set while the other finishes it."""
         # chunks (or the calls that draw them, :func:`patient_draws`) in parallel on the usable cores (numpy's
         # draws and counts, scipy's sparse products and BLAS release the GIL), each with a single-threaded BLAS
         # so that the threads do not contend for the cores
+        tagged = ((which, chunk) for which, chunks in enumerate(row_sets) for chunk in chunks)
         with threadpool_limits(limits=1, user_api="blas"):
-            parts = list(ordered_map(self._chunk, weight_chunks, workers=usable_cores()))
+            parts = list(ordered_map(lambda item: (item[0], self._chunk(item[1])), tagged, workers=usable_cores()))
+        return [self._joined([part for which, part in parts if which == k]) for k in range(len(row_sets))]
+
+    @staticmethod
+    def _joined(parts: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+        """The chunks' ``(overall, groups, gaps)`` concatenated along their rows."""
         join = lambda chunks: np.concatenate(chunks)  # noqa: E731
         overall, by_group, gaps = (tuple(part[i] for part in parts) for i in range(3))
         return ({n: join([c[n] for c in overall]) for n in overall[0]},

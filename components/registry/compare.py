@@ -93,13 +93,11 @@ def compare_predictions(y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarr
     stats_a = ResampledStatistics(y_true, prob_a, codes, threshold=threshold, groups=groups)
     stats_b = ResampledStatistics(y_true, prob_b, codes, threshold=threshold, groups=groups)
 
-    def paired(rows_of):  # the same weight rows through both models: their statistics, and the differences
-        first, second = stats_a(rows_of()), stats_b(rows_of())
-        return first, second
+    def rows() -> tuple:  # the same weight rows through both models: the jackknife's, the resamples, the point
+        return (jackknife_rows(n_patients), patient_draws(n_patients, n_resamples=n_resamples,
+                                                          rng=np.random.default_rng(seed)), [np.ones((1, n_patients))])
 
-    draws = lambda: patient_draws(n_patients, n_resamples=n_resamples, rng=np.random.default_rng(seed))  # noqa: E731
-    (res_a, res_b), (jack_a, jack_b) = paired(draws), paired(lambda: jackknife_rows(n_patients))
-    point_a, point_b = stats_a([np.ones((1, n_patients))]), stats_b([np.ones((1, n_patients))])
+    (jack_a, res_a, point_a), (jack_b, res_b, point_b) = stats_a.each(*rows()), stats_b.each(*rows())
     metrics = [
         _row(m.name, point_a[0][m.name], point_b[0][m.name], res_a[0][m.name] - res_b[0][m.name],
              jack_a[0][m.name] - jack_b[0][m.name], higher_is_better=m.higher_is_better)

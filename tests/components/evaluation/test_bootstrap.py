@@ -95,6 +95,28 @@ def test_chunks_of_any_multiple_of_the_stream_are_the_same_resamples():
         patient_draws(40, n_resamples=150, rng=np.random.default_rng(5), chunk=48)
 
 
+def test_several_sets_of_rows_in_one_pass_are_each_set_on_its_own():
+    from components.evaluation.bootstrap import ResampledStatistics, jackknife_rows, patient_draws
+
+    y, prob, groups = synthetic_predictions(600)
+    statistics = ResampledStatistics(y, prob, np.arange(600) // 2, threshold=0.5, groups=groups)
+    sets = lambda: (jackknife_rows(300), patient_draws(300, n_resamples=150, rng=np.random.default_rng(2)),  # noqa: E731
+                    [np.ones((1, 300))])
+    together = statistics.each(*sets())
+    assert [len(part[0]["auc"]) for part in together] == [100, 150, 1]
+    # each set's rows as one chunk of their own (float32 sums of another shape: equal to float32's rounding)
+    alone = [statistics([np.concatenate([chunk() if callable(chunk) else chunk for chunk in rows])]) for rows in sets()]
+
+    def leaves(tree, path=()):
+        if isinstance(tree, (dict, tuple, list)):
+            for key, value in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+                yield from leaves(value, (*path, key))
+        else:
+            yield path, tree
+    for (path, joint), (_, expected) in zip(leaves(together), leaves(alone), strict=True):
+        np.testing.assert_allclose(joint, expected, rtol=1e-6, err_msg=str(path))
+
+
 def test_intervals_do_not_depend_on_the_number_of_threads(monkeypatch):
     from components.evaluation import bootstrap
 
