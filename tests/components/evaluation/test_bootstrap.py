@@ -100,8 +100,9 @@ def test_several_sets_of_rows_in_one_pass_are_each_set_on_its_own():
 
     y, prob, groups = synthetic_predictions(600)
     statistics = ResampledStatistics(y, prob, np.arange(600) // 2, threshold=0.5, groups=groups)
-    sets = lambda: (jackknife_rows(300), patient_draws(300, n_resamples=150, rng=np.random.default_rng(2)),  # noqa: E731
-                    [np.ones((1, 300))])
+    def sets() -> tuple:
+        draws = patient_draws(300, n_resamples=150, rng=np.random.default_rng(2))
+        return jackknife_rows(300), draws, [np.ones((1, 300))]
     together = statistics.each(*sets())
     assert [len(part[0]["auc"]) for part in together] == [100, 150, 1]
     # each set's rows as one chunk of their own (float32 sums of another shape: equal to float32's rounding)
