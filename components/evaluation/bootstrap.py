@@ -37,7 +37,8 @@ STREAM = 32  # resamples drawn from one random stream spawned from the seed: eve
 CHUNK = 32  # resamples a caller of resample_patients or resample_weights gets at once
 # resamples ResampledStatistics evaluates at once (patient_draws' chunks): a chunk's every product and pass costs
 # a fixed part besides its rows', and at 100,000 predictions chunks of 64 took 0.59 s of one core against 0.75
-# for chunks of 32 (0.92 s against 1.04 for the whole bootstrap on two); 6.4 MB more per chunk in flight there
+# for chunks of 32 (0.92 s against 1.04 for the whole bootstrap on two), and bootstrap_ci peaked 4-5 MiB higher
+# (263 MiB above its start against 258 there with attributes per image, 72 against 67.5 at 25,000)
 EVALUATED = 64
 JACKKNIFE_GROUPS = 100  # at most this many leave-a-group-out rows; one patient per group up to 100 patients
 BELOW_BLOCK = 16  # rows of weights summed by one triangular product in weight_below
