@@ -118,6 +118,19 @@ def test_several_sets_of_rows_in_one_pass_are_each_set_on_its_own():
         np.testing.assert_allclose(joint, expected, rtol=1e-6, err_msg=str(path))
 
 
+@pytest.mark.parametrize(("cores", "sizes"), [(1, [25] * 4), (2, [25] * 4), (3, [17] * 5 + [15]), (16, [7] * 14 + [2])])
+def test_jackknife_rows_come_in_small_chunks_split_evenly_among_the_cores(monkeypatch, cores, sizes):
+    """float64 rows: two chunks of 50 in flight were the bootstrap's memory peak."""
+    from components.evaluation import bootstrap
+
+    monkeypatch.setattr(bootstrap, "usable_cores", lambda: cores)
+    chunks = list(bootstrap.jackknife_rows(1000))
+    assert [len(chunk) for chunk in chunks] == sizes
+    rows = np.concatenate(chunks)
+    group = np.arange(1000) % 100  # each row leaves out one of 100 interleaved groups of patients, in order
+    np.testing.assert_array_equal(rows, (group[None, :] != np.arange(100)[:, None]).astype(float))
+
+
 def test_intervals_do_not_depend_on_the_number_of_threads(monkeypatch):
     from components.evaluation import bootstrap
 
