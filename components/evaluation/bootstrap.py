@@ -21,6 +21,7 @@ one per usable core.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
@@ -38,7 +39,8 @@ CHUNK = 32  # resamples a caller of resample_patients or resample_weights gets a
 # resamples ResampledStatistics evaluates at once (patient_draws' chunks): a chunk's every product and pass costs
 # a fixed part besides its rows', and at 100,000 predictions chunks of 64 took 0.59 s of one core against 0.75
 # for chunks of 32 (0.92 s against 1.04 for the whole bootstrap on two), and bootstrap_ci peaked 4-5 MiB higher
-# (263 MiB above its start against 258 there with attributes per image, 72 against 67.5 at 25,000)
+# (263 MiB above its start against 258 there with attributes per image, 72 against 67.5 at 25,000), when the
+# jackknife's chunks of 50 still made the peak (see jackknife_rows)
 EVALUATED = 64
 JACKKNIFE_GROUPS = 100  # at most this many leave-a-group-out rows; one patient per group up to 100 patients
 JACKKNIFE_CHUNK = 25  # at most this many jackknife rows a chunk (see jackknife_rows)
@@ -322,8 +324,8 @@ def jackknife_rows(n_patients: int, *, groups: int = JACKKNIFE_GROUPS, chunk: in
     float64, and two chunks of 50 in flight at once were the bootstrap's peak (244-266 MiB above its start at
     100,000 predictions with attributes per image, against 198 in chunks of 25; 64 against 52 at 25,000)."""
     n_groups = min(n_patients, groups)
-    per_core = -(-n_groups // usable_cores())
-    chunk = chunk or -(-per_core // -(-per_core // JACKKNIFE_CHUNK))
+    per_core = math.ceil(n_groups / usable_cores())
+    chunk = chunk or math.ceil(per_core / math.ceil(per_core / JACKKNIFE_CHUNK))  # a core's rows in equal chunks
     member = np.arange(n_patients) % n_groups
     for start in range(0, n_groups, chunk):
         left_out = np.arange(start, min(start + chunk, n_groups))
