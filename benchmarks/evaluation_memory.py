@@ -45,6 +45,16 @@ MIB = 2**20
 WAYS = (("glibc and pyarrow defaults", False, False), ("trimmed, Arrow on mimalloc", True, False),
         ("trimmed, Arrow on the C heap (medflow)", True, True))
 NOTE = (
+    'This run, on ddc7d1d (2026-12-06), shared the machine with the export generation of the 100k scale '
+    "benchmark (one core), so its seconds are 15-25 % higher than the run before's (at 16x, 115.4-118.1 s "
+    "against 92.5-101.9); the peaks are each process's own. Against the table before (2026-12-05, at 989 and "
+    "15,824 images): medflow's median peak 108 and 133 MiB against 110 and 142 (growth +24 MiB against +32), "
+    "the defaults' 112 and 157 against 119 and 172 (+44 against +52). Since that table the evaluation reads "
+    "only the manifest columns it uses and its checks copy only the predicted cases' rows (f114893, a33b177; "
+    'section "Evaluation: what it reads of the manifest"), and the bootstrap evaluates 64 resamples a chunk and'
+    ' its jackknife in chunks of at most 25 rows (4bbda1c, d32ed17; section "Evaluation: bootstrap and '
+    'report"), which every way shares.'
+    "\n\n"
     "Arrow's pool: pandas' string columns and Parquet's reads and writes allocate in pyarrow's memory pool, "
     'mimalloc by default on Linux, which kept the pages of the buffers Arrow had freed for Arrow alone '
     '(reading a manifest of 15,824 rows left 20 MiB more resident than one of 989, 5 MiB of it in use). Since '
@@ -56,10 +66,10 @@ NOTE = (
     '0.07 and 0.07, version 0.15 and 0.11, validate 0.14 and 0.11, train 0.49 and 0.45, evaluate 0.19 and '
     '0.16, register 0.08 and 0.08, promote 0.12 and 0.08; growth from 989 images: ingest +0.04 and +0.00, '
     "validate +0.03 and +0.01, evaluate +0.05 and +0.03, promote +0.04 and +0.01; the steps' times within the "
-    "runs' noise (evaluate 65.2 and 63.7 s, ingest 35.5 and 36.3 s; in the table above, at 16x, 95.5 to "
+    "runs' noise (evaluate 65.2 and 63.7 s, ingest 35.5 and 36.3 s; in the table before, at 16x, 95.5 to "
     "104.9 s on the C heap and 91.5 to 117.3 on mimalloc). 100,000 images were measured since only up to "
     'validation ("Scale: 100,000 images", above: ingest, versioning and validation peaked as before). '
-    'The table before (2026-12-05, 1,006 and 4,024 images of 256x256, trimmed or not, Arrow on '
+    'An earlier table (2026-12-05, 1,006 and 4,024 images of 256x256, trimmed or not, Arrow on '
     'mimalloc) read 338 and 352 MiB trimmed against 433 and 553 untrimmed, for 5 % more time.'
 )
 
