@@ -98,6 +98,7 @@ def evaluate_classifier_run(*, model: torch.nn.Module, spec: PreprocessSpec, des
     with captured_features(model, k) as captured:  # the shortcut audit's test features, from the same pass
         test_logits = predict(test, description="Predicting test")
     test_features = torch.cat(captured).numpy() if captured else np.zeros((0, 0), dtype=np.float32)
+    captured.clear()  # the batches' copies, else held to the end beside the joined ones (N x D float32 twice)
     calibrated = predictions_frame(test, probabilities(test_logits, temperature=temperature), multilabel=multilabel)
     ev = config.evaluate
     attributes = [a for a in config.data.attributes if a in manifest.columns]

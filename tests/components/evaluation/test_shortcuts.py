@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from components.evaluation.bootstrap import resample_patients
-from components.evaluation.shortcuts import audit_attribute, probe_cases, shortcut_audit
+from components.evaluation.shortcuts import audit_attribute, probe_cases, rows, shortcut_audit
 
 
 def split(rng, n, groups, signal):
@@ -164,3 +164,9 @@ def test_an_evaluated_run_reports_its_shortcuts_from_the_networks_own_features(w
     expected = reference_auc(features(drawn), drawn["sex"].astype(str).to_numpy(), features(test),
                              test["sex"].astype(str).to_numpy())
     assert capped_sex["auc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_rows_take_the_kept_features_and_copy_none_when_every_row_is_kept():
+    features = np.arange(12.0).reshape(4, 3)
+    assert rows(features, np.ones(4, dtype=bool)) is features  # the probe's features are not copied
+    np.testing.assert_array_equal(rows(features, np.array([True, False, True, False])), features[[0, 2]])
