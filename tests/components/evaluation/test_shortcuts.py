@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from components.evaluation.bootstrap import resample_patients
-from components.evaluation.shortcuts import audit_attribute, probe_cases, rows, shortcut_audit
+from components.evaluation.shortcuts import audit_attribute, probe, probe_cases, rows, shortcut_audit
 
 
 def split(rng, n, groups, signal):
@@ -170,3 +170,14 @@ def test_rows_take_the_kept_features_and_copy_none_when_every_row_is_kept():
     features = np.arange(12.0).reshape(4, 3)
     assert rows(features, np.ones(4, dtype=bool)) is features  # the probe's features are not copied
     np.testing.assert_array_equal(rows(features, np.array([True, False, True, False])), features[[0, 2]])
+
+
+def test_the_probe_fitted_in_passes_is_scikit_learns_fitted_at_once():
+    rng = np.random.default_rng(3)
+    features = (rng.normal(size=(1000, 5)) * [0.1, 1, 10, 100, 1000] + 7).astype(np.float32)
+    groups = np.where(features[:, 2] + rng.normal(scale=10, size=1000) > 7, "f", "m")
+    at_once = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(features, groups)
+    in_passes = probe(features, groups, rows_per_pass=128)  # 8 passes, the last of 104 rows
+    np.testing.assert_allclose(in_passes[0].mean_, at_once[0].mean_, rtol=1e-12)
+    np.testing.assert_allclose(in_passes[0].var_, at_once[0].var_, rtol=1e-12)
+    np.testing.assert_allclose(in_passes.predict_proba(features), at_once.predict_proba(features), atol=1e-9)
