@@ -45,33 +45,34 @@ MIB = 2**20
 WAYS = (("glibc and pyarrow defaults", False, False), ("trimmed, Arrow on mimalloc", True, False),
         ("trimmed, Arrow on the C heap (medflow)", True, True))
 NOTE = (
-    'This run, on ddc7d1d (2026-12-06), shared the machine with the export generation of the 100k scale '
-    "benchmark (one core), so its seconds are 15-25 % higher than the run before's (at 16x, 115.4-118.1 s "
-    "against 92.5-101.9); the peaks are each process's own. Against the table before (2026-12-05, at 989 and "
-    "15,824 images): medflow's median peak 108 and 133 MiB against 110 and 142 (growth +24 MiB against +32), "
-    "the defaults' 112 and 157 against 119 and 172 (+44 against +52). Since that table the evaluation reads "
-    "only the manifest columns it uses and its checks copy only the predicted cases' rows (f114893, a33b177; "
-    'section "Evaluation: what it reads of the manifest"), and the bootstrap evaluates 64 resamples a chunk and'
-    ' its jackknife in chunks of at most 25 rows (4bbda1c, d32ed17; section "Evaluation: bootstrap and '
-    'report"), which every way shares.'
+    'This run, on efc3836 (2026-12-06), had the machine to itself; the run before (ddc7d1d, the same day)'
+    " shared it with the export generation of the 100k scale benchmark (the ways' medians at 16x "
+    "115.4-118.1 s against 49.1-53.0 here). Against that table, at 989 and 15,824 images: medflow's "
+    "median peak 111 and 128 MiB against 108 and 133 (growth +16 MiB against +24), the defaults' 119 and "
+    "157 against 112 and 157, mimalloc's 111 and 148 against 106 and 153. Since that table the shortcut "
+    'audit holds its features once and fits its scaler in passes of 2,048 rows (c8060e6, 4504151; section'
+    ' "Evaluation: where its peak grows at 100,000 rows"), which every way shares; the peaks at 1x move '
+    'by 5-10 MiB from run to run (the ranges in brackets). Before that, the table of 2026-12-05: medflow '
+    '110 and 142 MiB, the defaults 119 and 172.'
     "\n\n"
-    "Arrow's pool: pandas' string columns and Parquet's reads and writes allocate in pyarrow's memory pool, "
-    'mimalloc by default on Linux, which kept the pages of the buffers Arrow had freed for Arrow alone '
-    '(reading a manifest of 15,824 rows left 20 MiB more resident than one of 989, 5 MiB of it in use). Since '
-    '2026-12-05 (c125579, 3ccf9b0) medflow puts them on the C heap, where numpy and pandas reuse the freed '
-    'pages, as a step is resolved or a command starts; `ARROW_DEFAULT_MEMORY_POOL`, where set, still decides. '
-    'The scale benchmark with `ARROW_DEFAULT_MEMORY_POOL=mimalloc` (the old default) and without it (`python '
-    'benchmarks/scale.py --sizes 1000 12000 --image 64 --runs --loops-at 0` on c125579, one run each way, '
-    '2026-12-05), at 11,896 images of 64x64, peak above imports on mimalloc against the C heap (GB): ingest '
-    '0.07 and 0.07, version 0.15 and 0.11, validate 0.14 and 0.11, train 0.49 and 0.45, evaluate 0.19 and '
-    '0.16, register 0.08 and 0.08, promote 0.12 and 0.08; growth from 989 images: ingest +0.04 and +0.00, '
-    "validate +0.03 and +0.01, evaluate +0.05 and +0.03, promote +0.04 and +0.01; the steps' times within the "
-    "runs' noise (evaluate 65.2 and 63.7 s, ingest 35.5 and 36.3 s; in the table before, at 16x, 95.5 to "
-    "104.9 s on the C heap and 91.5 to 117.3 on mimalloc). 100,000 images were measured since with every step "
-    'on the C heap ("Scale: 100,000 images", above, 2026-12-06): every step\'s peak at or below the run before\'s, '
-    "evaluation's growth from 1,006 images +0.21 GB against +0.28. "
-    'An earlier table (2026-12-05, 1,006 and 4,024 images of 256x256, trimmed or not, Arrow on '
-    'mimalloc) read 338 and 352 MiB trimmed against 433 and 553 untrimmed, for 5 % more time.'
+    "Arrow's pool: pandas' string columns and Parquet's reads and writes allocate in pyarrow's memory "
+    'pool, mimalloc by default on Linux, which kept the pages of the buffers Arrow had freed for Arrow '
+    'alone (reading a manifest of 15,824 rows left 20 MiB more resident than one of 989, 5 MiB of it in '
+    'use). Since 2026-12-05 (c125579, 3ccf9b0) medflow puts them on the C heap, where numpy and pandas '
+    'reuse the freed pages, as a step is resolved or a command starts; `ARROW_DEFAULT_MEMORY_POOL`, where'
+    ' set, still decides. The scale benchmark with `ARROW_DEFAULT_MEMORY_POOL=mimalloc` (the old default)'
+    ' and without it (`python benchmarks/scale.py --sizes 1000 12000 --image 64 --runs --loops-at 0` on '
+    'c125579, one run each way, 2026-12-05), at 11,896 images of 64x64, peak above imports on mimalloc '
+    'against the C heap (GB): ingest 0.07 and 0.07, version 0.15 and 0.11, validate 0.14 and 0.11, train '
+    '0.49 and 0.45, evaluate 0.19 and 0.16, register 0.08 and 0.08, promote 0.12 and 0.08; growth from '
+    '989 images: ingest +0.04 and +0.00, validate +0.03 and +0.01, evaluate +0.05 and +0.03, promote '
+    "+0.04 and +0.01; the steps' times within the runs' noise (evaluate 65.2 and 63.7 s, ingest 35.5 and "
+    '36.3 s; in the 2026-12-05 table, at 16x, 95.5 to 104.9 s on the C heap and 91.5 to 117.3 on '
+    'mimalloc). 100,000 images were measured since with every step on the C heap ("Scale: 100,000 '
+    'images", above, 2026-12-06): every step\'s peak at or below the run before\'s, evaluation\'s growth '
+    'from 1,006 images +0.21 GB against +0.28. An earlier table (2026-12-05, 1,006 and 4,024 images of '
+    '256x256, trimmed or not, Arrow on mimalloc) read 338 and 352 MiB trimmed against 433 and 553 '
+    'untrimmed, for 5 % more time.'
 )
 
 
