@@ -21,6 +21,9 @@ from components.evaluation.bootstrap import WeightedMetrics, resample_patients
 from components.evaluation.declarations import metric as declared, weighted_metrics_names
 from components.registry.gates import GateResult
 
+# the manifest columns the champion's comparison reads: the cases' ids, patients, images and labels (the
+# image facts, paths and hashes are left unread)
+COMPARED_COLUMNS = ("case_id", "patient_id", "image", "label")
 
 
 @dataclass(frozen=True)
@@ -141,11 +144,12 @@ def comparison_gates(
     if predictions is None or manifest is None or not predictions.exists() or not manifest.exists():
         why = "the challenger's test predictions or manifest are not available here"
         return [GateResult(name(r), ">=", -r.margin, None, False, why) for r in rules]
+    from components.data.ingest import load_manifest  # noqa: PLC0415
     from components.evaluation.report import check_predictions, read_table  # noqa: PLC0415
     from components.inference.predict import predict_images  # noqa: PLC0415 (torch, MONAI)
 
     table = read_table(predictions)
-    cases = read_table(manifest)
+    cases = load_manifest(manifest, columns=COMPARED_COLUMNS)
     joined, y_true, prob = check_predictions(table, cases, path=str(predictions))
     champion_prob = predict_images(model_uri, [manifest.parent / p for p in joined["image"]])
     champion_prob = champion_prob[:, 1] if champion_prob.shape[1] == 2 else champion_prob

@@ -21,7 +21,7 @@ from components.data.versioning import read_version
 from components.errors import RegistryError
 from components.evaluation.declarations import report_metrics
 from components.inference.results import REPORT_DIR, ModelEvaluation
-from components.registry.card import model_card_markdown, write_model_card
+from components.registry.card import card_columns, model_card_markdown, write_model_card
 from components.registry.noninferiority import comparison_gates
 from components.registry.promote import PromotionDecision, check_version, current_champion, decide_promotion
 from components.registry.register import RegisteredModel, register_model
@@ -89,7 +89,8 @@ def promote_version(
                           lineage.TAG_CODE_HASH) or k.startswith(lineage.TAG_BACKBONE)}},
         report=report,
         calibration=json.loads(calibration_path.read_text()) if calibration_path.exists() else None,
-        manifest=load_manifest(manifest) if manifest is not None and manifest.exists() else None,
+        manifest=(load_manifest(manifest, columns=card_columns(config.data.attributes))
+                  if manifest is not None and manifest.exists() else None),
         attributes=list(config.data.attributes),
         decision=decision,
     )

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
-from components.registry.card import model_card_markdown, write_model_card
+from components.data.ingest import load_manifest
+from components.registry.card import card_columns, model_card_markdown, write_model_card
 from components.registry.gates import GateResult
 from components.registry.promote import PromotionDecision
 
@@ -39,3 +41,27 @@ def test_card_holds_every_section_and_renders_as_html(tmp_path):
     page = html.read_text()
     assert md.read_text() == text
     assert page.count("<table>") == sum(line.startswith("|---") for line in text.splitlines()) == 7 and "<h1>Model card: m version 4</h1>" in page
+
+
+@pytest.mark.parametrize("task", ["binary", "segmentation"])
+def test_the_card_from_its_columns_alone_is_the_card_from_the_whole_manifest(tmp_path, task):
+    n = 12
+    manifest = pd.DataFrame({
+        "case_id": [f"c{i}" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)],
+        "split": ["train", "train", "val", "test"] * 3, "image": [f"images/c{i}.nii.gz" for i in range(n)],
+        "label": [i % 2 for i in range(n)] if task == "binary" else [f"labels/c{i}.nii.gz" for i in range(n)],
+        "foreground": [i / 100 for i in range(n)], "sex": ["F", "M", "F"] * 4, "site": ["a", "b"] * 6,
+        "race": ["x", "y", "z", "x"] * 3, "shape": ["32x32"] * n, "sha256": [f"{i:064x}" for i in range(n)],
+    })
+    path = tmp_path / "manifest.parquet"
+    manifest.to_parquet(path)
+    decision = PromotionDecision(model_name="m", version="2", promoted=True, champion_before=None,
+                                 champion_after="2", gates=(), reason="passed")
+    attributes = ["sex", "site", "race"]
+    report = {"task": task, "n": 3, "n_patients": 3, "overall": {}}
+    cards = [model_card_markdown(model_name="m", version="2", lineage={}, report=report,
+                                 calibration=None, manifest=m, attributes=attributes, decision=decision)
+             for m in (load_manifest(path), load_manifest(path, columns=card_columns(attributes)))]
+    assert cards[0] == cards[1]
+    assert "| race | train | val | test |" in cards[0] and "| test | 3 | 3 |" in cards[0]
+    assert set(load_manifest(path, columns=card_columns(attributes)).columns).isdisjoint({"image", "sha256", "shape"})
