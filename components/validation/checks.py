@@ -12,6 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+# the previous version's manifest columns the drift tables read (the rest of it is left unread)
+DRIFT_COLUMNS = ("label", "modality", "mean", "site")
+
 
 def patients_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """One row per patient with the number of splits its images fall in (leakage when > 1)."""

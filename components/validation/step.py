@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from components import paths
 from components.config import RunConfig
@@ -16,13 +17,15 @@ from components.data.ingest import load_manifest
 from components.data.step import DatasetVersion
 from components.data.versioning import list_versions, read_file_at
 from components.errors import DataValidationError
+from components.validation.checks import DRIFT_COLUMNS
 from components.validation.expectations import ValidationReport, validate_manifest
 
 logger = logging.getLogger("medflow.validation")
 
 
 def previous_manifest(dataset: DatasetVersion) -> pd.DataFrame | None:
-    """The manifest of the data version before ``dataset.version`` in git history, or None for the first."""
+    """The manifest of the data version before ``dataset.version`` in git history (the columns of
+    :data:`~components.validation.checks.DRIFT_COLUMNS` it has), or None for the first."""
     dvc_file = paths.data_root() / f"{dataset.name}.dvc"
     if not dvc_file.exists():
         return None
@@ -31,7 +34,9 @@ def previous_manifest(dataset: DatasetVersion) -> pd.DataFrame | None:
     if dataset.version not in versions or versions.index(dataset.version) + 1 >= len(versions):
         return None
     before = history[versions.index(dataset.version) + 1]
-    return pd.read_parquet(io.BytesIO(read_file_at(paths.workspace_root(), dvc_file, before.commit, "manifest.parquet")))
+    data = read_file_at(paths.workspace_root(), dvc_file, before.commit, "manifest.parquet")
+    names = pq.read_schema(io.BytesIO(data)).names
+    return pd.read_parquet(io.BytesIO(data), columns=[c for c in names if c in DRIFT_COLUMNS])
 
 
 def run_validation(manifest: pd.DataFrame, config: RunConfig, *, previous: pd.DataFrame | None = None,
