@@ -25,7 +25,7 @@ from components.evaluation.metrics import classification_metrics
 from components.evaluation.report import evaluate_predictions
 from components.evaluation.shortcuts import probe_cases, shortcut_audit
 from components.inference.predict import predict_frame
-from components.inference.results import REPORT_DIR, ModelEvaluation
+from components.inference.results import EVALUATED_COLUMNS, REPORT_DIR, ModelEvaluation
 from components.training.backbones import captured_features, penultimate
 from components.training.forward import extract_features
 from components.training.preprocess import PreprocessSpec
@@ -33,9 +33,6 @@ from components.training.preprocess import PreprocessSpec
 SHORTCUT_AUC = metric("shortcut_auc")
 FAIRNESS_LOGGED = tuple(m.name for m in metrics_for("binary", kind=(FAIRNESS,)))  # test_<attribute>_<name> metrics
 VAL_PREDICTIONS = "val_predictions.parquet"  # the val split's probabilities before temperature scaling
-# the manifest's columns an evaluation reads, besides the configured attributes: its image facts and hashes (about
-# half of a manifest's bytes) stay unread, and out of the per-case tables the report joins
-EVALUATED_COLUMNS = ("case_id", "patient_id", "split", "image", "label", "site")
 
 
 def contract_probabilities(prob: np.ndarray) -> np.ndarray:

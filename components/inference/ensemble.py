@@ -26,10 +26,10 @@ from components.evaluation.report import evaluate_predictions
 from components.data.labels import label_matrix
 from components.evaluation.declarations import MetricSettings
 from components.evaluation.metrics import classification_metrics
-from components.inference.classification import EVALUATED_COLUMNS, contract_probabilities, predictions_frame
+from components.inference.classification import contract_probabilities, predictions_frame
 from components.inference.model import download_checkpoint, load_checkpoint
 from components.inference.predict import evaluation_device, predict_frame
-from components.inference.results import REPORT_DIR, ModelEvaluation
+from components.inference.results import EVALUATED_COLUMNS, REPORT_DIR, ModelEvaluation
 from components.steps import get_step
 from components.training.ensemble import ENSEMBLE
 from components.training.loop import CHECKPOINT_DIR

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPORT_DIR = "evaluation"
+# the manifest's columns an evaluation reads, besides the configured attributes: its image facts and hashes (about
+# half of a manifest's bytes) stay unread, and out of the per-case tables the report joins
+EVALUATED_COLUMNS = ("case_id", "patient_id", "split", "image", "label", "site")
 
 
 @dataclass(frozen=True)

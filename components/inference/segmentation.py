@@ -27,7 +27,7 @@ from components.evaluation.html_report import Overlay, render_segmentation_html
 from components.evaluation.segmentation import (
     BAD_VOLUME, calibration_bins, case_dice, ece_from_bins, evaluate_segmentation, load_volume,
 )
-from components.inference.results import REPORT_DIR, ModelEvaluation
+from components.inference.results import EVALUATED_COLUMNS, REPORT_DIR, ModelEvaluation
 from components.inference.predict import read_image, segment_tensor, softmax
 from components.progress import track
 from components.training.preprocess import SegmentationSpec
@@ -119,7 +119,7 @@ def evaluate_segmentation_run(*, model: torch.nn.Module, spec: SegmentationSpec,
     Writes ``out_dir/masks/<case>_mask.nii.gz`` and ``<case>_prob.nii.gz`` (binary tasks), ``predictions.parquet``
     (``case_id, mask, prob_map``), ``report.json``, ``report.html`` and ``calibration.json``.
     """
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, columns=[*EVALUATED_COLUMNS, *config.data.attributes])
     root = manifest_path.parent
     val, test = manifest[manifest["split"] == "val"], manifest[manifest["split"] == "test"]
     _check_cases(pd.concat([val, test]), root)

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components import lineage, paths
+from components.data.ingest import load_manifest
 from components.data.versioning import read_version
 from components.errors import RegistryError
 from components.evaluation.bootstrap import (
@@ -35,6 +36,7 @@ from components.evaluation.declarations import METRICS, metric as declared
 from components.evaluation.report import DEFAULT_ATTRIBUTES, check_predictions, read_table
 from components.inference.predict import predict_images
 from components.inference.results import REPORT_DIR
+from components.registry.noninferiority import COMPARED_COLUMNS
 from components.registry.promote import check_version
 
 
@@ -159,14 +161,17 @@ def compare_segmentations(a: dict[str, np.ndarray], b: dict[str, np.ndarray], pa
     return metrics, fairness
 
 
-def _segmentation_cases(folder: Path, table, manifest_path: Path, model_uri: str) -> tuple[dict, dict, object]:
+def _segmentation_cases(folder: Path, table, manifest_path: Path, model_uri: str, *,
+                        columns: list[str] | None = None) -> tuple[dict, dict, object]:
     """Per-case Dice and HD95 of the evaluated version (its logged masks) and of ``model_uri`` (its pyfunc
-    segmenting the same volumes), and the joined manifest rows."""
+    segmenting the same volumes), and the joined manifest rows (of ``columns``, those the manifest has; None:
+    every column)."""
     from components.evaluation.segmentation import case_metrics, load_volume  # noqa: PLC0415
     from components.inference.predict import read_image  # noqa: PLC0415
     from components.progress import track  # noqa: PLC0415
 
-    manifest = read_table(manifest_path).assign(case_id=lambda m: m["case_id"].astype(str)).set_index("case_id")
+    manifest = load_manifest(manifest_path, columns=columns).assign(case_id=lambda m: m["case_id"].astype(str))
+    manifest = manifest.set_index("case_id")
     joined = manifest.loc[table["case_id"].astype(str)].reset_index()
     model = mlflow.pyfunc.load_model(model_uri)
     first, second = {"dice": [], "hd95": []}, {"dice": [], "hd95": []}
@@ -217,15 +222,18 @@ def compare_versions(*, model_name: str, a: str, b: str | None = None, n_resampl
             raise RegistryError(f"version {a} of {model_name} has no evaluation in run {version.run_id}") from exc
         report = json.loads((folder / "report.json").read_text())
         table = read_table(folder / "predictions.parquet")
+        # the manifest's columns the comparison reads: the cases' ids, patients, images and labels, and the groups
+        columns = [*COMPARED_COLUMNS, *DEFAULT_ATTRIBUTES, *report.get("fairness", {})]
         if report["task"] == "segmentation":
-            first, second, joined = _segmentation_cases(folder, table, manifest_path, f"models:/{model_name}/{b}")
+            first, second, joined = _segmentation_cases(folder, table, manifest_path, f"models:/{model_name}/{b}",
+                                                        columns=columns)
             groups = {x: (joined[x].fillna("unknown").astype(str).to_numpy(), f["groups_compared"])
                       for x, f in report["fairness"].items() if x in joined.columns}
             metrics, fairness = compare_segmentations(first, second, joined["patient_id"].astype(str).to_numpy(),
                                                       groups=groups, n_resamples=n_resamples, seed=seed)
             return Comparison(model=model_name, a=a, b=b, n=len(joined), n_patients=int(joined["patient_id"].nunique()),
                               data_version=data_version, metrics=metrics, fairness=fairness)
-    manifest = read_table(manifest_path)
+    manifest = load_manifest(manifest_path, columns=columns)
     joined, y_true, prob_a = check_predictions(table, manifest, path=f"version {a}'s predictions")
     prob_b = predict_images(f"models:/{model_name}/{b}", [manifest_path.parent / p for p in joined["image"]])
     if prob_b.ndim == 2 and prob_b.shape[1] == 2 and prob_a.ndim == 1:

@@ -95,6 +95,7 @@ def test_comparing_segmentations_names_a_file_it_cannot_read_with_its_case(tmp_p
 
     from components.errors import EvaluationError
     from components.registry.compare import _segmentation_cases
+    from components.registry.noninferiority import COMPARED_COLUMNS
 
     root = tmp_path / "data"
     shutil.copytree(seg2d_dataset.parent, root)
@@ -111,8 +112,11 @@ def test_comparing_segmentations_names_a_file_it_cannot_read_with_its_case(tmp_p
             return np.stack([np.ones_like(volume), np.zeros_like(volume)], axis=1)
 
     monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda uri: Segmenter())
-    first, second, _ = _segmentation_cases(folder, table, root / seg2d_dataset.name, "models:/seg/2")
+    first, second, joined = _segmentation_cases(folder, table, root / seg2d_dataset.name, "models:/seg/2",
+                                                columns=[*COMPARED_COLUMNS, "sex", "scanner"])
     assert np.all(first["dice"] == 1.0) and len(second["dice"]) == len(test)  # the files as they are: read
+    assert list(joined.columns) == ["case_id", "patient_id", "image", "label", "sex"]  # those the manifest has
+    assert joined["case_id"].tolist() == test["case_id"].tolist()
     case = str(test["case_id"].iloc[-1])
     path = root / test["image"].iloc[-1] if damaged == "image" else folder / f"masks/{case}_mask.nii.gz"
     path.write_bytes(path.read_bytes()[:-20])  # cut short: the header reads, gzip runs out in the voxels

@@ -74,11 +74,23 @@ def test_training_logs_val_dice_that_an_independent_dice_of_the_checkpoint_repro
 
 
 def test_the_evaluation_writes_the_logits_argmax_and_their_calibrated_softmax_and_scores_them_before_scaling(
-        workspace, seg_dataset):
+        workspace, seg_dataset, monkeypatch):
+    from components.inference import segmentation as evaluation_step
+
     config = load_config(overrides=[*SEG, "train.epochs=1", "train.patch_size=[16, 16, 8]"], environ={})
     trained = train_segmenter(manifest_path=seg_dataset, data_version="v1", config=config)
     out = workspace / "evaluation"
+    read, load = [], evaluation_step.load_manifest
+    monkeypatch.setattr(evaluation_step, "load_manifest",
+                        lambda path, columns=None: read.append(load(path, columns=columns)) or read[-1])
     evaluation = evaluate_run(run_id=trained.run_id, manifest_path=seg_dataset, config=config, out_dir=out)
+    # the manifest's columns it uses are read (its image facts and hashes are not), and every attribute is reported
+    whole = load_manifest(seg_dataset)
+    assert {"sha256", "shape"} <= set(whole.columns)
+    assert set(read[0].columns) == {"case_id", "patient_id", "split", "image", "label", "site",
+                                    *config.data.attributes} & set(whole.columns)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["groups"]) == {a for a in config.data.attributes if a in whole.columns} != set()
     folder = Path(mlflow.artifacts.download_artifacts(run_id=trained.run_id, artifact_path=CHECKPOINT_DIR,
                                                       tracking_uri=paths.tracking_uri()))
     model, spec, _ = load_checkpoint(folder)
