@@ -16,7 +16,7 @@ from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.data.step import DatasetVersion
 from components.data.versioning import list_versions, read_file_at
-from components.errors import DataValidationError
+from components.errors import DataValidationError, IngestError
 from components.validation.checks import DRIFT_COLUMNS
 from components.validation.expectations import ValidationReport, validate_manifest
 
@@ -35,8 +35,12 @@ def previous_manifest(dataset: DatasetVersion) -> pd.DataFrame | None:
         return None
     before = history[versions.index(dataset.version) + 1]
     data = read_file_at(paths.workspace_root(), dvc_file, before.commit, "manifest.parquet")
-    names = pq.read_schema(io.BytesIO(data)).names
-    return pd.read_parquet(io.BytesIO(data), columns=[c for c in names if c in DRIFT_COLUMNS])
+    try:
+        names = pq.read_schema(io.BytesIO(data)).names
+        return pd.read_parquet(io.BytesIO(data), columns=[c for c in names if c in DRIFT_COLUMNS])
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise IngestError(f"cannot read {dataset.name}/manifest.parquet of data version {before.version[:12]} "
+                          f"(commit {before.commit[:12]}), the version the drift compares with: {exc}") from exc
 
 
 def run_validation(manifest: pd.DataFrame, config: RunConfig, *, previous: pd.DataFrame | None = None,

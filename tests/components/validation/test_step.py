@@ -4,15 +4,18 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from components.config import load_config
 from components.data.step import DatasetVersion
-from components.data.versioning import version_dataset
+from components.data.versioning import read_file_at, version_dataset
+from components.errors import IngestError
 from components.validation.checks import DRIFT_COLUMNS
 from components.validation.step import previous_manifest, validate_dataset
 
 
-def test_drift_is_against_the_version_before_read_back_from_dvc_with_only_its_drift_columns(workspace, small_dataset):
+def test_drift_is_against_the_version_before_read_back_from_dvc_with_only_its_drift_columns(workspace, small_dataset,
+                                                                                             monkeypatch):
     folder = workspace / "data" / "toy"
     folder.mkdir(parents=True)
     first = pd.read_parquet(small_dataset)
@@ -33,3 +36,9 @@ def test_drift_is_against_the_version_before_read_back_from_dvc_with_only_its_dr
     for other in (before.version, "0" * 32):  # the first version, and one git does not know
         assert previous_manifest(DatasetVersion(name="toy", manifest=folder / "manifest.parquet", version=other,
                                                 n_cases=1, n_patients=1)) is None
+    # the version before damaged in the cache: one line that names it, not pyarrow's error
+    monkeypatch.setattr("components.validation.step.read_file_at", lambda *a: read_file_at(*a)[:-40])
+    with pytest.raises(IngestError) as info:
+        previous_manifest(dataset)
+    named = f"cannot read toy/manifest.parquet of data version {before.version[:12]} (commit "
+    assert str(info.value).startswith(named)
