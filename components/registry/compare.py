@@ -191,6 +191,19 @@ def _segmentation_cases(folder: Path, table, manifest_path: Path, model_uri: str
     return as_arrays(first), as_arrays(second), joined
 
 
+def _classification_cases(table, manifest_path: Path, model_uri: str, *, columns: list[str],
+                          name: str) -> tuple[object, np.ndarray, np.ndarray, np.ndarray]:
+    """The evaluated version's predictions joined to the manifest's rows (of ``columns``, those the manifest has),
+    their true labels and probabilities, and ``model_uri``'s probabilities of the same images (the positive
+    class's where the first version's are)."""
+    manifest = load_manifest(manifest_path, columns=columns)
+    joined, y_true, prob_a = check_predictions(table, manifest, path=name)
+    prob_b = predict_images(model_uri, [manifest_path.parent / p for p in joined["image"]])
+    if prob_b.ndim == 2 and prob_b.shape[1] == 2 and prob_a.ndim == 1:
+        prob_b = prob_b[:, 1]
+    return joined, y_true, prob_a, prob_b
+
+
 def compare_versions(*, model_name: str, a: str, b: str | None = None, n_resamples: int = 1000, seed: int = 0,
                      threshold: float = 0.5) -> Comparison:
     """Version ``a`` against ``b`` (default: the champion) on ``a``'s test cases.
@@ -233,11 +246,8 @@ def compare_versions(*, model_name: str, a: str, b: str | None = None, n_resampl
                                                       groups=groups, n_resamples=n_resamples, seed=seed)
             return Comparison(model=model_name, a=a, b=b, n=len(joined), n_patients=int(joined["patient_id"].nunique()),
                               data_version=data_version, metrics=metrics, fairness=fairness)
-    manifest = load_manifest(manifest_path, columns=columns)
-    joined, y_true, prob_a = check_predictions(table, manifest, path=f"version {a}'s predictions")
-    prob_b = predict_images(f"models:/{model_name}/{b}", [manifest_path.parent / p for p in joined["image"]])
-    if prob_b.ndim == 2 and prob_b.shape[1] == 2 and prob_a.ndim == 1:
-        prob_b = prob_b[:, 1]
+    joined, y_true, prob_a, prob_b = _classification_cases(table, manifest_path, f"models:/{model_name}/{b}",
+                                                           columns=columns, name=f"version {a}'s predictions")
     attributes = [x for x in DEFAULT_ATTRIBUTES if x in joined.columns]
     groups = {x: joined[x].fillna("unknown").astype(str).to_numpy() for x in attributes}
     metrics, fairness = compare_predictions(y_true, prob_a, prob_b, joined["patient_id"].astype(str).to_numpy(),

@@ -18,7 +18,9 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 
 from components.config import load_config
+from components.data import ingest
 from components.inference.evaluate import evaluate_run
+from components.registry.card import card_columns
 from components.registry.register import register_model
 from components.registry.step import promote_version
 from components.training.classification import train_classifier
@@ -44,9 +46,17 @@ def test_register_promote_and_serve_the_champion(workspace, small_dataset, postg
                                   out_dir=workspace / "eval")
         model = register_model(run_id=trained.run_id, data_version="v1", temperature=evaluation.temperature,
                                report_path=evaluation.report, config=config)
+        read = []  # the manifest's columns the promotion reads: the model card's alone, no image or hash columns
+
+        def load_manifest(path, columns=None):
+            read.append(columns)
+            return ingest.load_manifest(path, columns=columns)
+
+        monkeypatch.setattr("components.registry.step.load_manifest", load_manifest)
         decision = promote_version(model_name="tiny", version=model.version, config=config,
                                    evaluation_dir=evaluation.report.parent, manifest=small_dataset)
         assert decision.promoted
+        assert read == [card_columns(config.data.attributes)]
         client = MlflowClient(server.url)
         described = client.get_model_version("tiny", model.version).description
         assert described.startswith("Binary model trained by medflow on demo (data version ")

@@ -3,6 +3,7 @@ scikit-learn on the same resamples and scipy's BCa."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -124,3 +125,40 @@ def test_comparing_segmentations_names_a_file_it_cannot_read_with_its_case(tmp_p
     with pytest.raises(EvaluationError) as info:
         _segmentation_cases(folder, table, root / seg2d_dataset.name, "models:/seg/2")
     assert str(info.value).startswith(f"{case}: {damaged} {path} cannot be read (")
+
+
+def test_a_classifier_is_compared_on_the_first_versions_cases_read_from_the_manifests_own_columns(tmp_path,
+                                                                                                 monkeypatch):
+    import pandas as pd
+
+    from components.errors import EvaluationError
+    from components.registry import compare
+    from components.registry.noninferiority import COMPARED_COLUMNS
+
+    y, good, weak, sex = _two_models(40, seed=5)
+    cases = [f"c{i}" for i in range(len(y))]
+    table = pd.DataFrame({"case_id": cases[::-1], "y_true": y[::-1], "prob": good[::-1]})  # the first version's
+    manifest = pd.DataFrame({"case_id": cases, "patient_id": [f"p{i // 2}" for i in range(len(y))], "split": "test",
+                             "label": y, "image": [f"images/{c}.nii.gz" for c in cases], "sex": sex,
+                             "sha256": "0" * 64})
+    manifest.to_parquet(tmp_path / "m.parquet")
+    asked = []
+
+    def second(uri, images):  # the second version's pyfunc: two classes' probabilities of the images asked for
+        asked.append((uri, images))
+        return np.stack([1 - weak, weak], axis=1)[[int(Path(p).name[1:-7]) for p in images]]
+
+    monkeypatch.setattr(compare, "predict_images", second)
+    joined, y_true, prob_a, prob_b = compare._classification_cases(
+        table, tmp_path / "m.parquet", "models:/m/1", columns=[*COMPARED_COLUMNS, "sex", "race"], name="version 2's")
+    assert asked == [("models:/m/1", [tmp_path / f"images/{c}.nii.gz" for c in cases[::-1]])]
+    np.testing.assert_array_equal(y_true, y[::-1])
+    np.testing.assert_array_equal(prob_a, good[::-1])
+    np.testing.assert_array_equal(prob_b, weak[::-1])  # the positive class's, as the first version's
+    assert {"patient_id", "image", "label", "sex"} <= set(joined.columns)
+    assert set(joined.columns).isdisjoint({"split", "sha256"})  # only the columns asked for are read
+    flipped = manifest.assign(label=np.where(manifest["case_id"] == "c7", 1 - y, y))
+    flipped.to_parquet(tmp_path / "m.parquet")
+    with pytest.raises(EvaluationError, match="c7"):  # the manifest's labels are read and checked
+        compare._classification_cases(table, tmp_path / "m.parquet", "models:/m/1", columns=list(COMPARED_COLUMNS),
+                                      name="version 2's")
