@@ -81,6 +81,26 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def recorded_trims(monkeypatch: pytest.MonkeyPatch):
+    """``record(module)``: the module's validation loops get heap trimmers that record their limit at each call
+    instead of trimming; it returns the list they append to."""
+    trims: list[int] = []
+
+    class Recording:
+        def __init__(self, above: int) -> None:
+            self.above = above
+
+        def __call__(self) -> None:
+            trims.append(self.above)
+
+    def record(module) -> list[int]:
+        monkeypatch.setattr(module, "HeapTrimmer", Recording)
+        return trims
+
+    return record
+
+
 @pytest.fixture(scope="session")
 def small_export(tmp_path_factory: pytest.TempPathFactory):
     """A synthetic DICOM export of 60 patients, 32x32 pixels."""

@@ -29,7 +29,7 @@ from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.pretraining.methods import ENCODER_CLASSES, build_method, describe_encoder
 from components.training.backbones import ENCODER_TASK, pinned_source
-from components.training.forward import VALIDATION_FREE_HEAP, network_input, release_free_memory
+from components.training.forward import VALIDATION_FREE_HEAP, HeapTrimmer, network_input
 from components.training.datasets import cached_datasets
 from components.training.loop import Recipe, TrainResult, fit, select_device
 from components.training.preprocess import PreprocessSpec, intensity_stats, unreadable_images_named
@@ -151,6 +151,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
         held_out.set_random_state(seed=cfg.seed + 1)  # the same views every epoch: losses compare across epochs
         model.eval()
         total, seen, features = 0.0, 0, []
+        trim = HeapTrimmer(VALIDATION_FREE_HEAP)  # a long validation fragments the heap (forward.py)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)  # the same hidden patches every epoch (MAE), training's draws untouched
             for batch in val_loader:
@@ -158,7 +159,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
                 total += float(loss(model(views), None)) * len(views)
                 seen += len(views)
                 features.append(model.encoder(parts.first_view(views)).flatten(1).cpu())
-                release_free_memory(above=VALIDATION_FREE_HEAP)  # a long validation fragments the heap (forward.py)
+                trim()
         spread = embedding_spread(torch.cat(features))
         if spread < COLLAPSE_SHARE:
             log.warning("the embeddings are collapsing: their spread on the val images is %.3f of an even spread's "

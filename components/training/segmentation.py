@@ -22,7 +22,7 @@ from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.training.backbones import describe_report, init_segmenter
-from components.training.forward import VALIDATION_FREE_HEAP, network_input, release_free_memory, sliding_window
+from components.training.forward import VALIDATION_FREE_HEAP, HeapTrimmer, network_input, sliding_window
 from components.training.datasets import cached_datasets
 from components.training.loop import Recipe, TrainResult, fit, select_device, splits
 from components.training.losses import build_seg_loss, class_weights
@@ -102,6 +102,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
     def validate(model: torch.nn.Module) -> dict[str, float]:
         model.eval()
         losses = []
+        trim = HeapTrimmer(VALIDATION_FREE_HEAP)  # a long validation fragments the heap (forward.py)
         with torch.no_grad():
             for batch in val_loader:
                 logits = sliding_window(model, network_input(batch.pop("image"), device), patch)
@@ -110,7 +111,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
                 pred = logits.argmax(dim=1, keepdim=True)
                 del logits  # a full-size CT's logits are 0.6 GB
                 dice(y_pred=pred, y=label)
-                release_free_memory(above=VALIDATION_FREE_HEAP)  # a long validation fragments the heap (forward.py)
+                trim()
         score = dice.aggregate()
         dice.reset()
         value = float(score) if torch.isfinite(score).all() else None

@@ -103,11 +103,10 @@ def test_the_two_views_of_an_image_differ_and_are_the_same_for_a_seed(small_data
 
 @pytest.mark.parametrize(("method", "network"), [("simclr", "densenet"), ("mae", "vit")])
 def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_lineage(workspace, small_dataset, method,
-                                                                                     network, monkeypatch):
+                                                                                     network, recorded_trims):
     from components.training import forward
 
-    trims = []  # the validation offers the heap back after each batch, past the limit the classifier's uses
-    monkeypatch.setattr(pretrain_module, "release_free_memory", lambda *, above=0: trims.append(above))
+    trims = recorded_trims(pretrain_module)  # the validation offers the heap back after each batch, past the limit
     config = load_config(overrides=[*TINY, f"pretrain.method={method}", f"pretrain.model={network}"], environ={})
     report = workspace / "validation.json"
     report.write_text("{}")

@@ -40,6 +40,32 @@ def test_predict_batches_with_a_free_heap_limit_trims_only_past_it(monkeypatch):
     assert trims == [0] and logits.shape == (6, 3)
 
 
+def test_a_trimmer_trims_past_its_limit_again_only_once_the_process_has_grown_by_it(monkeypatch):
+    trims, mib = [], 2**20
+    # what the process holds resident: before the first trim and after it, then after each batch
+    resident = iter([1000 * mib, 700 * mib, 750 * mib, 680 * mib, 936 * mib, 1000 * mib, 690 * mib])
+    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(len(batches)))
+    monkeypatch.setattr(forward, "free_heap_bytes", lambda: 527 * mib)  # glibc's count: trimmed chunks count too
+    monkeypatch.setattr(forward, "resident_bytes", lambda: next(resident))
+    trim, batches = forward.HeapTrimmer(256 * mib), []
+    for batch in range(5):
+        batches.append(batch)
+        trim()
+    # the first batch trims; +50 MiB is not past the limit; from the least since (680), +256 is not and +320 is
+    assert trims == [1, 5]
+    assert next(resident, None) is None
+
+
+def test_a_trimmer_under_its_limit_of_free_heap_never_trims(monkeypatch):
+    trims = []
+    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
+    monkeypatch.setattr(forward, "free_heap_bytes", lambda: 10 * 2**20)
+    trim = forward.HeapTrimmer(256 * 2**20)
+    for _ in range(3):
+        trim()
+    assert trims == []
+
+
 def test_where_glibc_cannot_say_what_is_free_a_limit_trims_every_time(monkeypatch):
     trims = []
     monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
@@ -69,7 +95,7 @@ def test_without_malloc_trim_in_the_c_library_release_does_nothing(monkeypatch):
 FRAGMENTED_HEAP = """
 import ctypes
 import sys
-from components.training.forward import release_free_memory
+from components.training.forward import free_heap_bytes, release_free_memory
 
 def resident():
     with open("/proc/self/status") as status:
@@ -84,18 +110,23 @@ for block in blocks:
 pin = libc.malloc(96 * 1024)  # from the heap's top, above them: freeing them cannot shrink the heap from its top
 for block in blocks:
     libc.free(block)
-before = resident()
+before, counted = resident(), free_heap_bytes()
 release_free_memory(above=int(sys.argv[1]))
-print(before - resident())
+print(before - resident(), counted, free_heap_bytes())
 """
 
 
 def _released(above: int) -> int:
     """Bytes :func:`release_free_memory` hands back after 125 MiB were freed below a pinned block, in a fresh
     process (no other test's heap in the figures)."""
+    return _fragmented_heap(above)[0]
+
+
+def _fragmented_heap(above: int) -> list[int | None]:
+    """That run's bytes handed back, and glibc's count of free bytes before and after it (None without mallinfo2)."""
     out = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP, str(above)], capture_output=True, text=True,
                          check=True, cwd=REPO)  # the repository on the path wherever pytest was started
-    return int(out.stdout.split()[-1])
+    return [None if x == "None" else int(x) for x in out.stdout.split()[-3:]]
 
 
 @pytest.mark.skipif(forward.MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
@@ -108,6 +139,14 @@ def test_release_free_memory_hands_freed_heap_pages_back_to_the_system():
 def test_release_free_memory_past_a_limit_counts_what_glibc_holds_free():
     assert _released(200 * 2**20) < 20 * 2**20  # 125 MiB free is under a 200 MiB limit: kept
     assert _released(50 * 2**20) > 100 * 2**20  # and over a 50 MiB one: handed back
+
+
+@pytest.mark.skipif(forward.MALLINFO2 is None, reason="the C library has no mallinfo2 (not glibc 2.33+)")
+def test_glibc_counts_the_pages_a_trim_handed_back_as_free_still():
+    """Why :class:`~components.training.forward.HeapTrimmer` asks the process's size too: after ``malloc_trim``
+    the 125 MiB freed below a pinned block are counted free as before (their pages went back to the system)."""
+    released, before, after = _fragmented_heap(0)
+    assert released > 100 * 2**20 and before > 120 * 2**20 and after > 0.95 * before
 
 
 def test_features_come_from_the_encoder_in_autos_layout_and_equal_a_contiguous_pass(tmp_path):

@@ -40,11 +40,10 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
 
 @pytest.mark.parametrize(("dataset", "patch"), [("seg_dataset", [16, 16, 8]), ("seg2d_dataset", [32, 32])])
 def test_training_logs_val_dice_that_an_independent_dice_of_the_checkpoint_reproduces(workspace, request, dataset, patch,
-                                                                                     monkeypatch):
+                                                                                     recorded_trims):
     from components.training import forward, segmentation
 
-    trims = []  # the validation offers the heap back after each case, past the limit the classifier's uses
-    monkeypatch.setattr(segmentation, "release_free_memory", lambda *, above=0: trims.append(above))
+    trims = recorded_trims(segmentation)  # the validation offers the heap back after each case, past the limit
     manifest_path = request.getfixturevalue(dataset)
     config = load_config(overrides=[*SEG, f"train.patch_size={patch}"], environ={})
     result = train_segmenter(manifest_path=manifest_path, data_version="v1", config=config)
