@@ -83,18 +83,20 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def recorded_trims(monkeypatch: pytest.MonkeyPatch):
-    """``record(module)``: the module's validation loops get heap trimmers that record their limit at each call
-    instead of trimming; it returns the list they append to."""
-    trims: list[int] = []
+    """``record(module)``: the module's validation loops get heap trimmers that record (which trimmer, its limit) at
+    each call instead of trimming, the trimmers numbered as made; it returns the list they append to."""
+    trims: list[tuple[int, int]] = []
+    made = []
 
     class Recording:
         def __init__(self, above: int) -> None:
-            self.above = above
+            self.above, self.number = above, len(made)
+            made.append(self)
 
         def __call__(self) -> None:
-            trims.append(self.above)
+            trims.append((self.number, self.above))
 
-    def record(module) -> list[int]:
+    def record(module) -> list[tuple[int, int]]:
         monkeypatch.setattr(module, "HeapTrimmer", Recording)
         return trims
 

@@ -124,7 +124,8 @@ def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_line
     manifest = pd.read_parquet(small_dataset)
     assert run.data.params["n_train"] == str((manifest["split"] == "train").sum())
     n_val = int((manifest["split"] == "val").sum())
-    assert trims == [forward.VALIDATION_FREE_HEAP] * (2 * (n_val // min(config.pretrain.batch_size, n_val)))
+    batches = n_val // min(config.pretrain.batch_size, n_val)  # one trimmer per validation, called after each batch
+    assert trims == [(epoch, forward.VALIDATION_FREE_HEAP) for epoch in (0, 1) for _ in range(batches)]
 
     # the k-NN check is scikit-learn's on the encoder's features, fitted on train, scored on val
     encoder, spec, description = load_run_model(pretrained.run_id)

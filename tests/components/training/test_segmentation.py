@@ -61,7 +61,8 @@ def test_training_logs_val_dice_that_an_independent_dice_of_the_checkpoint_repro
     assert list(spec.patch_size) == patch
     manifest = load_manifest(manifest_path)
     val = manifest[manifest["split"] == "val"]
-    assert trims == [forward.VALIDATION_FREE_HEAP] * (2 * len(val))  # two epochs
+    # one trimmer per validation (two epochs), called after each case
+    assert trims == [(epoch, forward.VALIDATION_FREE_HEAP) for epoch in (0, 1) for _ in range(len(val))]
     root = manifest_path.parent
     dices = []
     for image, label in zip(val["image"], val["label"]):
