@@ -70,8 +70,9 @@ NOTE = (
     '36.3 s; in the 2026-12-05 table, at 16x, 95.5 to 104.9 s on the C heap and 91.5 to 117.3 on '
     'mimalloc). 100,000 images were measured since with every step on the C heap ("Scale: 100,000 '
     'images", above, ddc7d1d on 2026-12-06): every step\'s peak at or below the run before\'s, '
-    "evaluation's growth from 1,006 images +0.21 GB against +0.28 (+0.29 on dbfb0e5 later that day: the "
-    'runs move by that much). An earlier table (2026-12-05, 1,006 and 4,024 images of '
+    "evaluation's growth from 1,006 images +0.21 GB against +0.28 (+0.29 on dbfb0e5 later that day, +0.38 "
+    'on d3f85d7 on 2026-12-07 with nothing changed on its path: the runs move by that much). An earlier '
+    'table (2026-12-05, 1,006 and 4,024 images of '
     '256x256, trimmed or not, Arrow on mimalloc) read 338 and 352 MiB trimmed against 433 and 553 '
     'untrimmed, for 5 % more time.'
 )
