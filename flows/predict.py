@@ -8,6 +8,7 @@ with the workspace, version and the drifted facts: no path, no UID); the ``on-dr
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +21,22 @@ from components.monitoring.predict import BatchResult, predict_source
 from flows.steps import enter_workspace
 
 DRIFT_EVENT = "medflow.drift.detected"
+BATCH_TIME = "%Y%m%dT%H%M%SZ"  # a batch's folder under out/: the UTC second it started
+
+
+def reserve_batch(out: Path) -> Path:
+    """A new, empty ``out/<UTC time>/`` for one batch, made here: a run that starts in the same second as another
+    into the same ``out`` (two deployments, or a manual run beside the schedule) waits for the next second rather
+    than writing its predictions over the other's."""
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        now = datetime.now(timezone.utc)
+        batch = out / now.strftime(BATCH_TIME)
+        try:
+            batch.mkdir()
+            return batch
+        except FileExistsError:
+            time.sleep(1 - now.microsecond / 1e6)
 
 
 def announce_drift(result: BatchResult) -> None:
@@ -46,8 +63,13 @@ def predict_workspace(workspace: str, source: str, model: str = "medflow-demo-cl
     The deployments' entry point (scheduled scoring of a watched folder).
     """
     enter_workspace(workspace)
-    batch = Path(out) / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = predict_source(model, Path(source), format, batch, drift_alpha=drift_alpha, device=device)
+    batch = reserve_batch(Path(out))
+    try:
+        result = predict_source(model, Path(source), format, batch, drift_alpha=drift_alpha, device=device)
+    except BaseException:
+        if batch.is_dir() and not any(batch.iterdir()):  # nothing half-written: its reserved folder goes too
+            batch.rmdir()
+        raise
     drift = result.drift or {}
     if drift.get("detected"):
         announce_drift(result)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import highdicom as hd
 import mlflow
@@ -300,6 +302,29 @@ def test_the_nightly_flow_scores_a_timed_batch_and_announces_only_drift(register
     assert event["payload"] == {"drifted": shifted["drifted"], "n_batch": n_test,
                                 "mlflow_run_id": shifted["mlflow_run_id"]}
     assert [a["markdown"].splitlines()[0] for a in artifacts] == [f"# {n_test} of {n_test} studies predicted"] * 2
+
+
+def test_a_batch_started_in_the_same_second_as_another_waits_for_the_next(tmp_path, monkeypatch):
+    """Two nightly runs into one out/ within a second get a folder each, both named by their UTC second."""
+    import flows.predict as flow  # noqa: PLC0415
+
+    start = datetime(2026, 12, 1, 1, 0, 0, 250_000, tzinfo=timezone.utc)
+    clock = iter([start, start, start + timedelta(seconds=1)])
+    sleeps = []
+    monkeypatch.setattr(flow, "datetime", SimpleNamespace(now=lambda tz: next(clock)))
+    monkeypatch.setattr(flow, "time", SimpleNamespace(sleep=sleeps.append))
+    first, second = flow.reserve_batch(tmp_path / "nightly"), flow.reserve_batch(tmp_path / "nightly")
+    assert (first.name, second.name) == ("20261201T010000Z", "20261201T010001Z")
+    assert sleeps == [pytest.approx(0.75)] and first.is_dir() and not any(first.iterdir())
+
+
+def test_a_nightly_run_refused_leaves_no_batch_folder(workspace):
+    """The folder reserved for a batch goes when the batch is refused before anything is written."""
+    import flows.predict as flow  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="tpu"):
+        flow.predict_workspace.fn(str(workspace), "same", model="tiny/1", format="nifti", out="nightly", device="tpu")
+    assert not any((workspace / "nightly").glob("*"))
 
 
 def test_a_segmentation_version_writes_each_volumes_mask_as_its_pyfunc_segments_it(workspace, seg_dataset):
