@@ -246,17 +246,21 @@ def run_cli_peak(folder: Path, overrides: list[str]) -> tuple[float, int]:
 
 
 def step_table(counts: list[int], steps: list[dict], imports: int, unit: str) -> str:
-    """Rows of each step's seconds and peak above ``imports`` per count (``unit``), with the slope."""
+    """Rows of each step's seconds and peak above ``imports`` per count (``unit``); with two counts or more, the
+    slope of the seconds and the growth of the peak between the last two (one count has neither)."""
+    several = len(counts) > 1
     head = " | ".join(f"{c:,}{' ' + unit if unit else ''} (s)" for c in counts)
     peaks = " | ".join(f"{c:,}{' ' + unit if unit else ''} (GB)" for c in counts)
-    lines = [f"| step | {head} | slope | {peaks} | peak growth, last two (GB) |",
-             "|---|" + "---:|" * (2 * len(counts) + 2)]
+    lines = [f"| step | {head} | " + ("slope | " if several else "") + f"{peaks} |"
+             + (" peak growth, last two (GB) |" if several else ""),
+             "|---|" + "---:|" * (2 * len(counts) + 2 * several)]
     for name in RETRAIN:
         seconds = [figures[name][0] for figures in steps]
         above = [(figures[name][1] - imports) / GB for figures in steps]
         lines.append(f"| {name} | " + " | ".join(f"{t:.1f}" for t in seconds)
-                     + f" | {slope(counts, seconds):.2f} | " + " | ".join(f"{p:.2f}" for p in above)
-                     + f" | {above[-1] - above[-2] if len(above) > 1 else float('nan'):+.2f} |")
+                     + (f" | {slope(counts, seconds):.2f}" if several else "")
+                     + " | " + " | ".join(f"{p:.2f}" for p in above)
+                     + (f" | {above[-1] - above[-2]:+.2f}" if several else "") + " |")
     return "\n".join(lines)
 
 
