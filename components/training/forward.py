@@ -53,8 +53,9 @@ def _mallinfo2():
 
 MALLOC_TRIM = _libc_function("malloc_trim")
 MALLINFO2 = _mallinfo2()
-# training's validation hands the heap back once glibc holds this much free in it: 20,369 validation images of
-# 256x256 read after an epoch of 55,000 left 4.5 GB free in the heap (the step's peak 5.9 GB against 1.6 trimmed)
+# training's validation hands the heap back once it has grown the process by this much (HeapTrimmer): 20,369
+# validation images of 256x256 read after an epoch of 55,000 left 4.5 GB free in the heap (the step's peak 5.9 GB
+# against 1.6 trimmed)
 VALIDATION_FREE_HEAP = 256 * 2**20
 
 
@@ -79,18 +80,27 @@ def release_free_memory(*, above: int = 0) -> None:
 
 
 class HeapTrimmer:
-    """:func:`release_free_memory` past ``above`` for one loop of batches, called after each: it trims once glibc's
-    heaps hold more than ``above`` free, and again only once the process has grown by more than ``above`` since.
+    """:func:`release_free_memory` past ``above`` for one loop of batches, called after each: it trims once the
+    process has grown by more than ``above`` since the loop began (and glibc's heaps hold more than ``above``
+    free), and again only once it has grown by as much since the last trim.
+
+    The free pages a validation starts with are the training steps' working set (their activations and
+    gradients), which the next epoch takes again: trimming them at the first batch, as a limit on the free count
+    alone did, handed back 640-730 MiB after each epoch of SimCLR pretraining at 64x64 (80-110 ms a trim), and
+    the next epoch faulted them back in (4 epochs: 32.6 and 31.1 s untrimmed against 35.0 and 35.6, 0.3 against
+    0.9-1.2 million minor faults). What a validation must not do is grow the process: 20,369 validation images of
+    256x256 after an epoch of 55,000 left 4.5 GB free in the heap (:data:`VALIDATION_FREE_HEAP`).
 
     glibc counts a trimmed chunk as free still (``mallinfo2``'s ``fordblks`` is the same before and after
-    ``malloc_trim``): once the count passed the limit, every batch trimmed again (17-41 ms a batch after an epoch
-    of 1,118 images of 256x256, 527 MiB counted free) and faulted the pages back in as the next batch ran. The
-    process's resident size (psutil) says whether what the last trim handed back has come back.
+    ``malloc_trim``), so the free count alone would trim every batch once past the limit (17-41 ms a batch after an
+    epoch of 1,118 images of 256x256, 527 MiB counted free) and fault the pages back in as the next batch ran. The
+    process's resident size (psutil) says whether the loop has grown.
     """
 
     def __init__(self, above: int) -> None:
         self.above = above
-        self.resident: int | None = None  # the process's resident bytes after the last trim (or since, the least)
+        # the process's resident bytes when the loop began or after the last trim (or since, the least)
+        self.resident = resident_bytes()
 
     def __call__(self) -> None:
         if MALLOC_TRIM is None:
@@ -99,7 +109,7 @@ class HeapTrimmer:
         if free is not None and free <= self.above:
             return
         resident = resident_bytes()
-        if self.resident is not None and resident - self.resident <= self.above:
+        if resident - self.resident <= self.above:
             self.resident = min(self.resident, resident)
             return
         MALLOC_TRIM(0)
@@ -148,11 +158,11 @@ def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.de
         loader: batches of ``{"image": (B, C, *spatial)[, "label": ...]}``.
         device: where the network runs.
         progress: wraps the loader (e.g. a progress bar) when given.
-        trim_above: trim only once the heap holds more than this many bytes free, and again once the process grew
-            by as much (:class:`HeapTrimmer`; 0: after every batch). Training's validation passes
-            :data:`VALIDATION_FREE_HEAP`: the training steps' heap, with their
-            gradients, already holds a batch's activations, and pages trimmed after every batch were faulted back
-            in by the next step (about 5 % of an epoch of the demo's network at 128x128 on 2 cores); a large
+        trim_above: trim only once the process grew by more than this many bytes since the loop began (with as
+            much free in the heap), and again once it grew by as much (:class:`HeapTrimmer`; 0: after every
+            batch). Training's validation passes :data:`VALIDATION_FREE_HEAP`: the training steps' heap, with
+            their gradients, already holds a batch's activations, and pages trimmed after every batch were faulted
+            back in by the next step (about 5 % of an epoch of the demo's network at 128x128 on 2 cores); a large
             validation split after a long epoch still fragments the heap past that.
     """
     model.eval()

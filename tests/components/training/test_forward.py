@@ -1,5 +1,5 @@
 """The batch loop every stage predicts with hands the C heap's free pages back: after each batch, or in training's
-validation once glibc's heaps hold more than a limit free."""
+validation once it has grown the process past a limit."""
 
 from __future__ import annotations
 
@@ -31,19 +31,22 @@ def test_predict_batches_trims_the_heap_after_every_batch_and_predicts_as_the_mo
         np.testing.assert_allclose(logits, model(images).numpy(), rtol=1e-6)
 
 
-def test_predict_batches_with_a_free_heap_limit_trims_only_past_it(monkeypatch):
+def test_predict_batches_with_a_limit_trims_only_past_it(monkeypatch):
     trims, free = [], iter([10, 300 * 2**20, 10])  # what glibc says it holds free after each of three batches
+    resident = iter([1000 * 2**20, 1300 * 2**20, 1000 * 2**20])  # as the loop begins, after batch 2, its trim
     monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
     monkeypatch.setattr(forward, "free_heap_bytes", lambda: next(free))
+    monkeypatch.setattr(forward, "resident_bytes", lambda: next(resident))
     logits, _ = forward.predict_batches(torch.nn.Linear(4, 3), [{"image": torch.randn(2, 4)}] * 3,
                                         torch.device("cpu"), trim_above=forward.VALIDATION_FREE_HEAP)
     assert trims == [0] and logits.shape == (6, 3)
 
 
-def test_a_trimmer_trims_past_its_limit_again_only_once_the_process_has_grown_by_it(monkeypatch):
+def test_a_trimmer_trims_once_the_loop_has_grown_the_process_past_its_limit_and_again_once_grown_by_it(
+        monkeypatch):
     trims, mib = [], 2**20
-    # what the process holds resident: before the first trim and after it, then after each batch
-    resident = iter([1000 * mib, 700 * mib, 750 * mib, 680 * mib, 936 * mib, 950 * mib, 690 * mib])
+    # what the process holds resident: as the loop begins, then after each batch (and straight after each trim)
+    resident = iter([1000 * mib, 1100 * mib, 1300 * mib, 950 * mib, 980 * mib, 930 * mib, 1190 * mib, 900 * mib])
     monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(len(batches)))
     monkeypatch.setattr(forward, "free_heap_bytes", lambda: 527 * mib)  # glibc's count: trimmed chunks count too
     monkeypatch.setattr(forward, "resident_bytes", lambda: next(resident))
@@ -51,10 +54,24 @@ def test_a_trimmer_trims_past_its_limit_again_only_once_the_process_has_grown_by
     for batch in range(5):
         batches.append(batch)
         trim()
-    # the first batch trims; +50 MiB is not past the limit; from the least since (680, not 700), +256 is not
-    # and +270 is
-    assert trims == [1, 5]
+    # +100 MiB since the loop began is not past the limit, +300 is; then +30 is not; from the least since (930,
+    # not 950) +260 is
+    assert trims == [2, 5]
     assert next(resident, None) is None
+
+
+def test_a_trimmer_leaves_the_free_pages_the_loop_began_with(monkeypatch):
+    """A validation begins with the training steps' freed activations in the heap: the next epoch takes them
+    again, and trimming them only made it fault them back in."""
+    trims, mib = [], 2**20
+    resident = iter([1500 * mib, 1500 * mib, 1510 * mib, 1600 * mib])
+    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
+    monkeypatch.setattr(forward, "free_heap_bytes", lambda: 640 * mib)
+    monkeypatch.setattr(forward, "resident_bytes", lambda: next(resident))
+    trim = forward.HeapTrimmer(256 * mib)
+    for _ in range(3):
+        trim()
+    assert trims == []
 
 
 def test_a_trimmer_under_its_limit_of_free_heap_never_trims(monkeypatch):

@@ -82,19 +82,24 @@ def test_a_vit_trains_and_is_rebuilt_from_its_checkpoint(workspace, small_datase
 
 
 @pytest.mark.parametrize("free_heap", [0, 2**40])
-def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_much_is_free(
+def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_validation_grew_it(
         workspace, small_dataset, monkeypatch, free_heap):
     """MONAI's random transforms return MetaTensors, which send every operation of the network through Python
     (an H200 waited on that: BENCHMARKS.md); the loop and the validation hand the network plain tensors. The
-    validation trims the heap only once glibc holds VALIDATION_FREE_HEAP free in it: the next training step would
-    fault the pages back in, but a large validation split after a long epoch grew the heap by gigabytes. The
-    process not growing after it, the validation trims once."""
+    validation trims the heap only once it has grown the process by VALIDATION_FREE_HEAP with as much free in
+    the heap: the next training step would fault the pages back in, but a large validation split after a long
+    epoch grew the heap by gigabytes. The process not growing after it, the validation trims once."""
     from components.training import forward, models
 
-    trims = []
+    trims, reads = [], []
+
+    def resident() -> int:  # 1 GiB as the validation begins, 300 MiB more from its first batch on
+        reads.append(1)
+        return 2**30 + (300 * 2**20 if len(reads) > 1 else 0)
+
     monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
     monkeypatch.setattr(forward, "free_heap_bytes", lambda: free_heap)
-    monkeypatch.setattr(forward, "resident_bytes", lambda: 2**30)
+    monkeypatch.setattr(forward, "resident_bytes", resident)
     seen = []
     build = models.CLASSIFIERS["densenet"]
 
