@@ -81,9 +81,13 @@ def test_a_vit_trains_and_is_rebuilt_from_its_checkpoint(workspace, small_datase
         assert model(torch.zeros(3, 1, 32, 32)).shape == (3, 2)
 
 
-@pytest.mark.parametrize("free_heap", [0, 2**40])
+@pytest.mark.parametrize(("free_heap", "growth", "expected"), [
+    (0, 300 * 2**20, []),  # the validation grew the process, but glibc holds nothing free to hand back
+    (2**40, 300 * 2**20, [0]),  # grew it, with much free: one trim
+    (2**40, 0, []),  # much free, but from the training steps before it: the validation did not grow the process
+])
 def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_validation_grew_it(
-        workspace, small_dataset, monkeypatch, free_heap):
+        workspace, small_dataset, monkeypatch, free_heap, growth, expected):
     """MONAI's random transforms return MetaTensors, which send every operation of the network through Python
     (an H200 waited on that: BENCHMARKS.md); the loop and the validation hand the network plain tensors. The
     validation trims the heap only once it has grown the process by VALIDATION_FREE_HEAP with as much free in
@@ -93,9 +97,9 @@ def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_v
 
     trims, reads = [], []
 
-    def resident() -> int:  # 1 GiB as the validation begins, 300 MiB more from its first batch on
+    def resident() -> int:  # 1 GiB as the validation begins, ``growth`` more from its first batch on
         reads.append(1)
-        return 2**30 + (300 * 2**20 if len(reads) > 1 else 0)
+        return 2**30 + (growth if len(reads) > 1 else 0)
 
     monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
     monkeypatch.setattr(forward, "free_heap_bytes", lambda: free_heap)
@@ -118,7 +122,7 @@ def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_v
     assert {training for training, _ in seen} == {True, False}  # training steps and validation both seen
     assert {kind for _, kind in seen} == {torch.Tensor}
     assert sum(not training for training, _ in seen) > 1  # batches the trimmer was offered after
-    assert trims == ([0] if free_heap else [])
+    assert trims == expected
 
 
 def test_the_logged_training_loss_is_the_mean_over_every_sample_of_the_epoch(workspace):
