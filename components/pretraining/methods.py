@@ -34,7 +34,8 @@ class MethodParts:
         loss: ``loss(output, labels)`` (labels unused).
         transforms: makes the dictionary transforms from a path to the images ``network`` takes.
         encoder: the encoder inside ``network``: images (B, C, H, W) -> features (B, D).
-        first_view: the images of one view, (B, C, H, W), from a batch's images.
+        held_out: ``held_out(network, images)`` -> what ``loss`` takes and the features (B, D) of one view of a
+            batch's images, from one pass where the method's own pass runs the encoder over that view unmasked.
         description: how :func:`components.training.backbones.build_encoder` rebuilds the encoder.
         export: the encoder's state_dict from the network's.
         spec: the preprocessing the encoder takes: the data's, or a continued backbone's own.
@@ -45,7 +46,7 @@ class MethodParts:
     loss: Callable[..., torch.Tensor]
     transforms: Callable[[], Compose]
     encoder: nn.Module
-    first_view: Callable[[torch.Tensor], torch.Tensor]
+    held_out: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     description: dict
     export: Callable[[dict], dict]
     spec: PreprocessSpec
@@ -83,14 +84,24 @@ def describe_encoder(config: RunConfig) -> dict:
     Raises:
         ConfigError: an unknown network or source, one the method cannot train, arguments the network refuses.
     """
-    cfg = config.pretrain
-    if cfg.source is not None:
-        if cfg.method != "simclr":
-            raise ConfigError(f"pretrain.source continues a backbone with SimCLR; pretrain.method {cfg.method} "
-                              "starts its network from random weights: remove pretrain.source, or set "
-                              "pretrain.method=simclr")
+    if config.pretrain.source is not None:
+        _check_continued(config)
         loaded = load_source(config)
         return {**loaded.description, "feature_dim": loaded.feature_dim}
+    return _built_encoder(config)[0]
+
+
+def _check_continued(config: RunConfig) -> None:
+    if config.pretrain.method != "simclr":
+        raise ConfigError(f"pretrain.source continues a backbone with SimCLR; pretrain.method {config.pretrain.method} "
+                          "starts its network from random weights: remove pretrain.source, or set "
+                          "pretrain.method=simclr")
+
+
+def _built_encoder(config: RunConfig) -> tuple[dict, nn.Module]:
+    """:func:`describe_encoder`'s description of a network from random weights, and the encoder it built for it
+    (MONAI's MAE ViT, or the classifier with its head stripped), which :func:`build_method` trains."""
+    cfg = config.pretrain
     check_name(cfg.model, CLASSIFIERS, task="pretrain")
     kwargs = classifier_kwargs(cfg.model, image_size=config.data.image_size, kwargs=cfg.model_kwargs)
     if cfg.method == "mae":
@@ -104,40 +115,47 @@ def describe_encoder(config: RunConfig) -> dict:
             raise ConfigError(f"MONAI's MaskedAutoEncoderViT refused pretrain.model_kwargs {cfg.model_kwargs}: "
                               f"{exc}") from exc
         return {"format": FORMAT_MAE, "network": "vit", "network_kwargs": full,
-                "feature_dim": int(encoder.blocks[-1].normalized_shape[0])}
+                "feature_dim": int(encoder.blocks[-1].normalized_shape[0])}, encoder
     network = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=ENCODER_CLASSES, kwargs=kwargs)
-    _, feature_dim, head = strip_head(network, ENCODER_CLASSES)
+    encoder, feature_dim, head = strip_head(network, ENCODER_CLASSES)
     return {"format": FORMAT_MONAI, "network": cfg.model, "num_classes": ENCODER_CLASSES, "network_kwargs": kwargs,
-            "feature_dim": feature_dim, "head": head}
+            "feature_dim": feature_dim, "head": head}, encoder
+
+
+def _simclr_held_out(network: TwoViews, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    features, projections = network.embed(images)
+    return projections, features[: len(images)]
+
+
+def _mae_held_out(network: MaskedReconstruction, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the reconstruction's pass sees the visible patches only: the features are a pass of their own
+    return network(images), network.encoder(images).flatten(1)
 
 
 def build_method(config: RunConfig, data_spec: Callable[[], PreprocessSpec]) -> MethodParts:
     """The parts of ``pretrain.method`` for ``pretrain.model`` or ``pretrain.source`` (see
-    :func:`describe_encoder`); ``data_spec`` makes the data's preprocessing (a Hugging Face source has its own)."""
+    :func:`describe_encoder`); ``data_spec`` makes the data's preprocessing (a Hugging Face source has its own).
+    The network is built once, from the random stream as the caller left it."""
     cfg = config.pretrain
     if cfg.source is not None:
-        describe_encoder(config)  # the method check
+        _check_continued(config)
         loaded = load_source(config, data_spec)
         encoder = loaded.encoder.train()
         for parameter in encoder.parameters():
             parameter.requires_grad_(True)
         return MethodParts(network=TwoViews(encoder, loaded.feature_dim, cfg.projection_dim),
                            loss=contrastive_loss(cfg.temperature), transforms=lambda: view_transforms(loaded.spec, cfg),
-                           encoder=encoder, first_view=lambda images: images.chunk(2, dim=1)[0],
+                           encoder=encoder, held_out=_simclr_held_out,
                            description={**loaded.description, "feature_dim": loaded.feature_dim},
                            export=_submodule_state("encoder."), spec=loaded.spec, tags=loaded.tags(CONTINUED))
     spec = data_spec()
-    description = describe_encoder(config)
+    description, encoder = _built_encoder(config)
     if cfg.method == "mae":
-        encoder = build_mae_encoder(description["network_kwargs"])
         return MethodParts(network=MaskedReconstruction(encoder), loss=reconstruction_loss,
                            transforms=lambda: view_transforms(spec, cfg, views=1), encoder=encoder,
-                           first_view=lambda images: images, description=description,
+                           held_out=_mae_held_out, description=description,
                            export=_submodule_state("encoder."), spec=spec)
-    network = build_classifier(cfg.model, spatial_dims=2, in_channels=1, num_classes=ENCODER_CLASSES,
-                               kwargs=description["network_kwargs"])
-    encoder, feature_dim, _ = strip_head(network, ENCODER_CLASSES)
-    return MethodParts(network=TwoViews(encoder, feature_dim, cfg.projection_dim),
+    return MethodParts(network=TwoViews(encoder, description["feature_dim"], cfg.projection_dim),
                        loss=contrastive_loss(cfg.temperature), transforms=lambda: view_transforms(spec, cfg),
-                       encoder=encoder, first_view=lambda images: images.chunk(2, dim=1)[0],
+                       encoder=encoder, held_out=_simclr_held_out,
                        description=description, export=_submodule_state("encoder."), spec=spec)

@@ -156,9 +156,10 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
             torch.manual_seed(cfg.seed + 1)  # the same hidden patches every epoch (MAE), training's draws untouched
             for batch in val_loader:
                 views = network_input(batch["image"], device)
-                total += float(loss(model(views), None)) * len(views)
+                output, view_features = parts.held_out(model, views)
+                total += float(loss(output, None)) * len(views)
                 seen += len(views)
-                features.append(model.encoder(parts.first_view(views)).flatten(1).cpu())
+                features.append(view_features.cpu())
                 trim()
         spread = embedding_spread(torch.cat(features))
         if spread < COLLAPSE_SHARE:

@@ -29,8 +29,13 @@ class TwoViews(nn.Module):
                                        nn.Linear(feature_dim, projection_dim))
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.embed(views)[1]
+
+    def embed(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's features (2B, D) and their projections (2B, P), the first views' rows first."""
         first, second = views.chunk(2, dim=1)
-        return self.projector(self.encoder(torch.cat([first, second])).flatten(1))
+        features = self.encoder(torch.cat([first, second])).flatten(1)
+        return features, self.projector(features)
 
 
 def contrastive_loss(temperature: float):
