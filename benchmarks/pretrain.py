@@ -139,10 +139,10 @@ def main() -> int:
             f"plain tensors).\n\n"
             f"{table}\n\nTarget (at least 0.95 of the bare loop's images/s): "
             + "; ".join(f"{e}x{z} {'met' if b / m >= 0.95 else 'not met'}" for e, z, b, m, _ in rows)
-            + ". medflow pays about a second per run whatever its length (the MLflow run with its params and dataset "
+            + ". medflow pays a fixed cost per run whatever its length (the MLflow run with its params and dataset "
             "input, the intensity statistics, the encoder artifact) and a resumable checkpoint once a minute "
             "(`train.checkpoint_interval_s`) and after the last epoch; over the "
-            "tens of epochs of real pretraining the fixed second counts less. Run-to-run noise on this 2-core "
+            "tens of epochs of real pretraining the fixed cost counts less. Run-to-run noise on this 2-core "
             "machine is several per cent, as large as the difference between the rows. Two ranks (torchrun) were "
             "not measured: on 2 cores they would share the cores the single rank already uses.\n"
         )
