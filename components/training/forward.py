@@ -5,6 +5,7 @@ through the same two functions, so a network is run one way everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 from pathlib import Path
@@ -53,6 +54,12 @@ def _mallinfo2():
 
 MALLOC_TRIM = _libc_function("malloc_trim")
 MALLINFO2 = _mallinfo2()
+MALLOPT = _libc_function("mallopt")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+# the thresholds glibc's own rule raises them to as large blocks are freed (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit,
+# and twice that)
+MMAP_THRESHOLD_MAX = 32 * 2**20
+TRIM_THRESHOLD_MAX = 2 * MMAP_THRESHOLD_MAX
 # training's validation hands the heap back once it has grown the process by this much (HeapTrimmer): 20,369
 # validation images of 256x256 read after an epoch of 55,000 left 4.5 GB free in the heap (the step's peak 5.9 GB
 # against 1.6 trimmed)
@@ -76,6 +83,34 @@ def release_free_memory(*, above: int = 0) -> None:
         return
     free = free_heap_bytes() if above else None
     if free is None or free > above:
+        MALLOC_TRIM(0)
+
+
+@contextlib.contextmanager
+def kept_heap():
+    """While it is open, glibc keeps the pages a training step frees for the next step: blocks up to 32 MiB come
+    from its heaps, and it hands none of the heaps' free pages back by itself. When it closes, the heap goes back
+    to the system (``malloc_trim``) and glibc trims past 64 MiB free again.
+
+    With glibc's defaults each step's activations and gradients land partly in blocks mapped and unmapped for
+    them and partly at the top of a heap that glibc trims as they are freed, so every step faults its working
+    set in again: 10 epochs of the demo's network on 200-odd images of 128x128, each in a fresh process, took
+    0.85-1.07 million minor faults and 9.7-9.8 s, kept 80-84 thousand and 8.2-9.4 s (BENCHMARKS.md, "Training
+    step").
+    Validation's :class:`HeapTrimmer` and evaluation's trims call ``malloc_trim`` themselves, which these settings
+    do not change. glibc has no way back to its thresholds' rule once they are set; the values it closes with are
+    the ones that rule rises to. Torch offers no CPU allocator of its own to tune (jemalloc and tcmalloc are
+    loaded with ``LD_PRELOAD``, before the process starts), hence ctypes.
+    """
+    if MALLOPT is None or MALLOC_TRIM is None:
+        yield
+        return
+    MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    MALLOPT(M_TRIM_THRESHOLD, -1)  # -1: never trim by itself (mallopt(3))
+    try:
+        yield
+    finally:
+        MALLOPT(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX)
         MALLOC_TRIM(0)
 
 

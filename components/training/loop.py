@@ -50,7 +50,7 @@ from components.training.datasets import check_workers, train_loader
 from components.training.checkpoint import (
     TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, training_key,
 )
-from components.training.forward import network_input
+from components.training.forward import kept_heap, network_input
 from components.training.models import memory_format
 from components.tracking import use_experiment
 
@@ -350,7 +350,7 @@ def fit(recipe: Recipe, *, config: RunConfig, data_version: str, device: torch.d
             columns = [TextColumn("[bold]Training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                        TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
             with Progress(*columns, transient=True, disable=not lead or not interactive()) as progress, \
-                    discarded_interrupts() as reraise:
+                    discarded_interrupts() as reraise, kept_heap():
                 task = progress.add_task("train", total=epochs, completed=first_epoch - 1, status="")
                 for epoch in range(first_epoch, epochs + 1):
                     reraise()

@@ -3,6 +3,7 @@ validation once it has grown the process past a limit."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import types
@@ -106,8 +107,54 @@ def test_network_input_is_a_plain_tensor_on_the_device_without_a_copy():
 def test_without_malloc_trim_in_the_c_library_release_does_nothing(monkeypatch):
     monkeypatch.setattr(forward.ctypes, "CDLL", lambda name: types.SimpleNamespace())  # macOS, musl: no malloc_trim
     assert forward._libc_function("malloc_trim") is None and forward._mallinfo2() is None
+    assert forward._libc_function("mallopt") is None
     monkeypatch.setattr(forward, "MALLOC_TRIM", None)
+    monkeypatch.setattr(forward, "MALLOPT", None)
     forward.release_free_memory()
+    with forward.kept_heap():
+        pass
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_kept_heap_sets_glibcs_thresholds_and_sets_them_back_and_trims_as_it_closes(monkeypatch, fails):
+    calls = []
+    monkeypatch.setattr(forward, "MALLOPT", lambda option, value: calls.append((option, value)))
+    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: calls.append(("trim", pad)))
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext(), forward.kept_heap():
+        assert calls == [(forward.M_MMAP_THRESHOLD, 32 * 2**20), (forward.M_TRIM_THRESHOLD, -1)]
+        if fails:
+            raise RuntimeError("a failed step")
+    assert calls[2:] == [(forward.M_TRIM_THRESHOLD, 64 * 2**20), ("trim", 0)]
+
+
+KEPT_HEAP = """
+import contextlib
+import resource
+import sys
+import numpy as np
+from components.training.forward import kept_heap
+
+def faults(rounds):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):  # a step's working set, allocated and freed
+        blocks = [np.ones(2**20 // 8) for _ in range(128)]  # 128 MiB in blocks of 1 MiB
+        del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+with kept_heap() if sys.argv[1] == "kept" else contextlib.nullcontext():
+    faults(1)  # the heap grows to hold them once
+    print(faults(4))
+"""
+
+
+@pytest.mark.skipif(forward.MALLOPT is None, reason="the C library has no mallopt (not glibc)")
+def test_a_kept_heap_keeps_the_pages_a_step_freed_for_the_next_step():
+    """With glibc's defaults, freeing a step's 128 MiB trims the heap's top and the next step faults its 32,768
+    pages in again (in a fresh process: no other test's settings or heap in the figures)."""
+    faults = {how: int(subprocess.run([sys.executable, "-c", KEPT_HEAP, how], capture_output=True, text=True,
+                                      check=True, cwd=REPO).stdout.split()[-1]) for how in ("default", "kept")}
+    assert faults["default"] > 3 * 32_768, faults  # glibc's defaults: four steps fault their pages in again
+    assert faults["kept"] < 1_000, faults
 
 
 FRAGMENTED_HEAP = """

@@ -104,6 +104,8 @@ def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_v
     monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
     monkeypatch.setattr(forward, "free_heap_bytes", lambda: free_heap)
     monkeypatch.setattr(forward, "resident_bytes", resident)
+    options = []
+    monkeypatch.setattr(forward, "MALLOPT", lambda option, value: options.append((option, value, len(seen))))
     seen = []
     build = models.CLASSIFIERS["densenet"]
 
@@ -122,7 +124,10 @@ def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_v
     assert {training for training, _ in seen} == {True, False}  # training steps and validation both seen
     assert {kind for _, kind in seen} == {torch.Tensor}
     assert sum(not training for training, _ in seen) > 1  # batches the trimmer was offered after
-    assert trims == expected
+    assert trims == [*expected, 0]  # and as the epochs end, the heap kept for the training steps
+    # glibc keeps the steps' freed pages from before the first step to after the last validation
+    assert options == [(forward.M_MMAP_THRESHOLD, 32 * 2**20, 0), (forward.M_TRIM_THRESHOLD, -1, 0),
+                       (forward.M_TRIM_THRESHOLD, 64 * 2**20, len(seen))]
 
 
 def test_the_logged_training_loss_is_the_mean_over_every_sample_of_the_epoch(workspace):
