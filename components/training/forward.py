@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +20,13 @@ from torch import nn
 
 from components.progress import track
 from components.training.datasets import start_worker, worker_context
+from components.training.heap import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MMAP_THRESHOLD_MAX, TRIM_THRESHOLD_MAX
+from components.training.heap import libc_function as _libc_function
 from components.training.models import memory_format
 from components.training.preprocess import PreprocessSpec, training_transforms, unreadable_images_named
 
 SW_BATCH = 4
 SW_OVERLAP = 0.25
-
-
-def _libc_function(name: str):
-    """The C library's function ``name``, or None where it has none (``malloc_trim``: macOS, musl;
-    ``mallinfo2``: glibc before 2.33 too)."""
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
-    except (OSError, AttributeError, TypeError):
-        return None
 
 
 class _MallInfo2(ctypes.Structure):
@@ -55,11 +47,6 @@ def _mallinfo2():
 MALLOC_TRIM = _libc_function("malloc_trim")
 MALLINFO2 = _mallinfo2()
 MALLOPT = _libc_function("mallopt")
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
-# the thresholds glibc's own rule raises them to as large blocks are freed (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit,
-# and twice that)
-MMAP_THRESHOLD_MAX = 32 * 2**20
-TRIM_THRESHOLD_MAX = 2 * MMAP_THRESHOLD_MAX
 # training's validation hands the heap back once it has grown the process by this much (HeapTrimmer): 20,369
 # validation images of 256x256 read after an epoch of 55,000 left 4.5 GB free in the heap (the step's peak 5.9 GB
 # against 1.6 trimmed)

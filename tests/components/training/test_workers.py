@@ -130,3 +130,20 @@ def test_workers_freeze_what_they_inherit_and_keep_monais_seeds(kind):
         first.setdefault(sample["seed"], sample["draw"])
     assert len(first) == 2  # two workers, two seeds
     assert all(draw == np.random.RandomState(seed % 2**32).randint(2**30) for seed, draw in first.items())
+
+
+def test_a_worker_lets_glibc_trim_its_own_heap_again(monkeypatch):
+    """Workers are forked while the epoch loop keeps the heap (forward.kept_heap): each sets glibc's trim
+    threshold back before MONAI seeds it, so the peak of its transforms does not stay resident."""
+    import gc
+
+    from components.training import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "MALLOPT", lambda option, value: calls.append((option, value)))
+    monkeypatch.setattr(datasets, "worker_init_fn", lambda worker_id: calls.append(("seeded", worker_id)))
+    try:
+        datasets.start_worker(1)
+    finally:
+        gc.unfreeze()
+    assert calls == [(heap.M_TRIM_THRESHOLD, 64 * 2**20), ("seeded", 1)]
