@@ -7,7 +7,7 @@ one training epoch (each a plain call in a fresh process, as in ``scale.py``). I
 report.html) on the manifest replicated ``--factors`` times: each copy's cases and patients renamed, its images the
 same files, so the batches and the per-case tables grow with the factor while the export and the model stay the
 same. Each evaluation runs in a fresh process, in three ways: as medflow runs it (glibc's free heap pages handed
-back after every batch, ``components.training.forward.release_free_memory``, and Arrow's buffers, pandas' strings
+back after every batch, ``components.training.heap.release_free_memory``, and Arrow's buffers, pandas' strings
 and Parquet's, on the C heap, ``components.machine.arrow_on_c_heap``); trimmed with Arrow on pyarrow's default
 mimalloc pool (medflow until c125579, 2026-12-05); and neither (the baseline, glibc's and pyarrow's defaults). Peak: the
 process's peak resident memory (VmHWM, reset before the evaluation) above its memory when the evaluation starts.
@@ -97,11 +97,11 @@ def _child_evaluate(run_id: str, manifest: str, factor: int, trim: bool, c_heap:
     from components.config import load_config  # noqa: PLC0415
     from components.inference.evaluate import evaluate_run  # noqa: PLC0415
     from components.machine import arrow_on_c_heap  # noqa: PLC0415
-    from components.training import forward  # noqa: PLC0415
+    from components.training import heap  # noqa: PLC0415
 
     os.chdir(workspace)
     if not trim:
-        forward.MALLOC_TRIM = None
+        heap.MALLOC_TRIM = None
     if c_heap:
         arrow_on_c_heap()  # as resolving a step does
     else:

@@ -29,7 +29,8 @@ from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.pretraining.methods import ENCODER_CLASSES, build_method, describe_encoder
 from components.training.backbones import ENCODER_TASK, pinned_source
-from components.training.forward import VALIDATION_FREE_HEAP, HeapTrimmer, network_input
+from components.training.forward import network_input
+from components.training.heap import VALIDATION_FREE_HEAP, HeapTrimmer
 from components.training.datasets import cached_datasets
 from components.training.loop import Recipe, TrainResult, fit, select_device
 from components.training.preprocess import PreprocessSpec, intensity_stats, unreadable_images_named

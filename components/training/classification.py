@@ -20,7 +20,8 @@ from components.config import RunConfig, Task
 from components.data.ingest import load_manifest
 from components.data.labels import label_matrix, parse_label_set
 from components.errors import ConfigError
-from components.training.forward import VALIDATION_FREE_HEAP, predict_batches
+from components.training.forward import predict_batches
+from components.training.heap import VALIDATION_FREE_HEAP
 from components.training.datasets import cached_datasets
 from components.training.loop import Recipe, TrainResult, fit, select_device, splits
 from components.training.losses import build_loss, build_multilabel_loss, class_weights, positive_weights

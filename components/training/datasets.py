@@ -103,7 +103,7 @@ def start_worker(worker_id: int) -> None:
     a 50,000-image training each copied 190 MB of their parent at once, 7 minutes into the epoch.
 
     A training's workers are forked while the epoch loop keeps glibc from trimming its heap
-    (:func:`components.training.forward.kept_heap`); a worker lets glibc trim its own again, or the peak of its
+    (:func:`components.training.heap.kept_heap`); a worker lets glibc trim its own again, or the peak of its
     transforms stays resident (two workers: the training step's peak at 1,006 images of 256x256 1.07 and 1.10 GB
     above imports against 1.15 and 1.16, in the same time)."""
     gc.freeze()  # moves every object to the permanent generation in O(1); the worker's own objects are collected

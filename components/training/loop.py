@@ -50,7 +50,8 @@ from components.training.datasets import check_workers, train_loader
 from components.training.checkpoint import (
     TrainingState, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint, training_key,
 )
-from components.training.forward import kept_heap, network_input
+from components.training.forward import network_input
+from components.training.heap import kept_heap
 from components.training.models import memory_format
 from components.tracking import use_experiment
 

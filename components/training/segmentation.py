@@ -22,7 +22,8 @@ from components.config import RunConfig
 from components.data.ingest import load_manifest
 from components.errors import ConfigError
 from components.training.backbones import describe_report, init_segmenter
-from components.training.forward import VALIDATION_FREE_HEAP, HeapTrimmer, network_input, sliding_window
+from components.training.forward import network_input, sliding_window
+from components.training.heap import VALIDATION_FREE_HEAP, HeapTrimmer
 from components.training.datasets import cached_datasets
 from components.training.loop import Recipe, TrainResult, fit, select_device, splits
 from components.training.losses import build_seg_loss, class_weights

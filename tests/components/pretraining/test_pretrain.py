@@ -104,7 +104,7 @@ def test_the_two_views_of_an_image_differ_and_are_the_same_for_a_seed(small_data
 @pytest.mark.parametrize(("method", "network"), [("simclr", "densenet"), ("mae", "vit")])
 def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_lineage(workspace, small_dataset, method,
                                                                                      network, recorded_trims):
-    from components.training import forward
+    from components.training import heap
 
     trims = recorded_trims(pretrain_module)  # the validation offers the heap back after each batch, past the limit
     config = load_config(overrides=[*TINY, f"pretrain.method={method}", f"pretrain.model={network}"], environ={})
@@ -125,7 +125,7 @@ def test_pretraining_registers_an_encoder_that_loads_as_a_backbone_with_its_line
     assert run.data.params["n_train"] == str((manifest["split"] == "train").sum())
     n_val = int((manifest["split"] == "val").sum())
     batches = n_val // min(config.pretrain.batch_size, n_val)  # one trimmer per validation, called after each batch
-    assert trims == [(epoch, forward.VALIDATION_FREE_HEAP) for epoch in (0, 1) for _ in range(batches)]
+    assert trims == [(epoch, heap.VALIDATION_FREE_HEAP) for epoch in (0, 1) for _ in range(batches)]
 
     # the k-NN check is scikit-learn's on the encoder's features, fitted on train, scored on val
     encoder, spec, description = load_run_model(pretrained.run_id)

@@ -93,7 +93,7 @@ def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_v
     validation trims the heap only once it has grown the process by VALIDATION_FREE_HEAP with as much free in
     the heap: the next training step would fault the pages back in, but a large validation split after a long
     epoch grew the heap by gigabytes. The process not growing after it, the validation trims once."""
-    from components.training import forward, models
+    from components.training import heap, models
 
     trims, reads = [], []
 
@@ -101,11 +101,11 @@ def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_v
         reads.append(1)
         return 2**30 + (growth if len(reads) > 1 else 0)
 
-    monkeypatch.setattr(forward, "MALLOC_TRIM", lambda pad: trims.append(pad))
-    monkeypatch.setattr(forward, "free_heap_bytes", lambda: free_heap)
-    monkeypatch.setattr(forward, "resident_bytes", resident)
+    monkeypatch.setattr(heap, "MALLOC_TRIM", lambda pad: trims.append(pad))
+    monkeypatch.setattr(heap, "free_heap_bytes", lambda: free_heap)
+    monkeypatch.setattr(heap, "resident_bytes", resident)
     options = []
-    monkeypatch.setattr(forward, "MALLOPT", lambda option, value: options.append((option, value, len(seen))))
+    monkeypatch.setattr(heap, "MALLOPT", lambda option, value: options.append((option, value, len(seen))))
     seen = []
     build = models.CLASSIFIERS["densenet"]
 
@@ -126,8 +126,8 @@ def test_training_hands_the_network_plain_tensors_and_trims_the_heap_only_when_v
     assert sum(not training for training, _ in seen) > 1  # batches the trimmer was offered after
     assert trims == [*expected, 0]  # and as the epochs end, the heap kept for the training steps
     # glibc keeps the steps' freed pages from before the first step to after the last validation
-    assert options == [(forward.M_MMAP_THRESHOLD, 32 * 2**20, 0), (forward.M_TRIM_THRESHOLD, -1, 0),
-                       (forward.M_TRIM_THRESHOLD, 64 * 2**20, len(seen))]
+    assert options == [(heap.M_MMAP_THRESHOLD, 32 * 2**20, 0), (heap.M_TRIM_THRESHOLD, -1, 0),
+                       (heap.M_TRIM_THRESHOLD, 64 * 2**20, len(seen))]
 
 
 def test_the_logged_training_loss_is_the_mean_over_every_sample_of_the_epoch(workspace):

@@ -41,7 +41,7 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
 @pytest.mark.parametrize(("dataset", "patch"), [("seg_dataset", [16, 16, 8]), ("seg2d_dataset", [32, 32])])
 def test_training_logs_val_dice_that_an_independent_dice_of_the_checkpoint_reproduces(workspace, request, dataset, patch,
                                                                                      recorded_trims):
-    from components.training import forward, segmentation
+    from components.training import heap, segmentation
 
     trims = recorded_trims(segmentation)  # the validation offers the heap back after each case, past the limit
     manifest_path = request.getfixturevalue(dataset)
@@ -62,7 +62,7 @@ def test_training_logs_val_dice_that_an_independent_dice_of_the_checkpoint_repro
     manifest = load_manifest(manifest_path)
     val = manifest[manifest["split"] == "val"]
     # one trimmer per validation (two epochs), called after each case
-    assert trims == [(epoch, forward.VALIDATION_FREE_HEAP) for epoch in (0, 1) for _ in range(len(val))]
+    assert trims == [(epoch, heap.VALIDATION_FREE_HEAP) for epoch in (0, 1) for _ in range(len(val))]
     root = manifest_path.parent
     dices = []
     for image, label in zip(val["image"], val["label"]):

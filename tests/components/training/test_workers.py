@@ -133,7 +133,7 @@ def test_workers_freeze_what_they_inherit_and_keep_monais_seeds(kind):
 
 
 def test_a_worker_lets_glibc_trim_its_own_heap_again(monkeypatch):
-    """Workers are forked while the epoch loop keeps the heap (forward.kept_heap): each sets glibc's trim
+    """Workers are forked while the epoch loop keeps the heap (heap.kept_heap): each sets glibc's trim
     threshold back before MONAI seeds it, so the peak of its transforms does not stay resident."""
     import gc
 
