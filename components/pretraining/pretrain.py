@@ -152,7 +152,7 @@ def pretrain_recipe(manifest_path: Path, config: RunConfig, device: torch.device
         held_out.set_random_state(seed=cfg.seed + 1)  # the same views every epoch: losses compare across epochs
         model.eval()
         total, seen, features = 0.0, 0, []
-        trim = HeapTrimmer(VALIDATION_FREE_HEAP)  # a long validation fragments the heap (forward.py)
+        trim = HeapTrimmer(VALIDATION_FREE_HEAP)  # a long validation fragments the heap (heap.py)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)  # the same hidden patches every epoch (MAE), training's draws untouched
             for batch in val_loader:

@@ -103,7 +103,7 @@ def segmentation_recipe(manifest_path: Path, config: RunConfig, device: torch.de
     def validate(model: torch.nn.Module) -> dict[str, float]:
         model.eval()
         losses = []
-        trim = HeapTrimmer(VALIDATION_FREE_HEAP)  # a long validation fragments the heap (forward.py)
+        trim = HeapTrimmer(VALIDATION_FREE_HEAP)  # a long validation fragments the heap (heap.py)
         with torch.no_grad():
             for batch in val_loader:
                 logits = sliding_window(model, network_input(batch.pop("image"), device), patch)
