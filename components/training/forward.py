@@ -17,7 +17,7 @@ from torch import nn
 
 from components.progress import track
 from components.training.datasets import start_worker, worker_context
-from components.training.heap import HeapTrimmer, release_free_memory
+from components.training.heap import HeapTrimmer, kept_heap, release_free_memory
 from components.training.models import memory_format
 from components.training.preprocess import PreprocessSpec, training_transforms, unreadable_images_named
 
@@ -71,7 +71,10 @@ def predict_batches(model: torch.nn.Module, loader: DataLoader, device: torch.de
     model.eval()
     logits, labels = [], []
     trim = HeapTrimmer(trim_above) if trim_above else release_free_memory
-    with torch.no_grad():
+    # the kept heap's settings: the batches' blocks on glibc's heap rather than mapped for each, so a batch's trim
+    # hands back free pages without every block faulting in again (a DINOv2-small extraction of 480 images of
+    # 112x112, each way in a fresh process: 0.23-0.32 million minor faults a pass against 0.9-1.2 million)
+    with kept_heap(), torch.no_grad():
         for batch in (progress(loader) if progress else loader):
             images = network_input(batch["image"], device, non_blocking=device.type == "cuda")
             logits.append(model(images).float().cpu())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import threading
 
 import psutil
 
@@ -84,11 +85,18 @@ def release_free_memory(*, above: int = 0) -> None:
         MALLOC_TRIM(0)
 
 
+# how many kept_heap blocks are open in this process (the settings are the process's): only the outermost sets
+# glibc's thresholds and, as it closes, sets them back and trims
+_KEPT = threading.Lock()
+_kept_open = 0
+
+
 @contextlib.contextmanager
 def kept_heap():
     """While it is open, glibc keeps the pages a training step frees for the next step: blocks up to 32 MiB come
     from its heaps, and it hands none of the heaps' free pages back by itself. When it closes, the heap goes back
-    to the system (``malloc_trim``) and glibc trims past 64 MiB free again (:func:`trim_past_threshold`).
+    to the system (``malloc_trim``) and glibc trims past 64 MiB free again (:func:`trim_past_threshold`). Blocks
+    nest (a validation's predictions inside the epoch loop): only the outermost one changes the settings.
 
     With glibc's defaults each step's activations and gradients land partly in blocks mapped and unmapped for
     them and partly at the top of a heap that glibc trims as they are freed, so every step faults its working
@@ -99,16 +107,23 @@ def kept_heap():
     do not change. glibc has no way back to its thresholds' rule once they are set; the values it closes with are
     the ones that rule rises to. Torch offers no CPU allocator of its own to tune.
     """
+    global _kept_open
     if MALLOPT is None or MALLOC_TRIM is None:
         yield
         return
-    MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-    MALLOPT(M_TRIM_THRESHOLD, -1)  # -1: never trim by itself (mallopt(3))
+    with _KEPT:
+        _kept_open += 1
+        if _kept_open == 1:
+            MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+            MALLOPT(M_TRIM_THRESHOLD, -1)  # -1: never trim by itself (mallopt(3))
     try:
         yield
     finally:
-        trim_past_threshold()
-        MALLOC_TRIM(0)
+        with _KEPT:
+            _kept_open -= 1
+            if _kept_open == 0:
+                trim_past_threshold()
+                MALLOC_TRIM(0)
 
 
 class HeapTrimmer:

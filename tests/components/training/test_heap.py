@@ -90,6 +90,21 @@ def test_a_kept_heap_sets_glibcs_thresholds_and_sets_them_back_and_trims_as_it_c
     assert calls[2:] == [(heap.M_TRIM_THRESHOLD, 64 * 2**20), ("trim", 0)]
 
 
+def test_kept_heaps_nest_and_only_the_outermost_sets_glibcs_thresholds_and_trims(monkeypatch):
+    """A validation's predictions open a kept heap inside the epoch loop's: closing the inner one must not let
+    glibc trim the outer one's pages by itself again."""
+    calls = []
+    monkeypatch.setattr(heap, "MALLOPT", lambda option, value: calls.append((option, value)))
+    monkeypatch.setattr(heap, "MALLOC_TRIM", lambda pad: calls.append(("trim", pad)))
+    with heap.kept_heap():
+        with heap.kept_heap():
+            pass
+        assert calls == [(heap.M_MMAP_THRESHOLD, 32 * 2**20), (heap.M_TRIM_THRESHOLD, -1)]
+    assert calls[2:] == [(heap.M_TRIM_THRESHOLD, 64 * 2**20), ("trim", 0)]
+    with heap.kept_heap():  # and a later one sets them again
+        assert len(calls) == 6
+
+
 KEPT_HEAP = """
 import contextlib
 import resource
