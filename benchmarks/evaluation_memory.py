@@ -45,9 +45,19 @@ MIB = 2**20
 WAYS = (("glibc and pyarrow defaults", False, False), ("trimmed, Arrow on mimalloc", True, False),
         ("trimmed, Arrow on the C heap (medflow)", True, True))
 NOTE = (
-    'This run, on efc3836 (2026-12-06), had the machine to itself; the run before (ddc7d1d, the same day)'
-    " shared it with the export generation of the 100k scale benchmark (the ways' medians at 16x "
-    "115.4-118.1 s against 49.1-53.0 here). Against that table, at 989 and 15,824 images: medflow's "
+    'This run, on a9cfbd7 (2026-12-07), is the first since predictions keep glibc\'s heap (a9cfbd7: '
+    '`predict_batches` opens the kept heap of `components/training/heap.py` and still trims after every batch; '
+    "the defaults' way, without `malloc_trim`, keeps glibc's defaults throughout). Against the run before "
+    "(efc3836, 2026-12-06), at 989 and 15,824 images: medflow's median peak 111 and 129 MiB against 111 and 128 "
+    "(growth +18 MiB against +16), the defaults' 114 and 162 against 119 and 157, mimalloc's 112 and 147 against "
+    '111 and 148. Its times put medflow at 1.131 of the defaults at 16x (1.004 before), but they moved by a '
+    'fifth within each way (medflow 48.0-56.6 s, the defaults 46.3-51.3). Straight after, the same evaluation '
+    'at 16x with the kept heap and with it switched off (a `sitecustomize` that sets `heap.MALLOPT` to None), '
+    'each in a fresh process, three of each alternating: 63.0, 51.4 and 47.4 s against 61.4, 61.7 and 49.6, '
+    'peaks 129-133 MiB either way: no cost of its own. On efc3836 the machine ran alone; the run before it '
+    "(ddc7d1d, the same day) shared it with the export generation of the 100k scale benchmark (the ways' "
+    "medians at 16x 115.4-118.1 s against 49.1-53.0 on efc3836). Against that table, at 989 and 15,824 "
+    "images, efc3836 read: medflow's "
     "median peak 111 and 128 MiB against 108 and 133 (growth +16 MiB against +24), the defaults' 119 and "
     "157 against 112 and 157, mimalloc's 111 and 148 against 106 and 153. Since that table the shortcut "
     'audit holds its features once and fits its scaler in passes of 2,048 rows (c8060e6, 4504151; section'
