@@ -1,8 +1,8 @@
 """glibc's allocator, read and set through ctypes: torch and numpy allocate with malloc and offer no way to set its
 thresholds or trim its heaps (jemalloc and tcmalloc are loaded with ``LD_PRELOAD``, before a process starts).
 
-The epoch loop keeps the heap while it trains (:func:`kept_heap`); the batch loops hand its free pages back
-(:func:`release_free_memory`, :class:`HeapTrimmer`); the DataLoader workers let glibc trim their own heaps again
+The epoch loop keeps the heap while it trains, and the prediction loop while it predicts (:func:`kept_heap`);
+the batch loops hand its free pages back (:func:`release_free_memory`, :class:`HeapTrimmer`); the DataLoader workers let glibc trim their own heaps again
 (:func:`trim_past_threshold`). Every function does nothing where the C library lacks the call (macOS, musl).
 """
 
