@@ -2,8 +2,9 @@
 thresholds or trim its heaps (jemalloc and tcmalloc are loaded with ``LD_PRELOAD``, before a process starts).
 
 The epoch loop keeps the heap while it trains, and the prediction loop while it predicts (:func:`kept_heap`);
-the batch loops hand its free pages back (:func:`release_free_memory`, :class:`HeapTrimmer`); the DataLoader workers let glibc trim their own heaps again
-(:func:`trim_past_threshold`). Every function does nothing where the C library lacks the call (macOS, musl).
+the batch loops hand its free pages back (:func:`release_free_memory`, :class:`HeapTrimmer`); the DataLoader
+workers let glibc trim their own heaps again (:func:`trim_past_threshold`). Every function does nothing where the C
+library lacks the call (macOS, musl).
 """
 
 from __future__ import annotations
