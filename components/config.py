@@ -24,6 +24,7 @@ from components.steps import get_step
 
 ENV_PREFIX = "MEDFLOW__"
 DEFAULT_CONFIG = "demo-classification.yaml"
+REGISTRY_PREFIX = "models:/"  # a backbone or starting encoder registered in MLflow: models:/NAME@alias or /VERSION
 DEVICES = ("auto", "cpu", "cuda")  # train.device, medflow predict --device, the registered model's model_config
 
 
@@ -143,6 +144,11 @@ class BackboneConfig(_Section):
     lora_targets: tuple[str, ...] | None = Field(
         None, description="lora: module names to adapt; default: the attention projections the network has")
     knn_k: int = Field(20, ge=1, description="knn: neighbours that vote")
+
+    @property
+    def registered(self) -> bool:
+        """Whether ``source`` names a model in MLflow's registry (``models:/NAME@alias``), not a file."""
+        return self.source.startswith(REGISTRY_PREFIX)
 
 
 class TrainConfig(_Section):

@@ -131,9 +131,6 @@ def run(
     with undone_on_failure(before_removal=stop_embedded_server):  # a first run that fails leaves no trace
         if not wait:  # a busy workspace is said at once, not after torch and MONAI have loaded for the preflight
             refuse_if_busy()
-        from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
-
-        cfg = check_run(cfg)  # a registered backbone's alias pinned
         with workspace_lock("run", wait_s=wait):
             result = _run_locked(cfg, force=force)
     print_summary(result)
@@ -145,14 +142,27 @@ def run(
 
 
 def _run_locked(cfg, *, force: bool):
-    """The pipeline, or the completed run's summary when nothing changed (the caller holds the workspace lock)."""
+    """The pipeline, or the completed run's summary when nothing changed (the caller holds the workspace lock).
 
+    The summary is looked for before the preflight, which imports torch and MONAI (most of a no-op's
+    seconds): a config that a completed run used with the same code passed it then. A registered backbone's
+    alias is the exception: the run's key names the version it points to now, which the preflight pins.
+    """
     from flows.summary import reusable_summary, save_summary  # noqa: PLC0415
 
     from components.tracking import check_tracking_access  # noqa: PLC0415
 
     check_tracking_access()
-    result = None if force or cfg.placement else reusable_summary(cfg)
+    reuse = not (force or cfg.placement)
+    backbone = cfg.train.backbone
+    before_preflight = reuse and not (backbone and backbone.registered)
+    result = reusable_summary(cfg) if before_preflight else None
+    if result is None:
+        from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
+
+        cfg = check_run(cfg)  # a registered backbone's alias pinned
+        if reuse and not before_preflight:
+            result = reusable_summary(cfg)
     if result is None:
         check_prefect_server()
         use_embedded_prefect()

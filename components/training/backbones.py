@@ -34,7 +34,7 @@ from torch import nn
 
 from components import paths, steps
 from components.lineage import TAG_BACKBONE, TAG_DATA_VERSION
-from components.config import BackboneConfig, RunConfig, Task
+from components.config import REGISTRY_PREFIX, BackboneConfig, RunConfig, Task
 from components.errors import ConfigError
 from components.training.encoders import FORMAT_MAE, build_mae_encoder
 from components.training.ensemble import ENSEMBLE, FoldEnsemble, FoldFeatures
@@ -46,7 +46,6 @@ from components.training.pretrained import (
     FORMAT_HF,
     FORMAT_MONAI,
     FORMAT_REGISTRY,
-    REGISTRY_PREFIX,
     HuggingFaceEncoder,
     LoadReport,
     check_patches,

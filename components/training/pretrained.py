@@ -15,12 +15,12 @@ import torch
 from monai.networks.utils import copy_model_state
 from torch import nn
 
+from components.config import REGISTRY_PREFIX
 from components.errors import ConfigError
 
 FORMAT_HF = "huggingface"
 FORMAT_MONAI = "monai"
 FORMAT_REGISTRY = "mlflow"
-REGISTRY_PREFIX = "models:/"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                    "pytorch_model.bin.index.json")

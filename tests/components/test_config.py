@@ -130,3 +130,12 @@ def test_config_hash_follows_content():
     a, b = load_config(environ={}), load_config(environ={})
     c = load_config(overrides=["train.epochs=1"], environ={})
     assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+@pytest.mark.parametrize(("source", "registered"), [
+    ("models:/chest-classifier@champion", True), ("models:/chest-classifier/3", True),
+    ("checkpoints/models/encoder.pt", False), ("/opt/weights/rad-dino", False),
+])
+def test_a_backbone_in_the_registry_is_told_from_a_file(source, registered):
+    cfg = load_config(None, overrides=[f"train.backbone={{source: {source}}}"])
+    assert cfg.train.backbone.registered is registered

@@ -41,6 +41,9 @@ def test_a_probe_on_the_registered_champion_runs_end_to_end_and_serves_without_t
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert "Promoted: medflow-demo-probe@champion is version 1" in probe.stdout
     assert "shortcuts.site.auc <= 1" in probe.stdout
+    again = _cli(tmp_path, "run", "--config", str(CONFIG), *settings)  # the alias pinned again, to the same version
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing changed since the run that finished" in again.stdout
 
     summary = json.loads((tmp_path / "probe.json").read_text())
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.medflow' / 'mlflow.db'}")

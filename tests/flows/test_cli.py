@@ -32,10 +32,15 @@ def test_medflows_log_lines_print_once_where_prefects_console_handler_prints_the
 
     from flows.cli import quiet_libraries
 
+    medflow = logging.getLogger("medflow")
+    earlier = list(medflow.handlers)  # an in-process command's, on the stream pytest captured then (closed since)
+    for handler in earlier:
+        medflow.removeHandler(handler)
     quiet_libraries()
-    (ours,) = logging.getLogger("medflow").handlers
+    (ours,) = medflow.handlers
     our_lines, prefects_lines = io.StringIO(), io.StringIO()
-    previous, prefects = ours.setStream(our_lines), PrefectConsoleHandler(stream=prefects_lines)
+    ours.setStream(our_lines)
+    prefects = PrefectConsoleHandler(stream=prefects_lines)
     root = logging.getLogger()
     set_up = [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]  # importing prefect adds one
     for handler in set_up:
@@ -50,7 +55,9 @@ def test_medflows_log_lines_print_once_where_prefects_console_handler_prints_the
         root.removeHandler(prefects)
         for handler in set_up:
             root.addHandler(handler)
-        ours.setStream(previous)
+        medflow.removeHandler(ours)
+        for handler in earlier:
+            medflow.addHandler(handler)
 
 
 def test_every_command_puts_arrows_buffers_on_the_c_heap(workspace, monkeypatch):

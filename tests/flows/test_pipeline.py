@@ -30,16 +30,22 @@ SMALL = [
 SET_RULES = [arg for item in SMALL if item.startswith("promotion") for arg in ("--set", item)]
 
 
-def _cli(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+# medflow's entry point, saying at its end whether the command imported torch
+PROBE = ("import sys; from flows.cli import main; code = main(sys.argv[1:]); "
+         "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
+
+
+def _cli(workspace: Path, *args: str, probe: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFLOW", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
     env["PREFECT_HOME"] = str(workspace / ".medflow" / "prefect")
-    return subprocess.run([MEDFLOW, *args], cwd=workspace, env=env, capture_output=True, text=True, timeout=600, check=False)
+    command = [sys.executable, "-c", PROBE, *args] if probe else [MEDFLOW, *args]
+    return subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
-def _run(workspace: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _run(workspace: Path, *overrides: str, probe: bool = False) -> subprocess.CompletedProcess:
     flags = [o for o in overrides if o.startswith("--")]
     settings = [o for o in (*SMALL, *overrides) if not o.startswith("--")]
-    return _cli(workspace, "run", *flags, *[arg for item in settings for arg in ("--set", item)])
+    return _cli(workspace, "run", *flags, *[arg for item in settings for arg in ("--set", item)], probe=probe)
 
 
 def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(tmp_path):
@@ -49,10 +55,11 @@ def test_fair_run_promotes_then_a_biased_run_is_refused_and_the_champion_stays(t
     assert "Data version" in first.stdout and "MLflow run" in first.stdout
     assert (tmp_path / "data" / "demo.dvc").is_file() and (tmp_path / ".git").is_dir()
 
-    again = _run(tmp_path)  # nothing changed: the completed run's summary answers, no flow starts
+    again = _run(tmp_path, probe=True)  # nothing changed: the completed run's summary answers, no flow starts
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Nothing changed since the run that finished" in again.stdout and "version 1 (alias challenger)" in again.stdout
     assert "Starting temporary server" not in again.stdout + again.stderr
+    assert again.stdout.strip().endswith("torch not loaded")  # answered before the preflight's imports (seconds)
     for record in (tmp_path / ".medflow" / "runs").glob("summary-*.json"):
         record.unlink()  # without the record the flow runs, and every cached step is reused
     cached = _run(tmp_path)
