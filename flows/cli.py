@@ -26,7 +26,8 @@ from flows.cli_predict import export, predict
 from flows.cli_pretrain import pretrain
 from flows.cli_ui import ui
 from flows.prefect_server import (  # noqa: F401 (use_embedded_prefect: the benchmarks' entry too)
-    check_prefect_server, hide_user_tracebacks, stop_embedded_server, use_embedded_prefect,
+    check_prefect_server, hide_user_tracebacks, start_embedded_server, stop_embedded_server, use_embedded_prefect,
+    wait_embedded_server,
 )
 
 class _Stopped(Exception):
@@ -147,6 +148,7 @@ def _run_locked(cfg, *, force: bool):
     The summary is looked for before the preflight, which imports torch and MONAI (most of a no-op's
     seconds): a config that a completed run used with the same code passed it then. A registered backbone's
     alias is the exception: the run's key names the version it points to now, which the preflight pins.
+    Prefect's embedded server starts once the data is checked, while the model's checks import torch and MONAI.
     """
     from flows.summary import reusable_summary, save_summary  # noqa: PLC0415
 
@@ -157,20 +159,29 @@ def _run_locked(cfg, *, force: bool):
     backbone = cfg.train.backbone
     before_preflight = reuse and not (backbone and backbone.registered)
     result = reusable_summary(cfg) if before_preflight else None
-    if result is None:
-        from flows.preflight import check_run  # noqa: PLC0415 (imports torch and MONAI for the network names)
+    if result is not None:
+        return result
+    from flows.preflight import check_data, check_model  # noqa: PLC0415
 
-        cfg = check_run(cfg)  # a registered backbone's alias pinned
-        if reuse and not before_preflight:
-            result = reusable_summary(cfg)
-    if result is None:
-        check_prefect_server()
-        use_embedded_prefect()
-        from flows.pipeline import retrain  # noqa: PLC0415 (Prefect reads its settings at import)
+    check_data(cfg)
+    check_prefect_server()
+    use_embedded_prefect()
+    start_embedded_server()  # while the preflight imports torch and MONAI
+    try:
+        cfg = check_model(cfg)  # a registered backbone's alias pinned
+        result = reusable_summary(cfg) if reuse and not before_preflight else None
+    except BaseException:
+        stop_embedded_server()  # a refused run starts no flow
+        raise
+    if result is not None:  # a registered backbone's run, answered once its alias is pinned
+        stop_embedded_server()
+        return result
+    from flows.pipeline import retrain  # noqa: PLC0415 (Prefect reads its settings at import)
 
-        hide_user_tracebacks()
-        result = retrain(cfg, force=force)
-        save_summary(cfg, result)
+    hide_user_tracebacks()
+    wait_embedded_server()
+    result = retrain(cfg, force=force)
+    save_summary(cfg, result)
     return result
 
 

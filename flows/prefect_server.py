@@ -3,8 +3,10 @@ folder can go) or the server ``PREFECT_API_URL`` names (checked at once), and on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 
 from components import paths
 from components.errors import AuthenticationFailed, MedflowError, ServerUnavailable
@@ -25,18 +27,59 @@ def use_embedded_prefect() -> None:
         shield_embedded_server()
 
 
+_starting: list[threading.Thread] = []  # start_embedded_server's thread, while this process has one
+
+
+def start_embedded_server() -> None:
+    """Start the embedded server now, on a thread, when this command's flow will use one (after
+    :func:`use_embedded_prefect`): its process starts (4 s here on an existing database, 12 on a new one) on
+    another core while this one imports torch and MONAI for the preflight, instead of after.
+    :func:`wait_embedded_server` waits for it before the flow; Prefect's client then finds it running. A start
+    that fails is left to Prefect's client, which starts it again and says why it could not (Prefect has no way
+    to start its server without waiting for it)."""
+    from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
+    from prefect.settings import get_current_settings  # noqa: PLC0415
+
+    if get_current_settings().api.url or _starting:  # a server of its own (a profile's too), or started already
+        return
+    server = SubprocessASGIServer()
+
+    def start() -> None:
+        with contextlib.suppress(Exception):
+            server.start()
+
+    thread = threading.Thread(target=start, name="medflow-prefect-server", daemon=True)
+    _starting.append(thread)
+    thread.start()
+
+
+def wait_embedded_server() -> None:
+    """Wait for :func:`start_embedded_server`'s start to end (the server answering, or the start failed)."""
+    for thread in _starting:
+        thread.join()
+
+
 def stop_embedded_server() -> None:
     """Send Prefect's queued logs and events, then stop its embedded server, so that its folder can go
-    (Prefect stops it at exit otherwise; a server writing into a removed folder kept the run waiting)."""
+    (Prefect stops it at exit otherwise; a server writing into a removed folder kept the run waiting).
+    A server still starting on :func:`start_embedded_server`'s thread is stopped once its process exists, without
+    waiting for it to answer."""
     if os.environ.get("PREFECT_API_URL") or "prefect" not in sys.modules:
         return
     from prefect.events.worker import EventsWorker  # noqa: PLC0415
     from prefect.logging.handlers import APILogWorker  # noqa: PLC0415
     from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
 
+    server = SubprocessASGIServer()
+    for thread in _starting:  # the start launches the process first: moments
+        while thread.is_alive() and server.server_process is None:
+            thread.join(0.05)
     for worker in (APILogWorker, EventsWorker):
         worker.drain_all(timeout=10)
-    SubprocessASGIServer().stop()
+    server.stop()
+    for thread in _starting:  # its wait for the server ends once the process is gone
+        thread.join(10)
+    _starting.clear()
 
 
 def shield_embedded_server() -> None:

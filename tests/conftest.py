@@ -73,7 +73,8 @@ def pydicom_export(folder: Path, names: list[str], labels: str) -> tuple[Path, P
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh working folder: state in ./.medflow, MLflow on SQLite inside it."""
     monkeypatch.chdir(tmp_path)
-    for name in ("MEDFLOW_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+    # PREFECT_HOME too: an in-process `medflow run` sets it to its workspace's, which the next test's server would use
+    for name in ("MEDFLOW_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME"):
         monkeypatch.delenv(name, raising=False)
     for name in list(os.environ):
         if name.startswith("MEDFLOW__"):

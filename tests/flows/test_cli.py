@@ -271,9 +271,12 @@ def test_a_classification_config_turned_to_segmentation_is_refused_before_any_wo
     ],
 )
 def test_network_arguments_are_refused_once_before_any_work(workspace, capsys, overrides, message):
+    from tests.flows.test_prefect_server import embedded_servers
+
     assert main(["run", *[a for o in overrides for a in ("--set", o)]]) == 1
     assert capsys.readouterr().err == f"medflow: error: {message}\n"  # one line, printed once
     assert not (workspace / "data").exists() and not (workspace / ".medflow").exists()
+    assert not embedded_servers()  # the one started beside the preflight is stopped
 
 
 def test_a_prefect_server_that_does_not_answer_is_one_line(workspace, monkeypatch, capsys):
