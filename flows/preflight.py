@@ -10,6 +10,17 @@ from components.errors import ConfigError
 from components.data.versioning import check_workspace
 
 
+def check_run(config: RunConfig) -> RunConfig:
+    """Refuse, before ingestion, a run that a later step would refuse (:func:`check_data`, then
+    :func:`check_model`). Returns the config the run uses: a registered backbone's alias pinned to its version.
+
+    Raises:
+        ConfigError: naming what to change.
+    """
+    check_data(config)
+    return check_model(config)
+
+
 def check_data(config: RunConfig) -> None:
     """Refuse, before ingestion, a source folder or labels file that is not there, or a folder where DVC could
     not record a data version.

@@ -398,3 +398,17 @@ def test_placement_without_a_prefect_server_is_refused_before_any_work(workspace
     err = capsys.readouterr().err
     assert "placement {'train': 'medflow-k8s'} sends steps to work pools" in err and "set PREFECT_API_URL" in err
     assert not (workspace / "data").exists()
+
+
+def test_the_deployments_entry_point_refuses_a_run_before_any_work(workspace):
+    """``retrain_workspace`` (what a deployment runs) passes the same preflight as ``medflow run``."""
+    import shutil
+
+    from components.config import default_config_path
+    from components.errors import ConfigError
+    from flows.pipeline import retrain_workspace
+
+    shutil.copy(default_config_path(), workspace / "medflow.yaml")
+    with pytest.raises(ConfigError, match="unknown network 'no-such-net'"):
+        retrain_workspace.fn(workspace=str(workspace), overrides=["train.model=no-such-net"])
+    assert not (workspace / "data").exists() and not (workspace / ".medflow").exists()
