@@ -13,6 +13,10 @@ import pytest
 
 from flows.cli import main
 
+# medflow's entry point with the arguments that follow, saying at its end whether the command imported torch
+TORCH_PROBE = ("import sys; from flows.cli import main; code = main(sys.argv[1:]); "
+               "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
+
 from tests.components.evaluation.references import synthetic_predictions
 
 
@@ -334,10 +338,8 @@ def test_a_busy_workspace_is_said_before_the_preflight_loads_torch(workspace):
     import sys
 
     with held_lock():
-        probe = ("import sys; from flows.cli import main; code = main(['run']); "
-                 "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
-        done = subprocess.run([sys.executable, "-c", probe], cwd=workspace, capture_output=True, text=True,
-                              timeout=120, check=False)
+        done = subprocess.run([sys.executable, "-c", TORCH_PROBE, "run"], cwd=workspace, capture_output=True,
+                              text=True, timeout=120, check=False)
         assert done.returncode == 4, done.stderr[-2000:]
         assert done.stdout.strip() == "torch not loaded"
         assert "is writing to this workspace" in done.stderr

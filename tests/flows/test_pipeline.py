@@ -18,6 +18,8 @@ import pydicom
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.flows.test_cli import TORCH_PROBE
+
 pytestmark = pytest.mark.slow
 
 MEDFLOW = str(Path(sys.executable).with_name("medflow"))
@@ -30,15 +32,10 @@ SMALL = [
 SET_RULES = [arg for item in SMALL if item.startswith("promotion") for arg in ("--set", item)]
 
 
-# medflow's entry point, saying at its end whether the command imported torch
-PROBE = ("import sys; from flows.cli import main; code = main(sys.argv[1:]); "
-         "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
-
-
 def _cli(workspace: Path, *args: str, probe: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFLOW", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
     env["PREFECT_HOME"] = str(workspace / ".medflow" / "prefect")
-    command = [sys.executable, "-c", PROBE, *args] if probe else [MEDFLOW, *args]
+    command = [sys.executable, "-c", TORCH_PROBE, *args] if probe else [MEDFLOW, *args]
     return subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
