@@ -122,7 +122,8 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
 
-    from flows.cli import quiet_libraries, use_embedded_prefect
+    from flows.cli import quiet_libraries
+    from flows.prefect_server import use_embedded_prefect
 
     quiet_libraries()
     from components.config import load_config

@@ -49,7 +49,7 @@ def test_a_reprinted_summary_says_a_rollback_moved_the_champion_since(workspace,
 
     from components import paths
     from components.registry.history import HistoryEvent, record_event
-    from flows.cli import print_summary
+    from flows.cli_run import print_summary
     from flows.summary import champion_change
 
     client = MlflowClient(paths.tracking_uri())
@@ -77,7 +77,7 @@ def test_the_summary_in_a_log_keeps_its_lines_whole_and_says_each_rule_once(caps
     repeated in its verdict."""
     import dataclasses
 
-    from flows.cli import print_summary
+    from flows.cli_run import print_summary
 
     metrics = {"auc": 0.9515, "accuracy": 0.913, "ece": 0.0554, "brier": 0.0801, "temperature": 0.962}
     print_summary(dataclasses.replace(_summary(promoted=False), metrics=metrics))
