@@ -74,15 +74,25 @@ def _check_candidates(config: RunConfig) -> None:
 def check_pretrain(config: RunConfig) -> RunConfig:
     """Refuse, before ingestion, a pretraining that a later step would refuse: a source folder that is not there,
     a folder where DVC could not record a data version, a method, network or starting checkpoint that does not
-    fit. Returns the config the run uses: a registered starting encoder's alias pinned to its version
-    (:func:`components.pretraining.pretrain.pin_source`).
+    fit (:func:`check_data`, then :func:`check_pretrain_model`). Returns the config the run uses: a registered
+    starting encoder's alias pinned to its version (:func:`components.pretraining.pretrain.pin_source`).
+
+    Raises:
+        ConfigError: naming what to change.
+    """
+    check_data(config)
+    return check_pretrain_model(config)
+
+
+def check_pretrain_model(config: RunConfig) -> RunConfig:
+    """Refuse a pretraining's method, network or starting checkpoint that does not fit (torch and MONAI, for the
+    network names). Returns the config with a registered starting encoder's alias pinned to its version.
 
     Raises:
         ConfigError: naming what to change.
     """
     from components.pretraining.pretrain import check_pretrainable, pin_source  # noqa: PLC0415 (torch and MONAI)
 
-    check_data(config)
     config = pin_source(config)
     check_pretrainable(config)
     return config

@@ -371,6 +371,26 @@ def test_a_pretraining_in_a_checkout_that_ignores_data_stops_before_touching_it(
     assert sorted(p.name for p in workspace.iterdir()) == [".git", ".gitignore"]  # the folder as it was
 
 
+def test_a_refused_pretraining_stops_the_server_started_beside_its_checks(workspace, capsys, monkeypatch):
+    """The server starts while the model's checks import torch: a refusal there stops it, also in a workspace that
+    has a data version (which the failed command leaves, and with it nobody else stops the server)."""
+    from flows import prefect_server
+    from tests.flows.test_prefect_server import embedded_servers
+
+    started = []
+    start = prefect_server.start_embedded_server
+    monkeypatch.setattr(prefect_server, "start_embedded_server", lambda: started.append(start()))
+    (workspace / "data").mkdir()
+    (workspace / "data" / "older.dvc").write_text("outs:\n- path: older\n")
+    try:
+        assert main(["pretrain", "--set", "pretrain.model=densenett"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("medflow: error: ") and "did you mean 'densenet'" in err and len(err.splitlines()) == 1
+        assert started and not embedded_servers()  # started beside the checks, and stopped
+    finally:
+        prefect_server.stop_embedded_server()
+
+
 def test_a_killed_holder_leaves_no_stale_lock(workspace):
     import multiprocessing
     import os
