@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nLatest figures; each section names the command that produced it.\n"
+HEADER = ("# Benchmarks\n\nLatest figures; each section names the command that produced it. Earlier runs' figures "
+          "are in this file's history (`git log -p BENCHMARKS.md`).\n")
 
 
 def write_section(title: str, body: str) -> None:
