@@ -27,7 +27,7 @@ def pretrain(
     from components.tracking import check_tracking_access  # noqa: PLC0415
     from components.workspace import undone_on_failure, workspace_lock  # noqa: PLC0415
     from flows.prefect_server import (  # noqa: PLC0415
-        check_prefect_server, hide_user_tracebacks, start_embedded_server, stop_embedded_server, use_embedded_prefect,
+        check_prefect_server, hide_user_tracebacks, starting_beside, stop_embedded_server, use_embedded_prefect,
         wait_embedded_server,
     )
     from flows.preflight import check_data, check_pretrain_model  # noqa: PLC0415
@@ -39,12 +39,8 @@ def pretrain(
             check_tracking_access()
             check_prefect_server()
             use_embedded_prefect()
-            start_embedded_server()  # while the model's checks import torch and MONAI, as `medflow run` does
-            try:
+            with starting_beside():  # as `medflow run` does
                 cfg = check_pretrain_model(cfg)  # a registered starting encoder's alias pinned to its version
-            except BaseException:
-                stop_embedded_server()  # a refused pretraining starts no flow
-                raise
             hide_user_tracebacks()
             wait_embedded_server()
             from flows.pretrain import pretrain as pretrain_flow  # noqa: PLC0415 (Prefect reads its settings at import)

@@ -14,7 +14,7 @@ from components.config import load_config
 from components.errors import PromotionRefused
 from components.progress import make_console
 from flows.prefect_server import (
-    check_prefect_server, hide_user_tracebacks, start_embedded_server, stop_embedded_server, use_embedded_prefect,
+    check_prefect_server, hide_user_tracebacks, starting_beside, stop_embedded_server, use_embedded_prefect,
     wait_embedded_server,
 )
 
@@ -91,13 +91,9 @@ def _run_locked(cfg, *, force: bool):
     check_data(cfg)
     check_prefect_server()
     use_embedded_prefect()
-    start_embedded_server()  # while the preflight imports torch and MONAI
-    try:
+    with starting_beside():
         cfg = check_model(cfg)  # a registered backbone's alias pinned
         result = reusable_summary(cfg) if reuse and not before_preflight else None
-    except BaseException:
-        stop_embedded_server()  # a refused run starts no flow
-        raise
     if result is not None:  # a registered backbone's run, answered once its alias is pinned
         stop_embedded_server()
         return result

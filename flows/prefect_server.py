@@ -53,6 +53,18 @@ def start_embedded_server() -> None:
     thread.start()
 
 
+@contextlib.contextmanager
+def starting_beside():
+    """Start the embedded server (:func:`start_embedded_server`) while the block runs, the model's checks that
+    import torch and MONAI; a block that raises (a refused command, which starts no flow) stops it again."""
+    start_embedded_server()
+    try:
+        yield
+    except BaseException:
+        stop_embedded_server()
+        raise
+
+
 def wait_embedded_server() -> None:
     """Wait for :func:`start_embedded_server`'s start to end (the server answering, or the start failed)."""
     for thread in _starting:
